@@ -1,0 +1,56 @@
+# Multimodal toolkit: every target installs what it needs on first use.
+# Only Python >= 3.10 and make are assumed; uv is installed into .tools/ when missing.
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+UV := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := $(CURDIR)/.tools/bin/uv
+endif
+PYTHON ?= python3
+STAMP := .venv/.installed-stamp
+
+.PHONY: help
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(CURDIR)/.tools/bin/uv:
+	@echo "uv not found: installing it into .tools/"
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet uv
+
+$(STAMP): uv.lock pyproject.toml packages/*/pyproject.toml | $(UV)
+	$(UV) sync --frozen --all-packages
+	@touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Install every package and the dev tools into .venv (uv sync)
+
+.PHONY: test
+test: $(STAMP) ## Run the test suite
+	$(UV) run --frozen pytest -q
+
+.PHONY: lint
+lint: $(STAMP) ## ruff check + format check
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+
+.PHONY: format
+format: $(STAMP) ## Format and auto-fix with ruff
+	$(UV) run --frozen ruff format .
+	$(UV) run --frozen ruff check --fix .
+
+.PHONY: build
+build: | $(UV) ## Build one wheel (and sdist) per package into dist/
+	@for p in mmcore wander-adapter cggm-balance casp-tta mm-prompts; do \
+		$(UV) build --quiet --package $$p --out-dir dist || exit 1; done
+	@ls dist
+
+.PHONY: bench
+bench: $(STAMP) ## Run the quick benchmark profile on the embedded data; writes benchmarks/results/<run>/
+	$(UV) run --frozen python -m benchmarks run --profile quick
+
+.PHONY: clean
+clean: ## Remove build outputs
+	rm -rf dist .pytest_cache .ruff_cache

@@ -1,0 +1,36 @@
+"""mmcore: the thin core shared by the multimodal toolkit's packages.
+
+* :class:`ModalityBatch` — named modality tensors with presence and padding masks;
+* the model contract (:class:`MultimodalModel`, :func:`resolve_module`, :func:`run_encoder`);
+* :mod:`mmcore.metrics` — MSA, classification, IEMOCAP and BraTS metrics;
+* small utilities (:func:`seed_everything`, :func:`atomic_write`).
+"""
+
+from mmcore.batch import ModalityBatch, ModalityKind, collate_modalities
+from mmcore.contract import (
+    ModulePathError,
+    MultimodalModel,
+    check_multimodal_model,
+    encoder_features,
+    masked_mean,
+    resolve_module,
+    run_encoder,
+)
+from mmcore.utils import atomic_write, seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModalityBatch",
+    "ModalityKind",
+    "ModulePathError",
+    "MultimodalModel",
+    "atomic_write",
+    "check_multimodal_model",
+    "collate_modalities",
+    "encoder_features",
+    "masked_mean",
+    "resolve_module",
+    "run_encoder",
+    "seed_everything",
+]

@@ -1,0 +1,466 @@
+"""The modality batch: named modality tensors plus the masks that say what is really there.
+
+A :class:`ModalityBatch` is the one input type every package of the toolkit accepts. It holds
+
+* ``inputs``: one tensor per modality, batch first. The layout tells the kind of modality:
+  ``[B, T, D]`` a feature sequence, ``[B, D]`` a feature vector, ``[B, T]`` with an integer dtype
+  token ids, ``[B, C, ...]`` (4 dims or more) an image or a volume;
+* ``presence``: optional bool ``[B]`` per modality, ``True`` where the sample has the modality
+  (missing modalities);
+* ``padding_masks``: optional bool ``[B, T]`` per sequence modality, ``True`` on padding;
+* ``target`` (anything with leading dimension ``B``) and ``sample_ids`` (``B`` ids).
+
+Construction validates every shape and dtype and raises a :class:`ValueError` (or
+:class:`TypeError`) naming the modality and the expected vs. found shape.
+
+Example:
+    >>> import torch
+    >>> batch = ModalityBatch(
+    ...     {"text": torch.randn(4, 50, 300), "audio": torch.randn(4, 50, 5)},
+    ...     target=torch.randn(4),
+    ... )
+    >>> batch.modalities, batch.batch_size
+    (('text', 'audio'), 4)
+    >>> batch = batch.with_missing("audio", torch.tensor([True, False, False, True]))
+    >>> batch.is_present("audio").tolist()
+    [False, True, True, False]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+ModalityKind = Literal["sequence", "vector", "tokens", "spatial"]
+
+__all__ = ["ModalityBatch", "ModalityKind", "collate_modalities"]
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _modality_kind(x: Tensor) -> ModalityKind:
+    if x.ndim == 2:
+        return "vector" if x.is_floating_point() else "tokens"
+    if x.ndim == 3:
+        return "sequence"
+    return "spatial"
+
+
+class ModalityBatch:
+    """A batch of named modality tensors with presence and padding masks.
+
+    Args:
+        inputs: modality name → tensor, batch first: ``[B, T, D]`` sequence, ``[B, D]`` vector,
+            ``[B, T]`` integer token ids, ``[B, C, ...]`` image/volume. Floating or integer dtype.
+        target: optional target with leading dimension ``B`` (e.g. ``[B]`` labels or scores).
+        presence: optional modality → bool ``[B]``; ``True`` where the sample has the modality.
+            Modalities not listed are present for every sample.
+        padding_masks: optional modality → bool ``[B, T]``; ``True`` marks padding positions.
+            Only for sequence (``[B, T, D]``) and token (``[B, T]`` integer) modalities.
+        sample_ids: optional sequence of ``B`` ids (strings, ints, ...).
+
+    Raises:
+        TypeError: an input, mask or target is not a tensor, or has the wrong dtype.
+        ValueError: shapes disagree; the message names the modality, the expected and the found
+            shape.
+    """
+
+    __slots__ = ("inputs", "padding_masks", "presence", "sample_ids", "target")
+
+    def __init__(
+        self,
+        inputs: Mapping[str, Tensor],
+        target: Tensor | None = None,
+        *,
+        presence: Mapping[str, Tensor] | None = None,
+        padding_masks: Mapping[str, Tensor] | None = None,
+        sample_ids: Sequence[Any] | None = None,
+    ) -> None:
+        self.inputs: dict[str, Tensor] = dict(inputs)
+        self.target = target
+        self.presence: dict[str, Tensor] = dict(presence or {})
+        self.padding_masks: dict[str, Tensor] = dict(padding_masks or {})
+        self.sample_ids: list[Any] | None = None if sample_ids is None else list(sample_ids)
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        if not isinstance(self.inputs, dict) or not self.inputs:
+            raise ValueError("ModalityBatch needs at least one modality in `inputs`.")
+        first_name: str | None = None
+        batch_size = -1
+        device = None
+        for name, x in self.inputs.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"modality names must be non-empty strings, found {name!r}.")
+            if not isinstance(x, Tensor):
+                raise TypeError(f"modality '{name}': expected a torch.Tensor, found {type(x)!r}.")
+            if x.dtype == torch.bool or x.is_complex():
+                raise TypeError(
+                    f"modality '{name}': expected a floating or integer tensor, found {x.dtype}."
+                )
+            if x.ndim < 2:
+                raise ValueError(
+                    f"modality '{name}': expected at least 2 dims ([B, D] vector, [B, T, D] "
+                    f"sequence, [B, C, ...] image/volume), found shape {_shape(x)}."
+                )
+            if first_name is None:
+                first_name, batch_size, device = name, x.shape[0], x.device
+            elif x.shape[0] != batch_size:
+                raise ValueError(
+                    f"modality '{name}': expected batch size {batch_size} (as modality "
+                    f"'{first_name}'), found shape {_shape(x)}."
+                )
+            elif x.device != device:
+                raise ValueError(
+                    f"modality '{name}' is on {x.device} but '{first_name}' is on {device}; "
+                    "move the batch with .to(device)."
+                )
+
+        for name, mask in self.presence.items():
+            self._check_known(name, "presence")
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(
+                    f"presence mask of modality '{name}': expected a bool tensor of shape "
+                    f"({batch_size},), found {getattr(mask, 'dtype', type(mask))}."
+                )
+            if _shape(mask) != (batch_size,):
+                raise ValueError(
+                    f"presence mask of modality '{name}': expected shape ({batch_size},), "
+                    f"found {_shape(mask)}."
+                )
+
+        for name, mask in self.padding_masks.items():
+            self._check_known(name, "padding_masks")
+            x = self.inputs[name]
+            if _modality_kind(x) not in ("sequence", "tokens"):
+                raise ValueError(
+                    f"padding mask given for modality '{name}' of shape {_shape(x)}, but padding "
+                    "masks apply only to [B, T, D] sequences and [B, T] integer token ids."
+                )
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(
+                    f"padding mask of modality '{name}': expected a bool tensor (True = padding), "
+                    f"found {getattr(mask, 'dtype', type(mask))}."
+                )
+            expected = _shape(x)[:2]
+            if _shape(mask) != expected:
+                raise ValueError(
+                    f"padding mask of modality '{name}': expected shape {expected}, "
+                    f"found {_shape(mask)}."
+                )
+
+        if self.target is not None:
+            if not isinstance(self.target, Tensor):
+                raise TypeError(f"target: expected a torch.Tensor, found {type(self.target)!r}.")
+            if self.target.ndim == 0 or self.target.shape[0] != batch_size:
+                raise ValueError(
+                    f"target: expected leading dimension {batch_size}, "
+                    f"found shape {_shape(self.target)}."
+                )
+        if self.sample_ids is not None and len(self.sample_ids) != batch_size:
+            raise ValueError(
+                f"sample_ids: expected {batch_size} ids, found {len(self.sample_ids)}."
+            )
+
+    def _check_known(self, name: str, field: str) -> None:
+        if name not in self.inputs:
+            raise ValueError(
+                f"{field} names modality '{name}', which is not in the batch "
+                f"(modalities: {list(self.inputs)})."
+            )
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modality names, in insertion order."""
+        return tuple(self.inputs)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples ``B``."""
+        return next(iter(self.inputs.values())).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the modality tensors."""
+        return next(iter(self.inputs.values())).device
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __getitem__(self, modality: str) -> Tensor:
+        try:
+            return self.inputs[modality]
+        except KeyError:
+            raise KeyError(
+                f"modality '{modality}' is not in the batch (modalities: {list(self.inputs)})."
+            ) from None
+
+    def __contains__(self, modality: object) -> bool:
+        return modality in self.inputs
+
+    def kind(self, modality: str) -> ModalityKind:
+        """``"sequence"``, ``"vector"``, ``"tokens"`` or ``"spatial"``, from the tensor layout."""
+        return _modality_kind(self[modality])
+
+    def is_present(self, modality: str) -> Tensor:
+        """Bool ``[B]``: ``True`` where the sample has ``modality``."""
+        x = self[modality]
+        mask = self.presence.get(modality)
+        if mask is None:
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return mask
+
+    def padding_mask(self, modality: str) -> Tensor | None:
+        """Bool ``[B, T]`` (``True`` = padding) for ``modality``, or ``None`` if unpadded."""
+        self[modality]
+        return self.padding_masks.get(modality)
+
+    def __repr__(self) -> str:
+        parts = [f"{m}={list(x.shape)}" for m, x in self.inputs.items()]
+        extra = []
+        if self.target is not None:
+            extra.append(f"target={list(self.target.shape)}")
+        if self.presence:
+            extra.append(f"presence={sorted(self.presence)}")
+        if self.padding_masks:
+            extra.append(f"padding={sorted(self.padding_masks)}")
+        return f"ModalityBatch({', '.join(parts + extra)})"
+
+    # ------------------------------------------------------------------ transforms
+    def replace(self, **changes: Any) -> ModalityBatch:
+        """A new batch with some fields replaced (``inputs``, ``target``, ``presence``, ...)."""
+        fields = {
+            "inputs": self.inputs,
+            "target": self.target,
+            "presence": self.presence,
+            "padding_masks": self.padding_masks,
+            "sample_ids": self.sample_ids,
+        }
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"replace() got unknown fields {sorted(unknown)}; known: {list(fields)}")
+        fields.update(changes)
+        inputs = fields.pop("inputs")
+        target = fields.pop("target")
+        return ModalityBatch(inputs, target, **fields)
+
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        non_blocking: bool = False,
+    ) -> ModalityBatch:
+        """Move every tensor to ``device``; ``dtype`` applies to floating inputs only."""
+
+        def move(t: Tensor, cast: bool) -> Tensor:
+            return t.to(
+                device=device,
+                dtype=dtype if cast and t.is_floating_point() else None,
+                non_blocking=non_blocking,
+            )
+
+        target = self.target
+        if target is not None:
+            target = target.to(device=device, non_blocking=non_blocking)
+        return ModalityBatch(
+            {m: move(x, True) for m, x in self.inputs.items()},
+            target,
+            presence={m: move(x, False) for m, x in self.presence.items()},
+            padding_masks={m: move(x, False) for m, x in self.padding_masks.items()},
+            sample_ids=self.sample_ids,
+        )
+
+    def with_missing(
+        self, modality: str, missing: Tensor | bool = True, fill: float | None = 0.0
+    ) -> ModalityBatch:
+        """Mark ``modality`` missing for some samples.
+
+        Args:
+            modality: the modality to drop.
+            missing: bool ``[B]`` (``True`` = drop for that sample), or a bool for all samples.
+            fill: value written into the dropped samples' features (default 0, so a model that
+                ignores presence masks cannot see the dropped data); ``None`` keeps the features.
+
+        Returns:
+            A new batch; samples already missing stay missing.
+        """
+        x = self[modality]
+        if isinstance(missing, bool):
+            missing = torch.full((self.batch_size,), missing, dtype=torch.bool, device=x.device)
+        if not isinstance(missing, Tensor) or missing.dtype != torch.bool:
+            raise TypeError(f"missing: expected a bool tensor of shape ({self.batch_size},).")
+        if _shape(missing) != (self.batch_size,):
+            raise ValueError(
+                f"missing mask for modality '{modality}': expected shape ({self.batch_size},), "
+                f"found {_shape(missing)}."
+            )
+        missing = missing.to(x.device)
+        presence = dict(self.presence)
+        presence[modality] = self.is_present(modality) & ~missing
+        inputs = dict(self.inputs)
+        if fill is not None:
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            inputs[modality] = torch.where(missing.view(shape), torch.full_like(x, fill), x)
+        return self.replace(inputs=inputs, presence=presence)
+
+    def select(self, index: Tensor | slice | Sequence[int]) -> ModalityBatch:
+        """The sub-batch of samples ``index`` (a slice, an index list/tensor or a bool mask)."""
+        if not isinstance(index, slice | Tensor):
+            index = torch.as_tensor(list(index), dtype=torch.long)
+        if isinstance(index, Tensor):
+            index = index.to(self.device)
+
+        def take(t: Tensor) -> Tensor:
+            return t[index]
+
+        ids = None
+        if self.sample_ids is not None:
+            positions = torch.arange(self.batch_size)[
+                index.cpu() if isinstance(index, Tensor) else index
+            ]
+            ids = [self.sample_ids[i] for i in positions.tolist()]
+        return ModalityBatch(
+            {m: take(x) for m, x in self.inputs.items()},
+            None if self.target is None else take(self.target),
+            presence={m: take(x) for m, x in self.presence.items()},
+            padding_masks={m: take(x) for m, x in self.padding_masks.items()},
+            sample_ids=ids,
+        )
+
+    def split(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[ModalityBatch]:
+        """Iterate over mini-batches of an in-memory batch (no DataLoader needed)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, found {batch_size}.")
+        n = self.batch_size
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            if drop_last and len(idx) < batch_size:
+                return
+            yield self.select(idx)
+
+    @classmethod
+    def concat(cls, batches: Sequence[ModalityBatch]) -> ModalityBatch:
+        """Concatenate batches with the same modalities along the batch dimension."""
+        if not batches:
+            raise ValueError("concat() needs at least one batch.")
+        names = batches[0].modalities
+        for i, b in enumerate(batches):
+            if b.modalities != names:
+                raise ValueError(
+                    f"batch {i} has modalities {list(b.modalities)}, expected {list(names)}."
+                )
+        inputs = {m: torch.cat([b[m] for b in batches]) for m in names}
+        presence_names = {m for b in batches for m in b.presence}
+        presence = {m: torch.cat([b.is_present(m) for b in batches]) for m in presence_names}
+        padding = {}
+        for m in {m for b in batches for m in b.padding_masks}:
+            padding[m] = torch.cat(
+                [
+                    b.padding_masks.get(m, torch.zeros(b[m].shape[:2], dtype=torch.bool))
+                    for b in batches
+                ]
+            )
+        targets = [b.target for b in batches]
+        if all(t is None for t in targets):
+            target = None
+        elif any(t is None for t in targets):
+            raise ValueError("concat(): some batches have a target and others do not.")
+        else:
+            target = torch.cat(targets)  # type: ignore[arg-type]
+        ids_list = [b.sample_ids for b in batches]
+        ids = None
+        if all(i is not None for i in ids_list):
+            ids = [x for i in ids_list for x in i]  # type: ignore[union-attr]
+        return cls(inputs, target, presence=presence, padding_masks=padding, sample_ids=ids)
+
+
+def _pad_stack(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Stack per-sample tensors; sequences of unequal length are right-padded with zeros.
+
+    Per-sample layouts: ``[T, D]`` sequence, ``[T]`` integer tokens, ``[D]`` vector, ``[C, ...]``.
+    """
+    first = tensors[0]
+    is_sequence = first.ndim == 2 or (first.ndim == 1 and not first.is_floating_point())
+    for t in tensors[1:]:
+        same_tail = t.ndim == first.ndim and t.shape[1:] == first.shape[1:]
+        if t.shape != first.shape and not (is_sequence and same_tail):
+            raise ValueError(
+                f"collate: modality '{name}' has per-sample shapes {_shape(first)} and "
+                f"{_shape(t)}; only the time axis of a sequence may differ between samples."
+            )
+    lengths = torch.tensor([t.shape[0] for t in tensors])
+    if is_sequence and bool((lengths != lengths[0]).any()):
+        padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+        return padded, torch.arange(padded.shape[1])[None, :] >= lengths[:, None]
+    return torch.stack(tensors), None
+
+
+def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> ModalityBatch:
+    """``collate_fn`` for :class:`torch.utils.data.DataLoader`.
+
+    Each sample is either a :class:`ModalityBatch` (concatenated) or a mapping with keys
+    ``"inputs"`` (modality → unbatched tensor, e.g. ``[T, D]``), and optionally ``"target"``,
+    ``"sample_id"``, ``"presence"`` (modality → bool) and ``"padding_masks"`` (modality → ``[T]``).
+    Sequences of different lengths are right-padded with zeros and get padding masks.
+    """
+    if not samples:
+        raise ValueError("collate_modalities: empty list of samples.")
+    if all(isinstance(s, ModalityBatch) for s in samples):
+        return ModalityBatch.concat(samples)  # type: ignore[arg-type]
+    for i, s in enumerate(samples):
+        if not isinstance(s, Mapping) or "inputs" not in s:
+            raise TypeError(
+                f"collate_modalities: sample {i} is {type(s).__name__}; expected a ModalityBatch "
+                "or a mapping with an 'inputs' key."
+            )
+    names = list(samples[0]["inputs"])
+    inputs: dict[str, Tensor] = {}
+    padding: dict[str, Tensor] = {}
+    for m in names:
+        try:
+            tensors = [torch.as_tensor(s["inputs"][m]) for s in samples]
+        except KeyError:
+            raise ValueError(f"collate_modalities: a sample lacks modality '{m}'.") from None
+        inputs[m], pad = _pad_stack(m, tensors)
+        given = [s.get("padding_masks", {}).get(m) for s in samples]
+        if any(g is not None for g in given):
+            width = inputs[m].shape[1]
+            rows = []
+            for g, t in zip(given, tensors, strict=True):
+                row = torch.ones(width, dtype=torch.bool)
+                row[: t.shape[0]] = False if g is None else torch.as_tensor(g, dtype=torch.bool)
+                rows.append(row)
+            pad = torch.stack(rows)
+        if pad is not None:
+            padding[m] = pad
+    presence = {}
+    for m in names:
+        flags = [s.get("presence", {}).get(m, True) for s in samples]
+        if not all(flags):
+            presence[m] = torch.tensor([bool(f) for f in flags])
+    target = None
+    if samples[0].get("target") is not None:
+        target = torch.stack([torch.as_tensor(s["target"]) for s in samples])
+    ids = [s.get("sample_id") for s in samples]
+    return ModalityBatch(
+        inputs,
+        target,
+        presence=presence,
+        padding_masks=padding,
+        sample_ids=None if all(i is None for i in ids) else ids,
+    )

@@ -1,0 +1,170 @@
+"""The model contract: "per-modality encoders → fusion → head", and how packages find the parts.
+
+Every method package works on a model the user already has. It finds the parts either through
+:class:`MultimodalModel` (a model with ``encoders``, ``fusion`` and ``head`` attributes), or
+through dotted module paths the user names (as HuggingFace PEFT's ``target_modules``), resolved
+by :func:`resolve_module` with a did-you-mean error.
+
+Encoders may be plain modules returning a tensor or HuggingFace ``transformers`` models returning
+a ``ModelOutput``; :func:`run_encoder` calls either and :func:`encoder_features` unwraps the output.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from functools import lru_cache
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from mmcore.batch import ModalityBatch
+
+__all__ = [
+    "ModulePathError",
+    "MultimodalModel",
+    "check_multimodal_model",
+    "encoder_features",
+    "masked_mean",
+    "resolve_module",
+    "run_encoder",
+]
+
+
+@runtime_checkable
+class MultimodalModel(Protocol):
+    """A model of the shape "per-modality encoders → fusion → head".
+
+    Attributes:
+        encoders: ``nn.ModuleDict`` keyed by modality name; ``encoders[m]`` maps the modality's
+            input to features (``[B, T, d]`` or ``[B, d]``).
+        fusion: the module that consumes the encoders' outputs, called as
+            ``fusion(features: dict[str, Tensor], batch)`` and returning the fused representation
+            ``[B, F]``.
+        head: the module mapping the fused representation to the output.
+
+    Calling the model with a :class:`~mmcore.batch.ModalityBatch` returns the head's output.
+    """
+
+    encoders: nn.ModuleDict
+    fusion: nn.Module
+    head: nn.Module
+
+    def __call__(self, batch: ModalityBatch) -> Any: ...  # noqa: D102
+
+
+def check_multimodal_model(model: object) -> None:
+    """Raise a :class:`TypeError` naming what ``model`` lacks to follow the contract."""
+    problems = []
+    if not isinstance(model, nn.Module):
+        problems.append(f"it is a {type(model).__name__}, not a torch.nn.Module")
+    encoders = getattr(model, "encoders", None)
+    if not isinstance(encoders, nn.ModuleDict):
+        problems.append(
+            "`encoders` must be an nn.ModuleDict keyed by modality name"
+            + (f" (found {type(encoders).__name__})" if encoders is not None else " (missing)")
+        )
+    for part in ("fusion", "head"):
+        if not isinstance(getattr(model, part, None), nn.Module):
+            problems.append(f"`{part}` must be an nn.Module (missing or not a module)")
+    if problems:
+        raise TypeError(
+            f"{type(model).__name__} does not follow the mmcore model contract "
+            "(encoders → fusion → head): "
+            + "; ".join(problems)
+            + ". Name the modules explicitly instead (dotted paths)."
+        )
+
+
+class ModulePathError(LookupError, ValueError):
+    """A dotted module path names no submodule; the message lists the closest real names."""
+
+
+def resolve_module(root: nn.Module, path: str) -> nn.Module:
+    """Return the submodule of ``root`` at dotted ``path`` (``""`` is ``root`` itself).
+
+    Raises:
+        ModulePathError: no such submodule; the message suggests the closest existing names.
+    """
+    if not isinstance(path, str):
+        raise TypeError(f"module path must be a string, found {type(path).__name__}.")
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in root.named_modules() if n]
+        close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+        if not close:  # fall back to the names that share the last component
+            leaf = path.rsplit(".", 1)[-1]
+            close = [n for n in names if n.rsplit(".", 1)[-1] == leaf][:5]
+        hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ModulePathError(
+            f"{type(root).__name__} has no submodule '{path}'.{hint} "
+            f"({len(names)} submodules; list them with `[n for n, _ in model.named_modules()]`.)"
+        ) from None
+
+
+def encoder_features(output: Any) -> Tensor:
+    """The feature tensor inside an encoder's output.
+
+    Accepts a tensor, a HuggingFace ``ModelOutput`` (or any object / mapping) with
+    ``last_hidden_state``, or a tuple/list whose first element is the features.
+    """
+    if isinstance(output, Tensor):
+        return output
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, dict):
+        hidden = output.get("last_hidden_state")
+    if isinstance(hidden, Tensor):
+        return hidden
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find features in an encoder output of type {type(output).__name__}: expected a "
+        "Tensor, an output with `last_hidden_state` (transformers), or a tuple whose first item "
+        "is a Tensor."
+    )
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    return hasattr(module, "config") and hasattr(module, "main_input_name")
+
+
+@lru_cache(maxsize=256)
+def _accepts_padding_mask(cls: type) -> bool:
+    try:
+        return "padding_mask" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_encoder(encoder: nn.Module, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """Call a modality encoder and return its features.
+
+    * A ``transformers`` model gets ``input_ids`` (integer ``x``) or ``inputs_embeds`` (floating
+      ``x``) and ``attention_mask = ~padding_mask``; its ``last_hidden_state`` is returned.
+    * A module whose ``forward`` has a ``padding_mask`` parameter gets it (``True`` = padding).
+    * Any other module is called as ``encoder(x)``.
+    """
+    if _is_transformers_model(encoder):
+        key = encoder.main_input_name if not x.is_floating_point() else "inputs_embeds"
+        kwargs: dict[str, Tensor] = {key: x}
+        if padding_mask is not None:
+            kwargs["attention_mask"] = (~padding_mask).long()
+        return encoder_features(encoder(**kwargs))
+    if padding_mask is not None and _accepts_padding_mask(type(encoder)):
+        return encoder_features(encoder(x, padding_mask=padding_mask))
+    return encoder_features(encoder(x))
+
+
+def masked_mean(features: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """Mean over the time axis of ``[B, T, D]`` features, ignoring padding (``True``) positions.
+
+    ``[B, D]`` features are returned unchanged. A sample whose every step is padding gives zeros.
+    """
+    if features.ndim == 2:
+        return features
+    if padding_mask is None:
+        return features.mean(dim=1)
+    keep = (~padding_mask).to(features.dtype).unsqueeze(-1)  # [B, T, 1]
+    return (features * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+

@@ -1,0 +1,88 @@
+"""Cumulative metrics in MONAI's shape: call per batch, ``aggregate()`` at the end, ``reset()``.
+
+Non-decomposable metrics (correlation, F1, binned accuracies) buffer the raw predictions and
+targets and compute everything in :meth:`CumulativeMetric.aggregate` from the gathered buffers,
+through a pure functional twin. Under ``torch.distributed`` the buffers of every rank are gathered
+first, so correlation and F1 are computed on all predictions, never averaged per rank.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["CumulativeMetric", "all_gather_cat", "to_numpy"]
+
+
+def to_numpy(x: Tensor | np.ndarray | list | float) -> np.ndarray:
+    """A detached CPU numpy copy of a tensor, array or list."""
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (``[n_rank, ...]``, ``n_rank`` may differ per rank) from every rank.
+
+    Returns ``x`` unchanged when ``torch.distributed`` is not initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+class CumulativeMetric(ABC):
+    """Buffers ``(y_pred, y)`` pairs batch by batch; :meth:`aggregate` computes the metrics.
+
+    Subclasses implement :meth:`_check` (validate/reshape one batch) and :meth:`_compute`
+    (the functional twin applied to the concatenated buffers).
+    """
+
+    def __init__(self) -> None:
+        self._preds: list[Tensor] = []
+        self._targets: list[Tensor] = []
+
+    def __call__(self, y_pred: Tensor, y: Tensor) -> None:
+        """Buffer one batch of predictions and targets (detached, moved to the CPU)."""
+        if not isinstance(y_pred, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: y_pred and y must be tensors, found "
+                f"{type(y_pred).__name__} and {type(y).__name__}."
+            )
+        y_pred, y = self._check(y_pred.detach(), y.detach())
+        self._preds.append(y_pred.cpu())
+        self._targets.append(y.cpu())
+
+    def reset(self) -> None:
+        """Drop every buffered batch."""
+        self._preds.clear()
+        self._targets.clear()
+
+    def __len__(self) -> int:
+        return sum(p.shape[0] for p in self._preds)
+
+    def aggregate(self) -> dict[str, float]:
+        """The metrics over every buffered batch (of every rank under torch.distributed)."""
+        if not self._preds:
+            raise RuntimeError(f"{type(self).__name__}.aggregate() called with nothing buffered.")
+        y_pred = all_gather_cat(torch.cat(self._preds))
+        y = all_gather_cat(torch.cat(self._targets))
+        return self._compute(y_pred, y)
+
+    def _check(self, y_pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return y_pred, y
+
+    @abstractmethod
+    def _compute(self, y_pred: Tensor, y: Tensor) -> dict[str, float]: ...

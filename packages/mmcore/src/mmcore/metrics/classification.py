@@ -1,0 +1,122 @@
+"""Classification metrics: accuracy, weighted and macro F1; IEMOCAP's four binary emotion tasks."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+from torch import Tensor
+
+from mmcore.metrics.base import CumulativeMetric, to_numpy
+
+__all__ = [
+    "IEMOCAP_EMOTIONS",
+    "ClassificationMetric",
+    "IEMOCAPMetric",
+    "classification_metrics",
+    "iemocap_metrics",
+]
+
+#: Order of the four binary tasks in the MulT IEMOCAP pickles (labels ``[N, 4, 2]``).
+IEMOCAP_EMOTIONS = ("neutral", "happy", "sad", "angry")
+
+
+def _labels(y_pred: np.ndarray, n: int, name: str) -> np.ndarray:
+    if y_pred.ndim == 2:
+        return y_pred.argmax(axis=1)
+    if y_pred.ndim == 1:
+        return y_pred.astype(np.int64)
+    raise ValueError(
+        f"{name}: y_pred must be logits/probabilities [N, C] or labels [N], found shape "
+        f"{y_pred.shape} (N = {n})."
+    )
+
+
+def classification_metrics(
+    y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray
+) -> dict[str, float]:
+    """Accuracy, weighted F1 and macro F1.
+
+    Args:
+        y_pred: logits or probabilities ``[N, C]`` (argmax is taken), or labels ``[N]``.
+        y: integer labels ``[N]``.
+    """
+    p, t = to_numpy(y_pred), to_numpy(y).reshape(-1)
+    if p.shape[0] != t.shape[0]:
+        raise ValueError(
+            f"classification_metrics: y_pred has {p.shape[0]} samples (shape {p.shape}), "
+            f"y has {t.shape[0]} (shape {np.shape(y)})."
+        )
+    p = _labels(p, t.shape[0], "classification_metrics")
+    return {
+        "accuracy": float(accuracy_score(t, p)),
+        "f1_weighted": float(f1_score(t, p, average="weighted", zero_division=0)),
+        "f1_macro": float(f1_score(t, p, average="macro", zero_division=0)),
+    }
+
+
+def _iemocap_labels(x: np.ndarray, what: str) -> np.ndarray:
+    n = x.shape[0]
+    if x.ndim == 2 and x.shape[1] == 8:
+        x = x.reshape(n, 4, 2)
+    if x.ndim == 3 and x.shape[1:] == (4, 2):
+        return x.argmax(axis=2)
+    if x.ndim == 2 and x.shape[1] == 4:
+        return x.astype(np.int64)
+    raise ValueError(
+        f"iemocap_metrics: {what} must be [N, 4, 2] (logits or one-hot), [N, 8] logits or "
+        f"[N, 4] binary labels in the order {IEMOCAP_EMOTIONS}; found shape {x.shape}."
+    )
+
+
+def iemocap_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) -> dict[str, float]:
+    """IEMOCAP's four binary emotion tasks, as MulT reports them.
+
+    Args:
+        y_pred: ``[N, 4, 2]`` or ``[N, 8]`` logits, or ``[N, 4]`` binary labels.
+        y: ``[N, 4, 2]`` one-hot (the pickle's layout) or ``[N, 4]`` binary labels.
+
+    Returns:
+        ``<emotion>_acc`` and ``<emotion>_f1`` (weighted F1) for neutral, happy, sad, angry, plus
+        their means ``mean_acc`` and ``mean_f1``.
+    """
+    p = _iemocap_labels(to_numpy(y_pred), "y_pred")
+    t = _iemocap_labels(to_numpy(y), "y")
+    if p.shape != t.shape:
+        raise ValueError(f"iemocap_metrics: {p.shape[0]} predictions but {t.shape[0]} labels.")
+    out: dict[str, float] = {}
+    for i, emotion in enumerate(IEMOCAP_EMOTIONS):
+        out[f"{emotion}_acc"] = float(accuracy_score(t[:, i], p[:, i]))
+        out[f"{emotion}_f1"] = float(f1_score(t[:, i], p[:, i], average="weighted"))
+    out["mean_acc"] = float(np.mean([out[f"{e}_acc"] for e in IEMOCAP_EMOTIONS]))
+    out["mean_f1"] = float(np.mean([out[f"{e}_f1"] for e in IEMOCAP_EMOTIONS]))
+    return out
+
+
+class ClassificationMetric(CumulativeMetric):
+    """Cumulative :func:`classification_metrics`."""
+
+    def _check(self, y_pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        y = y.reshape(-1)
+        if y_pred.ndim not in (1, 2) or y_pred.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"ClassificationMetric: expected y_pred [N, C] or [N] with N = {y.shape[0]}, "
+                f"found shape {tuple(y_pred.shape)}."
+            )
+        return y_pred.float() if y_pred.ndim == 2 else y_pred, y
+
+    def _compute(self, y_pred: Tensor, y: Tensor) -> dict[str, float]:
+        return classification_metrics(y_pred, y)
+
+
+class IEMOCAPMetric(CumulativeMetric):
+    """Cumulative :func:`iemocap_metrics`."""
+
+    def _check(self, y_pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        p = _iemocap_labels(to_numpy(y_pred), "y_pred")
+        t = _iemocap_labels(to_numpy(y), "y")
+        if p.shape[0] != t.shape[0]:
+            raise ValueError(f"IEMOCAPMetric: {p.shape[0]} predictions but {t.shape[0]} labels.")
+        return Tensor(p).long(), Tensor(t).long()
+
+    def _compute(self, y_pred: Tensor, y: Tensor) -> dict[str, float]:
+        return iemocap_metrics(y_pred, y)

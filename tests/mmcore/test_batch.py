@@ -1,0 +1,175 @@
+import pytest
+import torch
+
+from mmcore import ModalityBatch, collate_modalities
+
+
+def make_batch(b=4):
+    return ModalityBatch(
+        {
+            "text": torch.randn(b, 6, 8),
+            "audio": torch.randn(b, 5, 3),
+            "vec": torch.randn(b, 7),
+            "image": torch.randn(b, 1, 4, 4),
+        },
+        target=torch.arange(b).float(),
+        padding_masks={"text": torch.zeros(b, 6, dtype=torch.bool)},
+        sample_ids=[f"s{i}" for i in range(b)],
+    )
+
+
+def test_basic_accessors():
+    batch = make_batch()
+    assert batch.modalities == ("text", "audio", "vec", "image")
+    assert batch.batch_size == len(batch) == 4
+    assert [batch.kind(m) for m in batch.modalities] == ["sequence", "sequence", "vector", "spatial"]
+    assert batch.is_present("audio").all()
+    assert batch.padding_mask("audio") is None
+    assert batch.padding_mask("text").shape == (4, 6)
+    assert "text" in batch and "video" not in batch
+
+
+def test_token_ids_are_a_sequence_kind():
+    batch = ModalityBatch(
+        {"ids": torch.ones(2, 5, dtype=torch.long)},
+        padding_masks={"ids": torch.tensor([[False] * 5, [False] * 3 + [True] * 2])},
+    )
+    assert batch.kind("ids") == "tokens"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"inputs": {}}, ValueError, "at least one modality"),
+        ({"inputs": {"a": [1, 2]}}, TypeError, "modality 'a': expected a torch.Tensor"),
+        ({"inputs": {"a": torch.zeros(3)}}, ValueError, r"modality 'a'.*found shape \(3,\)"),
+        ({"inputs": {"a": torch.zeros(3, 2, dtype=torch.bool)}}, TypeError, "floating or integer"),
+        (
+            {"inputs": {"a": torch.zeros(3, 2), "b": torch.zeros(4, 5, 6)}},
+            ValueError,
+            r"modality 'b': expected batch size 3 \(as modality 'a'\), found shape \(4, 5, 6\)",
+        ),
+        (
+            {"inputs": {"a": torch.zeros(3, 2)}, "presence": {"a": torch.ones(4, dtype=torch.bool)}},
+            ValueError,
+            r"presence mask of modality 'a': expected shape \(3,\), found \(4,\)",
+        ),
+        (
+            {"inputs": {"a": torch.zeros(3, 2)}, "presence": {"a": torch.ones(3)}},
+            TypeError,
+            "bool tensor",
+        ),
+        (
+            {"inputs": {"a": torch.zeros(3, 2)}, "presence": {"z": torch.ones(3, dtype=torch.bool)}},
+            ValueError,
+            "modality 'z', which is not in the batch",
+        ),
+        (
+            {
+                "inputs": {"a": torch.zeros(3, 5, 2)},
+                "padding_masks": {"a": torch.zeros(3, 4, dtype=torch.bool)},
+            },
+            ValueError,
+            r"padding mask of modality 'a': expected shape \(3, 5\), found \(3, 4\)",
+        ),
+        (
+            {
+                "inputs": {"a": torch.zeros(3, 2)},
+                "padding_masks": {"a": torch.zeros(3, 2, dtype=torch.bool)},
+            },
+            ValueError,
+            "padding masks apply only",
+        ),
+        (
+            {"inputs": {"a": torch.zeros(3, 2)}, "target": torch.zeros(2)},
+            ValueError,
+            r"target: expected leading dimension 3, found shape \(2,\)",
+        ),
+        (
+            {"inputs": {"a": torch.zeros(3, 2)}, "sample_ids": ["x"]},
+            ValueError,
+            "expected 3 ids, found 1",
+        ),
+    ],
+)
+def test_bad_input_raises_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ModalityBatch(**kwargs)
+
+
+def test_unknown_modality_lookup_lists_modalities():
+    with pytest.raises(KeyError, match=r"'video' is not in the batch .*'text'"):
+        make_batch()["video"]
+
+
+def test_with_missing_marks_and_zero_fills():
+    batch = make_batch()
+    missing = torch.tensor([True, False, True, False])
+    out = batch.with_missing("audio", missing)
+    assert out.is_present("audio").tolist() == [False, True, False, True]
+    assert (out["audio"][missing] == 0).all()
+    assert torch.equal(out["audio"][~missing], batch["audio"][~missing])
+    # the original batch is untouched and missingness accumulates
+    assert batch.is_present("audio").all()
+    out2 = out.with_missing("audio", torch.tensor([False, True, False, False]), fill=None)
+    assert out2.is_present("audio").tolist() == [False, False, False, True]
+    assert torch.equal(out2["audio"][1], batch["audio"][1])
+    with pytest.raises(ValueError, match=r"expected shape \(4,\), found \(3,\)"):
+        batch.with_missing("audio", torch.zeros(3, dtype=torch.bool))
+
+
+def test_select_split_concat_round_trip():
+    batch = make_batch(10).with_missing("vec", torch.arange(10) % 3 == 0)
+    parts = list(batch.split(4))
+    assert [len(p) for p in parts] == [4, 4, 2]
+    back = ModalityBatch.concat(parts)
+    for m in batch.modalities:
+        assert torch.equal(back[m], batch[m])
+    assert torch.equal(back.is_present("vec"), batch.is_present("vec"))
+    assert back.sample_ids == batch.sample_ids
+    sub = batch.select(torch.tensor([7, 2]))
+    assert sub.sample_ids == ["s7", "s2"]
+    assert torch.equal(sub.target, torch.tensor([7.0, 2.0]))
+    shuffled = list(batch.split(3, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert sorted(i for p in shuffled for i in p.sample_ids) == sorted(batch.sample_ids)
+
+
+def test_to_casts_floating_inputs_only():
+    batch = ModalityBatch(
+        {"x": torch.randn(2, 3), "ids": torch.ones(2, 4, dtype=torch.long)},
+        presence={"x": torch.tensor([True, False])},
+    )
+    out = batch.to("cpu", dtype=torch.float64)
+    assert out["x"].dtype == torch.float64
+    assert out["ids"].dtype == torch.long
+    assert out.presence["x"].dtype == torch.bool
+
+
+def test_collate_pads_variable_length_sequences():
+    samples = [
+        {"inputs": {"a": torch.ones(3, 2), "v": torch.ones(5)}, "target": 1.0, "sample_id": 0},
+        {
+            "inputs": {"a": torch.ones(5, 2), "v": torch.ones(5)},
+            "target": 2.0,
+            "sample_id": 1,
+            "presence": {"v": False},
+        },
+    ]
+    batch = collate_modalities(samples)
+    assert batch["a"].shape == (2, 5, 2)
+    assert batch.padding_mask("a").tolist() == [[False] * 3 + [True] * 2, [False] * 5]
+    assert batch["a"][0, 3:].abs().sum() == 0
+    assert batch.is_present("v").tolist() == [True, False]
+    assert batch.target.tolist() == [1.0, 2.0]
+    assert batch.sample_ids == [0, 1]
+
+
+def test_collate_works_with_dataloader_and_rejects_bad_samples():
+    data = [{"inputs": {"a": torch.full((2,), float(i))}, "target": i} for i in range(5)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate_modalities)
+    batches = list(loader)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    with pytest.raises(ValueError, match="only the time axis"):
+        collate_modalities([{"inputs": {"a": torch.ones(2)}}, {"inputs": {"a": torch.ones(3)}}])
+    with pytest.raises(TypeError, match="sample 0"):
+        collate_modalities([torch.ones(2)])

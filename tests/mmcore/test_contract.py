@@ -1,0 +1,103 @@
+import pytest
+import torch
+from torch import nn
+
+from mmcore import (
+    ModalityBatch,
+    ModulePathError,
+    MultimodalModel,
+    check_multimodal_model,
+    encoder_features,
+    masked_mean,
+    resolve_module,
+    run_encoder,
+)
+
+
+class MaskAware(nn.Module):
+    def forward(self, x, padding_mask=None):
+        return masked_mean(x, padding_mask)
+
+
+class ToyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleDict({"a": nn.Linear(3, 4), "b": nn.Linear(2, 4)})
+        self.fusion = nn.Identity()
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, batch):
+        feats = [run_encoder(self.encoders[m], batch[m]) for m in self.encoders]
+        return self.head(torch.cat(feats, dim=-1))
+
+
+def test_contract_check_accepts_and_rejects():
+    model = ToyModel()
+    assert isinstance(model, MultimodalModel)
+    check_multimodal_model(model)
+    bare = nn.Sequential(nn.Linear(2, 2))
+    assert not isinstance(bare, MultimodalModel)
+    with pytest.raises(TypeError, match=r"`encoders` must be an nn.ModuleDict.*\(missing\)"):
+        check_multimodal_model(bare)
+
+
+def test_resolve_module_suggests_close_names():
+    model = ToyModel()
+    assert resolve_module(model, "encoders.a") is model.encoders.a
+    assert resolve_module(model, "") is model
+    with pytest.raises(ModulePathError, match=r"no submodule 'encoder.a'.*'encoders.a'"):
+        resolve_module(model, "encoder.a")
+    with pytest.raises(ValueError, match="Did you mean"):  # also a ValueError, as PEFT's errors
+        resolve_module(model, "heads")
+
+
+def test_encoder_features_unwraps_outputs():
+    t = torch.ones(2, 3)
+    assert encoder_features(t) is t
+    assert encoder_features((t, None)) is t
+    assert encoder_features({"last_hidden_state": t}) is t
+    with pytest.raises(TypeError, match="last_hidden_state"):
+        encoder_features("nope")
+
+
+def test_run_encoder_passes_padding_mask_when_accepted():
+    x = torch.tensor([[[1.0], [3.0], [100.0]]])
+    mask = torch.tensor([[False, False, True]])
+    assert run_encoder(MaskAware(), x, mask).item() == pytest.approx(2.0)
+    # a module without a padding_mask parameter is called with x alone
+    assert run_encoder(nn.Identity(), x, mask).shape == x.shape
+
+
+def test_masked_mean_ignores_padding_and_handles_all_padding():
+    x = torch.tensor([[[2.0], [4.0]], [[1.0], [1.0]]])
+    mask = torch.tensor([[False, True], [True, True]])
+    assert masked_mean(x, mask).squeeze(-1).tolist() == [2.0, 0.0]
+
+
+def test_transformers_encoder_is_accepted(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    bert = transformers.BertModel.from_pretrained(tmp_path).eval()
+
+    ids = torch.randint(0, 50, (2, 6))
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    batch = ModalityBatch({"text": ids}, padding_masks={"text": pad})
+    out = run_encoder(bert, batch["text"], batch.padding_mask("text"))
+    assert out.shape == (2, 6, 16)
+    # padding is honoured: changing padded token ids leaves the real tokens' features unchanged
+    ids2 = ids.clone()
+    ids2[1, 4:] = 7
+    out2 = run_encoder(bert, ids2, pad)
+    torch.testing.assert_close(out[1, :4], out2[1, :4])
+    # precomputed features go in as inputs_embeds
+    emb = run_encoder(bert, torch.randn(2, 6, 16))
+    assert emb.shape == (2, 6, 16)

@@ -180,8 +180,10 @@ class LateFusionModel(nn.Module):
         num_heads: int = 4,
         dropout: float = 0.1,
     ) -> LateFusionModel:
-        """Build encoders sized from ``batch``: sequences get a :class:`SequenceEncoder`, vectors a
-        :class:`VectorEncoder`; every encoder outputs ``width`` features.
+        """Build a model whose sizes come from ``batch``.
+
+        Sequences get a :class:`SequenceEncoder`, vectors a :class:`VectorEncoder`; every encoder
+        outputs ``width`` features.
 
         Args:
             batch: a batch of the data (only shapes are read).

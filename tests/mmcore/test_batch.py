@@ -22,7 +22,12 @@ def test_basic_accessors():
     batch = make_batch()
     assert batch.modalities == ("text", "audio", "vec", "image")
     assert batch.batch_size == len(batch) == 4
-    assert [batch.kind(m) for m in batch.modalities] == ["sequence", "sequence", "vector", "spatial"]
+    assert [batch.kind(m) for m in batch.modalities] == [
+        "sequence",
+        "sequence",
+        "vector",
+        "spatial",
+    ]
     assert batch.is_present("audio").all()
     assert batch.padding_mask("audio") is None
     assert batch.padding_mask("text").shape == (4, 6)
@@ -50,7 +55,10 @@ def test_token_ids_are_a_sequence_kind():
             r"modality 'b': expected batch size 3 \(as modality 'a'\), found shape \(4, 5, 6\)",
         ),
         (
-            {"inputs": {"a": torch.zeros(3, 2)}, "presence": {"a": torch.ones(4, dtype=torch.bool)}},
+            {
+                "inputs": {"a": torch.zeros(3, 2)},
+                "presence": {"a": torch.ones(4, dtype=torch.bool)},
+            },
             ValueError,
             r"presence mask of modality 'a': expected shape \(3,\), found \(4,\)",
         ),
@@ -60,7 +68,10 @@ def test_token_ids_are_a_sequence_kind():
             "bool tensor",
         ),
         (
-            {"inputs": {"a": torch.zeros(3, 2)}, "presence": {"z": torch.ones(3, dtype=torch.bool)}},
+            {
+                "inputs": {"a": torch.zeros(3, 2)},
+                "presence": {"z": torch.ones(3, dtype=torch.bool)},
+            },
             ValueError,
             "modality 'z', which is not in the batch",
         ),

@@ -79,7 +79,7 @@ def test_sims_metrics_by_hand():
 
 
 def test_regression_metrics_reject_bad_input():
-    with pytest.raises(ValueError, match="y_pred has 3 values .* y has 2"):
+    with pytest.raises(ValueError, match=r"y_pred has 3 values .* y has 2"):
         msa_regression_metrics(torch.zeros(3), torch.zeros(2))
     with pytest.raises(ValueError, match="NaN"):
         msa_regression_metrics(torch.tensor([0.0, float("nan")]), torch.zeros(2))
@@ -172,7 +172,9 @@ def test_brats_dice_by_hand():
     assert d["dice_et"] == pytest.approx(2 / 3)
     assert d["dice_mean"] == pytest.approx((1 + 0.8 + 2 / 3) / 3)
     # the same volumes as remapped labels and as channel masks give the same numbers
-    assert brats_dice(torch.where(pred == 4, 3, pred), torch.where(ref == 4, 3, ref), "remapped") == d
+    assert (
+        brats_dice(torch.where(pred == 4, 3, pred), torch.where(ref == 4, 3, ref), "remapped") == d
+    )
     assert brats_dice(brats_region_masks(pred).int(), ref, pred_format="channels") == d
 
 

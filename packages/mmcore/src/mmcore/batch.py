@@ -245,7 +245,9 @@ class ModalityBatch:
         }
         unknown = set(changes) - set(fields)
         if unknown:
-            raise TypeError(f"replace() got unknown fields {sorted(unknown)}; known: {list(fields)}")
+            raise TypeError(
+                f"replace() got unknown fields {sorted(unknown)}; known: {list(fields)}"
+            )
         fields.update(changes)
         inputs = fields.pop("inputs")
         target = fields.pop("target")

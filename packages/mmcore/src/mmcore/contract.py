@@ -167,4 +167,3 @@ def masked_mean(features: Tensor, padding_mask: Tensor | None) -> Tensor:
         return features.mean(dim=1)
     keep = (~padding_mask).to(features.dtype).unsqueeze(-1)  # [B, T, 1]
     return (features * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
-

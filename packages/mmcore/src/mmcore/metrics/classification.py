@@ -31,9 +31,7 @@ def _labels(y_pred: np.ndarray, n: int, name: str) -> np.ndarray:
     )
 
 
-def classification_metrics(
-    y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray
-) -> dict[str, float]:
+def classification_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) -> dict[str, float]:
     """Accuracy, weighted F1 and macro F1.
 
     Args:

@@ -62,10 +62,10 @@ def brats_region_masks(labels: Tensor, label_format: LabelFormat = "brats") -> T
     if unexpected:
         other = "remapped" if label_format == "brats" else "brats"
         raise ValueError(
-            f"label map holds values {sorted(unexpected)}, outside {sorted(_ALLOWED[label_format])} "
-            f"of label_format='{label_format}'. BraTS 2021 uses ET = 4, the 4→3 remap (and "
-            f"BraTS 2023) ET = 3, MSD Task01 another order entirely: check the source, or pass "
-            f"label_format='{other}'."
+            f"label map holds values {sorted(unexpected)}, outside "
+            f"{sorted(_ALLOWED[label_format])} of label_format='{label_format}'. BraTS 2021 "
+            f"uses ET = 4, the 4→3 remap (and BraTS 2023) ET = 3, MSD Task01 another order "
+            f"entirely: check the source, or pass label_format='{other}'."
         )
     et_value = 4 if label_format == "brats" else 3
     et = labels == et_value
@@ -115,14 +115,18 @@ def per_sample_brats_dice(
             f"brats_dice: prediction regions have shape {tuple(pred.shape)}, reference regions "
             f"{tuple(ref.shape)}; the spatial sizes must match."
         )
-    return compute_dice(pred.float(), ref.float(), include_background=True, ignore_empty=ignore_empty)
+    return compute_dice(
+        pred.float(), ref.float(), include_background=True, ignore_empty=ignore_empty
+    )
 
 
 def _summarise(dice: Tensor) -> dict[str, float]:
     d = dice.double().cpu().numpy()
     with np.errstate(all="ignore"):
-        region = {r: float(np.nanmean(d[:, i])) if np.isfinite(d[:, i]).any() else float("nan")
-                  for i, r in enumerate(BRATS_REGIONS)}
+        region = {
+            r: float(np.nanmean(d[:, i])) if np.isfinite(d[:, i]).any() else float("nan")
+            for i, r in enumerate(BRATS_REGIONS)
+        }
     out = {f"dice_{r}": region[r] for r in ("tc", "wt", "et")}
     out["dice_mean"] = float(np.mean([region[r] for r in ("tc", "wt", "et")]))
     return out

@@ -1,0 +1,69 @@
+"""The task registry: a plain dict of :class:`Task` by name, filled by :func:`register_task`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Profile = Literal["quick", "full"]
+PROFILES: tuple[Profile, ...] = ("quick", "full")
+
+
+@dataclass
+class RunContext:
+    """What a task's ``run`` gets for one seed.
+
+    Attributes:
+        seed: the training seed.
+        profile: ``"quick"`` (small budget) or ``"full"``.
+        data_root: folder with users' real data sets, or ``None`` (embedded/generated data only).
+        work_dir: a folder for this task's files (generated data, artefacts).
+        progress: call with a short status string to show it on the task's progress bar.
+    """
+
+    seed: int
+    profile: Profile
+    data_root: Path | None
+    work_dir: Path
+    progress: Callable[[str], None] = field(default=lambda _status: None)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark task, run once per seed.
+
+    Attributes:
+        name: registry key.
+        description: one line for ``list`` and the report.
+        run: ``run(ctx) -> records``; each record is a dict with ``method``, ``dataset``,
+            ``metrics`` (name → float) and optionally ``config`` (the runner adds ``task`` and
+            ``seed``).
+        primary_metric: the metric plotted and listed first.
+        higher_is_better: direction of ``primary_metric``.
+        profiles: the profiles that include the task.
+        metrics: metrics to tabulate, in order (default: every metric the records hold).
+    """
+
+    name: str
+    description: str
+    run: Callable[[RunContext], list[dict[str, Any]]]
+    primary_metric: str
+    higher_is_better: bool = True
+    profiles: tuple[Profile, ...] = PROFILES
+    metrics: tuple[str, ...] | None = None
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add ``task`` to :data:`TASKS`; a name registered twice is an error."""
+    if task.name in TASKS:
+        raise ValueError(f"task '{task.name}' is already registered.")
+    bad = [p for p in task.profiles if p not in PROFILES]
+    if bad:
+        raise ValueError(f"task '{task.name}': unknown profiles {bad}; choose from {PROFILES}.")
+    TASKS[task.name] = task
+    return task

@@ -1,0 +1,148 @@
+"""``report.md`` and PNG plots from a run's ``results.json``: mean ± std per method and data set."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.registry import TASKS
+from benchmarks.runner import RESULTS_FILE
+from mmcore import atomic_write
+
+REPORT_FILE = "report.md"
+
+
+def summarise(values: list[float | None]) -> tuple[float, float, int]:
+    """``(mean, std, n)`` over the finite values; std is the sample std (0 when n = 1)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan"), 0
+    arr = np.asarray(finite, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, len(arr)
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if n == 0:
+        return "—"
+    if std == 0 and float(mean).is_integer() and abs(mean) >= 10:
+        return f"{int(mean):,}"  # counts (e.g. parameters)
+    digits = 4 if abs(mean) < 10 else 2
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def group_records(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[dict]]]]:
+    """``task → dataset → method → records``, keeping first-seen order."""
+    grouped: dict[str, dict[str, dict[str, list[dict]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in records:
+        grouped[r["task"]][r["dataset"]][r["method"]].append(r)
+    return grouped
+
+
+def _metric_order(task_name: str, methods: dict[str, list[dict]]) -> list[str]:
+    task = TASKS.get(task_name)
+    seen: list[str] = []
+    for recs in methods.values():
+        for r in recs:
+            seen.extend(k for k in r["metrics"] if k not in seen)
+    if task is None:
+        return seen
+    first = list(task.metrics or ())
+    if task.primary_metric not in first:
+        first.insert(0, task.primary_metric)
+    return [m for m in first if m in seen] + (
+        [] if task.metrics else [m for m in seen if m not in first]
+    )
+
+
+def _plot(task_name: str, dataset: str, methods: dict[str, list[dict]], metric: str, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(methods)
+    stats = [summarise([r["metrics"].get(metric) for r in methods[m]]) for m in names]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.4))
+    y = np.arange(len(names))
+    ax.barh(y, [s[0] for s in stats], xerr=[s[1] for s in stats], color="#4C72B0", capsize=3)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (mean ± std over seeds)")
+    ax.set_title(f"{task_name} — {dataset}")
+    finite = [s[0] - s[1] for s in stats if s[2]]
+    if finite and min(finite) > 0:
+        ax.set_xlim(
+            left=max(
+                0.0, min(finite) - 0.1 * (max(s[0] + s[1] for s in stats) - min(finite) + 1e-9)
+            )
+        )
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_write(path, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` for the run in ``run_dir``; return the report."""
+    results_path = run_dir / RESULTS_FILE
+    if not results_path.is_file():
+        raise FileNotFoundError(f"no {RESULTS_FILE} in {run_dir}: run `python -m benchmarks run`.")
+    results = json.loads(results_path.read_text())
+    meta = results.get("meta", {})
+    lines = [
+        "# Benchmark report",
+        "",
+        f"- profile: `{meta.get('profile')}`, seeds: {meta.get('seeds')}",
+        f"- started {meta.get('started')}, finished {meta.get('finished', '(unfinished)')}",
+        f"- python {meta.get('python')}, torch {meta.get('torch')}, {meta.get('threads')} threads,"
+        f" {meta.get('platform')}",
+        f"- command: `{meta.get('command')}`",
+        "",
+        "Every cell is mean ± sample std over seeds (n = number of seeds that finished).",
+        "",
+    ]
+    for task_name, datasets in group_records(results.get("records", [])).items():
+        task = TASKS.get(task_name)
+        seconds = meta.get("task_seconds", {}).get(task_name)
+        lines += [f"## {task_name}", ""]
+        if task is not None:
+            lines += [task.description, ""]
+        if seconds is not None:
+            lines += [f"Wall time: {seconds:.0f} s.", ""]
+        for dataset, methods in datasets.items():
+            metrics = _metric_order(task_name, methods)
+            lines += [f"### {dataset}", ""]
+            lines.append("| method | n | " + " | ".join(metrics) + " |")
+            lines.append("|---|---|" + "---|" * len(metrics))
+            for method, recs in methods.items():
+                cells = [_fmt(*summarise([r["metrics"].get(m) for r in recs])) for m in metrics]
+                lines.append(f"| {method} | {len(recs)} | " + " | ".join(cells) + " |")
+            lines.append("")
+            primary = task.primary_metric if task else metrics[0]
+            if primary in metrics:
+                plot = Path("plots") / f"{task_name}--{dataset}.png".replace("/", "_")
+                _plot(task_name, dataset, methods, primary, run_dir / plot)
+                lines += [f"![{task_name} {dataset} {primary}]({plot.as_posix()})", ""]
+    failures = results.get("failures", [])
+    if failures:
+        lines += ["## Failed", ""]
+        for f in failures:
+            lines.append(f"- **{f['task']}**, seed {f['seed']}: `{f['error']}`")
+        lines.append("")
+    if not results.get("records") and not failures:
+        lines += ["(no results yet)", ""]
+    report = run_dir / REPORT_FILE
+    with atomic_write(report) as f:
+        f.write("\n".join(lines))
+    return report

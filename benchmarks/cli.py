@@ -16,18 +16,16 @@ RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"3"`` → ``[0, 1, 2]``; ``"0,5,7"`` → ``[0, 5, 7]``."""
+    """``"0,1,2"`` → ``[0, 1, 2]``; ``"5"`` → ``[5]``."""
     try:
-        if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
-        count = int(text)
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
+        seeds = []
+    if not seeds:
         raise argparse.ArgumentTypeError(
-            f"--seeds takes a count (3 → seeds 0,1,2) or a comma list (0,5,7), got {text!r}"
-        ) from None
-    if count < 1:
-        raise argparse.ArgumentTypeError("--seeds count must be >= 1")
-    return list(range(count))
+            f"--seeds takes a comma-separated list of integers (e.g. 0,1,2), got {text!r}"
+        )
+    return seeds
 
 
 def _resolve_tasks(names: list[str] | None, profile: str) -> list[str]:
@@ -49,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run tasks and write results.json, report.md and plots")
     run.add_argument("--task", action="append", help="task to run (repeatable; default: all)")
     run.add_argument("--profile", choices=PROFILES, default="quick")
-    run.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="count or comma list")
+    run.add_argument(
+        "--seeds", type=parse_seeds, default=[0, 1, 2], help="comma list (default 0,1,2)"
+    )
     run.add_argument("--data-root", type=Path, default=None, help="folder with real data sets")
     run.add_argument("--out", type=Path, default=None, help="run folder (default: timestamped)")
     report = sub.add_parser("report", help="rewrite report.md and plots from results.json")

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+
+import benchmarks.tasks  # noqa: F401
+from benchmarks import cli
+from benchmarks.registry import TASKS, Task, register_task
+from benchmarks.report import summarise, write_report
+from benchmarks.runner import run_tasks
+from mmcore import atomic_write
+
+
+@pytest.fixture
+def fake_tasks(monkeypatch):
+    def good(ctx):
+        ctx.progress("working")
+        return [
+            {
+                "method": "a",
+                "dataset": "toy",
+                "metrics": {"acc": 0.5 + 0.1 * ctx.seed, "n": 10},
+                "config": {"lr": 0.1},
+            },
+            {"method": "b", "dataset": "toy", "metrics": {"acc": 0.25, "n": 10}},
+        ]
+
+    def bad(ctx):
+        raise RuntimeError("planted failure")
+
+    for name, fn in (("toy-good", good), ("toy-bad", bad)):
+        monkeypatch.setitem(TASKS, name, Task(name, f"{name} description", fn, "acc"))
+
+
+def test_run_records_everything_and_survives_a_failing_task(tmp_path, fake_tasks):
+    results = run_tasks(["toy-bad", "toy-good"], profile="quick", seeds=[0, 1], out_dir=tmp_path)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["records"] == results["records"]
+    assert len(results["records"]) == 4
+    rec = results["records"][0]
+    assert rec == {
+        "task": "toy-good",
+        "method": "a",
+        "dataset": "toy",
+        "seed": 0,
+        "metrics": {"acc": 0.5, "n": 10},
+        "config": {"lr": 0.1},
+    }
+    assert [(f["task"], f["seed"]) for f in results["failures"]] == [("toy-bad", 0), ("toy-bad", 1)]
+    assert "planted failure" in results["failures"][0]["error"]
+    assert "Traceback" in results["failures"][0]["traceback"]
+
+    report = write_report(tmp_path).read_text()
+    assert "| a | 2 | 0.5500 ± 0.0707 |" in report
+    assert "| b | 2 | 0.2500 ± 0.0000 |" in report
+    assert "## Failed" in report and "planted failure" in report
+    assert (tmp_path / "plots" / "toy-good--toy.png").stat().st_size > 1000
+
+
+def test_cli_list_run_report(tmp_path, fake_tasks, capsys):
+    assert cli.main(["list"]) == 0
+    assert "uci-modalities" in capsys.readouterr().out
+    code = cli.main(["run", "--task", "toy-good", "--seeds", "0,1", "--out", str(tmp_path)])
+    assert code == 0
+    assert (tmp_path / "report.md").is_file()
+    assert cli.main(["run", "--task", "toy-bad", "--seeds", "0", "--out", str(tmp_path / "b")]) == 1
+    assert cli.main(["report", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit, match=r"unknown task .toy-god.\. Did you mean toy-good"):
+        cli.main(["run", "--task", "toy-god"])
+
+
+def test_seed_parsing_and_summary():
+    assert cli.parse_seeds("3") == [3]
+    assert cli.parse_seeds("0,1,2") == [0, 1, 2]
+    with pytest.raises(Exception, match="comma-separated"):
+        cli.parse_seeds("x")
+    assert summarise([1.0, None, 3.0]) == (2.0, pytest.approx(2**0.5), 2)
+
+
+def test_registry_rejects_duplicates_and_bad_profiles():
+    task = TASKS["uci-modalities"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_task(task)
+    with pytest.raises(ValueError, match="unknown profiles"):
+        register_task(Task("x", "", task.run, "acc", profiles=("fast",)))
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write("half")
+        raise RuntimeError("crash")
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_uci_task_runs_end_to_end(tmp_path, monkeypatch):
+    from benchmarks.tasks import uci_modalities
+
+    monkeypatch.setattr(uci_modalities, "EPOCHS", {"quick": 2, "full": 2})
+    results = run_tasks(["uci-modalities"], profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"]
+    methods = [r["method"] for r in results["records"]]
+    assert methods == ["all six"] + [
+        f"{m} only" for m in ("fou", "fac", "kar", "pix", "zer", "mor")
+    ]
+    accs = {r["method"]: r["metrics"]["accuracy"] for r in results["records"]}
+    assert accs["all six"] > 0.8  # two epochs already learn the digits from all six views
+    report = write_report(tmp_path).read_text()
+    assert "### uci-mfeat" in report and "| mor only | 1 |" in report

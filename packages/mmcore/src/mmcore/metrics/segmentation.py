@@ -106,7 +106,12 @@ def per_sample_brats_dice(
     ignore_empty: bool = True,
 ) -> Tensor:
     """Dice ``[B, 3]`` per sample and region (``[TC, WT, ET]``), NaN where ignored."""
-    from monai.metrics import compute_dice  # optional dependency: mmcore[segmentation]
+    try:
+        from monai.metrics import compute_dice
+    except ImportError as err:
+        raise ImportError(
+            "BraTS Dice needs MONAI: pip install 'mmcore[segmentation]' (or monai)."
+        ) from err
 
     pred = brats_region_masks(y_pred, pred_format or label_format)
     ref = brats_region_masks(y, label_format)

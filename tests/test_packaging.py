@@ -82,7 +82,7 @@ def test_wheel_installs_and_imports_in_a_clean_venv(tmp_path, wheels, name):
     result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     installed = uv("pip", "list", "--python", str(python)).stdout
-    for sibling, mod in PACKAGES.items():  # method packages never pull each other in
+    for sibling in PACKAGES:  # method packages never pull each other in
         if sibling not in (name, "mmcore"):
             assert f"\n{sibling} " not in installed, f"{name} pulled in {sibling}"
     assert "py.typed" in {p.name for p in (venv.glob(f"lib/python*/site-packages/{module}/*"))}

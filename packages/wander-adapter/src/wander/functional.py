@@ -1,0 +1,110 @@
+"""The maths of Wander's fusion as pure functions: a fast einsum path and a slow dense reference.
+
+Notation (per modality ``m``): ``H_m`` ``[B, T_m, r]`` bottleneck features, token factors
+``Q_m`` ``[R_t, T_m, T']``, feature factors ``P_m`` ``[R_d, r, D]``, CP weights ``λ``
+``[R_t, R_d]``. Each modality is mapped to ``Z_m^{jk} = Q_m^{j ᵀ} H_m P_m^k`` ``[B, T', D]`` and
+
+* ``cp_mode="true"``:      ``F = Σ_{j,k} λ_{jk} ⊙_m Z_m^{jk}``  (rank-one terms summed *after* the
+  cross-modal product: a CP decomposition of rank ``R_t · R_d`` of the full token-level weight);
+* ``cp_mode="reference"``: ``F = ⊙_m (Σ_j Q_m^j)ᵀ H_m (Σ_k P_m^k)``  (the released code: factors
+  summed *before* the product, an effective CP rank of 1).
+
+Elementwise, ``F[u, d] = Σ W[(t_1, i_1), …, (t_M, i_M), (u, d)] Π_m H_m[t_m, i_m]``: a
+multilinear map of the outer product ``⊗_m vec(H_m)``. :func:`dense_fusion` builds that full
+weight tensor ``W`` with tensorly's ``cp_to_tensor`` and contracts it, for tests on tiny shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["dense_fusion", "fusion_product"]
+
+
+def fusion_product(
+    hs: Sequence[Tensor],
+    token_factors: Sequence[Tensor],
+    feature_factors: Sequence[Tensor],
+    weights: Tensor | None,
+    cp_mode: Literal["true", "reference"] = "true",
+) -> Tensor:
+    """Fused tokens ``F`` ``[B, T', D]`` (the fast path: einsums, no loop over samples).
+
+    Args:
+        hs: per modality ``[B, T_m, r]`` (padded rows already zeroed).
+        token_factors: per modality ``[R_t, T_m, T']``.
+        feature_factors: per modality ``[R_d, r, D]``.
+        weights: CP weights ``[R_t, R_d]`` (``cp_mode="true"``; ignored for ``"reference"``).
+        cp_mode: ``"true"`` or ``"reference"`` (see the module docstring).
+    """
+    if not (len(hs) == len(token_factors) == len(feature_factors)) or len(hs) < 2:
+        raise ValueError(
+            f"fusion needs >= 2 modalities with one token and one feature factor each; got "
+            f"{len(hs)} inputs, {len(token_factors)} token and {len(feature_factors)} feature "
+            "factors."
+        )
+    out: Tensor | None = None
+    if cp_mode == "reference":
+        for h, q, p in zip(hs, token_factors, feature_factors, strict=True):
+            z = torch.einsum("bti,tu,id->bud", h, q.sum(0), p.sum(0))  # [B, T', D]
+            out = z if out is None else out * z
+        return out
+    if cp_mode != "true":
+        raise ValueError(f"cp_mode must be 'true' or 'reference', got {cp_mode!r}.")
+    if weights is None:
+        raise ValueError("cp_mode='true' needs the CP weights [R_t, R_d].")
+    for h, q, p in zip(hs, token_factors, feature_factors, strict=True):
+        g = torch.einsum("bti,jtu->bjui", h, q)  # [B, R_t, T', r]
+        z = torch.einsum("bjui,kid->bjkud", g, p)  # [B, R_t, R_d, T', D]
+        out = z if out is None else out * z
+    return torch.einsum("bjkud,jk->bud", out, weights)  # [B, T', D]
+
+
+def dense_fusion(
+    hs: Sequence[Tensor],
+    token_factors: Sequence[Tensor],
+    feature_factors: Sequence[Tensor],
+    weights: Tensor | None,
+    cp_mode: Literal["true", "reference"] = "true",
+) -> Tensor:
+    """The slow dense reference of :func:`fusion_product` (float64, tiny shapes only).
+
+    Reconstructs the full weight ``W`` of shape ``(T_1 r, …, T_M r, T' D)`` from its CP
+    factors with ``tensorly.cp_to_tensor`` and contracts it with every sample's ``vec(H_m)``.
+    """
+    import tensorly as tl
+
+    qs = [q.detach().double().cpu().numpy() for q in token_factors]
+    ps = [p.detach().double().cpu().numpy() for p in feature_factors]
+    if cp_mode == "reference":
+        qs = [q.sum(0, keepdims=True) for q in qs]
+        ps = [p.sum(0, keepdims=True) for p in ps]
+        lam = np.ones((1, 1))
+    else:
+        lam = weights.detach().double().cpu().numpy()
+    r_t, r_d = lam.shape
+    t_out, d_out = qs[0].shape[2], ps[0].shape[2]
+    # rank-one terms indexed by (j, k, u, d): modality factor Q[j, t, u] P[k, i, d] on (t, i),
+    # output factor the unit vector of (u, d), weight λ[j, k]
+    factors = []
+    for q, p in zip(qs, ps, strict=True):
+        t_m, r = q.shape[1], p.shape[1]
+        f = np.einsum("jtu,kid->tijkud", q, p).reshape(t_m * r, r_t * r_d * t_out * d_out)
+        factors.append(f)
+    eye = np.eye(t_out * d_out).reshape(t_out * d_out, 1, 1, t_out, d_out)
+    out_factor = np.broadcast_to(eye, (t_out * d_out, r_t, r_d, t_out, d_out))
+    factors.append(out_factor.reshape(t_out * d_out, -1))
+    cp_weights = np.broadcast_to(lam[:, :, None, None], (r_t, r_d, t_out, d_out)).reshape(-1)
+    w = tl.cp_to_tensor((cp_weights, factors))  # (T_1 r, ..., T_M r, T' D)
+    result = []
+    for b in range(hs[0].shape[0]):
+        acc = w
+        for h in hs:
+            acc = np.tensordot(h[b].detach().double().cpu().numpy().reshape(-1), acc, axes=(0, 0))
+        result.append(acc.reshape(t_out, d_out))
+    return torch.from_numpy(np.stack(result))

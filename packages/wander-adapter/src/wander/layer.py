@@ -1,0 +1,222 @@
+"""``WanderFusion``: the module that owns Wander's parameters and computes its output."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from wander.config import WanderConfig
+from wander.functional import fusion_product
+
+__all__ = ["WanderFusion"]
+
+# E[gelu(z)^2] for z ~ N(0, 1): the second moment of a bottleneck feature at init
+_GELU_SECOND_MOMENT = 0.4252
+
+
+class WanderFusion(nn.Module):
+    """Token-level low-rank multimodal fusion (Wander) over any number of modalities.
+
+    Per modality ``m``: ``H_m = GELU(norm(X_m) A_m + a_m)`` ``[B, T_m, r]`` (padded rows set to 0),
+    then the CP-factorised outer-product fusion of :func:`wander.functional.fusion_product`
+    gives ``F`` ``[B, T', D]``. In ``"fused"`` output mode the module returns ``F``; in
+    ``"residual"`` mode it returns, per modality, ``U_m F V_m`` ``[B, T_m, D_m]``, a residual of
+    the encoder output's own shape.
+
+    Args:
+        hidden_dims: modality → feature size ``D_m`` of its sequence.
+        seq_lens: modality → maximum sequence length ``T_m`` (vectors: 1). Shorter sequences
+            are accepted and treated as right-padded; longer ones raise a ``ValueError``.
+        out_dim: ``D``, the feature size of the fused tokens.
+        config: ranks, modes and init (see :class:`~wander.config.WanderConfig`).
+
+    Shapes:
+        ``forward(xs, padding_masks)`` takes ``xs[m]`` ``[B, T, D_m]`` (or ``[B, D_m]``) and
+        optional bool ``[B, T]`` masks (``True`` = padding). Returns ``[B, T', D]`` (fused) or
+        a dict of per-modality residuals shaped like ``xs[m]`` (residual).
+    """
+
+    def __init__(
+        self,
+        hidden_dims: Mapping[str, int],
+        seq_lens: Mapping[str, int],
+        out_dim: int,
+        config: WanderConfig,
+    ) -> None:
+        super().__init__()
+        if set(hidden_dims) != set(seq_lens):
+            raise ValueError(
+                f"hidden_dims and seq_lens name different modalities: {sorted(hidden_dims)} vs "
+                f"{sorted(seq_lens)}."
+            )
+        if len(hidden_dims) < 2:
+            raise ValueError(f"Wander fuses >= 2 modalities, got {list(hidden_dims)}.")
+        self.config = config
+        self.modalities = tuple(hidden_dims)
+        self.hidden_dims = dict(hidden_dims)
+        self.seq_lens = {m: int(seq_lens[m]) for m in self.modalities}
+        self.out_dim = out_dim
+        r, rt, rd, t_out = (
+            config.bottleneck_dim,
+            config.token_rank,
+            config.feature_rank,
+            config.fused_tokens,
+        )
+        r_in = r + int(config.bias_augment)
+        self.down = nn.ModuleDict({m: nn.Linear(hidden_dims[m], r) for m in self.modalities})
+        self.token_factors = nn.ParameterDict(
+            {m: nn.Parameter(torch.empty(rt, self.seq_lens[m], t_out)) for m in self.modalities}
+        )
+        self.feature_factors = nn.ParameterDict(
+            {m: nn.Parameter(torch.empty(rd, r_in, out_dim)) for m in self.modalities}
+        )
+        self.cp_weights = nn.Parameter(torch.empty(rt, rd)) if config.cp_mode == "true" else None
+        self.gate = nn.Parameter(torch.zeros(out_dim)) if config.init == "gate" else None
+        self.residual = config.output == "residual"
+        if self.residual:
+            self.up_tokens = nn.ParameterDict(
+                {m: nn.Parameter(torch.empty(self.seq_lens[m], t_out)) for m in self.modalities}
+            )
+            self.up_features = nn.ParameterDict(
+                {m: nn.Parameter(torch.empty(out_dim, hidden_dims[m])) for m in self.modalities}
+            )
+        self.output_dropout = nn.Dropout(config.dropout)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the factors (see ``WanderConfig.init``) and refresh the centering anchor.
+
+        The scales follow tltorch's ``CPTensor.normal_`` rule: each modality's ``Z_m`` has unit
+        variance for unit-variance inputs, and the CP weights ``1/√(R_t R_d)`` keep the sum of
+        rank-one terms at unit variance, so products over 2–7 modalities neither explode nor
+        vanish.
+        """
+        cfg = self.config
+        rt, rd = cfg.token_rank, cfg.feature_rank
+        r_in = cfg.bottleneck_dim + int(cfg.bias_augment)
+        # "reference" cp_mode sums R factors before use: shrink each by 1/sqrt(R) to compensate
+        t_sum = rt if cfg.cp_mode == "reference" else 1
+        d_sum = rd if cfg.cp_mode == "reference" else 1
+        for m in self.modalities:
+            if cfg.init == "reference":
+                # the released code: default Linear init, P ~ N(0, 1), Q = 0 (dead, see docs)
+                self.down[m].reset_parameters()
+                nn.init.normal_(self.feature_factors[m], 0.0, 1.0)
+                nn.init.zeros_(self.token_factors[m])
+            else:
+                d_m = self.hidden_dims[m]
+                nn.init.normal_(self.down[m].weight, 0.0, 1.0 / math.sqrt(d_m))
+                nn.init.zeros_(self.down[m].bias)
+                t_std = 1.0 / math.sqrt(self.seq_lens[m] * t_sum)
+                d_std = 1.0 / math.sqrt(r_in * _GELU_SECOND_MOMENT * d_sum)
+                nn.init.normal_(self.token_factors[m], 0.0, t_std)
+                nn.init.normal_(self.feature_factors[m], 0.0, d_std)
+            if self.residual:
+                nn.init.normal_(self.up_tokens[m], 0.0, 1.0 / math.sqrt(cfg.fused_tokens))
+                nn.init.normal_(self.up_features[m], 0.0, 1.0 / math.sqrt(self.out_dim))
+        if self.cp_weights is not None:
+            nn.init.constant_(self.cp_weights, 1.0 / math.sqrt(rt * rd))
+        if self.gate is not None:
+            nn.init.zeros_(self.gate)
+        if cfg.init == "centered":
+            # a frozen copy of the initial weights: forward() subtracts the adapter's output at
+            # these weights, so it starts at exactly 0 with non-zero gradients everywhere
+            for name, p in self.named_parameters():
+                self.register_buffer(_anchor_name(name), p.detach().clone(), persistent=True)
+
+    def _anchors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, _anchor_name(name)) for name, _ in self.named_parameters()}
+
+    # ------------------------------------------------------------------ forward
+    def _bottleneck(self, m: str, x: Tensor, mask: Tensor | None) -> Tensor:
+        if x.ndim == 2:
+            x = x.unsqueeze(1)
+        if x.ndim != 3 or x.shape[-1] != self.hidden_dims[m]:
+            raise ValueError(
+                f"Wander: modality '{m}' expected [B, T, {self.hidden_dims[m]}] features, "
+                f"found shape {tuple(x.shape)}."
+            )
+        if x.shape[1] > self.seq_lens[m]:
+            raise ValueError(
+                f"Wander: modality '{m}' has sequence length {x.shape[1]} but the adapter was "
+                f"built for at most {self.seq_lens[m]} (token factors are per position); pad or "
+                "truncate, or rebuild the adapter with a longer example."
+            )
+        if self.config.normalize_inputs:
+            x = F.layer_norm(x, (x.shape[-1],))
+        h = F.gelu(self.down[m](x))  # [B, T, r]
+        if self.config.bias_augment:
+            h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+        if mask is not None:
+            h = h.masked_fill(mask.unsqueeze(-1), 0.0)
+        return h
+
+    def _core(
+        self, xs: Mapping[str, Tensor], masks: Mapping[str, Tensor | None]
+    ) -> Tensor | dict[str, Tensor]:
+        hs = [self._bottleneck(m, xs[m], masks.get(m)) for m in self.modalities]
+        qs = [
+            self.token_factors[m][:, : h.shape[1]] for m, h in zip(self.modalities, hs, strict=True)
+        ]
+        ps = [self.feature_factors[m] for m in self.modalities]
+        fused = fusion_product(hs, qs, ps, self.cp_weights, self.config.cp_mode)  # [B, T', D]
+        if self.gate is not None:
+            fused = fused * self.gate
+        if not self.residual:
+            return fused
+        out = {}
+        for m, h in zip(self.modalities, hs, strict=True):
+            u = self.up_tokens[m][: h.shape[1]]  # [T, T']
+            delta = torch.einsum("bud,tu,de->bte", fused, u, self.up_features[m])  # [B, T, D_m]
+            mask = masks.get(m)
+            if mask is not None:
+                delta = delta.masked_fill(mask.unsqueeze(-1), 0.0)
+            out[m] = delta if xs[m].ndim == 3 else delta.squeeze(1)
+        return out
+
+    def forward(
+        self,
+        xs: Mapping[str, Tensor],
+        padding_masks: Mapping[str, Tensor | None] | None = None,
+        *,
+        _raw: bool = False,
+    ) -> Tensor | dict[str, Tensor]:
+        """The adapter's output (see the class docstring for shapes)."""
+        missing = [m for m in self.modalities if m not in xs]
+        if missing:
+            raise ValueError(f"Wander: no features for modalities {missing}.")
+        masks = dict(padding_masks or {})
+        out = self._core(xs, masks)
+        if _raw:
+            return out
+        if self.config.init != "centered":
+            return _apply(out, self.output_dropout)
+        with torch.no_grad():
+            anchor = functional_call(self, self._anchors(), (xs, masks), {"_raw": True})
+        if isinstance(out, dict):
+            return {m: self.output_dropout(out[m] - anchor[m]) for m in out}
+        return self.output_dropout(out - anchor)
+
+    def extra_repr(self) -> str:
+        """Ranks and modes, shown by ``print(module)``."""
+        c = self.config
+        return (
+            f"modalities={list(self.modalities)}, r={c.bottleneck_dim}, R_d={c.feature_rank}, "
+            f"R_t={c.token_rank}, T'={c.fused_tokens}, D={self.out_dim}, cp_mode={c.cp_mode}, "
+            f"init={c.init}, output={c.output}"
+        )
+
+
+def _anchor_name(param_name: str) -> str:
+    return "anchor__" + param_name.replace(".", "__")
+
+
+def _apply(out: Tensor | dict[str, Tensor], fn) -> Tensor | dict[str, Tensor]:
+    return {m: fn(v) for m, v in out.items()} if isinstance(out, dict) else fn(out)

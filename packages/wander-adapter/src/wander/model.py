@@ -1,0 +1,391 @@
+"""``Wander``: wrap a multimodal model the user already has with a Wander adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from mmcore import ModalityBatch, ModulePathError, atomic_write, encoder_features, resolve_module
+from wander import __version__
+from wander.config import WanderConfig, resolve_config
+from wander.layer import WanderFusion
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Wander", "WanderTargetError"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class WanderTargetError(ModulePathError):
+    """A module named in the Wander configuration does not exist in the model."""
+
+
+class Wander(nn.Module):
+    """A multimodal model with a Wander adapter (Guo et al., AAAI 2025, arXiv 2412.08979).
+
+    The base model is frozen except ``modules_to_save`` (its ``head`` by default). Forward hooks
+    capture each modality's sequence at the output of its target module; the adapter fuses them
+    token by token through a CP-factorised outer product and either adds the fused tokens to the
+    output of the module that consumes the encoders (``output="fused"``, the paper), or adds a
+    shape-preserving residual to every encoder output before that module sees it
+    (``output="residual"``). ``Wander(model)(...)`` takes the base model's arguments and returns
+    its output type.
+
+    Args:
+        model: the base model. With no ``target_modules`` it must follow the mmcore contract
+            (``encoders`` ``ModuleDict`` keyed by modality, ``fusion``, ``head``).
+        ranks: the three ranks, as a :class:`WanderConfig`, a mapping
+            (``{"bottleneck": 16, "feature": 8, "token": 12}``) or a tuple ``(r, R_d, R_t)``.
+        example_input: one input for the base model (a ``ModalityBatch``, a tuple of positional
+            arguments or a dict of keyword arguments); a forward pass on it reads every size.
+            Not needed when the config already holds the sizes (``from_pretrained``).
+        target_modules: modality → dotted path of the module producing that modality's sequence.
+        fusion_module: dotted path of the module that consumes the encoder outputs.
+        modules_to_save: base modules that stay trainable and are saved with the adapter.
+        **config: any other :class:`WanderConfig` field (``cp_mode``, ``init``, ``output``, ...).
+
+    Example:
+        >>> model = LateFusionModel.from_batch(batch, out_dim=1)  # doctest: +SKIP
+        >>> wander = Wander(model, ranks=(16, 8, 12), example_input=batch)  # doctest: +SKIP
+        >>> wander.print_trainable_parameters()  # doctest: +SKIP
+        >>> loss = criterion(wander(batch), batch.target)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ranks: WanderConfig | Mapping[str, int] | Sequence[int] | None = None,
+        *,
+        example_input: Any = None,
+        target_modules: Mapping[str, str] | None = None,
+        fusion_module: str | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        **config: Any,
+    ) -> None:
+        super().__init__()
+        cfg = resolve_config(
+            ranks,
+            target_modules=dict(target_modules) if target_modules is not None else None,
+            fusion_module=fusion_module,
+            modules_to_save=list(modules_to_save) if modules_to_save is not None else None,
+            **config,
+        )
+        self.base_model = model
+        targets = cfg.target_modules or self._contract_targets(model)
+        self._targets = {
+            m: self._resolve(model, path, "target_modules", cfg) for m, path in targets.items()
+        }
+        consumer_path = cfg.fusion_module or "fusion"
+        self._consumer = self._resolve(model, consumer_path, "fusion_module", cfg)
+        if cfg.modules_to_save is None:
+            cfg.modules_to_save = (
+                ["head"] if isinstance(getattr(model, "head", None), nn.Module) else []
+            )
+        for path in cfg.modules_to_save:
+            self._resolve(model, path, "modules_to_save", cfg)
+
+        if not (cfg.hidden_dims and cfg.seq_lens and (cfg.out_dim or cfg.output == "residual")):
+            if example_input is None:
+                raise ValueError(
+                    "Wander needs `example_input` (one input for the base model) to read the "
+                    "modalities' feature sizes and sequence lengths."
+                )
+            self._read_sizes(cfg, example_input)
+        out_dim = cfg.out_dim if cfg.output == "fused" else (cfg.fused_dim or cfg.bottleneck_dim)
+        ordered = list(self._targets)
+        self.config = cfg
+        self.adapter = WanderFusion(
+            {m: cfg.hidden_dims[m] for m in ordered},
+            {m: cfg.seq_lens[m] for m in ordered},
+            out_dim,
+            cfg,
+        )
+        self.adapter.to(next(iter(model.parameters()), torch.empty(0)).device)
+
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        for path in cfg.modules_to_save:
+            resolve_module(model, path).requires_grad_(True)
+
+        self._disabled = False
+        self._captured: dict[str, Tensor] = {}
+        self._batch: ModalityBatch | None = None
+        self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]
+        for m, module in self._targets.items():
+            self._handles.append(module.register_forward_hook(self._capture_hook(m)))
+        if cfg.output == "fused":
+            self._handles.append(self._consumer.register_forward_hook(self._fuse_output))
+        else:
+            self._handles.append(
+                self._consumer.register_forward_pre_hook(self._add_residuals, with_kwargs=True)
+            )
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _contract_targets(model: nn.Module) -> dict[str, str]:
+        encoders = getattr(model, "encoders", None)
+        if not isinstance(encoders, nn.ModuleDict):
+            raise WanderTargetError(
+                f"{type(model).__name__} has no `encoders` ModuleDict (the mmcore contract); pass "
+                "target_modules={modality: 'dotted.path.of.its.encoder'} (and fusion_module)."
+            )
+        return {m: f"encoders.{m}" for m in encoders}
+
+    @staticmethod
+    def _resolve(model: nn.Module, path: str, field: str, cfg: WanderConfig) -> nn.Module:
+        try:
+            return resolve_module(model, path)
+        except ModulePathError as err:
+            request = getattr(cfg, field)
+            raise WanderTargetError(f"Wander {field}={request!r}: {err}") from None
+
+    @torch.no_grad()
+    def _read_sizes(self, cfg: WanderConfig, example_input: Any) -> None:
+        seen: dict[str, Tensor] = {}
+        handles = [
+            mod.register_forward_hook(
+                lambda _m, _a, out, name=name: seen.__setitem__(name, encoder_features(out))
+            )
+            for name, mod in self._targets.items()
+        ]
+        handles.append(
+            self._consumer.register_forward_hook(
+                lambda _m, _a, out: seen.__setitem__("__consumer__", out)
+            )
+        )
+        was_training = self.base_model.training
+        self.base_model.eval()
+        try:
+            _call(self.base_model, example_input)
+        finally:
+            self.base_model.train(was_training)
+            for h in handles:
+                h.remove()
+        missing = [m for m in self._targets if m not in seen]
+        if missing or "__consumer__" not in seen:
+            raise ValueError(
+                f"Wander: the example forward pass never called the target modules of {missing} "
+                "or the fusion module; check target_modules / fusion_module."
+            )
+        for m in self._targets:
+            x = seen[m]
+            if x.ndim not in (2, 3):
+                raise ValueError(
+                    f"Wander: target module of '{m}' outputs shape {tuple(x.shape)}; expected "
+                    "[B, T, D] sequences or [B, D] vectors."
+                )
+            cfg.hidden_dims[m] = int(x.shape[-1])
+            cfg.seq_lens[m] = int(x.shape[1]) if x.ndim == 3 else 1
+        consumer_out = seen["__consumer__"]
+        if cfg.output == "fused":
+            if not isinstance(consumer_out, Tensor) or consumer_out.ndim not in (2, 3):
+                raise ValueError(
+                    "Wander output='fused' adds the fused tokens to the fusion module's output, "
+                    f"which must be a [B, D] or [B, T, D] tensor; found {_describe(consumer_out)}."
+                )
+            cfg.out_dim = int(consumer_out.shape[-1])
+            if consumer_out.ndim == 3 and consumer_out.shape[1] < cfg.fused_tokens:
+                raise ValueError(
+                    f"Wander: the fusion module outputs {consumer_out.shape[1]} tokens, fewer "
+                    f"than num_fused_tokens={cfg.fused_tokens}."
+                )
+
+    # ------------------------------------------------------------------ hooks
+    def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._captured.clear()
+        found = [a for a in (*args, *kwargs.values()) if isinstance(a, ModalityBatch)]
+        self._batch = found[0] if found else None
+
+    def _capture_hook(self, modality: str):
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            if not self._disabled:
+                self._captured[modality] = encoder_features(output)
+
+        return hook
+
+    def _padding_masks(self) -> dict[str, Tensor | None]:
+        masks: dict[str, Tensor | None] = {}
+        for m, x in self._captured.items():
+            mask = None
+            if self._batch is not None and m in self._batch and x.ndim == 3:
+                mask = self._batch.padding_mask(m)
+                if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+                    mask = None  # the encoder changed the length: the batch mask no longer fits
+            masks[m] = mask
+        return masks
+
+    def _adapter_output(self) -> Tensor | dict[str, Tensor]:
+        missing = [m for m in self._targets if m not in self._captured]
+        if missing:
+            raise RuntimeError(
+                f"Wander: the fusion module ran before the target modules of {missing} produced "
+                "their outputs in this forward pass; check target_modules / fusion_module."
+            )
+        out = self.adapter(self._captured, self._padding_masks())
+        self._captured = {}
+        return out
+
+    def _fuse_output(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
+        if self._disabled:
+            return output
+        fused = self._adapter_output()  # [B, T', D]
+        if not isinstance(output, Tensor):
+            raise TypeError(f"Wander: fusion module output {_describe(output)} is not a tensor.")
+        if output.ndim == 2:
+            return output + fused.mean(dim=1)
+        t_out = fused.shape[1]
+        return torch.cat([output[:, :t_out] + fused, output[:, t_out:]], dim=1)
+
+    def _add_residuals(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if self._disabled:
+            return None
+        originals = dict(self._captured)
+        deltas = self._adapter_output()
+        replaced: set[str] = set()
+
+        def swap(obj: Any) -> Any:
+            if isinstance(obj, Tensor):
+                for m, x in originals.items():
+                    if obj is x:
+                        replaced.add(m)
+                        return x + deltas[m]
+                return obj
+            if isinstance(obj, dict):
+                return {k: swap(v) for k, v in obj.items()}
+            if isinstance(obj, list | tuple) and not isinstance(obj, ModalityBatch):
+                return type(obj)(swap(v) for v in obj)
+            return obj
+
+        new_args, new_kwargs = swap(args), swap(kwargs)
+        if replaced != set(originals):
+            raise RuntimeError(
+                "Wander output='residual': the inputs of the fusion module do not contain the "
+                f"outputs of the target modules of {sorted(set(originals) - replaced)} as they "
+                "were produced (the model transforms them in between); name the module that "
+                "receives the encoder outputs directly as fusion_module."
+            )
+        return new_args, new_kwargs
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the base model (same signature, same output type) with the adapter active."""
+        return self.base_model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside it the model behaves exactly as the base model."""
+        previous = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts of the base model plus the adapter."""
+        params = list(self.base_model.parameters()) + list(self.adapter.parameters())
+        total = sum(p.numel() for p in params)
+        return sum(p.numel() for p in params if p.requires_grad), total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: … || all params: … || trainable%: …`` (PEFT's format)."""
+        trainable, total = self.trainable_parameters()
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def unwrap(self) -> nn.Module:
+        """Remove the adapter: hooks gone, ``requires_grad`` flags restored; returns the base."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for name, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, True))
+        return self.base_model
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The weights :meth:`save_pretrained` writes: the adapter and ``modules_to_save``."""
+        state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
+        for path in self.config.modules_to_save or []:
+            module = resolve_module(self.base_model, path)
+            prefix = f"base_model.{path}." if path else "base_model."
+            state.update({prefix + k: v for k, v in module.state_dict().items()})
+        return state
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically).
+
+        Only the adapter and the ``modules_to_save`` weights are written, never the frozen base.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        with atomic_write(directory / WEIGHTS_NAME, "wb") as f:
+            f.write(safetensors_bytes(tensors, metadata={"format": "pt", "library": "wander"}))
+        payload = {"wander_version": __version__, **self.config.to_dict()}
+        with atomic_write(directory / CONFIG_NAME) as f:
+            json.dump(payload, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> Wander:
+        """Attach a saved adapter (and saved head weights) to ``base_model``.
+
+        Missing or unexpected keys are reported with a warning and kept in
+        ``wander.load_report``.
+        """
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"Wander.from_pretrained: {path} not found.")
+        data = json.loads(config_path.read_text())
+        data.pop("wander_version", None)
+        wander = cls(base_model, WanderConfig.from_dict(data))
+        state = load_file(str(weights_path), device=str(_device_of(base_model)))
+        expected = wander.adapter_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        for key in sorted(set(expected) & set(state)):
+            if expected[key].shape != state[key].shape:
+                raise ValueError(
+                    f"Wander.from_pretrained: '{key}' has shape {tuple(state[key].shape)} in "
+                    f"{weights_path} but {tuple(expected[key].shape)} in the model."
+                )
+            with torch.no_grad():
+                expected[key].copy_(state[key])
+        wander.load_report = {"missing_keys": missing, "unexpected_keys": unexpected}
+        if missing or unexpected:
+            warnings.warn(
+                f"Wander.from_pretrained({directory}): missing keys {missing}, unexpected keys "
+                f"{unexpected}.",
+                stacklevel=2,
+            )
+        return wander
+
+
+def _call(model: nn.Module, example: Any) -> Any:
+    if isinstance(example, tuple):
+        return model(*example)
+    if isinstance(example, dict):
+        return model(**example)
+    return model(example)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device

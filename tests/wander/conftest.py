@@ -1,0 +1,42 @@
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.backbones import LateFusionModel
+from mmcore import ModalityBatch
+
+
+def make_batch(dims=None, lens=None, b=4, seed=0):
+    dims = dims or {"text": 6, "audio": 3, "vision": 5}
+    lens = lens or {"text": 7, "audio": 4, "vision": 5}
+    g = torch.Generator().manual_seed(seed)
+    inputs = {m: torch.randn(b, lens[m], d, generator=g) for m, d in dims.items()}
+    return ModalityBatch(inputs, target=torch.randn(b, generator=g))
+
+
+@pytest.fixture
+def batch():
+    return make_batch()
+
+
+@pytest.fixture
+def base_model(batch):
+    torch.manual_seed(0)
+    return LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2, dropout=0.0).eval()
+
+
+class PlainModel(nn.Module):
+    """A model that does not follow the mmcore contract: positional tensors, own names."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_net = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.audio_net = nn.GRU(3, 8, batch_first=True)
+        self.mixer = nn.Identity()
+        self.classifier = nn.Linear(16, 2)
+
+    def forward(self, text, audio):
+        t = self.text_net(text)  # [B, T, 8]
+        a, _ = self.audio_net(audio)  # [B, T, 8]
+        mixed = self.mixer(torch.cat([t, a], dim=-1))  # [B, T, 16]
+        return self.classifier(mixed[:, 0])

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from wander import dense_fusion, fusion_product
+
+
+def factors(m, r=2, t_out=2, d=3, rt=2, rd=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [1, 3, 2, 2, 1][:m]
+    hs = [torch.randn(2, t, r, generator=g, dtype=torch.float64) for t in lens]
+    qs = [torch.randn(rt, t, t_out, generator=g, dtype=torch.float64) for t in lens]
+    ps = [torch.randn(rd, r, d, generator=g, dtype=torch.float64) for _ in lens]
+    lam = torch.randn(rt, rd, generator=g, dtype=torch.float64)
+    return hs, qs, ps, lam
+
+
+@pytest.mark.parametrize("cp_mode", ["true", "reference"])
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_fast_path_equals_dense_cp_reconstruction(cp_mode, m):
+    hs, qs, ps, lam = factors(m)
+    fast = fusion_product(hs, qs, ps, lam, cp_mode)
+    dense = dense_fusion(hs, qs, ps, lam, cp_mode)
+    assert fast.shape == (2, 2, 3)
+    torch.testing.assert_close(fast, dense)
+
+
+def test_true_and_reference_agree_at_rank_one():
+    hs, qs, ps, _ = factors(3, rt=1, rd=1)
+    torch.testing.assert_close(
+        fusion_product(hs, qs, ps, torch.ones(1, 1, dtype=torch.float64), "true"),
+        fusion_product(hs, qs, ps, None, "reference"),
+    )
+
+
+def test_reference_mode_is_rank_one_true_mode_is_not():
+    """Summing factor stacks first is one rank-one term: true CP with R > 1 is richer."""
+    hs, qs, ps, lam = factors(2, rt=2, rd=2)
+    collapsed = fusion_product(hs, [q.sum(0, keepdim=True) for q in qs],
+                               [p.sum(0, keepdim=True) for p in ps], torch.ones(1, 1,
+                               dtype=torch.float64), "true")
+    torch.testing.assert_close(collapsed, fusion_product(hs, qs, ps, None, "reference"))
+    assert not torch.allclose(fusion_product(hs, qs, ps, lam, "true"), collapsed)
+
+
+def test_bad_arguments():
+    hs, qs, ps, lam = factors(2)
+    with pytest.raises(ValueError, match=">= 2 modalities"):
+        fusion_product(hs[:1], qs[:1], ps[:1], lam)
+    with pytest.raises(ValueError, match="cp_mode"):
+        fusion_product(hs, qs, ps, lam, "paper")
+    with pytest.raises(ValueError, match="CP weights"):
+        fusion_product(hs, qs, ps, None, "true")

@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from wander import WanderConfig, WanderFusion
+
+
+def build(m=3, init="centered", output="fused", cp_mode="true", **kw):
+    dims = {f"m{i}": 4 + i for i in range(m)}
+    lens = {f"m{i}": 2 + i % 3 for i in range(m)}
+    cfg = WanderConfig(bottleneck_dim=4, feature_rank=2, token_rank=3, num_fused_tokens=2,
+                       init=init, output=output, cp_mode=cp_mode, **kw)
+    layer = WanderFusion(dims, lens, out_dim=5, config=cfg)
+    g = torch.Generator().manual_seed(1)
+    xs = {k: torch.randn(6, lens[k], d, generator=g) for k, d in dims.items()}
+    return layer, xs
+
+
+def nonzero_grads(layer):
+    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0)
+            for n, p in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("m", range(2, 8))
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_centered_init_is_identity_with_live_gradients(m, output):
+    layer, xs = build(m, output=output)
+    out = layer(xs)
+    values = out.values() if isinstance(out, dict) else [out]
+    assert all(v.abs().max() == 0 for v in values)
+    if output == "residual":
+        assert {k: v.shape for k, v in out.items()} == {k: x.shape for k, x in xs.items()}
+    sum(v.pow(2).sum() + v.sum() for v in values).backward()
+    grads = nonzero_grads(layer)
+    assert all(grads.values()), [n for n, ok in grads.items() if not ok]
+
+
+def test_gate_init_identity_then_every_parameter_trains():
+    layer, xs = build(init="gate")
+    out = layer(xs)
+    assert out.abs().max() == 0
+    out.sum().backward()
+    grads = nonzero_grads(layer)
+    assert grads["gate"] and not any(v for n, v in grads.items() if n != "gate")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    opt.step()
+    opt.zero_grad()
+    layer(xs).sum().backward()
+    assert all(nonzero_grads(layer).values())
+
+
+def test_reference_init_is_dead():
+    """The released init (all token factors zero) gives exactly zero gradients, forever."""
+    layer, xs = build(init="reference", cp_mode="reference")
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        out = layer(xs)
+        assert out.abs().max() == 0
+        (out - 1).pow(2).sum().backward()
+        assert not any(nonzero_grads(layer).values())
+        opt.step()
+        opt.zero_grad()
+    for n, p in layer.named_parameters():
+        assert torch.equal(p, before[n]), n  # nothing ever moves
+
+
+@pytest.mark.parametrize("m", [2, 4, 7])
+@pytest.mark.parametrize("cp_mode", ["true", "reference"])
+def test_scale_neither_explodes_nor_vanishes(m, cp_mode):
+    layer, _ = build(m, cp_mode=cp_mode)
+    g = torch.Generator().manual_seed(0)
+    xs = {k: 10 * torch.randn(512, t, layer.hidden_dims[k], generator=g)
+          for k, t in layer.seq_lens.items()}
+    std = layer(xs, _raw=True).std().item()
+    assert 0.1 < std < 10
+
+
+def test_padding_changes_nothing_and_short_sequences_are_padding():
+    for output in ("fused", "residual"):
+        layer, xs = build(output=output)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # move away from the zero-output init
+        k = "m1"  # length 3
+        mask = torch.zeros(6, 3, dtype=torch.bool)
+        mask[:, 2] = True
+        garbage = dict(xs)
+        garbage[k] = xs[k].clone()
+        garbage[k][:, 2] = 1e4
+        a = layer(xs, {k: mask})
+        b = layer(garbage, {k: mask})
+        short = dict(xs)
+        short[k] = xs[k][:, :2]
+        c = layer(short)
+        if output == "fused":
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(a, c)
+        else:
+            for name in a:
+                torch.testing.assert_close(a[name], b[name])
+            assert a[k][:, 2].abs().max() == 0  # no residual on padded positions
+            torch.testing.assert_close(a[k][:, :2], c[k])
+
+
+def test_parameter_count_matches_the_formula():
+    layer, _ = build(m=3, cp_mode="true", init="gate")
+    r, rd, rt, t_out, d = 4, 2, 3, 2, 5
+    dims, lens = [4, 5, 6], [2, 3, 4]
+    expected = (sum((dm + 1) * r for dm in dims) + rt * t_out * sum(lens) + 3 * rd * r * d
+                + rt * rd + d)
+    assert sum(p.numel() for p in layer.parameters()) == expected
+
+
+def test_bad_input_raises_clear_errors():
+    layer, xs = build()
+    too_long = dict(xs)
+    too_long["m0"] = torch.randn(6, 9, 4)
+    with pytest.raises(ValueError, match=r"'m0' has sequence length 9 .* at most 2"):
+        layer(too_long)
+    wrong = dict(xs)
+    wrong["m0"] = torch.randn(6, 2, 7)
+    with pytest.raises(ValueError, match=r"'m0' expected \[B, T, 4\]"):
+        layer(wrong)
+    with pytest.raises(ValueError, match=r"no features for modalities \['m2'\]"):
+        layer({k: v for k, v in xs.items() if k != "m2"})
+    with pytest.raises(ValueError, match=">= 2 modalities"):
+        WanderFusion({"a": 3}, {"a": 2}, 4, WanderConfig())
+    with pytest.raises(ValueError, match="cp_mode must be one of"):
+        WanderConfig(cp_mode="paper")
+    with pytest.raises(ValueError, match="bottleneck_dim must be a positive integer"):
+        WanderConfig(bottleneck_dim=0)
+    with pytest.raises(ValueError, match="dropout"):
+        WanderConfig(dropout=1.5)

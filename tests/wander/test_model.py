@@ -1,0 +1,222 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.backbones import LateFusionModel
+from mmcore import ModalityBatch
+from wander import Wander, WanderConfig, WanderTargetError
+
+from .conftest import PlainModel, make_batch
+
+RANKS = {"bottleneck": 4, "feature": 2, "token": 3}
+
+
+def train_steps(wander, batch, steps=3):
+    opt = torch.optim.Adam([p for p in wander.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        (wander(batch).squeeze(-1) - batch.target).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_contract_model_identity_at_init_and_freezing(base_model, batch, output):
+    wander = Wander(base_model, RANKS, example_input=batch, output=output)
+    with torch.no_grad():
+        with wander.disable_adapter():
+            base = wander(batch)
+        out = wander(batch)
+    assert out.shape == base.shape == (4, 1)
+    torch.testing.assert_close(out, base, rtol=0, atol=0)
+    trainable = {n for n, p in wander.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in wander.adapter.named_parameters(prefix="adapter")} | {
+        n for n, _ in base_model.head.named_parameters(prefix="base_model.head")
+    }
+    # one backward: every adapter parameter gets a gradient, no frozen base parameter does
+    (wander(batch).squeeze(-1) - batch.target).pow(2).mean().backward()
+    for n, p in wander.adapter.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    for n, p in base_model.encoders.named_parameters():
+        assert p.grad is None, n
+
+
+def test_training_changes_output_and_disable_restores_base(base_model, batch):
+    wander = Wander(base_model, RANKS, example_input=batch)
+    with torch.no_grad(), wander.disable_adapter():
+        base = wander(batch)
+    head_before = {k: v.clone() for k, v in base_model.head.state_dict().items()}
+    train_steps(wander, batch)
+    with torch.no_grad():
+        assert not torch.allclose(wander(batch), base)
+        base_model.head.load_state_dict(head_before)
+        assert not torch.allclose(wander(batch), base)  # the adapter itself moved
+        with wander.disable_adapter():
+            torch.testing.assert_close(wander(batch), base)
+
+
+def test_wrap_any_number_of_modalities_with_padding():
+    dims = {f"m{i}": 3 + i for i in range(7)}
+    lens = {f"m{i}": 2 + i % 4 for i in range(7)}
+    batch = make_batch(dims, lens)
+    pad = torch.zeros(4, lens["m3"], dtype=torch.bool)
+    pad[0, -2:] = True
+    batch = batch.replace(padding_masks={"m3": pad})
+    torch.manual_seed(0)
+    model = LateFusionModel.from_batch(batch, 1, width=8, num_heads=2, dropout=0.0).eval()
+    wander = Wander(model, RANKS, example_input=batch)
+    train_steps(wander, batch, steps=2)
+    x = batch["m3"].clone()
+    x[0, -2:] = 1e3
+    garbage = batch.replace(inputs={**batch.inputs, "m3": x})
+    with torch.no_grad():
+        torch.testing.assert_close(wander(batch), wander(garbage))
+
+
+def test_non_contract_model_by_module_names():
+    torch.manual_seed(0)
+    model = PlainModel().eval()
+    text, audio = torch.randn(3, 5, 6), torch.randn(3, 5, 3)
+    with torch.no_grad():
+        base = model(text, audio)
+    wander = Wander(
+        model, RANKS, example_input=(text, audio),
+        target_modules={"text": "text_net", "audio": "audio_net"},
+        fusion_module="mixer", modules_to_save=["classifier"],
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(wander(text, audio), base)
+    assert wander.config.hidden_dims == {"text": 8, "audio": 8}
+    assert wander.config.out_dim == 16  # the mixer's [B, T, 16] output gets T' fused tokens
+    wander(text, audio).sum().backward()
+    assert all(p.grad.abs().sum() > 0 for p in wander.adapter.parameters())
+    assert model.classifier.weight.grad is not None and model.text_net[0].weight.grad is None
+
+
+def test_residual_mode_on_non_contract_model_needs_direct_consumer():
+    model = PlainModel().eval()
+    text, audio = torch.randn(3, 5, 6), torch.randn(3, 5, 3)
+    wander = Wander(model, RANKS, example_input=(text, audio), output="residual",
+                    target_modules={"text": "text_net", "audio": "audio_net"},
+                    fusion_module="mixer", modules_to_save=["classifier"])
+    with pytest.raises(RuntimeError, match="do not contain the outputs"):
+        wander(text, audio)  # the mixer receives torch.cat of them, not the outputs themselves
+
+
+def test_wrong_names_raise_with_suggestions(base_model, batch):
+    with pytest.raises(WanderTargetError, match=r"no submodule 'encoders.txt'.*'encoders.text'"):
+        Wander(base_model, RANKS, example_input=batch,
+               target_modules={"text": "encoders.txt", "audio": "encoders.audio"})
+    with pytest.raises(ValueError, match=r"fusion_module='fuse'.*Did you mean.*'fusion'"):
+        Wander(base_model, RANKS, example_input=batch, fusion_module="fuse")
+    with pytest.raises(WanderTargetError, match="no `encoders` ModuleDict"):
+        Wander(PlainModel(), RANKS, example_input=(torch.randn(1, 2, 6), torch.randn(1, 2, 3)))
+    with pytest.raises(ValueError, match="needs `example_input`"):
+        Wander(base_model, RANKS)
+    with pytest.raises(ValueError, match="unknown rank name"):
+        Wander(base_model, {"bottleneck": 4, "depth": 2}, example_input=batch)
+    with pytest.raises(ValueError, match=r"\(bottleneck_dim, feature_rank, token_rank\)"):
+        Wander(base_model, (4, 2), example_input=batch)
+
+
+def test_longer_sequences_than_built_for_are_rejected(base_model, batch):
+    wander = Wander(base_model, RANKS, example_input=batch)
+    longer = make_batch(lens={"text": 9, "audio": 4, "vision": 5})
+    with pytest.raises(ValueError, match=r"'text' has sequence length 9 .* at most 7"):
+        wander(longer)
+
+
+def test_save_load_round_trip(tmp_path, base_model, batch):
+    wander = Wander(base_model, RANKS, example_input=batch, cp_mode="true")
+    train_steps(wander, batch)
+    with torch.no_grad():
+        expected = wander(batch)
+    wander.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["bottleneck_dim"] == 4 and config["seq_lens"] == {"text": 7, "audio": 4,
+                                                                      "vision": 5}
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys and all(k.startswith(("adapter.", "base_model.head.")) for k in keys)
+    assert not any("encoders" in k for k in keys)
+
+    torch.manual_seed(123)  # a fresh base with the same frozen encoders, different head
+    fresh = LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2, dropout=0.0)
+    fresh.encoders.load_state_dict(base_model.encoders.state_dict())
+    fresh.eval()
+    loaded = Wander.from_pretrained(fresh, tmp_path)
+    assert loaded.load_report == {"missing_keys": [], "unexpected_keys": []}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), expected)
+
+
+def test_load_reports_missing_and_unexpected_keys(tmp_path, base_model, batch):
+    Wander(base_model, RANKS, example_input=batch).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = []
+    config["future_option"] = 1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    torch.manual_seed(1)
+    fresh = LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2).eval()
+    with pytest.warns(UserWarning, match="future_option"), pytest.warns(
+        UserWarning, match="unexpected keys"
+    ):
+        loaded = Wander.from_pretrained(fresh, tmp_path)
+    assert loaded.load_report["unexpected_keys"][0].startswith("base_model.head.")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        Wander.from_pretrained(fresh, tmp_path / "nope")
+
+
+def test_unwrap_restores_the_base_model(base_model, batch):
+    flags = {n: p.requires_grad for n, p in base_model.named_parameters()}
+    with torch.no_grad():
+        base = base_model(batch)
+    wander = Wander(base_model, RANKS, example_input=batch, init="gate")
+    train_steps(wander, batch)
+    head = {k: v.clone() for k, v in base_model.head.state_dict().items()}
+    model = wander.unwrap()
+    assert model is base_model
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    model.head.load_state_dict(head)
+    with torch.no_grad():
+        wandered_head = model(batch)
+    assert not torch.equal(wandered_head, base)  # head was trained, but no adapter hook left
+    assert all(len(getattr(m, "_forward_hooks")) == 0 for m in model.modules())
+
+
+def test_print_trainable_parameters(capsys, base_model, batch):
+    wander = Wander(base_model, WanderConfig(bottleneck_dim=4, feature_rank=2, token_rank=3),
+                    example_input=batch)
+    wander.print_trainable_parameters()
+    trainable, total = wander.trainable_parameters()
+    assert f"trainable params: {trainable:,} || all params: {total:,}" in capsys.readouterr().out
+
+
+def test_transformers_text_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=16,
+                                  max_position_embeddings=10)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path)
+    batch = ModalityBatch(
+        {"text": torch.randint(0, 30, (3, 6)), "audio": torch.randn(3, 4, 3)},
+        target=torch.randn(3),
+        padding_masks={"text": torch.tensor([[False] * 6, [False] * 4 + [True] * 2,
+                                             [False] * 6])},
+    )
+    model = LateFusionModel.from_batch(ModalityBatch({"audio": batch["audio"]}), 1, width=8,
+                                       num_heads=2, dropout=0.0)
+    model.encoders["text"] = transformers.BertModel.from_pretrained(tmp_path)
+    model.fusion.modalities = ("text", "audio")
+    model.head = torch.nn.Linear(16, 1)
+    model.eval()
+    wander = Wander(model, RANKS, example_input=batch)
+    assert wander.config.hidden_dims == {"audio": 8, "text": 8}
+    with torch.no_grad(), wander.disable_adapter():
+        base = wander(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(wander(batch), base)
+    wander(batch).sum().backward()
+    assert all(p.grad.abs().sum() > 0 for p in wander.adapter.parameters())
+    assert all(p.grad is None for p in model.encoders["text"].parameters())

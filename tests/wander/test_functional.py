@@ -35,9 +35,13 @@ def test_true_and_reference_agree_at_rank_one():
 def test_reference_mode_is_rank_one_true_mode_is_not():
     """Summing factor stacks first is one rank-one term: true CP with R > 1 is richer."""
     hs, qs, ps, lam = factors(2, rt=2, rd=2)
-    collapsed = fusion_product(hs, [q.sum(0, keepdim=True) for q in qs],
-                               [p.sum(0, keepdim=True) for p in ps], torch.ones(1, 1,
-                               dtype=torch.float64), "true")
+    collapsed = fusion_product(
+        hs,
+        [q.sum(0, keepdim=True) for q in qs],
+        [p.sum(0, keepdim=True) for p in ps],
+        torch.ones(1, 1, dtype=torch.float64),
+        "true",
+    )
     torch.testing.assert_close(collapsed, fusion_product(hs, qs, ps, None, "reference"))
     assert not torch.allclose(fusion_product(hs, qs, ps, lam, "true"), collapsed)
 

@@ -7,8 +7,16 @@ from wander import WanderConfig, WanderFusion
 def build(m=3, init="centered", output="fused", cp_mode="true", **kw):
     dims = {f"m{i}": 4 + i for i in range(m)}
     lens = {f"m{i}": 2 + i % 3 for i in range(m)}
-    cfg = WanderConfig(bottleneck_dim=4, feature_rank=2, token_rank=3, num_fused_tokens=2,
-                       init=init, output=output, cp_mode=cp_mode, **kw)
+    cfg = WanderConfig(
+        bottleneck_dim=4,
+        feature_rank=2,
+        token_rank=3,
+        num_fused_tokens=2,
+        init=init,
+        output=output,
+        cp_mode=cp_mode,
+        **kw,
+    )
     layer = WanderFusion(dims, lens, out_dim=5, config=cfg)
     g = torch.Generator().manual_seed(1)
     xs = {k: torch.randn(6, lens[k], d, generator=g) for k, d in dims.items()}
@@ -16,8 +24,9 @@ def build(m=3, init="centered", output="fused", cp_mode="true", **kw):
 
 
 def nonzero_grads(layer):
-    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0)
-            for n, p in layer.named_parameters()}
+    return {
+        n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in layer.named_parameters()
+    }
 
 
 @pytest.mark.parametrize("m", range(2, 8))
@@ -69,8 +78,10 @@ def test_reference_init_is_dead():
 def test_scale_neither_explodes_nor_vanishes(m, cp_mode):
     layer, _ = build(m, cp_mode=cp_mode)
     g = torch.Generator().manual_seed(0)
-    xs = {k: 10 * torch.randn(512, t, layer.hidden_dims[k], generator=g)
-          for k, t in layer.seq_lens.items()}
+    xs = {
+        k: 10 * torch.randn(512, t, layer.hidden_dims[k], generator=g)
+        for k, t in layer.seq_lens.items()
+    }
     std = layer(xs, _raw=True).std().item()
     assert 0.1 < std < 10
 
@@ -106,8 +117,9 @@ def test_parameter_count_matches_the_formula():
     layer, _ = build(m=3, cp_mode="true", init="gate")
     r, rd, rt, t_out, d = 4, 2, 3, 2, 5
     dims, lens = [4, 5, 6], [2, 3, 4]
-    expected = (sum((dm + 1) * r for dm in dims) + rt * t_out * sum(lens) + 3 * rd * r * d
-                + rt * rd + d)
+    expected = (
+        sum((dm + 1) * r for dm in dims) + rt * t_out * sum(lens) + 3 * rd * r * d + rt * rd + d
+    )
     assert sum(p.numel() for p in layer.parameters()) == expected
 
 

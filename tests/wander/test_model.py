@@ -81,9 +81,12 @@ def test_non_contract_model_by_module_names():
     with torch.no_grad():
         base = model(text, audio)
     wander = Wander(
-        model, RANKS, example_input=(text, audio),
+        model,
+        RANKS,
+        example_input=(text, audio),
         target_modules={"text": "text_net", "audio": "audio_net"},
-        fusion_module="mixer", modules_to_save=["classifier"],
+        fusion_module="mixer",
+        modules_to_save=["classifier"],
     )
     with torch.no_grad():
         torch.testing.assert_close(wander(text, audio), base)
@@ -97,17 +100,27 @@ def test_non_contract_model_by_module_names():
 def test_residual_mode_on_non_contract_model_needs_direct_consumer():
     model = PlainModel().eval()
     text, audio = torch.randn(3, 5, 6), torch.randn(3, 5, 3)
-    wander = Wander(model, RANKS, example_input=(text, audio), output="residual",
-                    target_modules={"text": "text_net", "audio": "audio_net"},
-                    fusion_module="mixer", modules_to_save=["classifier"])
+    wander = Wander(
+        model,
+        RANKS,
+        example_input=(text, audio),
+        output="residual",
+        target_modules={"text": "text_net", "audio": "audio_net"},
+        fusion_module="mixer",
+        modules_to_save=["classifier"],
+    )
     with pytest.raises(RuntimeError, match="do not contain the outputs"):
         wander(text, audio)  # the mixer receives torch.cat of them, not the outputs themselves
 
 
 def test_wrong_names_raise_with_suggestions(base_model, batch):
     with pytest.raises(WanderTargetError, match=r"no submodule 'encoders.txt'.*'encoders.text'"):
-        Wander(base_model, RANKS, example_input=batch,
-               target_modules={"text": "encoders.txt", "audio": "encoders.audio"})
+        Wander(
+            base_model,
+            RANKS,
+            example_input=batch,
+            target_modules={"text": "encoders.txt", "audio": "encoders.audio"},
+        )
     with pytest.raises(ValueError, match=r"fusion_module='fuse'.*Did you mean.*'fusion'"):
         Wander(base_model, RANKS, example_input=batch, fusion_module="fuse")
     with pytest.raises(WanderTargetError, match="no `encoders` ModuleDict"):
@@ -134,8 +147,11 @@ def test_save_load_round_trip(tmp_path, base_model, batch):
         expected = wander(batch)
     wander.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["bottleneck_dim"] == 4 and config["seq_lens"] == {"text": 7, "audio": 4,
-                                                                      "vision": 5}
+    assert config["bottleneck_dim"] == 4 and config["seq_lens"] == {
+        "text": 7,
+        "audio": 4,
+        "vision": 5,
+    }
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys and all(k.startswith(("adapter.", "base_model.head.")) for k in keys)
     assert not any("encoders" in k for k in keys)
@@ -158,12 +174,13 @@ def test_load_reports_missing_and_unexpected_keys(tmp_path, base_model, batch):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     torch.manual_seed(1)
     fresh = LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2).eval()
-    with pytest.warns(UserWarning, match="future_option"), pytest.warns(
-        UserWarning, match="unexpected keys"
+    with (
+        pytest.warns(UserWarning, match="future_option"),
+        pytest.warns(UserWarning, match="unexpected keys"),
     ):
         loaded = Wander.from_pretrained(fresh, tmp_path)
     assert loaded.load_report["unexpected_keys"][0].startswith("base_model.head.")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         Wander.from_pretrained(fresh, tmp_path / "nope")
 
 
@@ -181,12 +198,15 @@ def test_unwrap_restores_the_base_model(base_model, batch):
     with torch.no_grad():
         wandered_head = model(batch)
     assert not torch.equal(wandered_head, base)  # head was trained, but no adapter hook left
-    assert all(len(getattr(m, "_forward_hooks")) == 0 for m in model.modules())
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
 
 
 def test_print_trainable_parameters(capsys, base_model, batch):
-    wander = Wander(base_model, WanderConfig(bottleneck_dim=4, feature_rank=2, token_rank=3),
-                    example_input=batch)
+    wander = Wander(
+        base_model,
+        WanderConfig(bottleneck_dim=4, feature_rank=2, token_rank=3),
+        example_input=batch,
+    )
     wander.print_trainable_parameters()
     trainable, total = wander.trainable_parameters()
     assert f"trainable params: {trainable:,} || all params: {total:,}" in capsys.readouterr().out
@@ -194,19 +214,24 @@ def test_print_trainable_parameters(capsys, base_model, batch):
 
 def test_transformers_text_encoder(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=16,
-                                  max_position_embeddings=10)
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=10,
+    )
     torch.manual_seed(0)
     transformers.BertModel(cfg).save_pretrained(tmp_path)
     batch = ModalityBatch(
         {"text": torch.randint(0, 30, (3, 6)), "audio": torch.randn(3, 4, 3)},
         target=torch.randn(3),
-        padding_masks={"text": torch.tensor([[False] * 6, [False] * 4 + [True] * 2,
-                                             [False] * 6])},
+        padding_masks={"text": torch.tensor([[False] * 6, [False] * 4 + [True] * 2, [False] * 6])},
     )
-    model = LateFusionModel.from_batch(ModalityBatch({"audio": batch["audio"]}), 1, width=8,
-                                       num_heads=2, dropout=0.0)
+    model = LateFusionModel.from_batch(
+        ModalityBatch({"audio": batch["audio"]}), 1, width=8, num_heads=2, dropout=0.0
+    )
     model.encoders["text"] = transformers.BertModel.from_pretrained(tmp_path)
     model.fusion.modalities = ("text", "audio")
     model.head = torch.nn.Linear(16, 1)

@@ -179,6 +179,7 @@ class LateFusionModel(nn.Module):
         num_layers: int = 2,
         num_heads: int = 4,
         dropout: float = 0.1,
+        head: str = "mlp",
     ) -> LateFusionModel:
         """Build a model whose sizes come from ``batch``.
 
@@ -194,7 +195,10 @@ class LateFusionModel(nn.Module):
             num_layers: transformer layers of sequence encoders.
             num_heads: attention heads of sequence encoders.
             dropout: dropout everywhere.
+            head: ``"mlp"`` (MulT's residual MLP head) or ``"linear"`` (one linear layer).
         """
+        if head not in ("mlp", "linear"):
+            raise ValueError(f"head must be 'mlp' or 'linear', got {head!r}.")
         names = tuple(modalities or batch.modalities)
         encoders = nn.ModuleDict()
         for m in names:
@@ -211,4 +215,7 @@ class LateFusionModel(nn.Module):
                     "sequences [B, T, D] and vectors [B, D]."
                 )
         fused = width * len(names)
-        return cls(encoders, ConcatPoolFusion(names), ResidualMLPHead(fused, out_dim, dropout))
+        head_module = (
+            ResidualMLPHead(fused, out_dim, dropout) if head == "mlp" else nn.Linear(fused, out_dim)
+        )
+        return cls(encoders, ConcatPoolFusion(names), head_module)

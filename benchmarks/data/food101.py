@@ -1,0 +1,292 @@
+"""UPMC-Food101 in its release layout, a generator of that layout, and feature extraction.
+
+Layout (the release, and the copies users have)::
+
+    images/{train,test}/<class>/<class>_<n>.jpg
+    texts/{train,test}_titles.csv      # image filename, title, class name
+
+Some copies have a header (BalanceBenchmark's ``Image_path,text,label``), some do not: both are
+detected. The release has a row with an unclosed quote (near ``breakfast_burrito_730``) that
+makes a plain CSV reader swallow the following rows, so each line is parsed on its own: the
+filename is everything before the first comma, the class name everything after the last one,
+the title what lies between (surrounding quotes stripped).
+
+Features come from ``transformers`` models loaded from local paths (no download): an image
+encoder (e.g. ``ViTModel``) over pixel values and a text encoder (e.g. ``BertModel``) with its
+tokenizer; every token of both is kept, so adapters see the sequences.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.data.pickles import DataFormatError
+from mmcore import ModalityBatch
+
+__all__ = [
+    "Food101Split",
+    "extract_food101_features",
+    "load_food101",
+    "read_titles_csv",
+    "write_food101",
+    "write_tiny_encoders",
+]
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class Food101Split:
+    """One split: image paths, titles and integer labels (index into ``classes``)."""
+
+    image_paths: list[Path]
+    titles: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_titles_csv(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """``(filename, title, class)`` rows of a ``*_titles.csv``, header or not, line by line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"UPMC-Food101 titles file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if line.count(",") < 2:
+                raise DataFormatError(
+                    f"{path}:{lineno}: expected 'filename,title,class', found {line[:80]!r}."
+                )
+            filename, rest = line.split(",", 1)
+            title, label = rest.rsplit(",", 1)
+            filename, label = filename.strip().strip('"'), label.strip().strip('"')
+            if lineno == 1 and not filename.lower().endswith(_IMAGE_SUFFIXES):
+                continue  # a header such as Image_path,text,label
+            title = title.strip()
+            if len(title) >= 2 and title[0] == title[-1] == '"':
+                title = title[1:-1].replace('""', '"')
+            rows.append((filename, title.strip('"').strip(), label))
+    return rows
+
+
+def load_food101(root: str | os.PathLike, split: str = "train") -> Food101Split:
+    """Read split ``"train"`` or ``"test"`` of a UPMC-Food101 folder (see the module docstring).
+
+    Raises:
+        FileNotFoundError: a folder or file of the layout is missing.
+        DataFormatError: a row names an unknown class or an image that is not there.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(
+            f"UPMC-Food101 has splits 'train' and 'test' (no official valid), got {split!r}."
+        )
+    root = Path(root)
+    image_dir = root / "images" / split
+    if not image_dir.is_dir():
+        raise FileNotFoundError(
+            f"UPMC-Food101: no folder {image_dir} (expected images/{split}/<class>/)."
+        )
+    classes = sorted(p.name for p in (root / "images" / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise DataFormatError(f"UPMC-Food101: no class folders in {root / 'images' / 'train'}.")
+    index = {c: i for i, c in enumerate(classes)}
+    rows = read_titles_csv(root / "texts" / f"{split}_titles.csv")
+    paths, titles, labels, missing = [], [], [], []
+    for filename, title, label in rows:
+        if label not in index:
+            raise DataFormatError(
+                f"UPMC-Food101 {split}_titles.csv: class {label!r} of {filename!r} is not a folder "
+                f"of images/train ({len(classes)} classes)."
+            )
+        image = image_dir / label / filename
+        if not image.is_file():
+            missing.append(str(image))
+            continue
+        paths.append(image)
+        titles.append(title)
+        labels.append(index[label])
+    if missing:
+        raise DataFormatError(
+            f"UPMC-Food101 {split}: {len(missing)} images named in the titles file are missing, "
+            f"e.g. {missing[0]}."
+        )
+    return Food101Split(paths, titles, labels, classes)
+
+
+def _pixels(paths: list[Path], size: int) -> torch.Tensor:
+    from PIL import Image
+
+    arrays = []
+    for p in paths:
+        with Image.open(p) as img:
+            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [N, 3, H, W]
+    return (x - 0.5) / 0.5  # ViT's default normalisation
+
+
+@torch.no_grad()
+def extract_food101_features(
+    data: Food101Split,
+    image_encoder: str | os.PathLike,
+    text_encoder: str | os.PathLike,
+    *,
+    max_text_len: int = 50,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> ModalityBatch:
+    """Frozen-encoder token features: ``image`` ``[N, 1 + patches, D]``, ``text`` ``[N, L, D]``.
+
+    Both encoders load from local folders written by ``save_pretrained`` (the text folder also
+    holds the tokenizer). Text padding becomes the batch's padding mask.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    image_model = AutoModel.from_pretrained(image_encoder).to(device).eval()
+    text_model = AutoModel.from_pretrained(text_encoder).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder)
+    size = int(image_model.config.image_size)
+    images, texts, pads = [], [], []
+    for start in range(0, len(data), batch_size):
+        chunk = slice(start, start + batch_size)
+        pixels = _pixels(data.image_paths[chunk], size).to(device)
+        images.append(image_model(pixel_values=pixels).last_hidden_state.cpu())
+        tokens = tokenizer(
+            data.titles[chunk],
+            padding="max_length",
+            truncation=True,
+            max_length=max_text_len,
+            return_tensors="pt",
+        ).to(device)
+        texts.append(text_model(**tokens).last_hidden_state.cpu())
+        pads.append(tokens["attention_mask"].cpu() == 0)
+    return ModalityBatch(
+        {"image": torch.cat(images), "text": torch.cat(texts)},
+        torch.tensor(data.labels),
+        padding_masks={"text": torch.cat(pads)},
+        sample_ids=[p.name for p in data.image_paths],
+    )
+
+
+_WORDS = (
+    "tasty",
+    "homemade",
+    "easy",
+    "recipe",
+    "best",
+    "quick",
+    "classic",
+    "spicy",
+    "fresh",
+    "with",
+    "and",
+    "the",
+    "sauce",
+    "style",
+    "my",
+    "favourite",
+)
+
+
+def write_food101(
+    root: str | os.PathLike,
+    classes: tuple[str, ...] = ("apple_pie", "breakfast_burrito", "caesar_salad", "donuts"),
+    *,
+    n_per_class: tuple[int, int] = (12, 6),
+    header: bool = True,
+    image_size: int = 48,
+    seed: int = 0,
+) -> Path:
+    """Write a small UPMC-Food101 copy in the release layout, with planted class signal.
+
+    Each class has its own base colour and stripe frequency in the images and its own name in
+    the titles (plus filler words), so both modalities carry the label. One title has an
+    unclosed quote, as in the release.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    (root / "texts").mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "test"), n_per_class, strict=True):
+        lines = ["Image_path,text,label"] if header else []
+        for ci, cls in enumerate(classes):
+            folder = root / "images" / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array([(ci * 67) % 256, (ci * 131 + 60) % 256, (ci * 29 + 120) % 256])
+            for i in range(n):
+                stripes = np.sin(np.arange(image_size) * (ci + 1) * 0.3)[None, :, None] * 40
+                pixels = colour + stripes + rng.normal(0, 25, (image_size, image_size, 3))
+                name = f"{cls}_{i}.jpg"
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / name)
+                filler = " ".join(rng.choice(_WORDS, size=3))
+                title = f"{filler} {cls.replace('_', ' ')}"
+                if i == 1 and ci == 0:
+                    title = f'"{title}, with a comma'  # the release's unclosed quote
+                elif i == 2:
+                    title = f'"{title}, quoted"'
+                lines.append(f"{name},{title},{cls}")
+        (root / "texts" / f"{split}_titles.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_tiny_encoders(
+    folder: str | os.PathLike, words: tuple[str, ...] = (), *, hidden: int = 16, seed: int = 0
+) -> tuple[Path, Path]:
+    """Save a tiny random ``ViTModel`` and ``BertModel`` (+ tokenizer) with ``save_pretrained``.
+
+    Returns the ``(image_encoder, text_encoder)`` folders. The vocabulary holds BERT's special
+    tokens, ``words`` and the generator's filler words.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer, ViTConfig, ViTModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    image_dir, text_dir = folder / "vit", folder / "bert"
+    vit = ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+        ),
+    )
+    vit.save_pretrained(image_dir)
+    text_dir.mkdir(parents=True, exist_ok=True)
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        ",",
+        '"',
+        *sorted({w for phrase in (*words, *_WORDS) for w in phrase.split()}),
+    ]
+    (text_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(text_dir / "vocab.txt")).save_pretrained(text_dir)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+        ),
+    )
+    bert.save_pretrained(text_dir)
+    return image_dir, text_dir

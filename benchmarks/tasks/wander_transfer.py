@@ -78,13 +78,11 @@ def build_method(
     if method == "Houlsby adapter":
         dims = {m: settings["width"] for m in model.encoders}
         return add_houlsby_adapters(model, dims, settings["houlsby_bottleneck"])
-    if method == "Wander":
-        return Wander(
-            model,
-            settings["wander_ranks"],
-            example_input=example,
-            **settings.get("wander_options", {}),
-        )
+    if method.startswith("Wander"):
+        options = dict(settings.get("wander_options", {}))
+        if method == "Wander (gate init)":
+            options["init"] = "gate"
+        return Wander(model, settings["wander_ranks"], example_input=example, **options)
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
 
 
@@ -164,6 +162,7 @@ UCI_SETTINGS = {
         "LoRA (peft)": 1e-2,
         "Houlsby adapter": 1e-2,
         "Wander": 3e-3,
+        "Wander (gate init)": 3e-3,
     },
 }
 
@@ -227,6 +226,7 @@ MOSI_SETTINGS = {
         "LoRA (peft)": 3e-3,
         "Houlsby adapter": 3e-3,
         "Wander": 3e-3,
+        "Wander (gate init)": 3e-3,
     },
 }
 

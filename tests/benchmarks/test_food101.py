@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from benchmarks.data.food101 import (
+    extract_food101_features,
+    load_food101,
+    read_titles_csv,
+    write_food101,
+    write_tiny_encoders,
+)
+from benchmarks.data.pickles import DataFormatError
+
+CLASSES = ("apple_pie", "breakfast_burrito", "donuts")
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_loader_reads_what_the_generator_wrote(tmp_path, header):
+    root = write_food101(tmp_path, CLASSES, n_per_class=(4, 2), header=header)
+    train, test = load_food101(root, "train"), load_food101(root, "test")
+    assert (len(train), len(test)) == (12, 6)  # the unclosed quote swallowed no row
+    assert train.classes == sorted(CLASSES)
+    assert train.labels.count(0) == 4
+    assert train.titles[1].endswith("apple pie, with a comma")  # unclosed quote kept as text
+    assert train.titles[2].endswith("apple pie, quoted")  # a properly quoted title with a comma
+    assert all(p.is_file() for p in train.image_paths)
+    first = (tmp_path / "texts" / "train_titles.csv").read_text().splitlines()[0]
+    assert first.startswith("Image_path") == header
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="images/train"):
+        load_food101(tmp_path, "train")
+    with pytest.raises(ValueError, match="no official valid"):
+        load_food101(tmp_path, "valid")
+    root = write_food101(tmp_path / "a", CLASSES, n_per_class=(2, 1))
+    csv = root / "texts" / "test_titles.csv"
+    csv.write_text(csv.read_text() + "pizza_1.jpg,a pizza,pizza\n")
+    with pytest.raises(DataFormatError, match="class 'pizza'"):
+        load_food101(root, "test")
+    (root / "images" / "train" / "donuts" / "donuts_0.jpg").unlink()
+    with pytest.raises(DataFormatError, match=r"1 images .* missing"):
+        load_food101(root, "train")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x.jpg,no label column\n")
+    with pytest.raises(DataFormatError, match=r"bad\.csv:1"):
+        read_titles_csv(bad)
+
+
+def test_feature_extraction_from_local_transformers_models(tmp_path):
+    root = write_food101(tmp_path / "food", CLASSES, n_per_class=(3, 1))
+    words = tuple(c.replace("_", " ") for c in CLASSES)
+    image_dir, text_dir = write_tiny_encoders(tmp_path / "enc", words, hidden=8)
+    data = load_food101(root, "train")
+    batch = extract_food101_features(data, image_dir, text_dir, max_text_len=10, batch_size=4)
+    assert batch["image"].shape == (9, 1 + (32 // 8) ** 2, 8)  # CLS + 16 patches
+    assert batch["text"].shape == (9, 10, 8)
+    assert batch.padding_mask("text").any() and not batch.padding_mask("text")[:, 0].any()
+    assert batch.target.tolist() == data.labels
+    # the class name reaches the tokenizer as known words, not [UNK]
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(text_dir)("apple pie")["input_ids"]
+    assert 1 not in ids  # [UNK] is id 1
+    torch.testing.assert_close(
+        batch["text"], extract_food101_features(data, image_dir, text_dir, max_text_len=10)["text"]
+    )

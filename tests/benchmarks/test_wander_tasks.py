@@ -1,0 +1,36 @@
+"""The Wander benchmark tasks run end to end (tiny budgets) and record every method."""
+
+import pytest
+
+from benchmarks.runner import run_tasks
+from benchmarks.tasks import wander_transfer as wt
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(wt.UCI_SETTINGS, "pretrain_epochs", {"quick": 1, "full": 1})
+    monkeypatch.setitem(wt.UCI_SETTINGS, "epochs", 2)
+    monkeypatch.setitem(wt.MOSI_SETTINGS, "n_pretrain", {"quick": (40, 10, 10)})
+    monkeypatch.setitem(wt.MOSI_SETTINGS, "n_target", {"quick": (30, 10, 20)})
+    monkeypatch.setitem(wt.MOSI_SETTINGS, "seq_len", 6)
+    monkeypatch.setitem(wt.MOSI_SETTINGS, "pretrain_epochs", {"quick": 1})
+    monkeypatch.setitem(wt.MOSI_SETTINGS, "epochs", 1)
+    monkeypatch.setitem(wt.FOOD_SETTINGS, "n_per_class", {"quick": (5, 2)})
+    monkeypatch.setitem(wt.FOOD_SETTINGS, "pretrain_epochs", 1)
+    monkeypatch.setitem(wt.FOOD_SETTINGS, "epochs", 1)
+
+
+def test_wander_tasks_record_every_method(tmp_path, tiny):
+    tasks = ["wander-uci-transfer", "wander-mosi-interaction", "wander-food101-path"]
+    results = run_tasks(tasks, profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    by_task = {}
+    for r in results["records"]:
+        by_task.setdefault(r["task"], []).append(r)
+    assert [r["method"] for r in by_task["wander-uci-transfer"]] == list(wt.METHODS)
+    uci = {r["method"]: r["metrics"] for r in by_task["wander-uci-transfer"]}
+    assert uci["head-only"]["step_time_vs_head_only"] == 1.0
+    assert uci["full fine-tuning"]["trainable_pct_of_backbone"] == pytest.approx(100.0)
+    assert 0 < uci["Wander"]["trainable_pct_of_backbone"] < 10
+    assert {"mae", "corr", "acc7"} <= set(by_task["wander-mosi-interaction"][0]["metrics"])
+    assert [r["method"] for r in by_task["wander-food101-path"]] == ["head-only", "Wander"]

@@ -1,12 +1,19 @@
-"""The README's Python example runs as written."""
+"""The READMEs' Python examples run as written."""
 
 import re
 from pathlib import Path
 
+import pytest
 
-def test_readme_python_example_runs():
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+READMES = [ROOT / "README.md", *sorted(ROOT.glob("packages/*/README.md"))]
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_readme_python_examples_run(readme):
+    text = readme.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "README has no python example"
+    if readme.parent == ROOT:
+        assert blocks, "the main README has no python example"
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})

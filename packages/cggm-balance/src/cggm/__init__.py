@@ -1,6 +1,29 @@
 """CGGM: classifier-guided gradient modulation (Guo et al., NeurIPS 2024, arXiv 2411.01409).
 
-The method itself lands with its own issue; this release only reserves the package.
+A modulator called inside your own training loop keeps one modality from dominating: per-modality
+classifiers on detached encoder features measure how much each modality improves, and the
+encoders' gradients are rescaled (and the head steered) towards the lagging ones. Any number of
+modalities >= 2; classification, regression and segmentation.
 """
 
 __version__ = "0.1.0"
+
+from cggm.config import CGGMConfig
+from cggm.functional import (
+    batch_score_counts,
+    direction_loss,
+    magnitude_coefficients,
+    segmentation_dice,
+)
+from cggm.modulator import CGGM, ModalityClassifier
+
+__all__ = [
+    "CGGM",
+    "CGGMConfig",
+    "ModalityClassifier",
+    "__version__",
+    "batch_score_counts",
+    "direction_loss",
+    "magnitude_coefficients",
+    "segmentation_dice",
+]

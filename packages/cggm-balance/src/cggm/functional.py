@@ -1,0 +1,95 @@
+"""CGGM's maths as pure functions: scores, coefficients ``B_m`` and the direction term."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "batch_score_counts",
+    "direction_loss",
+    "magnitude_coefficients",
+]
+
+
+def batch_score_counts(
+    task: str, pred: Tensor, target: Tensor, regression_score: str = "sign"
+) -> tuple[Tensor, Tensor]:
+    """``(total, count)`` of a classifier's score on one batch, so ranks can all-reduce them.
+
+    The score is ``total / count``: accuracy (classification), sign accuracy with zero labels
+    negative, as the released code (regression, ``"sign"``), minus the MAE (``"neg_mae"``), or
+    the mean foreground Dice over the batch (segmentation; ``count`` is 1 per sample).
+    """
+    with torch.no_grad():
+        if task == "classification":
+            correct = (pred.argmax(dim=1) == target).sum()
+            return correct.float(), torch.tensor(float(target.shape[0]), device=pred.device)
+        if task == "regression":
+            p, t = pred.reshape(-1), target.reshape(-1).to(pred.dtype)
+            n = torch.tensor(float(t.shape[0]), device=pred.device)
+            if regression_score == "sign":
+                return ((p > 0) == (t > 0)).sum().float(), n
+            return -(p - t).abs().sum(), n
+        if task == "segmentation":
+            return segmentation_dice(pred.argmax(dim=1), target, pred.shape[1]).sum(), torch.tensor(
+                float(target.shape[0]), device=pred.device
+            )
+    raise ValueError(f"unknown task {task!r}")
+
+
+def segmentation_dice(labels: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Per-sample mean Dice of the foreground classes ``1..C-1``, shape ``[B]``.
+
+    A class absent from both prediction and target counts 1.
+    """
+    dims = tuple(range(1, labels.ndim))
+    scores = []
+    for c in range(1, num_classes):
+        p, g = labels == c, target == c
+        inter = (p & g).sum(dims).float()
+        total = p.sum(dims).float() + g.sum(dims).float()
+        scores.append(
+            torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+        )
+    return torch.stack(scores, dim=1).mean(dim=1)
+
+
+def magnitude_coefficients(deltas: Tensor, mode: str = "default", eps: float = 1e-3) -> Tensor:
+    """``B_m`` from the improvements ``Δ_m`` (``[M]``) of the modalities' classifiers.
+
+    * ``"reference"``: ``B_m = (S − Δ_m) / S`` with ``S = Σ_k Δ_k + 1e-8``, as the released code:
+      ``Σ_m B_m = M − 1``, but unbounded (negative, or huge when ``S ≈ 0``).
+    * ``"default"``: the same formula on shifted improvements ``Δ'_m = Δ_m − min_k Δ_k + eps``,
+      so every ``B_m`` lies in ``[0, 1)``, ``Σ_m B_m = M − 1`` still holds, the least-improving
+      modality still gets the largest share, and equal improvements give ``(M − 1) / M`` each.
+    """
+    if deltas.ndim != 1 or deltas.numel() < 2:
+        raise ValueError(
+            f"need one improvement per modality (>= 2), got shape {tuple(deltas.shape)}."
+        )
+    if mode == "reference":
+        s = deltas.sum() + 1e-8
+        return (s - deltas) / s
+    if mode != "default":
+        raise ValueError(f"mode must be 'default' or 'reference', got {mode!r}.")
+    deltas = torch.nan_to_num(deltas, nan=0.0, posinf=0.0, neginf=0.0)
+    shifted = deltas - deltas.min() + eps
+    s = shifted.sum()
+    return (s - shifted) / s
+
+
+def direction_loss(
+    coefficients: Tensor, classifier_heads: list[Tensor], fusion_head: Tensor
+) -> Tensor:
+    """``L_gm = (1/M) [Σ_m |B_m| − Σ_m B_m cos(vec W_m, vec W^Ω)]`` (``B`` taken as constants).
+
+    ``classifier_heads[m]`` (``W_m``) and ``fusion_head`` (``W^Ω``) are the final weights of each
+    modality's classifier and of the model's head, of the same shape. Minimising it pulls the
+    head's weights towards the classifiers', most strongly towards the least-improving ones.
+    """
+    b = coefficients.detach()
+    w = fusion_head.reshape(-1)
+    cos = torch.stack([F.cosine_similarity(h.reshape(-1), w, dim=0) for h in classifier_heads])
+    return (b.abs().sum() - (b * cos).sum()) / len(classifier_heads)

@@ -1,0 +1,348 @@
+"""``CGGM``: the modulator called inside the user's own training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cggm.config import CGGMConfig
+from cggm.functional import batch_score_counts, direction_loss, magnitude_coefficients
+from mmcore import ModalityBatch, ModulePathError, encoder_features, masked_mean, resolve_module
+
+__all__ = ["CGGM", "ModalityClassifier"]
+
+
+def _final_weight(module: nn.Module) -> nn.Parameter:
+    layers = [
+        m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    ]
+    if not layers:
+        raise TypeError(
+            f"{type(module).__name__} has no Linear/Conv layer whose weight could serve as the "
+            "head weight of the direction term; pass head_module= or set lam=0."
+        )
+    return layers[-1].weight
+
+
+class ModalityClassifier(nn.Module):
+    """A modality's auxiliary classifier on its (detached) encoder features.
+
+    ``[B, T, d]`` sequences are mean-pooled over real (unpadded) steps, ``[B, d]`` vectors used as
+    they are: ``Linear(d, F) → ReLU → Linear(F, C)``. ``[B, d, *spatial]`` feature maps get
+    ``Conv(d, F, 3) → ReLU → Conv(F, C, 1)``. ``F`` and ``C`` match the model head's final
+    weight, so the direction term can compare the two.
+    """
+
+    def __init__(self, feature_shape: tuple[int, ...], hidden: int, num_outputs: int) -> None:
+        super().__init__()
+        self.feature_shape = tuple(feature_shape)
+        d = feature_shape[0] if len(feature_shape) != 2 else feature_shape[1]
+        if len(feature_shape) <= 2:
+            self.net = nn.Sequential(
+                nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs)
+            )
+        else:
+            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(feature_shape) - 1]
+            self.net = nn.Sequential(
+                conv(d, hidden, 3, padding=1), nn.ReLU(), conv(hidden, num_outputs, 1)
+            )
+
+    def forward(self, features: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Logits ``[B, C]`` (or ``[B, C, *spatial]`` for feature maps)."""
+        if features.ndim == 3 and len(self.feature_shape) == 2:
+            features = masked_mean(features, padding_mask)
+        return self.net(features)
+
+
+class CGGM:
+    """Classifier-guided gradient modulation (Guo et al., NeurIPS 2024, arXiv 2411.01409).
+
+    Per modality ``m`` an auxiliary classifier ``f_m`` learns the task from the *detached* output
+    of encoder ``m`` (its gradients never reach the encoders) with its own optimiser; it is not
+    used at inference. Each step, the improvement ``Δ_m`` of ``f_m``'s score on the batch gives
+    coefficients ``B_m`` (the least-improving modality gets the largest share), encoder ``m``'s
+    gradients are scaled by ``ρ · B_m`` between ``backward()`` and the optimiser step, and the
+    direction term ``λ · L_gm`` pulls the model head towards the classifiers.
+
+    Args:
+        model: the multimodal model. With no ``encoder_modules`` it must follow the mmcore
+            contract (``encoders`` ``ModuleDict``, ``head``).
+        config: a :class:`CGGMConfig` (or give its fields as keyword arguments).
+        encoder_modules: modality → dotted path of that modality's encoder.
+        head_module: dotted path of the module whose last Linear/Conv weight is ``W^Ω``
+            (default ``"head"``).
+        classifiers: optional modality → classifier module (default: :class:`ModalityClassifier`
+            built on the first step from the captured feature shapes).
+
+    Example (the user's loop; ``CGGM`` is no trainer)::
+
+        cggm = CGGM(model, task="classification", num_outputs=10, rho=1.3, lam=0.2)
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()
+            loss.backward()
+            cggm.step(batch.target)   # trains the classifiers, scales the encoders' gradients
+            optimizer.step()
+
+    With AMP, call ``scaler.unscale_(optimizer)`` before ``cggm.step``; with gradient
+    accumulation, pass ``sync=False`` on the micro-steps that do not update the weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: CGGMConfig | None = None,
+        *,
+        encoder_modules: Mapping[str, str] | None = None,
+        head_module: str | None = None,
+        classifiers: Mapping[str, nn.Module] | None = None,
+        **config_kwargs: Any,
+    ) -> None:
+        if config is not None and config_kwargs:
+            raise ValueError("pass either config= or its fields as keyword arguments, not both.")
+        self.config = config or CGGMConfig(**config_kwargs)
+        paths = dict(encoder_modules) if encoder_modules is not None else self._contract(model)
+        if len(paths) < 2:
+            raise ValueError(f"CGGM balances >= 2 modalities, got {list(paths)}.")
+        self.modalities = tuple(paths)
+        self.encoders = {m: self._resolve(model, p, "encoder_modules") for m, p in paths.items()}
+        self.head_weight = _final_weight(self._resolve(model, head_module or "head", "head_module"))
+        self.classifiers: nn.ModuleDict | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        if classifiers is not None:
+            missing = set(self.modalities) - set(classifiers)
+            if missing:
+                raise ValueError(f"classifiers lacks modalities {sorted(missing)}.")
+            self._install_classifiers(nn.ModuleDict({m: classifiers[m] for m in self.modalities}))
+        m = len(self.modalities)
+        self.prev_scores = torch.zeros(m)  # ε^{t-1}; ε^0 = 0 as in the released code
+        self.ema_scores: Tensor | None = None
+        self.coefficients: Tensor | None = None  # the last B
+        self.last_scores: Tensor | None = None
+        self._totals = torch.zeros(m)
+        self._counts = torch.zeros(m)
+        self._pending: Tensor | None = None  # reference mode: last step's L_gm, graph kept
+        self._captured: dict[str, Tensor] = {}
+        self._batch: ModalityBatch | None = None
+        self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
+        for name, enc in self.encoders.items():
+            self._handles.append(enc.register_forward_hook(self._capture(name)))
+
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _contract(model: nn.Module) -> dict[str, str]:
+        encoders = getattr(model, "encoders", None)
+        if not isinstance(encoders, nn.ModuleDict):
+            raise ModulePathError(
+                f"{type(model).__name__} has no `encoders` ModuleDict (the mmcore contract); pass "
+                "encoder_modules={modality: 'dotted.path'}."
+            )
+        return {m: f"encoders.{m}" for m in encoders}
+
+    @staticmethod
+    def _resolve(model: nn.Module, path: str, field: str) -> nn.Module:
+        try:
+            return resolve_module(model, path)
+        except ModulePathError as err:
+            raise ModulePathError(f"CGGM {field}: {err}") from None
+
+    def _install_classifiers(self, classifiers: nn.ModuleDict) -> None:
+        device = self.head_weight.device
+        self.classifiers = classifiers.to(device)
+        if dist.is_available() and dist.is_initialized():
+            for p in self.classifiers.parameters():  # every rank starts from rank 0's classifiers
+                dist.broadcast(p.data, src=0)
+        if self.config.lam > 0:
+            for m, clf in self.classifiers.items():
+                w = _final_weight(clf)
+                if w.shape != self.head_weight.shape:
+                    raise ValueError(
+                        f"CGGM: classifier '{m}' ends in a weight of shape {tuple(w.shape)} but "
+                        f"the head's is {tuple(self.head_weight.shape)}; the direction term compares "
+                        "them, so they must match (or set lam=0)."
+                    )
+        self.optimizer = torch.optim.Adam(
+            self.classifiers.parameters(),
+            lr=self.config.cls_lr,
+            weight_decay=self.config.cls_weight_decay,
+        )
+
+    def _build_default_classifiers(self, feature_shapes: Mapping[str, tuple[int, ...]]) -> None:
+        w = self.head_weight
+        if w.shape[0] != self.config.num_outputs:
+            raise ValueError(
+                f"CGGM: the head's final weight has {w.shape[0]} outputs but num_outputs="
+                f"{self.config.num_outputs}."
+            )
+        hidden = w.shape[1]
+        self._feature_shapes = {m: tuple(s) for m, s in feature_shapes.items()}
+        self._install_classifiers(
+            nn.ModuleDict(
+                {
+                    m: ModalityClassifier(self._feature_shapes[m], hidden, self.config.num_outputs)
+                    for m in self.modalities
+                }
+            )
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._captured = {}
+        found = [a for a in (*args, *kwargs.values()) if isinstance(a, ModalityBatch)]
+        self._batch = found[0] if found else None
+
+    def _capture(self, modality: str):
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            self._captured[modality] = encoder_features(output).detach()
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ the two calls per step
+    def direction_loss(self) -> Tensor:
+        """``λ · L_gm`` to add to the task loss before ``backward()`` (0 until the first step).
+
+        Default mode computes it fresh from the current weights with the last ``B``; reference
+        mode returns the previous step's term, whose graph was built from copies of the weights
+        one step earlier, as the released code does.
+        """
+        zero = self.head_weight.new_zeros(())
+        if self.config.lam == 0 or self.classifiers is None or self.coefficients is None:
+            return zero
+        if self.config.mode == "reference":
+            pending, self._pending = self._pending, None
+            return zero if pending is None else self.config.lam * pending
+        heads = [_final_weight(self.classifiers[m]) for m in self.modalities]
+        b = self.coefficients.to(self.head_weight.device)
+        return self.config.lam * direction_loss(b, heads, self.head_weight)
+
+    def step(self, target: Tensor, *, sync: bool = True) -> dict[str, float] | None:
+        """Train the classifiers on this batch, update the scores and scale the gradients.
+
+        Call after ``loss.backward()`` and before ``optimizer.step()`` (after
+        ``scaler.unscale_`` under AMP). Returns ``{modality: B_m}`` on syncing steps, ``None``
+        on accumulation micro-steps (``sync=False``), which only train the classifiers and
+        accumulate their scores.
+        """
+        missing = [m for m in self.modalities if m not in self._captured]
+        if missing:
+            raise RuntimeError(
+                f"CGGM.step: no encoder output captured for {missing}; call the model's forward "
+                "on this batch first."
+            )
+        feats, self._captured = self._captured, {}
+        if self.classifiers is None:
+            self._build_default_classifiers({m: tuple(f.shape[1:]) for m, f in feats.items()})
+        cfg = self.config
+        target = target.to(self.head_weight.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, totals, counts = [], [], []
+        for m in self.modalities:
+            mask = (
+                self._batch.padding_mask(m)
+                if self._batch is not None and m in self._batch
+                else None
+            )
+            pred = self.classifiers[m](feats[m], mask)
+            if cfg.task == "segmentation":
+                pred = F.interpolate(
+                    pred,
+                    size=target.shape[1:],
+                    mode="bilinear" if pred.ndim == 4 else "trilinear",
+                    align_corners=False,
+                )
+            losses.append(self._task_loss(pred, target))
+            total, count = batch_score_counts(cfg.task, pred.detach(), target, cfg.regression_score)
+            totals.append(total.cpu())
+            counts.append(count.cpu())
+        torch.stack(losses).sum().backward()
+        self._average_classifier_grads()
+        if cfg.mode == "reference" and sync and cfg.lam > 0:
+            heads = [_final_weight(self.classifiers[m]).clone() for m in self.modalities]
+            w_fusion = self.head_weight.clone()
+        self.optimizer.step()
+        self._totals += torch.stack(totals)
+        self._counts += torch.stack(counts)
+        if not sync:
+            return None
+
+        totals, counts = self._totals.clone(), self._counts.clone()
+        if dist.is_available() and dist.is_initialized():
+            stats = torch.stack([totals, counts]).to(self.head_weight.device)
+            dist.all_reduce(stats)
+            totals, counts = stats[0].cpu(), stats[1].cpu()
+        self._totals.zero_()
+        self._counts.zero_()
+        scores = totals / counts.clamp_min(1)
+        self.last_scores = scores
+        if cfg.smoothing and self.ema_scores is not None:
+            scores = cfg.smoothing * self.ema_scores + (1 - cfg.smoothing) * scores
+        self.ema_scores = scores
+        deltas = scores - self.prev_scores
+        self.prev_scores = scores
+        b = magnitude_coefficients(deltas, cfg.mode, cfg.eps)
+        self.coefficients = b
+        if cfg.mode == "reference" and cfg.lam > 0:
+            self._pending = direction_loss(b, heads, w_fusion)
+        if cfg.rho is not None:
+            for m, factor in zip(self.modalities, (cfg.rho * b).tolist(), strict=True):
+                for p in self.encoders[m].parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+        return dict(zip(self.modalities, b.tolist(), strict=True))
+
+    def _task_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.config.task == "regression":
+            return F.l1_loss(pred.reshape(-1), target.reshape(-1).to(pred.dtype))
+        return F.cross_entropy(pred, target)
+
+    def _average_classifier_grads(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        for p in self.classifiers.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: classifiers, their optimiser, the running scores."""
+        return {
+            "config": self.config.to_dict(),
+            "feature_shapes": getattr(self, "_feature_shapes", None),
+            "classifiers": None if self.classifiers is None else self.classifiers.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "prev_scores": self.prev_scores.clone(),
+            "ema_scores": None if self.ema_scores is None else self.ema_scores.clone(),
+            "coefficients": None if self.coefficients is None else self.coefficients.clone(),
+            "totals": self._totals.clone(),
+            "counts": self._counts.clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a reference-mode pending direction term is not saved)."""
+        if state["classifiers"] is not None:
+            if self.classifiers is None:
+                if state.get("feature_shapes") is None:
+                    raise ValueError(
+                        "state has classifier weights but no feature shapes to build them."
+                    )
+                self._build_default_classifiers(state["feature_shapes"])
+            self.classifiers.load_state_dict(state["classifiers"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.prev_scores = state["prev_scores"].clone()
+        self.ema_scores = None if state["ema_scores"] is None else state["ema_scores"].clone()
+        self.coefficients = None if state["coefficients"] is None else state["coefficients"].clone()
+        self._totals = state["totals"].clone()
+        self._counts = state["counts"].clone()

@@ -163,8 +163,8 @@ class CGGM:
                 if w.shape != self.head_weight.shape:
                     raise ValueError(
                         f"CGGM: classifier '{m}' ends in a weight of shape {tuple(w.shape)} but "
-                        f"the head's is {tuple(self.head_weight.shape)}; the direction term compares "
-                        "them, so they must match (or set lam=0)."
+                        f"the head's is {tuple(self.head_weight.shape)}; the direction term "
+                        "compares them, so they must match (or set lam=0)."
                     )
         self.optimizer = torch.optim.Adam(
             self.classifiers.parameters(),

@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from cggm import batch_score_counts, direction_loss, magnitude_coefficients, segmentation_dice
+
+
+def test_reference_coefficients_by_hand():
+    b = magnitude_coefficients(torch.tensor([0.2, 0.1, 0.3]), "reference")
+    # S = 0.6: B = (S - Δ) / S
+    torch.testing.assert_close(b, torch.tensor([0.4 / 0.6, 0.5 / 0.6, 0.3 / 0.6]))
+    assert b.sum().item() == pytest.approx(2.0)  # M - 1
+    two = magnitude_coefficients(torch.tensor([0.3, 0.1]), "reference")
+    torch.testing.assert_close(two, torch.tensor([0.25, 0.75]))  # B_1 = Δ_2 / (Δ_1 + Δ_2)
+
+
+def test_reference_coefficients_blow_up_where_default_stays_bounded():
+    degenerate = torch.tensor([0.1, -0.1 + 1e-9])
+    ref = magnitude_coefficients(degenerate, "reference")
+    assert ref.abs().max() > 1e3  # the released code's instability when ΣΔ ≈ 0
+    for deltas in (
+        degenerate,
+        torch.zeros(4),
+        torch.tensor([0.5, -0.7, 0.0]),
+        torch.tensor([float("nan"), 0.1, 0.2]),
+    ):
+        b = magnitude_coefficients(deltas, "default")
+        assert torch.isfinite(b).all() and (b >= 0).all() and (b < 1).all()
+        assert b.sum().item() == pytest.approx(len(deltas) - 1, rel=1e-5)
+    assert magnitude_coefficients(torch.zeros(4)).tolist() == pytest.approx([0.75] * 4)
+    b = magnitude_coefficients(torch.tensor([0.3, -0.2, 0.1]))
+    assert b.argmax().item() == 1 and b.argmin().item() == 0  # least improving gets the most
+
+
+def test_direction_loss_by_hand():
+    w = torch.randn(3, 4, requires_grad=True)
+    b = torch.tensor([0.5, 1.0])
+    loss = direction_loss(b, [w.detach().clone(), -w.detach().clone()], w)
+    # cos = [1, -1]: (|0.5| + |1.0| - (0.5 - 1.0)) / 2 = 1.0
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    loss.backward()
+    assert w.grad is not None  # it steers the head weight
+
+
+def test_scores():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    total, count = batch_score_counts("classification", logits, torch.tensor([0, 1, 1]))
+    assert (total / count).item() == pytest.approx(2 / 3)
+    pred, y = torch.tensor([0.5, -0.2, 0.1, -1.0]), torch.tensor([1.0, 0.0, -2.0, -0.5])
+    # sign accuracy, zero labels negative: [T, T(0 counts negative), F, T]
+    total, count = batch_score_counts("regression", pred, y)
+    assert (total / count).item() == pytest.approx(3 / 4)
+    total, count = batch_score_counts("regression", pred, y, "neg_mae")
+    assert (total / count).item() == pytest.approx(-(0.5 + 0.2 + 2.1 + 0.5) / 4)
+    labels = torch.tensor([[[0, 1], [1, 2]]])
+    target = torch.tensor([[[0, 1], [2, 2]]])
+    # class 1: P={01,10} G={01} -> 2/3; class 2: P={11} G={10,11} -> 2/3
+    assert segmentation_dice(labels, target, 3).item() == pytest.approx(2 / 3)
+    seg_logits = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    total, count = batch_score_counts("segmentation", seg_logits, target)
+    assert (total / count).item() == pytest.approx(2 / 3)
+    assert (
+        segmentation_dice(
+            torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long), 3
+        ).item()
+        == 1.0
+    )
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=">= 2"):
+        magnitude_coefficients(torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="mode"):
+        magnitude_coefficients(torch.tensor([0.1, 0.2]), "paper")
+    assert not math.isnan(magnitude_coefficients(torch.tensor([0.1, 0.2]), "reference")[0])

@@ -1,0 +1,256 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.backbones import LateFusionModel
+from cggm import CGGM, CGGMConfig
+from mmcore import ModalityBatch, ModulePathError
+
+
+def vector_batch(m=3, b=16, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {f"m{i}": torch.randn(b, 4 + i, generator=g) for i in range(m)}
+    return ModalityBatch(inputs, target=torch.randint(0, classes, (b,), generator=g))
+
+
+def make_model(batch, out_dim=3, seed=0):
+    torch.manual_seed(seed)
+    return LateFusionModel.from_batch(batch, out_dim, width=6, hidden=8, head="linear", dropout=0.0)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("m", [2, 3, 6])
+def test_encoder_gradients_scaled_by_exactly_rho_b(m):
+    batch = vector_batch(m)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.0)
+    model.zero_grad()
+    F.cross_entropy(model(batch), batch.target).backward()
+    before = grads(model)
+    b = cggm.step(batch.target)
+    after = grads(model)
+    assert set(b) == set(batch.modalities)
+    for name, g in before.items():
+        if name.startswith("encoders."):
+            modality = name.split(".")[1]
+            torch.testing.assert_close(after[name], 1.3 * b[modality] * g)
+        else:
+            torch.testing.assert_close(after[name], g)  # fusion and head are not scaled
+
+
+def test_classifiers_are_isolated_from_the_encoders():
+    batch = vector_batch()
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=None, lam=0.0)
+    model.zero_grad()
+    F.cross_entropy(model(batch), batch.target).backward()
+    before = grads(model)
+    cggm.step(batch.target)
+    first = {k: v.clone() for k, v in cggm.classifiers.state_dict().items()}
+    for name, g in grads(model).items():  # the classifiers' backward added nothing
+        torch.testing.assert_close(g, before[name])
+    model(batch)
+    cggm.step(batch.target)
+    assert any(not torch.equal(v, cggm.classifiers.state_dict()[k]) for k, v in first.items())
+
+
+def test_reference_mode_matches_its_documented_semantics():
+    """Hand-checked toy: ε^0 = 0, Δ = ε_t − ε_{t−1}, B = (S − Δ)/S, L_gm one step late."""
+    batch = vector_batch(2, b=8)
+    model = make_model(batch)
+    # cls_lr ~ 0: the term is built from the classifier weights before their update
+    cggm = CGGM(
+        model,
+        task="classification",
+        num_outputs=3,
+        rho=1.0,
+        lam=0.5,
+        mode="reference",
+        cls_lr=1e-12,
+    )
+    assert cggm.direction_loss().item() == 0.0  # nothing before the first step
+    F.cross_entropy(model(batch), batch.target).backward()
+    b1 = cggm.step(batch.target)
+    s1 = cggm.last_scores.clone()
+    s = s1.sum() + 1e-8
+    assert list(b1.values()) == pytest.approx(((s - s1) / s).tolist())  # Δ = ε_1 − 0
+    heads_at_1 = [cggm.classifiers[m].net[-1].weight.detach().clone() for m in cggm.modalities]
+    w_at_1 = model.head.weight.detach().clone()
+    with torch.no_grad():
+        model.head.weight.add_(
+            1.0
+        )  # the optimiser moves the head; the pending term must not see it
+    lgm = cggm.direction_loss()
+    b = torch.tensor(list(b1.values()))
+    cos = torch.stack(
+        [F.cosine_similarity(h.reshape(-1), w_at_1.reshape(-1), dim=0) for h in heads_at_1]
+    )
+    expected = 0.5 * (b.abs().sum() - (b * cos).sum()) / 2
+    assert lgm.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert cggm.direction_loss().item() == 0.0  # consumed: added once, at step t+1
+    lgm.backward()  # its graph reaches the (moved) head weight
+    assert model.head.weight.grad is not None
+
+
+def test_default_direction_term_is_fresh_each_step():
+    batch = vector_batch(2)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, lam=0.5)
+    F.cross_entropy(model(batch), batch.target).backward()
+    cggm.step(batch.target)
+    a = cggm.direction_loss()
+    with torch.no_grad():
+        model.head.weight.mul_(-1)
+    b = cggm.direction_loss()  # recomputed from the current weights, not carried over
+    assert a.item() != pytest.approx(b.item())
+    assert a.grad_fn is not None and b.item() == pytest.approx(cggm.direction_loss().item())
+
+
+def test_b_is_finite_when_scores_stall():
+    batch = vector_batch(3)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, cls_lr=1e-12)
+    for _ in range(4):  # classifiers frozen in effect: the scores stop changing, Δ = 0
+        model.zero_grad()
+        F.cross_entropy(model(batch), batch.target).backward()
+        b = cggm.step(batch.target)
+        assert all(0 <= v < 1 for v in b.values())
+    assert list(b.values()) == pytest.approx([2 / 3] * 3)
+
+
+def test_regression_on_padded_sequences():
+    g = torch.Generator().manual_seed(0)
+    pad = torch.zeros(8, 5, dtype=torch.bool)
+    pad[:2, 3:] = True
+    batch = ModalityBatch(
+        {"text": torch.randn(8, 5, 4, generator=g), "audio": torch.randn(8, 6, 3, generator=g)},
+        target=torch.randn(8, generator=g),
+        padding_masks={"text": pad},
+    )
+    torch.manual_seed(0)
+    model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
+    cggm = CGGM(model, task="regression", num_outputs=1, rho=1.3, lam=0.1)
+    for _ in range(3):
+        model.zero_grad()
+        (F.l1_loss(model(batch).squeeze(-1), batch.target) + cggm.direction_loss()).backward()
+        b = cggm.step(batch.target)
+    assert set(b) == {"text", "audio"}
+    assert cggm.classifiers["text"](torch.randn(2, 5, 4), pad[:2]).shape == (2, 1)
+
+
+class SegModel(nn.Module):
+    """Per-modality conv encoders -> concat fusion -> 1x1 conv head (segmentation)."""
+
+    def __init__(self, modalities=("flair", "t1", "t2"), classes=3):
+        super().__init__()
+        self.encoders = nn.ModuleDict({m: nn.Conv2d(1, 4, 3, padding=1) for m in modalities})
+        self.fusion = nn.Identity()
+        self.head = nn.Conv2d(4 * len(modalities), classes, 1)
+
+    def forward(self, batch):
+        feats = [torch.relu(self.encoders[m](batch[m])) for m in self.encoders]
+        return self.head(self.fusion(torch.cat(feats, dim=1)))
+
+
+def test_segmentation():
+    g = torch.Generator().manual_seed(0)
+    batch = ModalityBatch(
+        {m: torch.randn(2, 1, 8, 8, generator=g) for m in ("flair", "t1", "t2")},
+        target=torch.randint(0, 3, (2, 8, 8), generator=g),
+    )
+    model = SegModel()
+    cggm = CGGM(model, task="segmentation", num_outputs=3, lam=0.1)
+    for _ in range(2):
+        model.zero_grad()
+        (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
+        b = cggm.step(batch.target)
+    assert len(b) == 3 and all(0 <= v < 1 for v in b.values())
+    assert cggm.classifiers["t1"].net[-1].weight.shape == model.head.weight.shape
+
+
+def test_gradient_accumulation_modulates_only_on_sync():
+    batch = vector_batch(2)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=2.0, lam=0.0)
+    model.zero_grad()
+    F.cross_entropy(model(batch.select(slice(0, 8))), batch.target[:8]).backward()
+    before = grads(model)
+    assert cggm.step(batch.target[:8], sync=False) is None
+    for n, g in grads(model).items():
+        torch.testing.assert_close(g, before[n])  # micro-step: no scaling
+    F.cross_entropy(model(batch.select(slice(8, 16))), batch.target[8:]).backward()
+    accumulated = grads(model)
+    b = cggm.step(batch.target[8:])
+    assert cggm._counts.sum() == 0  # the scores of both micro-batches were used and reset
+    enc = "encoders.m0.net.0.weight"
+    torch.testing.assert_close(grads(model)[enc], 2.0 * b["m0"] * accumulated[enc])
+
+
+def test_amp_grad_scaler_unscale_first():
+    batch = vector_batch(2)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    reference = make_model(batch)
+    F.cross_entropy(reference(batch), batch.target).backward()
+    scaler.scale(F.cross_entropy(model(batch), batch.target)).backward()
+    scaler.unscale_(opt)
+    b = cggm.step(batch.target)
+    enc = "encoders.m1.net.0.weight"
+    torch.testing.assert_close(grads(model)[enc], 1.3 * b["m1"] * grads(reference)[enc])
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_state_round_trip_resumes_exactly():
+    batches = [vector_batch(3, seed=s) for s in range(4)]
+
+    def run(cggm, model, items):
+        out = []
+        for batch in items:
+            model.zero_grad()
+            (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
+            out.append(cggm.step(batch.target))
+        return out
+
+    model = make_model(batches[0])
+    cggm = CGGM(model, task="classification", num_outputs=3, smoothing=0.5)
+    run(cggm, model, batches[:2])
+    state = cggm.state_dict()
+    expected = run(cggm, model, batches[2:])
+
+    model2 = make_model(batches[0])
+    resumed = CGGM(model2, task="classification", num_outputs=3, smoothing=0.5)
+    resumed.load_state_dict(state)
+    assert run(resumed, model2, batches[2:]) == expected
+
+
+def test_bad_configuration_raises():
+    batch = vector_batch()
+    model = make_model(batch)
+    with pytest.raises(ValueError, match="task must be one of"):
+        CGGMConfig(task="ranking")
+    with pytest.raises(ValueError, match="num_outputs=1"):
+        CGGMConfig(task="regression", num_outputs=3)
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        CGGMConfig(rho=-1.0)
+    with pytest.raises(ValueError, match="smoothing is a default-mode safeguard"):
+        CGGMConfig(mode="reference", smoothing=0.5)
+    with pytest.raises(ValueError, match="either config= or"):
+        CGGM(model, CGGMConfig(), rho=1.0)
+    with pytest.raises(ModulePathError, match=r"encoder_modules.*Did you mean"):
+        CGGM(model, encoder_modules={"a": "encoders.m9", "b": "encoders.m1"}, num_outputs=3)
+    with pytest.raises(ValueError, match=">= 2 modalities"):
+        CGGM(model, encoder_modules={"a": "encoders.m0"}, num_outputs=3)
+    cggm = CGGM(model, task="classification", num_outputs=4)
+    model(batch)
+    with pytest.raises(ValueError, match="head's final weight has 3 outputs but num_outputs=4"):
+        cggm.step(batch.target)
+    fresh = CGGM(make_model(batch), num_outputs=3)
+    with pytest.raises(RuntimeError, match="call the model's forward"):
+        fresh.step(batch.target)

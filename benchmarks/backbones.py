@@ -24,6 +24,7 @@ from mmcore import ModalityBatch, masked_mean, run_encoder
 __all__ = [
     "ConcatPoolFusion",
     "LateFusionModel",
+    "MultiEncoderSegNet",
     "ResidualMLPHead",
     "SequenceEncoder",
     "VectorEncoder",
@@ -219,3 +220,37 @@ class LateFusionModel(nn.Module):
             ResidualMLPHead(fused, out_dim, dropout) if head == "mlp" else nn.Linear(fused, out_dim)
         )
         return cls(encoders, ConcatPoolFusion(names), head_module)
+
+
+class MultiEncoderSegNet(nn.Module):
+    """Per-modality 2-D encoders from MONAI blocks → channel concat → 1×1 conv head.
+
+    Follows the mmcore contract (``encoders``, ``fusion``, ``head``). Each encoder is a MONAI
+    ``Convolution`` followed by a ``ResidualUnit`` (``[B, 1, H, W]`` → ``[B, channels, H, W]``);
+    the head a MONAI ``Convolution`` and a final ``Conv2d(…, num_classes, 1)``.
+    """
+
+    def __init__(self, modalities: tuple[str, ...], num_classes: int, channels: int = 8) -> None:
+        super().__init__()
+        from monai.networks.blocks import Convolution, ResidualUnit
+
+        self.encoders = nn.ModuleDict(
+            {
+                m: nn.Sequential(
+                    Convolution(2, 1, channels, kernel_size=3, norm="instance", act="prelu"),
+                    ResidualUnit(2, channels, channels, subunits=2, norm="instance", act="prelu"),
+                )
+                for m in modalities
+            }
+        )
+        self.fusion = nn.Identity()
+        fused = channels * len(modalities)
+        self.head = nn.Sequential(
+            Convolution(2, fused, fused, kernel_size=3, norm="instance", act="prelu"),
+            nn.Conv2d(fused, num_classes, 1),
+        )
+
+    def forward(self, batch: ModalityBatch) -> Tensor:
+        """Logits ``[B, num_classes, H, W]``."""
+        feats = [self.encoders[m](batch[m]) for m in self.encoders]
+        return self.head(self.fusion(torch.cat(feats, dim=1)))

@@ -1,0 +1,35 @@
+"""The CGGM benchmark tasks run end to end (tiny budgets) and record every method."""
+
+import pytest
+
+from benchmarks.runner import run_tasks
+from benchmarks.tasks import cggm_balance as cb
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(cb.UCI_SETTINGS, "epochs", {"quick": 1})
+    monkeypatch.setitem(cb.MOSI_SETTINGS, "n", {"quick": (40, 10, 20)})
+    monkeypatch.setitem(cb.MOSI_SETTINGS, "seq_len", 6)
+    monkeypatch.setitem(cb.MOSI_SETTINGS, "epochs", {"quick": 1})
+    monkeypatch.setitem(cb.BRATS_SETTINGS, "cases", {"quick": (3, 1)})
+    monkeypatch.setitem(cb.BRATS_SETTINGS, "shape", (16, 16, 6))
+    monkeypatch.setitem(cb.BRATS_SETTINGS, "epochs", {"quick": 1})
+
+
+def test_cggm_tasks_record_every_method(tmp_path, tiny):
+    tasks = ["cggm-uci-balance", "cggm-mosi-imbalance", "cggm-brats-seg"]
+    results = run_tasks(tasks, profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    by_task = {}
+    for r in results["records"]:
+        by_task.setdefault(r["task"], []).append(r)
+    uci = by_task["cggm-uci-balance"]
+    assert [r["method"] for r in uci] == list(cb.UCI_SETTINGS["methods"])
+    assert {f"probe_{m}" for m in ("fou", "fac", "kar", "pix", "zer", "mor")} <= set(
+        uci[0]["metrics"]
+    )
+    assert {"mae", "corr"} <= set(by_task["cggm-mosi-imbalance"][1]["metrics"])
+    brats = {r["method"]: r["metrics"] for r in by_task["cggm-brats-seg"]}
+    assert set(brats) == {"joint", "CGGM"}
+    assert 0 <= brats["CGGM"]["dice_mean"] <= 1

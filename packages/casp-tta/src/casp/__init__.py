@@ -1,6 +1,31 @@
 """CASP: contrastive adaptation and stable pseudo-labels (Guo et al., AAAI 2025, arXiv 2412.07121).
 
-The method itself lands with its own issue; this release only reserves the package.
+Test-time adaptation for multimodal regression and classification under distribution shift:
+``CASP(model).adapt(unlabeled_target)`` adapts the normalisation layers of a copy of your model
+without reading a single target label; ``predict``, online ``forward`` and ``reset`` as in Tent.
 """
 
 __version__ = "0.1.0"
+
+from casp.adapter import CASP, AdaptationReport, norm_parameters
+from casp.config import CASPConfig
+from casp.functional import (
+    gather_with_grad,
+    nt_xent,
+    pseudo_labels,
+    select_samples,
+    stability_scores,
+)
+
+__all__ = [
+    "CASP",
+    "AdaptationReport",
+    "CASPConfig",
+    "__version__",
+    "gather_with_grad",
+    "norm_parameters",
+    "nt_xent",
+    "pseudo_labels",
+    "select_samples",
+    "stability_scores",
+]

@@ -1,0 +1,322 @@
+"""``CASP``: contrastive adaptation and stable pseudo-labels, Tent-shaped."""
+
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from casp.config import CASPConfig
+from casp.functional import nt_xent, pseudo_labels, select_samples, stability_scores
+from mmcore import ModalityBatch, ModulePathError, resolve_module
+
+__all__ = ["CASP", "AdaptationReport", "norm_parameters"]
+
+_NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The affine parameters of every normalisation layer of ``model``."""
+    params = []
+    for module in model.modules():
+        if isinstance(module, _NORMS):
+            params.extend(p for p in (module.weight, module.bias) if p is not None)
+    return params
+
+
+@dataclass
+class AdaptationReport:
+    """What :meth:`CASP.adapt` did."""
+
+    contrastive_losses: list[float] = field(default_factory=list)
+    snapshot_epochs: list[int] = field(default_factory=list)
+    kept_indices: Tensor | None = None
+    pseudo_label_losses: list[float] = field(default_factory=list)
+    collapsed: bool = False
+    message: str = ""
+
+
+class CASP:
+    """Test-time adaptation by contrastive adaptation and stable pseudo-labels.
+
+    Paper: Guo et al., "Bridging the Gap for Test-Time Multimodal Sentiment Analysis", AAAI 2025
+    (arXiv 2412.07121). Stage 1 adapts the normalisation layers with an NT-Xent loss between each
+    unlabeled target batch and a copy with one modality dropped, taking prediction snapshots on
+    the way; the mean of the snapshots is a pseudo-label whose stability is how little the
+    sample's prediction moved; stage 2 trains on the most stable fraction.
+
+    Args:
+        model: the source model, called as ``model(batch)``; it must follow the mmcore contract
+            (its ``fusion`` output is the representation) unless ``representation_fn`` or
+            ``representation_module`` says where the representation is.
+        config: a :class:`CASPConfig` (or give its fields as keyword arguments).
+        representation_fn: ``fn(model, batch) -> (prediction, representation [B, d])``.
+        representation_module: dotted path of the module whose output is the representation.
+        inplace: adapt ``model`` itself; by default a deep copy is adapted and the caller's
+            weights are never modified.
+
+    Like Tent: :meth:`adapt` (offline, the paper's protocol), :meth:`forward` (online /
+    episodic: adapt on each incoming batch, then predict), :meth:`predict`, :meth:`reset`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: CASPConfig | None = None,
+        *,
+        representation_fn: Callable[[nn.Module, ModalityBatch], tuple[Tensor, Tensor]]
+        | None = None,
+        representation_module: str | None = None,
+        inplace: bool = False,
+        **config_kwargs: Any,
+    ) -> None:
+        if config is not None and config_kwargs:
+            raise ValueError("pass either config= or its fields as keyword arguments, not both.")
+        self.config = config or CASPConfig(**config_kwargs)
+        self.model = model if inplace else copy.deepcopy(model)
+        self._representation_fn = representation_fn
+        if representation_fn is None:
+            path = representation_module or "fusion"
+            try:
+                self._repr_module = resolve_module(self.model, path)
+            except ModulePathError as err:
+                raise ModulePathError(
+                    f"CASP needs the model's representation: {err} Pass representation_module= "
+                    "or representation_fn=."
+                ) from None
+        self.params = self._select_parameters()
+        self._source_state = copy.deepcopy(self.model.state_dict())
+        self.report = AdaptationReport()
+
+    # ------------------------------------------------------------------ set-up
+    def _select_parameters(self) -> list[nn.Parameter]:
+        if self.config.trainable == "all":
+            params = list(self.model.parameters())
+        else:
+            params = norm_parameters(self.model)
+            if not params:
+                raise ValueError(
+                    f"{type(self.model).__name__} has no normalisation layer (LayerNorm, "
+                    "BatchNorm, GroupNorm, InstanceNorm) with affine parameters to adapt; pass "
+                    "trainable='all' or add normalisation layers."
+                )
+        self.model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def _forward(self, batch: ModalityBatch) -> tuple[Tensor, Tensor]:
+        if self._representation_fn is not None:
+            return self._representation_fn(self.model, batch)
+        captured: list[Tensor] = []
+        handle = self._repr_module.register_forward_hook(lambda _m, _a, out: captured.append(out))
+        try:
+            pred = self.model(batch)
+        finally:
+            handle.remove()
+        if not captured or not isinstance(captured[-1], Tensor):
+            raise RuntimeError("CASP: the representation module did not run or returned no tensor.")
+        rep = captured[-1]
+        return pred, rep.flatten(1) if rep.ndim > 2 else rep
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.params, lr=self.config.lr)
+
+    def _step(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
+        optimizer.step()
+
+    # ------------------------------------------------------------------ pieces
+    def contrastive_loss(self, batch: ModalityBatch, modality: str) -> tuple[Tensor, Tensor]:
+        """NT-Xent between ``batch`` and ``batch`` with ``modality`` dropped.
+
+        Also returns the original view's representation (for the collapse guard).
+        """
+        _, z1 = self._forward(batch)
+        _, z2 = self._forward(batch.with_missing(modality))
+        return nt_xent(z1, z2, self.config.tau), z1
+
+    @torch.no_grad()
+    def predict(self, data: ModalityBatch, batch_size: int = 256) -> Tensor:
+        """Predictions on ``data`` (eval mode): ``[N]`` regression, ``[N, C]`` probabilities."""
+        was_training = self.model.training
+        self.model.eval()
+        outs = [self.model(b) for b in data.split(batch_size)]
+        self.model.train(was_training)
+        out = torch.cat(outs)
+        if self.config.task == "classification":
+            return out.softmax(dim=-1)
+        return out.reshape(out.shape[0])
+
+    def reset(self) -> None:
+        """Restore the source weights exactly."""
+        self.model.load_state_dict(self._source_state)
+        self.report = AdaptationReport()
+
+    # ------------------------------------------------------------------ the protocols
+    def adapt(
+        self,
+        data: ModalityBatch,
+        *,
+        validation: ModalityBatch | None = None,
+        score_fn: Callable[[Tensor, Tensor], float] | None = None,
+    ) -> AdaptationReport:
+        """The paper's offline protocol on unlabeled target data; returns a report.
+
+        ``data.target`` is never read (it is dropped first). ``validation`` (labelled target
+        data) and ``score_fn(predictions, labels)`` are used only with
+        ``select_by="target_validation"``, the released code's label-leaking epoch selection.
+        """
+        cfg = self.config
+        if not isinstance(data, ModalityBatch):
+            raise TypeError(f"CASP.adapt takes a ModalityBatch, got {type(data).__name__}.")
+        if len(data.modalities) < 2:
+            raise ValueError(
+                f"CASP drops one modality per batch for its second view; need >= 2, got "
+                f"{list(data.modalities)}."
+            )
+        if cfg.select_by == "target_validation" and (validation is None or score_fn is None):
+            raise ValueError("select_by='target_validation' needs validation= and score_fn=.")
+        data = data.replace(target=None)  # no target label is read
+        report = self.report = AdaptationReport()
+        rng = random.Random(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        snapshots = [self.predict(data)]
+        report.snapshot_epochs.append(0)
+        optimizer = self._optimizer()
+        best = _Best(self, validation, score_fn) if cfg.select_by == "target_validation" else None
+        healthy = copy.deepcopy(self.model.state_dict())
+        self.model.train()
+        for epoch in range(1, cfg.epochs_ca + 1):
+            losses = []
+            for batch in data.split(cfg.batch_size, shuffle=True, generator=generator):
+                if len(batch) < 2:
+                    continue
+                loss, rep = self.contrastive_loss(batch, rng.choice(data.modalities))
+                variance = F.normalize(rep.detach(), dim=1).var(dim=0).mean().item()
+                if variance < cfg.collapse_threshold:
+                    self.model.load_state_dict(healthy)
+                    report.collapsed = True
+                    report.message = (
+                        f"representation collapsed in stage 1, epoch {epoch} (mean variance "
+                        f"{variance:.2e} < {cfg.collapse_threshold:.0e}); rolled back to the last "
+                        "healthy epoch and stopped."
+                    )
+                    warnings.warn(f"CASP: {report.message}", stacklevel=2)
+                    break
+                self._step(optimizer, loss)
+                losses.append(loss.item())
+            if report.collapsed:
+                break
+            report.contrastive_losses.append(sum(losses) / max(len(losses), 1))
+            healthy = copy.deepcopy(self.model.state_dict())
+            if epoch % cfg.snapshot_every == 0:
+                snapshots.append(self.predict(data))
+                report.snapshot_epochs.append(epoch)
+            if best is not None:
+                best.update()
+        if best is not None:
+            best.restore()
+        if len(snapshots) < 2:
+            snapshots.append(self.predict(data))
+            report.snapshot_epochs.append(-1)
+        stacked = torch.stack(snapshots)
+        kept = select_samples(stability_scores(stacked), cfg.keep_ratio, cfg.keep)
+        report.kept_indices = kept
+        self._pseudo_label_stage(
+            data.select(kept), pseudo_labels(stacked)[kept], validation, score_fn
+        )
+        self.model.eval()
+        return report
+
+    def _pseudo_label_stage(
+        self,
+        data: ModalityBatch,
+        labels: Tensor,
+        validation: ModalityBatch | None,
+        score_fn: Callable | None,
+    ) -> None:
+        cfg = self.config
+        if cfg.epochs_pl == 0:
+            return
+        optimizer = self._optimizer()
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        labelled = data.replace(target=labels)
+        best = _Best(self, validation, score_fn) if cfg.select_by == "target_validation" else None
+        self.model.train()
+        for _ in range(cfg.epochs_pl):
+            losses = []
+            for batch in labelled.split(cfg.batch_size, shuffle=True, generator=generator):
+                pred = self.model(batch)
+                if cfg.task == "classification":
+                    loss = F.cross_entropy(pred, batch.target)  # soft targets: mean probabilities
+                else:
+                    loss = F.l1_loss(pred.reshape(-1), batch.target)
+                self._step(optimizer, loss)
+                losses.append(loss.item())
+            self.report.pseudo_label_losses.append(sum(losses) / max(len(losses), 1))
+            if best is not None:
+                best.update()
+        if best is not None:
+            best.restore()
+
+    def forward(self, batch: ModalityBatch, *, steps: int = 1, episodic: bool = False) -> Tensor:
+        """Online TTA: ``steps`` contrastive updates on this batch, then its predictions.
+
+        ``episodic=True`` resets to the source weights first (each batch adapted on its own).
+        The batch's ``target`` is never read.
+        """
+        if episodic:
+            self.model.load_state_dict(self._source_state)
+        batch = batch.replace(target=None)
+        optimizer = self._online_optimizer(episodic)
+        offset = 0 if episodic else len(self.report.contrastive_losses)
+        rng = random.Random(self.config.seed + offset)
+        self.model.train()
+        for _ in range(steps):
+            if len(batch) < 2:
+                break
+            loss, _ = self.contrastive_loss(batch, rng.choice(batch.modalities))
+            self._step(optimizer, loss)
+            self.report.contrastive_losses.append(loss.item())
+        return self.predict(batch)
+
+    __call__ = forward
+
+    def _online_optimizer(self, episodic: bool) -> torch.optim.Optimizer:
+        if episodic or getattr(self, "_online_opt", None) is None:
+            self._online_opt = self._optimizer()
+        return self._online_opt
+
+
+class _Best:
+    """The released code's epoch selection by labelled target-validation score (opt-in only)."""
+
+    def __init__(self, casp: CASP, validation: ModalityBatch, score_fn: Callable) -> None:
+        self.casp, self.validation, self.score_fn = casp, validation, score_fn
+        self.best, self.state = -float("inf"), None
+        self.update()
+
+    def update(self) -> None:
+        score = self.score_fn(self.casp.predict(self.validation), self.validation.target)
+        if score > self.best:
+            self.best, self.state = score, copy.deepcopy(self.casp.model.state_dict())
+        self.casp.model.train()
+
+    def restore(self) -> None:
+        self.casp.model.load_state_dict(self.state)

@@ -1,0 +1,141 @@
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.backbones import LateFusionModel
+from casp import CASP, CASPConfig, norm_parameters
+from mmcore import ModalityBatch
+
+FAST = {"epochs_ca": 2, "snapshot_every": 1, "epochs_pl": 1, "keep_ratio": 0.5, "batch_size": 8}
+
+
+def data(n=24, seed=0, classes=None):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "a": torch.randn(n, 5, generator=g),
+        "b": torch.randn(n, 4, generator=g),
+        "c": torch.randn(n, 3, 2, generator=g),
+    }
+    target = (
+        torch.randint(0, classes, (n,), generator=g) if classes else torch.randn(n, generator=g)
+    )
+    return ModalityBatch(inputs, target)
+
+
+def model(out_dim=1, seed=0):
+    torch.manual_seed(seed)
+    return LateFusionModel.from_batch(
+        data(), out_dim, width=6, hidden=8, num_heads=2, num_layers=1
+    ).eval()
+
+
+def test_only_normalisation_parameters_change_and_caller_weights_are_safe():
+    source = model()
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    casp = CASP(source, **FAST)
+    casp.adapt(data())
+    for k, v in source.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the caller's model is untouched (copy by default)
+    norm_ids = {id(p) for p in norm_parameters(casp.model)}
+    changed = [n for n, p in casp.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(id(dict(casp.model.named_parameters())[n]) in norm_ids for n in changed)
+
+
+def test_inplace_flag_adapts_the_callers_model():
+    source = model()
+    casp = CASP(source, inplace=True, **FAST)
+    assert casp.model is source
+    w = source.encoders["a"].net[1].weight.clone()
+    casp.adapt(data())
+    assert not torch.equal(source.encoders["a"].net[1].weight, w)
+
+
+def test_reset_restores_source_outputs_exactly():
+    source = model()
+    target = data(seed=3)
+    with torch.no_grad():
+        expected = source(target).squeeze(-1)
+    casp = CASP(source, **FAST)
+    casp.adapt(target)
+    assert not torch.equal(casp.predict(target), expected)
+    casp.reset()
+    assert torch.equal(casp.predict(target), expected)
+
+
+def test_no_target_label_is_read():
+    target = data(seed=4)
+    runs = []
+    for poison in (0, 1):
+        g = torch.Generator().manual_seed(100 + poison)
+        poisoned = target.replace(target=torch.randn(len(target), generator=g) * 1e6)
+        casp = CASP(model(), **FAST)
+        casp.adapt(poisoned)
+        runs.append((casp.predict(target), casp.report.kept_indices))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_reference_flags_reproduce_the_released_behaviour():
+    target = data(seed=5)
+    most = CASP(model(), **FAST)
+    most.adapt(target)
+    least = CASP(model(), **{**FAST, "keep": "least_stable"})
+    least.adapt(target)
+    assert not set(most.report.kept_indices.tolist()) & set(least.report.kept_indices.tolist())
+    seen = []
+
+    def score(pred, labels):
+        seen.append(labels)
+        return -float((pred - labels).abs().mean())
+
+    leak = CASP(model(), **{**FAST, "select_by": "target_validation"})
+    with pytest.raises(ValueError, match="needs validation= and score_fn="):
+        leak.adapt(target)
+    leak.adapt(target, validation=data(seed=6), score_fn=score)
+    assert seen and torch.equal(seen[0], data(seed=6).target)  # it reads labels: opt-in only
+
+
+def test_collapse_guard_stops_and_reports():
+    source = model()
+    source.fusion.register_forward_hook(lambda _m, _a, out: out * 0 + 1.0)  # constant repr.
+    casp = CASP(source, **FAST)
+    with pytest.warns(UserWarning, match="collapsed"):
+        report = casp.adapt(data())
+    assert report.collapsed and "rolled back" in report.message
+    assert report.kept_indices is not None  # the pseudo-label stage still had snapshots
+
+
+def test_classification_and_online_episodic_mode():
+    target = data(seed=7, classes=3)
+    casp = CASP(model(out_dim=3), task="classification", **FAST)
+    report = casp.adapt(target)
+    probs = casp.predict(target)
+    assert probs.shape == (24, 3) and torch.allclose(probs.sum(1), torch.ones(24))
+    assert len(report.pseudo_label_losses) == 1
+    online = CASP(model(out_dim=3), task="classification", **FAST)
+    torch.manual_seed(0)  # dropout draws
+    first = online(target.select(slice(0, 8)), episodic=True)
+    torch.manual_seed(0)
+    again = online(target.select(slice(0, 8)), episodic=True)
+    torch.testing.assert_close(first, again)  # episodic: every batch starts from the source
+    continual = online(target.select(slice(0, 8)))
+    assert not torch.allclose(continual, online(target.select(slice(0, 8))))
+
+
+def test_bad_input_raises_clear_errors():
+    no_norm = nn.Sequential(nn.Linear(2, 1))
+    no_norm.fusion = nn.Identity()
+    with pytest.raises(ValueError, match="no normalisation layer"):
+        CASP(no_norm)
+    with pytest.raises(Exception, match="representation_module"):
+        CASP(nn.Sequential(nn.LayerNorm(2)))
+    casp = CASP(model(), **FAST)
+    with pytest.raises(TypeError, match="ModalityBatch"):
+        casp.adapt(torch.randn(3, 2))
+    with pytest.raises(ValueError, match=">= 2"):
+        casp.adapt(ModalityBatch({"a": torch.randn(4, 5)}))
+    with pytest.raises(ValueError, match="keep must be one of"):
+        CASPConfig(keep="stable")
+    with pytest.raises(ValueError, match="no snapshot"):
+        CASPConfig(epochs_ca=2, snapshot_every=3)
+    with pytest.raises(ValueError, match="either config= or"):
+        CASP(model(), CASPConfig(), tau=0.1)

@@ -1,0 +1,47 @@
+"""The CASP benchmark tasks run end to end (tiny budgets) and record every method."""
+
+import pytest
+import torch
+
+from benchmarks.data.uci import load_uci_mfeat
+from benchmarks.runner import run_tasks
+from benchmarks.tasks import casp_tta as ct
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    for settings in (ct.MOSI_SETTINGS, ct.UCI_SETTINGS):
+        monkeypatch.setitem(settings, "source_epochs", {"quick": 1})
+        monkeypatch.setitem(settings, "epochs_ca", 1)
+        monkeypatch.setitem(settings, "snapshot_every", 1)
+        monkeypatch.setitem(settings, "epochs_pl", 1)
+    monkeypatch.setitem(ct.MOSI_SETTINGS, "n", {"quick": (40, 10, 20)})
+    monkeypatch.setitem(ct.MOSI_SETTINGS, "seq_len", 6)
+    monkeypatch.setitem(ct.MOSI_SETTINGS, "shifts", (0.0, 1.0))
+    monkeypatch.setitem(ct.UCI_SETTINGS, "severities", (0, 3))
+
+
+def test_casp_tasks_record_every_method(tmp_path, tiny):
+    results = run_tasks(
+        ["casp-mosi-shift", "casp-uci-corruption"], profile="quick", seeds=[0], out_dir=tmp_path
+    )
+    assert not results["failures"], results["failures"]
+    datasets = {}
+    for r in results["records"]:
+        datasets.setdefault((r["task"], r["dataset"]), []).append(r)
+    assert len(datasets) == 4
+    for records in datasets.values():
+        assert [r["method"] for r in records] == list(ct.METHODS)
+        tent = records[ct.METHODS.index("Tent")]["metrics"]
+        assert tent["throughput_vs_tent"] == 1.0
+        assert records[0]["metrics"]["adapt_samples_per_s"] is None  # source-only adapts nothing
+
+
+def test_corruption_is_what_it_says():
+    test = load_uci_mfeat()["test"]
+    assert ct.corrupt(test, 0, 0) is test
+    bad = ct.corrupt(test, 2, 0)
+    assert (bad["fac"] == 0).all() and not bad.is_present("fac").any()
+    torch.testing.assert_close(bad["pix"], test["pix"] * 1.5 + 0.5)
+    assert (bad["fou"] - test["fou"]).std() == pytest.approx(1.0, rel=0.05)
+    torch.testing.assert_close(bad["mor"], test["mor"])

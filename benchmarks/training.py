@@ -6,6 +6,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,12 +48,15 @@ def fit(
     weight_decay: float = 1e-4,
     batch_size: int = 64,
     seed: int = 0,
-    on_epoch: Callable[[int, float], None] | None = None,
+    extra_loss: Callable[[], Tensor] | None = None,
+    after_backward: Callable[[ModalityBatch], Any] | None = None,
 ) -> FitResult:
     """Train with AdamW; keep the weights of the epoch with the best validation score.
 
     Only parameters with ``requires_grad`` are optimised. ``score_fn(outputs, targets)`` is
     higher-is-better (negate an error). The model ends in eval mode with the best weights.
+    ``extra_loss()`` is added to every step's loss and ``after_backward(batch)`` runs between
+    ``backward()`` and the optimiser step (where gradient modulators such as CGGM act).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -67,15 +71,17 @@ def fit(
         for batch in train.split(batch_size, shuffle=True, generator=generator):
             optimiser.zero_grad(set_to_none=True)
             loss = loss_fn(model(batch), batch.target)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
             loss.backward()
+            if after_backward is not None:
+                after_backward(batch)
             optimiser.step()
             steps += 1
         train_seconds += time.perf_counter() - start
         score = score_fn(predict(model, valid), valid.target)
         if score > best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()))
-        if on_epoch is not None:
-            on_epoch(epoch, score)
     model.load_state_dict(best[2])
     model.eval()
     return FitResult(best[0], best[1], train_seconds / max(steps, 1), steps)
@@ -84,3 +90,23 @@ def fit(
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def accuracy(logits: Tensor, target: Tensor) -> float:
+    """Top-1 accuracy of ``[N, C]`` logits (a ``score_fn`` for :func:`fit`)."""
+    return float((logits.argmax(dim=1) == target).float().mean())
+
+
+def add_ratio_column(
+    records: list[dict], reference_method: str, metric: str, column: str
+) -> list[dict]:
+    """Add ``column = metric / (metric of reference_method)`` to every record.
+
+    Both sides come from the same run, so the machine's noise cancels as far as it can;
+    ``None`` where either side is missing.
+    """
+    base = next(r["metrics"].get(metric) for r in records if r["method"] == reference_method)
+    for r in records:
+        value = r["metrics"].get(metric)
+        r["metrics"][column] = value / base if value is not None and base else None
+    return records

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmcore import ModalityBatch, encoder_features, masked_mean
+from mmcore import ModalityBatch, encoder_features, find_modality_batch, masked_mean
 
 __all__ = ["OGMGE"]
 
@@ -42,8 +42,7 @@ class OGMGE:
             model.encoders[m].register_forward_hook(self._capture(m))
 
     def _on_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        found = [a for a in (*args, *kwargs.values()) if isinstance(a, ModalityBatch)]
-        self._batch = found[0] if found else None
+        self._batch = find_modality_batch(args, kwargs)
 
     def _capture(self, m: str):
         def hook(_module: nn.Module, _args: tuple, out: Any) -> None:

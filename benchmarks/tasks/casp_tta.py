@@ -27,7 +27,7 @@ from benchmarks.data.generators import write_shift_pair
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.uci_modalities import uci_splits
-from benchmarks.training import fit
+from benchmarks.training import accuracy, add_ratio_column, fit
 from casp import CASP
 from mmcore import ModalityBatch
 from mmcore.metrics import classification_metrics, msa_regression_metrics
@@ -95,13 +95,7 @@ def _compare(ctx, source, adapt_on, test, task, s, dataset, metrics_fn) -> list[
                 "config": {k: v for k, v in s.items() if not isinstance(v, dict)},
             }
         )
-    tent = records[METHODS.index("Tent")]["metrics"]["adapt_samples_per_s"]
-    for r in records:
-        rate = r["metrics"]["adapt_samples_per_s"]
-        r["metrics"]["throughput_vs_tent"] = (
-            rate / tent if r["method"] != "source-only" and rate and tent else None
-        )
-    return records
+    return add_ratio_column(records, "Tent", "adapt_samples_per_s", "throughput_vs_tent")
 
 
 MOSI_SETTINGS = {
@@ -207,7 +201,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
         splits["train"],
         splits["valid"],
         loss_fn=F.cross_entropy,
-        score_fn=lambda p, y: float((p.argmax(1) == y).float().mean()),
+        score_fn=accuracy,
         epochs=s["source_epochs"][ctx.profile],
         seed=ctx.seed,
     )

@@ -12,7 +12,6 @@ Step time is reported as a ratio to joint training, measured in the same run.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -25,7 +24,7 @@ from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.uci_modalities import uci_splits
-from benchmarks.training import predict
+from benchmarks.training import accuracy, add_ratio_column, fit, predict
 from cggm import CGGM
 from mmcore import ModalityBatch, masked_mean
 from mmcore.metrics import classification_metrics, msa_regression_metrics
@@ -51,7 +50,6 @@ def train_modulated(
 
     Keeps the best-validation weights; returns ``(seconds per step, best epoch)``.
     """
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     modulator = None
     if method == "OGM-GE":
         modulator = OGMGE(model)
@@ -60,32 +58,23 @@ def train_modulated(
         modulator = CGGM(
             model, task=task, num_outputs=num_outputs, mode=mode, **(cggm_options or {})
         )
-    generator = torch.Generator().manual_seed(seed)
-    best, best_epoch, best_state = -float("inf"), -1, None
-    steps, seconds = 0, 0.0
-    for epoch in range(epochs):
-        model.train()
-        start = time.perf_counter()
-        for batch in train.split(batch_size, shuffle=True, generator=generator):
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch), batch.target)
-            if isinstance(modulator, CGGM):
-                loss = loss + modulator.direction_loss()
-            loss.backward()
-            if modulator is not None:
-                modulator.step(batch.target)
-            optimiser.step()
-            steps += 1
-        seconds += time.perf_counter() - start
-        score = score_fn(predict(model, valid), valid.target)
-        if score > best:
-            best, best_epoch = score, epoch
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    model.eval()
+    result = fit(
+        model,
+        train,
+        valid,
+        loss_fn=loss_fn,
+        score_fn=score_fn,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=0.0,
+        batch_size=batch_size,
+        seed=seed,
+        extra_loss=modulator.direction_loss if isinstance(modulator, CGGM) else None,
+        after_backward=(lambda batch: modulator.step(batch.target)) if modulator else None,
+    )
     if isinstance(modulator, CGGM):
         modulator.remove()
-    return seconds / max(steps, 1), best_epoch
+    return result.seconds_per_step, result.best_epoch
 
 
 @torch.no_grad()
@@ -101,10 +90,6 @@ def probe_accuracies(model: LateFusionModel, train: ModalityBatch, test: Modalit
         clf = LogisticRegression(max_iter=2000).fit((x_tr - mean) / std, train.target.numpy())
         out[f"probe_{m}"] = float(clf.score((x_te - mean) / std, test.target.numpy()))
     return out
-
-
-def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == target).float().mean())
 
 
 UCI_SETTINGS = {
@@ -148,7 +133,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
             splits["valid"],
             method=method,
             loss_fn=F.cross_entropy,
-            score_fn=_accuracy,
+            score_fn=accuracy,
             epochs=s["epochs"][ctx.profile],
             task="classification",
             num_outputs=10,
@@ -172,10 +157,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
                 },
             }
         )
-    joint = records[0]["metrics"]["ms_per_step"]
-    for r in records:
-        r["metrics"]["step_time_vs_joint"] = r["metrics"]["ms_per_step"] / joint
-    return records
+    return add_ratio_column(records, "joint", "ms_per_step", "step_time_vs_joint")
 
 
 MOSI_SETTINGS = {
@@ -249,10 +231,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
                 },
             }
         )
-    joint = records[0]["metrics"]["ms_per_step"]
-    for r in records:
-        r["metrics"]["step_time_vs_joint"] = r["metrics"]["ms_per_step"] / joint
-    return records
+    return add_ratio_column(records, "joint", "ms_per_step", "step_time_vs_joint")
 
 
 register_task(
@@ -395,10 +374,7 @@ def run_brats(ctx: RunContext) -> list[dict]:
                 },
             }
         )
-    joint = records[0]["metrics"]["ms_per_step"]
-    for r in records:
-        r["metrics"]["step_time_vs_joint"] = r["metrics"]["ms_per_step"] / joint
-    return records
+    return add_ratio_column(records, "joint", "ms_per_step", "step_time_vs_joint")
 
 
 register_task(

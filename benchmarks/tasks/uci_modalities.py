@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from benchmarks.backbones import LateFusionModel
 from benchmarks.data.uci import UCI_MODALITIES, load_uci_mfeat
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.training import count_parameters, fit, predict
+from benchmarks.training import accuracy, count_parameters, fit, predict
 from mmcore.metrics import classification_metrics
 
 EPOCHS = {"quick": 25, "full": 100}
@@ -24,10 +24,6 @@ def uci_splits(ctx: RunContext):
     if ctx.data_root is not None and (ctx.data_root / "uci-mfeat" / "mfeat.npz").is_file():
         return load_uci_mfeat(ctx.data_root / "uci-mfeat")
     return load_uci_mfeat()
-
-
-def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == target).float().mean())
 
 
 def run(ctx: RunContext) -> list[dict]:
@@ -47,7 +43,7 @@ def run(ctx: RunContext) -> list[dict]:
             train,
             valid,
             loss_fn=F.cross_entropy,
-            score_fn=_accuracy,
+            score_fn=accuracy,
             epochs=EPOCHS[ctx.profile],
             seed=ctx.seed,
         )

@@ -30,7 +30,7 @@ from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.uci_modalities import uci_splits
-from benchmarks.training import count_parameters, fit, predict
+from benchmarks.training import accuracy, add_ratio_column, count_parameters, fit, predict
 from mmcore import ModalityBatch
 from mmcore.metrics import classification_metrics, msa_regression_metrics
 from wander import Wander
@@ -134,14 +134,7 @@ def compare_methods(
                 },
             }
         )
-    head_time = records[0]["metrics"]["ms_per_step"]
-    for r in records:
-        r["metrics"]["step_time_vs_head_only"] = r["metrics"]["ms_per_step"] / head_time
-    return records
-
-
-def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == target).float().mean())
+    return add_ratio_column(records, "head-only", "ms_per_step", "step_time_vs_head_only")
 
 
 UCI_SETTINGS = {
@@ -187,7 +180,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
         src_train,
         src_valid,
         loss_fn=F.cross_entropy,
-        score_fn=_accuracy,
+        score_fn=accuracy,
         epochs=s["pretrain_epochs"][ctx.profile],
         seed=ctx.seed,
     )
@@ -201,7 +194,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
         dataset="uci-mfeat 0-4 → 5-9",
         settings=settings,
         loss_fn=F.cross_entropy,
-        score_fn=_accuracy,
+        score_fn=accuracy,
         metrics_fn=classification_metrics,
     )
 
@@ -407,7 +400,7 @@ def run_food(ctx: RunContext) -> list[dict]:
         train,
         valid,
         loss_fn=F.cross_entropy,
-        score_fn=_accuracy,
+        score_fn=accuracy,
         epochs=s["pretrain_epochs"],
         seed=ctx.seed,
     )
@@ -420,7 +413,7 @@ def run_food(ctx: RunContext) -> list[dict]:
             train,
             valid,
             loss_fn=F.cross_entropy,
-            score_fn=_accuracy,
+            score_fn=accuracy,
             epochs=s["epochs"],
             lr=3e-3,
             batch_size=s["batch_size"],

@@ -3,6 +3,7 @@ import torch
 
 from benchmarks.backbones import LateFusionModel, SequenceEncoder
 from mmcore import ModalityBatch, MultimodalModel, check_multimodal_model
+from tests.helpers import tiny_bert
 
 
 def seq_batch(b=3):
@@ -59,16 +60,7 @@ def test_bad_configuration_raises():
 
 
 def test_transformers_text_encoder_in_the_backbone(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=12,
-    )
-    transformers.BertModel(config).save_pretrained(tmp_path)
+    pytest.importorskip("transformers")
     batch = ModalityBatch(
         {"text": torch.randint(0, 40, (2, 6)), "audio": torch.randn(2, 4, 3)},
         padding_masks={"text": torch.tensor([[False] * 6, [False] * 3 + [True] * 3])},
@@ -76,7 +68,7 @@ def test_transformers_text_encoder_in_the_backbone(tmp_path):
     model = LateFusionModel.from_batch(
         ModalityBatch({"audio": batch["audio"]}), out_dim=1, width=8, num_heads=2
     )
-    model.encoders["text"] = transformers.BertModel.from_pretrained(tmp_path)
+    model.encoders["text"] = tiny_bert(tmp_path, vocab_size=40, hidden=8, max_len=12)
     model.fusion.modalities = ("text", "audio")
     model.head = torch.nn.Linear(16, 1)
     assert model(batch).shape == (2, 1)

@@ -12,6 +12,7 @@ from mmcore import (
     resolve_module,
     run_encoder,
 )
+from tests.helpers import tiny_bert
 
 
 class MaskAware(nn.Module):
@@ -75,18 +76,8 @@ def test_masked_mean_ignores_padding_and_handles_all_padding():
 
 
 def test_transformers_encoder_is_accepted(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(tmp_path)
-    bert = transformers.BertModel.from_pretrained(tmp_path).eval()
+    pytest.importorskip("transformers")
+    bert = tiny_bert(tmp_path)
 
     ids = torch.randint(0, 50, (2, 6))
     pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])

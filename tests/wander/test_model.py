@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from benchmarks.backbones import LateFusionModel
 from mmcore import ModalityBatch
+from tests.helpers import tiny_bert
 from wander import Wander, WanderConfig, WanderTargetError
 
 from .conftest import PlainModel, make_batch
@@ -213,17 +214,7 @@ def test_print_trainable_parameters(capsys, base_model, batch):
 
 
 def test_transformers_text_encoder(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=10,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(tmp_path)
+    pytest.importorskip("transformers")
     batch = ModalityBatch(
         {"text": torch.randint(0, 30, (3, 6)), "audio": torch.randn(3, 4, 3)},
         target=torch.randn(3),
@@ -232,7 +223,7 @@ def test_transformers_text_encoder(tmp_path):
     model = LateFusionModel.from_batch(
         ModalityBatch({"audio": batch["audio"]}), 1, width=8, num_heads=2, dropout=0.0
     )
-    model.encoders["text"] = transformers.BertModel.from_pretrained(tmp_path)
+    model.encoders["text"] = tiny_bert(tmp_path, vocab_size=30, hidden=8, max_len=10)
     model.fusion.modalities = ("text", "audio")
     model.head = torch.nn.Linear(16, 1)
     model.eval()

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from cggm.config import CGGMConfig
 from cggm.functional import batch_score_counts, direction_loss, magnitude_coefficients
-from mmcore import ModalityBatch, ModulePathError, encoder_features, masked_mean, resolve_module
+from mmcore import (
+    ModalityBatch,
+    ModulePathError,
+    encoder_features,
+    find_modality_batch,
+    masked_mean,
+    resolve_module,
+)
 
 __all__ = ["CGGM", "ModalityClassifier"]
 
@@ -193,8 +200,7 @@ class CGGM:
     # ------------------------------------------------------------------ hooks
     def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = {}
-        found = [a for a in (*args, *kwargs.values()) if isinstance(a, ModalityBatch)]
-        self._batch = found[0] if found else None
+        self._batch = find_modality_batch(args, kwargs)
 
     def _capture(self, modality: str):
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:

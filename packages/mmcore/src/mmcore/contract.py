@@ -25,6 +25,7 @@ __all__ = [
     "MultimodalModel",
     "check_multimodal_model",
     "encoder_features",
+    "find_modality_batch",
     "masked_mean",
     "resolve_module",
     "run_encoder",
@@ -154,6 +155,14 @@ def run_encoder(encoder: nn.Module, x: Tensor, padding_mask: Tensor | None = Non
     if padding_mask is not None and _accepts_padding_mask(type(encoder)):
         return encoder_features(encoder(x, padding_mask=padding_mask))
     return encoder_features(encoder(x))
+
+
+def find_modality_batch(args: tuple, kwargs: dict) -> ModalityBatch | None:
+    """The first :class:`ModalityBatch` among a call's arguments (for forward pre-hooks)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, ModalityBatch):
+            return value
+    return None
 
 
 def masked_mean(features: Tensor, padding_mask: Tensor | None) -> Tensor:

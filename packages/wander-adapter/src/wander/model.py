@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from mmcore import ModalityBatch, ModulePathError, atomic_write, encoder_features, resolve_module
+from mmcore import (
+    ModalityBatch,
+    ModulePathError,
+    atomic_write,
+    encoder_features,
+    find_modality_batch,
+    resolve_module,
+)
 from wander import __version__
 from wander.config import WanderConfig, resolve_config
 from wander.layer import WanderFusion
@@ -202,8 +209,7 @@ class Wander(nn.Module):
     # ------------------------------------------------------------------ hooks
     def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured.clear()
-        found = [a for a in (*args, *kwargs.values()) if isinstance(a, ModalityBatch)]
-        self._batch = found[0] if found else None
+        self._batch = find_modality_batch(args, kwargs)
 
     def _capture_hook(self, modality: str):
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:

@@ -1,0 +1,135 @@
+"""Missing cases as bitmasks over modalities, and missing-modality simulation for any model.
+
+A *case* is an integer bitmask over the modalities in a fixed order: bit ``i`` set means
+modality ``i`` is **present**. With ``M`` modalities there are ``2^M − 1`` valid cases (at least
+one modality present); ``2^M − 1`` itself is the complete case. For ``M = 3`` in the order
+``(text, audio, vision)`` the released code numbers the cases differently (``k`` = 0…6, see
+:data:`REFERENCE_CASES`); :func:`reference_case_to_mask` converts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mmcore import ModalityBatch
+
+__all__ = [
+    "REFERENCE_CASES",
+    "all_cases",
+    "apply_case",
+    "case_from_presence",
+    "case_name",
+    "presence_from_case",
+    "reference_case_to_mask",
+    "simulate_missing",
+]
+
+#: The released code's case index ``k`` → missing modalities, for (text, audio, vision).
+REFERENCE_CASES = {
+    0: ("text",),
+    1: ("audio",),
+    2: ("vision",),
+    3: ("text", "audio"),
+    4: ("text", "vision"),
+    5: ("audio", "vision"),
+    6: (),
+}
+
+
+def all_cases(num_modalities: int, *, include_complete: bool = True) -> list[int]:
+    """Every valid case bitmask (at least one modality present), in increasing order."""
+    if num_modalities < 1:
+        raise ValueError(f"need at least one modality, got {num_modalities}.")
+    full = (1 << num_modalities) - 1
+    return [c for c in range(1, full + 1) if include_complete or c != full]
+
+
+def presence_from_case(cases: Tensor | int, num_modalities: int) -> Tensor:
+    """Bool ``[B, M]`` presence (``True`` = present) of case bitmasks ``[B]`` (or one int)."""
+    cases = torch.as_tensor(cases).reshape(-1)
+    full = (1 << num_modalities) - 1
+    if ((cases < 1) | (cases > full)).any():
+        bad = cases[(cases < 1) | (cases > full)].tolist()
+        raise ValueError(
+            f"invalid missing cases {bad}: with {num_modalities} modalities a case is a bitmask "
+            f"in 1..{full} (0 would mean every modality missing)."
+        )
+    bits = torch.arange(num_modalities, device=cases.device)
+    return (cases[:, None] >> bits) & 1 == 1
+
+
+def case_from_presence(presence: Tensor) -> Tensor:
+    """Case bitmasks ``[B]`` of a bool presence matrix ``[B, M]``."""
+    if presence.dtype != torch.bool or presence.ndim != 2:
+        raise ValueError(
+            f"presence must be a bool [B, M] tensor, got {presence.dtype} {tuple(presence.shape)}."
+        )
+    if (~presence).all(dim=1).any():
+        rows = torch.nonzero((~presence).all(dim=1)).reshape(-1).tolist()
+        raise ValueError(
+            f"samples {rows} have every modality missing; at least one must be present."
+        )
+    weights = 1 << torch.arange(presence.shape[1], device=presence.device)
+    return (presence.long() * weights).sum(dim=1)
+
+
+def case_name(case: int, modalities: Sequence[str]) -> str:
+    """``"{text, audio}"``: the present modalities of ``case``."""
+    present = presence_from_case(case, len(modalities))[0]
+    return "{" + ", ".join(m for m, p in zip(modalities, present.tolist(), strict=True) if p) + "}"
+
+
+def reference_case_to_mask(k: int, modalities: Sequence[str] = ("text", "audio", "vision")) -> int:
+    """The bitmask of the released code's case ``k`` (0…6)."""
+    if k not in REFERENCE_CASES:
+        raise ValueError(f"reference cases are 0..6, got {k}.")
+    return sum(1 << i for i, m in enumerate(modalities) if m not in REFERENCE_CASES[k])
+
+
+def apply_case(
+    batch: ModalityBatch, cases: Tensor | int, *, fill: float | None = 0.0
+) -> ModalityBatch:
+    """Mark modalities missing per sample according to case bitmasks (order: ``batch.modalities``).
+
+    ``fill`` is written into the dropped features (``None`` keeps them; models that read the
+    presence masks ignore them either way).
+    """
+    cases = torch.as_tensor(cases)
+    if cases.ndim == 0:
+        cases = cases.expand(batch.batch_size)
+    if cases.shape != (batch.batch_size,):
+        raise ValueError(f"cases: expected shape ({batch.batch_size},), got {tuple(cases.shape)}.")
+    presence = presence_from_case(cases, len(batch.modalities)).to(batch.device)
+    for i, m in enumerate(batch.modalities):
+        if not presence[:, i].all():
+            batch = batch.with_missing(m, ~presence[:, i], fill=fill)
+    return batch
+
+
+def simulate_missing(
+    batch: ModalityBatch,
+    rate: float,
+    *,
+    generator: torch.Generator | None = None,
+    fill: float | None = 0.0,
+) -> tuple[ModalityBatch, Tensor]:
+    """With probability ``rate`` a sample gets an incomplete case drawn uniformly, else complete.
+
+    This is the released protocol (``drop_rate``): at ``rate = 0.7`` with three modalities every
+    incomplete case has probability 0.7 / 6. Returns the batch with presence masks set and the
+    cases ``[B]``.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}.")
+    m = len(batch.modalities)
+    if m < 2:
+        raise ValueError("simulating missing modalities needs >= 2 modalities.")
+    incomplete = torch.tensor(all_cases(m, include_complete=False))
+    b = batch.batch_size
+    drop = torch.rand(b, generator=generator) < rate
+    pick = incomplete[torch.randint(len(incomplete), (b,), generator=generator)]
+    cases = torch.where(drop, pick, torch.full((b,), (1 << m) - 1))
+    return apply_case(batch, cases, fill=fill), cases

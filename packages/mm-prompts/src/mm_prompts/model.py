@@ -1,0 +1,267 @@
+"""MPLMM: generative, missing-signal and missing-type prompts on a frozen MulT-style backbone."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from mm_prompts.backbone import MulTBackbone, MulTConfig
+from mm_prompts.missing import case_from_presence
+from mmcore import ModalityBatch, atomic_write
+
+__all__ = ["MPLMM"]
+
+InitMode = Literal["default", "reference"]
+
+
+class MPLMM(nn.Module):
+    """Prompt learning for missing modalities (Guo, Jin, Zhao, ACL 2024) on a MulT backbone.
+
+    * **Generative prompts** ``G_m`` ``[L_p, d]`` with a generator whose parameters grow
+      *linearly* in ``M``: each source ``s`` is mapped once to a shared prompt-length latent
+      ``U_s = pool_s(GELU(F_s x_s))`` ``[B, L_p, d]``; a missing modality ``m`` is generated as
+      ``x̂_m = GELU(H_m(G_m + mean_{s available} U_s))`` ``[B, T_m, d]``. (The released code has
+      one temporal mixer per (target, available subset): ``M (2^{M−1} − 1)`` of them.)
+    * **Missing-signal prompts** ``S^avail_m``, ``S^miss_m`` ``[T_m, d]`` added to the projected
+      (present) or generated (missing) sequence.
+    * **Missing-type prompts**: per branch ``P_b`` ``[L_p, d]`` and per modality ``C_m``
+      ``[T_m, (M−1) d]``; for a sample's case, ``M_k = Σ_m S^{state(m)}_mᵀ C_m`` and
+      ``Q_b = P_b M_k`` ``[L_p, (M−1) d]`` are appended to branch ``b`` before its memory
+      transformer; the readout is their last token.
+
+    Every sample of a batch may have its own missing case: the forward pass selects with masks
+    (``torch.where``), with no Python loop over samples. Presence comes from the batch's
+    presence masks (:meth:`mmcore.ModalityBatch.with_missing`,
+    :func:`mm_prompts.simulate_missing`).
+
+    Initialisation (``init="default"``): ``P_b = 0`` and ``S``, ``C`` small random, so
+    ``Q = 0`` at first but ``P`` gets a non-zero gradient at once (one zero per product chain).
+    ``init="reference"`` reproduces the released code (every prompt zero), under which ``P`` and
+    ``C`` get exactly zero gradients for ever.
+
+    The backbone is frozen except its input projections and output layer (re-initialised per
+    data set in the paper); prompts and generator train.
+    """
+
+    def __init__(
+        self,
+        backbone: MulTBackbone,
+        seq_lens: Mapping[str, int],
+        *,
+        prompt_length: int = 16,
+        init: InitMode = "default",
+        freeze_backbone: bool = True,
+    ) -> None:
+        super().__init__()
+        if init not in ("default", "reference"):
+            raise ValueError(f"init must be 'default' or 'reference', got {init!r}.")
+        mods = backbone.modalities
+        if set(seq_lens) != set(mods):
+            raise ValueError(
+                f"seq_lens must name the backbone's modalities {list(mods)}, got {list(seq_lens)}."
+            )
+        self.backbone = backbone
+        self.modalities = mods
+        self.seq_lens = {m: int(seq_lens[m]) for m in mods}
+        self.prompt_length, self.init_mode = prompt_length, init
+        d, lp, width = backbone.config.d, prompt_length, (len(mods) - 1) * backbone.config.d
+        dims = backbone.config.input_dims
+        self.generative_prompts = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(lp, d)) for m in mods}
+        )
+        self.gen_channel = nn.ModuleDict({m: nn.Linear(dims[m], d) for m in mods})
+        self.gen_pool = nn.ParameterDict(
+            {m: nn.Parameter(torch.empty(self.seq_lens[m], lp)) for m in mods}
+        )
+        self.gen_out = nn.ParameterDict(
+            {m: nn.Parameter(torch.empty(lp, self.seq_lens[m])) for m in mods}
+        )
+        self.gen_out_bias = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(self.seq_lens[m], d)) for m in mods}
+        )
+        self.signal_avail = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(self.seq_lens[m], d)) for m in mods}
+        )
+        self.signal_miss = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(self.seq_lens[m], d)) for m in mods}
+        )
+        self.type_prompts = nn.ParameterDict({m: nn.Parameter(torch.zeros(lp, d)) for m in mods})
+        self.type_coupling = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(self.seq_lens[m], width)) for m in mods}
+        )
+        self.reset_parameters()
+        if freeze_backbone:
+            backbone.requires_grad_(False)
+            backbone.proj.requires_grad_(True)
+            backbone.out.requires_grad_(True)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re-)initialise prompts and generator (see the class docstring)."""
+        for m in self.modalities:
+            t = self.seq_lens[m]
+            nn.init.normal_(self.gen_pool[m], 0.0, 1.0 / math.sqrt(t))
+            nn.init.normal_(self.gen_out[m], 0.0, 1.0 / math.sqrt(self.prompt_length))
+            nn.init.zeros_(self.gen_out_bias[m])
+            nn.init.zeros_(self.type_prompts[m])
+            if self.init_mode == "reference":  # the released code: every prompt zero
+                for p in (
+                    self.generative_prompts[m],
+                    self.signal_avail[m],
+                    self.signal_miss[m],
+                    self.type_coupling[m],
+                ):
+                    nn.init.zeros_(p)
+            else:
+                nn.init.normal_(self.generative_prompts[m], 0.0, 0.02)
+                nn.init.normal_(self.signal_avail[m], 0.0, 0.02)
+                nn.init.normal_(self.signal_miss[m], 0.0, 0.02)
+                nn.init.normal_(self.type_coupling[m], 0.0, 1.0 / math.sqrt(t))
+
+    # ------------------------------------------------------------------ pieces
+    def presence(self, batch: ModalityBatch) -> Tensor:
+        """Bool ``[B, M]`` presence matrix; every sample needs at least one modality."""
+        presence = torch.stack([batch.is_present(m) for m in self.modalities], dim=1)
+        case_from_presence(presence)  # validates: raises if a sample has nothing
+        return presence
+
+    def _check_lengths(self, batch: ModalityBatch) -> None:
+        for m in self.modalities:
+            if batch[m].ndim != 3 or batch[m].shape[1] != self.seq_lens[m]:
+                raise ValueError(
+                    f"MPLMM: modality '{m}' must be [B, {self.seq_lens[m]}, D] (prompt shapes are "
+                    f"tied to the sequence length), got {tuple(batch[m].shape)}."
+                )
+
+    def source_latents(self, batch: ModalityBatch) -> Tensor:
+        """``U_s`` for every modality: ``[B, M, L_p, d]``."""
+        latents = []
+        for s in self.modalities:
+            u = F.gelu(self.gen_channel[s](batch[s]))  # [B, T_s, d]
+            latents.append(torch.einsum("btd,tl->bld", u, self.gen_pool[s]))
+        return torch.stack(latents, dim=1)
+
+    def generate(self, batch: ModalityBatch, presence: Tensor) -> dict[str, Tensor]:
+        """Generated sequences ``[B, T_m, d]`` for every modality, from the present ones."""
+        u = self.source_latents(batch)  # [B, M, Lp, d]
+        weight = presence.to(u.dtype)[:, :, None, None]
+        pooled = (u * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)  # [B, Lp, d]
+        return {
+            m: F.gelu(
+                torch.einsum("bld,lt->btd", self.generative_prompts[m] + pooled, self.gen_out[m])
+                + self.gen_out_bias[m]
+            )
+            for m in self.modalities
+        }
+
+    def type_tokens(self, presence: Tensor) -> dict[str, Tensor]:
+        """Missing-type prompts ``Q_b`` ``[B, L_p, (M−1) d]`` per branch for each sample's case."""
+        avail = torch.stack(
+            [self.signal_avail[m].T @ self.type_coupling[m] for m in self.modalities]
+        )
+        miss = torch.stack([self.signal_miss[m].T @ self.type_coupling[m] for m in self.modalities])
+        mk = torch.where(presence[:, :, None, None], avail, miss).sum(dim=1)  # [B, d, (M-1) d]
+        return {b: torch.einsum("ld,bdw->blw", self.type_prompts[b], mk) for b in self.modalities}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: ModalityBatch) -> Tensor:
+        """``[B, out_dim]`` for a batch that may mix every missing case."""
+        self._check_lengths(batch)
+        presence = self.presence(batch).to(batch.device)
+        projected = self.backbone.project(batch)
+        generated = self.generate(batch, presence)
+        z, padding = {}, {}
+        for i, m in enumerate(self.modalities):
+            here = presence[:, i, None, None]
+            z[m] = torch.where(
+                here, projected[m] + self.signal_avail[m], generated[m] + self.signal_miss[m]
+            )
+            pad = batch.padding_mask(m)
+            padding[m] = None if pad is None else pad & presence[:, i, None]
+        return self.backbone.forward_projected(z, padding, self.type_tokens(presence))
+
+    def forward_per_sample(self, batch: ModalityBatch) -> Tensor:
+        """The same model, one sample at a time, with explicit Python branching on its case.
+
+        This is the released code's structure: a slow reference for tests and speed comparisons.
+        """
+        self._check_lengths(batch)
+        outputs = []
+        for i in range(batch.batch_size):
+            one = batch.select([i])
+            present = [m for m in self.modalities if bool(one.is_present(m))]
+            if not present:
+                raise ValueError(f"sample {i} has every modality missing.")
+            latents = {
+                s: torch.einsum(
+                    "btd,tl->bld", F.gelu(self.gen_channel[s](one[s])), self.gen_pool[s]
+                )
+                for s in present
+            }
+            pooled = sum(latents.values()) / len(latents)
+            z, padding, mk = {}, {}, 0
+            for m in self.modalities:
+                if m in present:
+                    z[m] = self.backbone.proj[m](one[m].transpose(1, 2)).transpose(1, 2)
+                    z[m] = z[m] + self.signal_avail[m]
+                    padding[m] = one.padding_mask(m)
+                    mk = mk + self.signal_avail[m].T @ self.type_coupling[m]
+                else:
+                    h = torch.einsum(
+                        "bld,lt->btd", self.generative_prompts[m] + pooled, self.gen_out[m]
+                    )
+                    z[m] = F.gelu(h + self.gen_out_bias[m]) + self.signal_miss[m]
+                    padding[m] = None
+                    mk = mk + self.signal_miss[m].T @ self.type_coupling[m]
+            tokens = {b: (self.type_prompts[b] @ mk)[None] for b in self.modalities}
+            outputs.append(self.backbone.forward_projected(z, padding, tokens))
+        return torch.cat(outputs)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, backbone)`` parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.backbone.parameters())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """``config.json`` + ``model.safetensors`` (state dict, never a pickled module)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_write(directory / "model.safetensors", "wb") as f:
+            f.write(safetensors_bytes(tensors, metadata={"format": "pt", "library": "mm_prompts"}))
+        config = {
+            "backbone": self.backbone.config_dict(),
+            "seq_lens": self.seq_lens,
+            "prompt_length": self.prompt_length,
+            "init": self.init_mode,
+        }
+        with atomic_write(directory / "config.json") as f:
+            json.dump(config, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> MPLMM:
+        """Rebuild a model saved with :meth:`save_pretrained`."""
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"MPLMM.from_pretrained: {directory / name} not found.")
+        config = json.loads((directory / "config.json").read_text())
+        model = cls(
+            MulTBackbone(MulTConfig(**config["backbone"])),
+            config["seq_lens"],
+            prompt_length=config["prompt_length"],
+            init=config["init"],
+        )
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from mm_prompts import (
+    all_cases,
+    apply_case,
+    case_from_presence,
+    case_name,
+    presence_from_case,
+    reference_case_to_mask,
+    simulate_missing,
+)
+from mmcore import ModalityBatch
+
+MODS = ("text", "audio", "vision")
+
+
+def batch(n=6):
+    return ModalityBatch({m: torch.ones(n, 2, 3) for m in MODS}, target=torch.zeros(n))
+
+
+def test_cases_are_bitmasks():
+    assert all_cases(3) == [1, 2, 3, 4, 5, 6, 7]
+    assert len(all_cases(6)) == 63 and len(all_cases(4, include_complete=False)) == 14
+    presence = presence_from_case(torch.tensor([1, 6, 7]), 3)
+    assert presence.tolist() == [[True, False, False], [False, True, True], [True, True, True]]
+    assert case_from_presence(presence).tolist() == [1, 6, 7]
+    assert case_name(5, MODS) == "{text, vision}"
+
+
+def test_reference_case_numbering():
+    # k=0: text missing -> audio+vision present (bits 1, 2) = 6; k=6: complete = 7
+    assert [reference_case_to_mask(k) for k in range(7)] == [6, 5, 3, 4, 2, 1, 7]
+    with pytest.raises(ValueError, match=r"0\.\.6"):
+        reference_case_to_mask(7)
+
+
+def test_apply_case_and_simulation():
+    b = apply_case(batch(3), torch.tensor([1, 2, 7]))
+    assert b.is_present("text").tolist() == [True, False, True]
+    assert b["audio"][0].abs().sum() == 0 and b["audio"][1].abs().sum() > 0
+    g = torch.Generator().manual_seed(0)
+    sim, cases = simulate_missing(batch(4000), 0.7, generator=g)
+    complete = (cases == 7).float().mean().item()
+    assert complete == pytest.approx(0.3, abs=0.03)
+    assert (cases[cases != 7].bincount(minlength=7)[1:7].float() / 4000).sub(
+        0.7 / 6
+    ).abs().max() < 0.03
+    torch.testing.assert_close(
+        case_from_presence(torch.stack([sim.is_present(m) for m in MODS], 1)), cases
+    )
+
+
+def test_bad_cases_raise():
+    with pytest.raises(ValueError, match=r"invalid missing cases \[0, 8\]"):
+        presence_from_case(torch.tensor([0, 3, 8]), 3)
+    with pytest.raises(ValueError, match=r"samples \[1\] have every modality missing"):
+        case_from_presence(torch.tensor([[True, False], [False, False]]))
+    with pytest.raises(ValueError, match="rate"):
+        simulate_missing(batch(), 1.5)
+    with pytest.raises(ValueError, match=r"expected shape \(6,\)"):
+        apply_case(batch(), torch.tensor([1, 2]))

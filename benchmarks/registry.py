@@ -44,6 +44,8 @@ class Task:
         higher_is_better: direction of ``primary_metric``.
         profiles: the profiles that include the task.
         metrics: metrics to tabulate, in order (default: every metric the records hold).
+        plots: optional ``plots(records, plot_dir) -> [(caption, png_path), ...]`` for figures
+            beyond the bar chart of the primary metric (e.g. a curve over a swept setting).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Task:
     higher_is_better: bool = True
     profiles: tuple[Profile, ...] = PROFILES
     metrics: tuple[str, ...] | None = None
+    plots: Callable[[list[dict[str, Any]], Path], list[tuple[str, Path]]] | None = None
 
 
 TASKS: dict[str, Task] = {}

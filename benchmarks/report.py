@@ -85,6 +85,13 @@ def _plot(task_name: str, dataset: str, methods: dict[str, list[dict]], metric: 
             )
         )
     ax.grid(axis="x", alpha=0.3)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -134,6 +141,10 @@ def write_report(run_dir: Path) -> Path:
                 plot = Path("plots") / f"{task_name}--{dataset}.png".replace("/", "_")
                 _plot(task_name, dataset, methods, primary, run_dir / plot)
                 lines += [f"![{task_name} {dataset} {primary}]({plot.as_posix()})", ""]
+        if task is not None and task.plots is not None:
+            records = [r for r in results.get("records", []) if r["task"] == task_name]
+            for caption, path in task.plots(records, run_dir / "plots"):
+                lines += [f"![{caption}]({path.relative_to(run_dir).as_posix()})", ""]
     failures = results.get("failures", [])
     if failures:
         lines += ["## Failed", ""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ from benchmarks.runner import RESULTS_FILE
 from mmcore import atomic_write
 
 REPORT_FILE = "report.md"
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe version of ``text`` (markdown image links break on spaces)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
 def summarise(values: list[float | None]) -> tuple[float, float, int]:
@@ -138,7 +144,7 @@ def write_report(run_dir: Path) -> Path:
             lines.append("")
             primary = task.primary_metric if task else metrics[0]
             if primary in metrics:
-                plot = Path("plots") / f"{task_name}--{dataset}.png".replace("/", "_")
+                plot = Path("plots") / f"{_slug(f'{task_name}--{dataset}')}.png"
                 _plot(task_name, dataset, methods, primary, run_dir / plot)
                 lines += [f"![{task_name} {dataset} {primary}]({plot.as_posix()})", ""]
         if task is not None and task.plots is not None:

@@ -250,8 +250,8 @@ UCI_SETTINGS = {
     "d": 16,
     "heads": 2,
     "layers": 1,
-    "pretrain_epochs": {"quick": 6, "full": 40},
-    "epochs": {"quick": 6, "full": 40},
+    "pretrain_epochs": {"quick": 10, "full": 40},
+    "epochs": {"quick": 10, "full": 40},
     "prompt_length": 4,
     "train_rate": 0.7,
 }

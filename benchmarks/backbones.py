@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from mmcore import ModalityBatch, masked_mean, run_encoder
+from mmcore import ModalityBatch, masked_mean, run_encoder, sinusoidal_positions
 
 __all__ = [
     "ConcatPoolFusion",
@@ -29,18 +29,6 @@ __all__ = [
     "SequenceEncoder",
     "VectorEncoder",
 ]
-
-
-def sinusoidal_positions(length: int, dim: int, device: torch.device) -> Tensor:
-    """``[length, dim]`` sinusoidal position table (Vaswani et al., 2017)."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(
-        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
-    )
-    table = torch.zeros(length, dim, device=device)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
-    return table
 
 
 class SequenceEncoder(nn.Module):

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from mmcore import ModalityBatch
+from mmcore import ModalityBatch, sinusoidal_positions
 
 __all__ = ["MulTBackbone", "MulTConfig"]
 
@@ -51,17 +51,6 @@ class MulTConfig:
         if self.d % self.num_heads:
             raise ValueError(f"d={self.d} must be divisible by num_heads={self.num_heads}.")
         self.input_dims = dict(self.input_dims)
-
-
-def _positions(length: int, dim: int, device: torch.device) -> Tensor:
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(
-        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
-    )
-    table = torch.zeros(length, dim, device=device)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
-    return table
 
 
 class _Block(nn.Module):
@@ -99,11 +88,11 @@ class _Transformer(nn.Module):
         src_padding: Tensor | None = None,
         x_padding: Tensor | None = None,
     ) -> Tensor:
-        x = x * self.scale + _positions(x.shape[1], x.shape[2], x.device)
+        x = x * self.scale + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
         if src is None:
             src_padding = x_padding
         else:
-            src = src * self.scale + _positions(src.shape[1], src.shape[2], src.device)
+            src = src * self.scale + sinusoidal_positions(src.shape[1], src.shape[2], src.device)
         for block in self.blocks:
             x = block(x, x if src is None else src, src_padding)
         return self.norm(x)

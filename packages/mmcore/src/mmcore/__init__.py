@@ -17,7 +17,7 @@ from mmcore.contract import (
     resolve_module,
     run_encoder,
 )
-from mmcore.utils import atomic_write, seed_everything
+from mmcore.utils import atomic_write, seed_everything, sinusoidal_positions
 
 __version__ = "0.1.0"
 
@@ -35,4 +35,5 @@ __all__ = [
     "resolve_module",
     "run_encoder",
     "seed_everything",
+    "sinusoidal_positions",
 ]

@@ -1,8 +1,9 @@
-"""Small shared utilities: seeding and atomic file writes."""
+"""Small shared utilities: seeding, atomic file writes, sinusoidal positions."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import tempfile
@@ -13,7 +14,7 @@ from typing import IO
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "seed_everything"]
+__all__ = ["atomic_write", "seed_everything", "sinusoidal_positions"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -49,3 +50,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def sinusoidal_positions(
+    length: int, dim: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``[length, dim]`` sinusoidal position table (Vaswani et al., 2017)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table

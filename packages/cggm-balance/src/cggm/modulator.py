@@ -161,6 +161,8 @@ class CGGM:
     def _install_classifiers(self, classifiers: nn.ModuleDict) -> None:
         device = self.head_weight.device
         self.classifiers = classifiers.to(device)
+        # the classifiers' final weights, found once (the direction term needs them every step)
+        self._classifier_heads = [_final_weight(self.classifiers[m]) for m in self.modalities]
         if dist.is_available() and dist.is_initialized():
             for p in self.classifiers.parameters():  # every rank starts from rank 0's classifiers
                 dist.broadcast(p.data, src=0)
@@ -231,7 +233,7 @@ class CGGM:
         if self.config.mode == "reference":
             pending, self._pending = self._pending, None
             return zero if pending is None else self.config.lam * pending
-        heads = [_final_weight(self.classifiers[m]) for m in self.modalities]
+        heads = self._classifier_heads
         b = self.coefficients.to(self.head_weight.device)
         return self.config.lam * direction_loss(b, heads, self.head_weight)
 
@@ -277,7 +279,7 @@ class CGGM:
         torch.stack(losses).sum().backward()
         self._average_classifier_grads()
         if cfg.mode == "reference" and sync and cfg.lam > 0:
-            heads = [_final_weight(self.classifiers[m]).clone() for m in self.modalities]
+            heads = [w.clone() for w in self._classifier_heads]
             w_fusion = self.head_weight.clone()
         self.optimizer.step()
         self._totals += torch.stack(totals)

@@ -184,3 +184,13 @@ def test_collate_works_with_dataloader_and_rejects_bad_samples():
         collate_modalities([{"inputs": {"a": torch.ones(2)}}, {"inputs": {"a": torch.ones(3)}}])
     with pytest.raises(TypeError, match="sample 0"):
         collate_modalities([torch.ones(2)])
+
+
+def test_batches_pickle_for_dataloader_workers():
+    import pickle
+
+    batch = make_batch().with_missing("vec", torch.tensor([True, False, False, True]))
+    back = pickle.loads(pickle.dumps(batch))
+    assert back.modalities == batch.modalities and back.sample_ids == batch.sample_ids
+    assert torch.equal(back.is_present("vec"), batch.is_present("vec"))
+    assert torch.equal(back.padding_mask("text"), batch.padding_mask("text"))

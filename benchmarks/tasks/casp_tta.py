@@ -26,7 +26,7 @@ from benchmarks.baselines.tta import SelfTraining, Tent
 from benchmarks.data.generators import write_shift_pair
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.tasks.uci_modalities import uci_splits
+from benchmarks.tasks.common import uci_splits
 from benchmarks.training import accuracy, add_ratio_column, fit
 from casp import CASP
 from mmcore import ModalityBatch

@@ -23,7 +23,7 @@ from benchmarks.baselines.ogm import OGMGE
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.tasks.uci_modalities import uci_splits
+from benchmarks.tasks.common import real_mult_pickle, uci_splits
 from benchmarks.training import accuracy, add_ratio_column, fit, predict
 from cggm import CGGM
 from mmcore import ModalityBatch, masked_mean
@@ -177,16 +177,20 @@ MOSI_SETTINGS = {
 def run_mosi(ctx: RunContext) -> list[dict]:
     """Regression with a dominant modality: joint training vs. CGGM."""
     s = MOSI_SETTINGS
-    lens = dict.fromkeys(("text", "audio", "vision"), s["seq_len"])
-    path = write_mult_pickle(
-        ctx.work_dir / f"mosi_imbalance_seed{ctx.seed}.pkl",
-        "mosi",
-        n=s["n"][ctx.profile],
-        seq_lens=lens,
-        seed=ctx.seed,
-        structure=PlantedStructure(imbalance=s["imbalance"], dominant=s["dominant"]),
-    )
-    data = load_mult_pickle(path)
+    data = real_mult_pickle(ctx)
+    dataset = "CMU-MOSI (--data-root)"
+    if data is None:
+        lens = dict.fromkeys(("text", "audio", "vision"), s["seq_len"])
+        path = write_mult_pickle(
+            ctx.work_dir / f"mosi_imbalance_seed{ctx.seed}.pkl",
+            "mosi",
+            n=s["n"][ctx.profile],
+            seq_lens=lens,
+            seed=ctx.seed,
+            structure=PlantedStructure(imbalance=s["imbalance"], dominant=s["dominant"]),
+        )
+        data = load_mult_pickle(path)
+        dataset = f"MOSI-format, {s['dominant']} dominant (imbalance {s['imbalance']})"
 
     def l1(pred, target):
         return F.l1_loss(pred.squeeze(-1), target)
@@ -220,7 +224,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
         records.append(
             {
                 "method": method,
-                "dataset": f"MOSI-format, {s['dominant']} dominant (imbalance {s['imbalance']})",
+                "dataset": dataset,
                 "metrics": {
                     **msa_regression_metrics(pred, data["test"].target),
                     "ms_per_step": 1000 * sps,

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from benchmarks.data.generators import write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
-from benchmarks.data.uci import load_uci_mfeat
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.report import save_figure
+from benchmarks.tasks.common import real_mult_pickle, uci_splits
 from benchmarks.training import accuracy, fit, predict
 from mm_prompts import (
     MPLMM,
@@ -155,15 +155,19 @@ def _neg_mae(pred, target):
 def run_mosi(ctx: RunContext) -> list[dict]:
     """Per-case table, average and test-time missing-rate sweep on MOSI-format data."""
     s = MOSI_SETTINGS
-    lens = dict.fromkeys(("text", "audio", "vision"), s["seq_len"])
-    path = write_mult_pickle(
-        ctx.work_dir / f"mosi_seed{ctx.seed}.pkl",
-        "mosi",
-        n=s["n"][ctx.profile],
-        seq_lens=lens,
-        seed=ctx.seed,
-    )
-    data = load_mult_pickle(path)
+    data = real_mult_pickle(ctx)
+    name = "CMU-MOSI"
+    if data is None:
+        lens = dict.fromkeys(("text", "audio", "vision"), s["seq_len"])
+        path = write_mult_pickle(
+            ctx.work_dir / f"mosi_seed{ctx.seed}.pkl",
+            "mosi",
+            n=s["n"][ctx.profile],
+            seq_lens=lens,
+            seed=ctx.seed,
+        )
+        data = load_mult_pickle(path)
+        name = "MOSI-format"
     dims = {m: data["train"][m].shape[2] for m in data["train"].modalities}
     config = MulTConfig(
         dims,
@@ -185,7 +189,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             records.append(
                 {
                     "method": method,
-                    "dataset": f"MOSI-format, present {case_name(case, modalities)}",
+                    "dataset": f"{name}, present {case_name(case, modalities)}",
                     "metrics": per_case[case],
                     "config": {"case": case},
                 }
@@ -203,7 +207,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
         records.append(
             {
                 "method": method,
-                "dataset": "MOSI-format, average over the 7 cases",
+                "dataset": f"{name}, average over the 7 cases",
                 "metrics": average,
                 "config": {k: v for k, v in s.items() if not isinstance(v, dict)},
             }
@@ -264,10 +268,7 @@ def _as_sequences(batch: ModalityBatch) -> ModalityBatch:
 def run_uci(ctx: RunContext) -> list[dict]:
     """Six real modalities, 63 missing cases: average and single-modality accuracy."""
     s = UCI_SETTINGS
-    if ctx.data_root is not None and (ctx.data_root / "uci-mfeat" / "mfeat.npz").is_file():
-        raw = load_uci_mfeat(ctx.data_root / "uci-mfeat")
-    else:
-        raw = load_uci_mfeat()
+    raw = uci_splits(ctx)
     data = {k: _as_sequences(v) for k, v in raw.items()}  # vectors as length-1 sequences
     dims = {m: data["train"][m].shape[2] for m in data["train"].modalities}
     config = MulTConfig(

@@ -10,20 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.backbones import LateFusionModel
-from benchmarks.data.uci import UCI_MODALITIES, load_uci_mfeat
+from benchmarks.data.uci import UCI_MODALITIES
 from benchmarks.registry import RunContext, Task, register_task
+from benchmarks.tasks.common import uci_splits
 from benchmarks.training import accuracy, count_parameters, fit, predict
 from mmcore.metrics import classification_metrics
 
 EPOCHS = {"quick": 25, "full": 100}
 WIDTH, HIDDEN = 32, 64
-
-
-def uci_splits(ctx: RunContext):
-    """Mfeat splits from ``--data-root/uci-mfeat`` when present, else the embedded copy."""
-    if ctx.data_root is not None and (ctx.data_root / "uci-mfeat" / "mfeat.npz").is_file():
-        return load_uci_mfeat(ctx.data_root / "uci-mfeat")
-    return load_uci_mfeat()
 
 
 def run(ctx: RunContext) -> list[dict]:

@@ -29,7 +29,7 @@ from benchmarks.baselines.peft import add_houlsby_adapters, apply_lora, freeze_a
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.tasks.uci_modalities import uci_splits
+from benchmarks.tasks.common import uci_splits
 from benchmarks.training import accuracy, add_ratio_column, count_parameters, fit, predict
 from mmcore import ModalityBatch
 from mmcore.metrics import classification_metrics, msa_regression_metrics

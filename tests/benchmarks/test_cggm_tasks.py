@@ -33,3 +33,20 @@ def test_cggm_tasks_record_every_method(tmp_path, tiny):
     brats = {r["method"]: r["metrics"] for r in by_task["cggm-brats-seg"]}
     assert set(brats) == {"joint", "CGGM"}
     assert 0 <= brats["CGGM"]["dice_mean"] <= 1
+
+
+def test_real_mosi_pickle_under_data_root_is_used(tmp_path, tiny):
+    from benchmarks.data.generators import write_mult_pickle
+
+    root = tmp_path / "data"
+    lens = dict.fromkeys(("text", "audio", "vision"), 5)
+    write_mult_pickle(root / "mosi_data.pkl", "mosi", n=(24, 8, 8), seq_lens=lens)
+    results = run_tasks(
+        ["cggm-mosi-imbalance"],
+        profile="quick",
+        seeds=[0],
+        out_dir=tmp_path / "run",
+        data_root=root,
+    )
+    assert not results["failures"], results["failures"]
+    assert {r["dataset"] for r in results["records"]} == {"CMU-MOSI (--data-root)"}

@@ -58,7 +58,9 @@ class Tent:
 
     def adapt(self, data: ModalityBatch) -> None:
         """One (or ``epochs``) pass over the unlabeled target data; labels never read."""
-        data = data.replace(target=None)
+        self._train(data.replace(target=None))
+
+    def _train(self, data: ModalityBatch) -> None:
         rng = random.Random(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         self.model.train()
@@ -70,8 +72,8 @@ class Tent:
         self.model.eval()
 
 
-class SelfTraining:
-    """Pseudo-labels from the source model on every target sample, then supervised training."""
+class SelfTraining(Tent):
+    """Source-model pseudo-labels on every target sample, then supervised training (3 epochs)."""
 
     def __init__(
         self,
@@ -82,29 +84,19 @@ class SelfTraining:
         epochs: int = 3,
         seed: int = 0,
     ) -> None:
-        self.tent = Tent(model, task, lr, batch_size, epochs, seed)
-        self.model = self.tent.model
+        super().__init__(model, task, lr, batch_size, epochs, seed)
 
-    @torch.no_grad()
-    def _labels(self, data: ModalityBatch) -> Tensor:
-        self.model.eval()
-        out = torch.cat([self.model(b) for b in data.split(256)])
-        return out.softmax(dim=-1) if self.tent.task == "classification" else out.reshape(-1)
+    def objective(self, batch: ModalityBatch, rng: random.Random) -> Tensor:
+        """Supervised loss on the pseudo-labels carried in ``batch.target``."""
+        out = self.model(batch)
+        if self.task == "classification":
+            return F.cross_entropy(out, batch.target)
+        return F.l1_loss(out.reshape(-1), batch.target)
 
     def adapt(self, data: ModalityBatch) -> None:
-        """Train on the source predictions of all target samples."""
-        data = data.replace(target=self._labels(data))
-        generator = torch.Generator().manual_seed(self.tent.seed)
-        self.model.train()
-        for _ in range(self.tent.epochs):
-            for batch in data.split(self.tent.batch_size, shuffle=True, generator=generator):
-                out = self.model(batch)
-                loss = (
-                    F.cross_entropy(out, batch.target)
-                    if self.tent.task == "classification"
-                    else F.l1_loss(out.reshape(-1), batch.target)
-                )
-                self.tent.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.tent.optimizer.step()
+        """Label every target sample with the source model's prediction, then train on them."""
         self.model.eval()
+        with torch.no_grad():
+            out = torch.cat([self.model(b) for b in data.split(256)])
+        labels = out.softmax(dim=-1) if self.task == "classification" else out.reshape(-1)
+        self._train(data.replace(target=labels))

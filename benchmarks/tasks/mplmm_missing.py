@@ -74,8 +74,17 @@ def _substitute(batch: ModalityBatch, means: dict[str, torch.Tensor]) -> Modalit
     return batch.replace(inputs=inputs)
 
 
-def train_methods(ctx, data, config, s, loss_fn, score_fn) -> dict[str, torch.nn.Module]:
-    """Pretrain the backbone on complete data, then derive every method from it."""
+def train_methods(ctx, data, out_dim, s, loss_fn, score_fn) -> dict[str, torch.nn.Module]:
+    """Pretrain a backbone sized from ``data`` on complete data; derive every method."""
+    dims = {m: data["train"][m].shape[2] for m in data["train"].modalities}
+    config = MulTConfig(
+        dims,
+        out_dim=out_dim,
+        d=s["d"],
+        num_heads=s["heads"],
+        cross_layers=s["layers"],
+        memory_layers=s["layers"],
+    )
     torch.manual_seed(ctx.seed)
     backbone = MulTBackbone(config)
     ctx.progress("pretraining the backbone (complete data)")
@@ -168,16 +177,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
         )
         data = load_mult_pickle(path)
         name = "MOSI-format"
-    dims = {m: data["train"][m].shape[2] for m in data["train"].modalities}
-    config = MulTConfig(
-        dims,
-        out_dim=1,
-        d=s["d"],
-        num_heads=s["heads"],
-        cross_layers=s["layers"],
-        memory_layers=s["layers"],
-    )
-    models = train_methods(ctx, data, config, s, _l1, _neg_mae)
+    models = train_methods(ctx, data, 1, s, _l1, _neg_mae)
     test, modalities = data["test"], data["test"].modalities
     records = []
     for method, model in models.items():
@@ -270,16 +270,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
     s = UCI_SETTINGS
     raw = uci_splits(ctx)
     data = {k: _as_sequences(v) for k, v in raw.items()}  # vectors as length-1 sequences
-    dims = {m: data["train"][m].shape[2] for m in data["train"].modalities}
-    config = MulTConfig(
-        dims,
-        out_dim=10,
-        d=s["d"],
-        num_heads=s["heads"],
-        cross_layers=s["layers"],
-        memory_layers=s["layers"],
-    )
-    models = train_methods(ctx, data, config, s, F.cross_entropy, accuracy)
+    models = train_methods(ctx, data, 10, s, F.cross_entropy, accuracy)
     test, modalities = data["test"], data["test"].modalities
     records = []
     for method, model in models.items():

@@ -61,7 +61,7 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit(): the model has no trainable parameters.")
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     generator = torch.Generator().manual_seed(seed)
     best = (-float("inf"), -1, copy.deepcopy(model.state_dict()))
     steps, train_seconds = 0, 0.0

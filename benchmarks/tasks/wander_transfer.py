@@ -1,9 +1,9 @@
 """Wander beside its baselines: transfer a frozen multimodal backbone to a new task.
 
-Two tasks, each with the same five methods on the same pretrained backbone per seed:
-head-only, full fine-tuning, LoRA (the real ``peft`` library, on the encoders' linear layers),
-a Houlsby bottleneck adapter after every encoder, and Wander (fused tokens added to the fusion
-output; adapter + head trained) with its default centred init and with the gate init.
+Two tasks, each with the same methods on the same pretrained backbone per seed: head-only,
+full fine-tuning, LoRA (the real ``peft`` library, on the encoders' linear layers), a Houlsby
+bottleneck adapter after every encoder, and Wander (fused tokens added to the fusion output;
+adapter + head trained) in the variants each task's settings list.
 
 * ``wander-uci-transfer`` (real data): the late-fusion MLP backbone pretrained on UCI mfeat digits
   0–4 (all six modalities), adapted to digits 5–9 with a few labels per class.
@@ -35,14 +35,16 @@ from mmcore import ModalityBatch
 from mmcore.metrics import classification_metrics, msa_regression_metrics
 from wander import Wander
 
-METHODS = (
-    "head-only",
-    "full fine-tuning",
-    "LoRA (peft)",
-    "Houlsby adapter",
-    "Wander",
-    "Wander (gate init)",
-)
+
+def methods(settings: dict) -> tuple[str, ...]:
+    """Head-only, full fine-tuning, the task's LoRA ranks, Houlsby, then its Wander variants."""
+    return (
+        "head-only",
+        "full fine-tuning",
+        *settings["lora_ranks"],
+        "Houlsby adapter",
+        *settings["wander_variants"],
+    )
 
 
 def select_classes(
@@ -73,17 +75,19 @@ def build_method(
         return freeze_all_but(model, ["head"])
     if method == "full fine-tuning":
         return model.requires_grad_(True)
-    if method == "LoRA (peft)":
-        return apply_lora(model, settings["lora_rank"], target_prefix=settings["lora_prefix"])
+    if method in settings.get("lora_ranks", {}):
+        rank = settings["lora_ranks"][method]
+        return apply_lora(model, rank, target_prefix=settings["lora_prefix"])
     if method == "Houlsby adapter":
         dims = {m: settings["width"] for m in model.encoders}
         return add_houlsby_adapters(model, dims, settings["houlsby_bottleneck"])
-    if method.startswith("Wander"):
-        options = dict(settings.get("wander_options", {}))
-        if method == "Wander (gate init)":
-            options["init"] = "gate"
+    if method in settings.get("wander_variants", {}):
+        options = {**settings.get("wander_options", {}), **settings["wander_variants"][method]}
+        if "target_layer" in options:  # tap each encoder's inner layer instead of its output
+            layer = options.pop("target_layer")
+            options["target_modules"] = {m: f"encoders.{m}.{layer}" for m in model.encoders}
         return Wander(model, settings["wander_ranks"], example_input=example, **options)
-    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+    raise ValueError(f"unknown method {method!r}; known: {methods(settings)}")
 
 
 def compare_methods(
@@ -102,7 +106,7 @@ def compare_methods(
     """Fit every method from the same pretrained ``base``; one record per method."""
     backbone_params = count_parameters(base)
     records = []
-    for method in METHODS:
+    for method in methods(settings):
         ctx.progress(f"{dataset}: {method}")
         model = build_method(method, base, train, settings, ctx.seed)
         result = fit(
@@ -144,18 +148,27 @@ UCI_SETTINGS = {
     "pretrain_epochs": {"quick": 20, "full": 60},
     "epochs": 60,
     "batch_size": 32,
-    "lora_rank": 2,
+    "lora_ranks": {"LoRA (peft)": 2, "LoRA (peft, r=4)": 4},
     "lora_prefix": "encoders",
     "houlsby_bottleneck": 16,
     "wander_ranks": {"bottleneck": 6, "feature": 1, "token": 1},
-    "wander_options": {"num_fused_tokens": 1},
+    "wander_options": {"num_fused_tokens": 1, "bias_augment": True},
+    # the encoders' last linear layer squeezes 256 hidden features into 32 tuned to digits
+    # 0-4; Wander reads the hidden layer (the output of each encoder's GELU) or the output
+    "wander_variants": {
+        "Wander": {"target_layer": "net.2"},
+        "Wander (encoder outputs)": {},
+        "Wander (encoder outputs, no constant channel)": {"bias_augment": False},
+    },
     "lr": {
         "head-only": 1e-2,
         "full fine-tuning": 1e-3,
         "LoRA (peft)": 1e-2,
+        "LoRA (peft, r=4)": 1e-2,
         "Houlsby adapter": 1e-2,
         "Wander": 3e-3,
-        "Wander (gate init)": 3e-3,
+        "Wander (encoder outputs)": 3e-3,
+        "Wander (encoder outputs, no constant channel)": 3e-3,
     },
 }
 
@@ -208,11 +221,12 @@ MOSI_SETTINGS = {
     "pretrain_epochs": {"quick": 15, "full": 40},
     "epochs": 30,
     "batch_size": 32,
-    "lora_rank": 2,
+    "lora_ranks": {"LoRA (peft)": 2},
     "lora_prefix": "encoders",
     "houlsby_bottleneck": 8,
     "wander_ranks": {"bottleneck": 8, "feature": 2, "token": 2},
     "wander_options": {"num_fused_tokens": 4, "bias_augment": True},
+    "wander_variants": {"Wander": {}, "Wander (gate init)": {"init": "gate"}},
     "lr": {
         "head-only": 3e-3,
         "full fine-tuning": 1e-3,
@@ -337,6 +351,7 @@ FOOD_SETTINGS = {
     "batch_size": 16,
     "wander_ranks": {"bottleneck": 4, "feature": 2, "token": 2},
     "wander_options": {"num_fused_tokens": 2},
+    "wander_variants": {"Wander": {}},
 }
 
 

@@ -27,7 +27,12 @@ def test_wander_tasks_record_every_method(tmp_path, tiny):
     by_task = {}
     for r in results["records"]:
         by_task.setdefault(r["task"], []).append(r)
-    assert [r["method"] for r in by_task["wander-uci-transfer"]] == list(wt.METHODS)
+    assert [r["method"] for r in by_task["wander-uci-transfer"]] == list(
+        wt.methods(wt.UCI_SETTINGS)
+    )
+    assert [r["method"] for r in by_task["wander-mosi-interaction"]] == list(
+        wt.methods(wt.MOSI_SETTINGS)
+    )
     uci = {r["method"]: r["metrics"] for r in by_task["wander-uci-transfer"]}
     assert uci["head-only"]["step_time_vs_head_only"] == 1.0
     assert uci["full fine-tuning"]["trainable_pct_of_backbone"] == pytest.approx(100.0)

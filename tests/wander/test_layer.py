@@ -145,3 +145,33 @@ def test_bad_input_raises_clear_errors():
         WanderConfig(bottleneck_dim=0)
     with pytest.raises(ValueError, match="dropout"):
         WanderConfig(dropout=1.5)
+
+
+@pytest.mark.parametrize("m", [2, 4, 7])
+@pytest.mark.parametrize("cp_mode", ["true", "reference"])
+def test_bias_augment_starts_near_the_first_order_expansion(m, cp_mode):
+    """With the constant channel, each Z_m starts at 1 + ε_m: the product is ≈ 1 + Σ ε_m."""
+    layer, _ = build(m, cp_mode=cp_mode, bias_augment=True, interaction_init=0.1)
+    g = torch.Generator().manual_seed(0)
+    xs = {
+        k: torch.randn(512, t, layer.hidden_dims[k], generator=g) for k, t in layer.seq_lens.items()
+    }
+    out = layer.raw_output(xs)
+    # ε_m has a non-zero mean (GELU features are positive on average): near 1, not exactly 1
+    assert 0.7 < out.mean().item() < 1.5
+    # the fluctuation grows like sqrt(M) · ε, not exponentially in M
+    assert 0.02 < out.std().item() < 0.6
+
+
+def test_bias_augment_init_is_identity_with_live_gradients():
+    layer, xs = build(5, bias_augment=True)
+    out = layer(xs)
+    assert out.abs().max() == 0
+    (out.pow(2).sum() + out.sum()).backward()
+    assert all(nonzero_grads(layer).values())
+
+
+def test_interaction_init_zero_is_purely_additive_at_init():
+    """ε = 0 exactly: every projection is the constant 1, whatever the input."""
+    layer, xs = build(3, bias_augment=True, interaction_init=0.0)
+    assert torch.allclose(layer.raw_output(xs), torch.ones(1))

@@ -63,6 +63,14 @@ class WanderConfig:
             the consumer's output size). ``None``: ``bottleneck_dim``.
         bias_augment: append a constant 1 to each modality's bottleneck features (the TFN/LMF
             trick), so lower-order interactions are representable, not only M-th order ones.
+            With it, the random inits (``"centered"``, ``"gate"``) start every modality's
+            projection at ``Z_m = 1 + ε_m`` (constant channel mapped to 1, token factors
+            spread evenly over the positions, the rest scaled by ``interaction_init``): the product
+            over modalities then starts near its first-order expansion ``1 + Σ_m ε_m``, so each
+            modality's gradient is not multiplied by the other modalities' random projections,
+            and higher-order terms are learned as the data asks for them.
+        interaction_init: with ``bias_augment``, the size of ``ε_m`` at init relative to the
+            constant 1 (standard deviation for unit-variance inputs).
         normalize_inputs: parameter-free layer norm on each encoder output before the
             down-projection, so the product over modalities is scale-free.
         dropout: dropout on the adapter's output (after centering, so ``init="centered"`` stays
@@ -90,6 +98,7 @@ class WanderConfig:
     output: OutputMode = "fused"
     fused_dim: int | None = None
     bias_augment: bool = False
+    interaction_init: float = 0.3
     normalize_inputs: bool = True
     dropout: float = 0.0
     output_scale: float = 0.1
@@ -112,6 +121,8 @@ class WanderConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        if not self.interaction_init >= 0:
+            raise ValueError(f"interaction_init must be >= 0, got {self.interaction_init}.")
         if not self.output_scale > 0:
             raise ValueError(f"output_scale must be > 0, got {self.output_scale}.")
         if not 0.0 <= self.dropout < 1.0:

@@ -110,18 +110,30 @@ class WanderFusion(nn.Module):
                 nn.init.normal_(self.feature_factors[m], 0.0, 1.0)
                 nn.init.zeros_(self.token_factors[m])
             else:
-                d_m = self.hidden_dims[m]
+                d_m, t_m = self.hidden_dims[m], self.seq_lens[m]
                 nn.init.normal_(self.down[m].weight, 0.0, 1.0 / math.sqrt(d_m))
                 nn.init.zeros_(self.down[m].bias)
-                t_std = 1.0 / math.sqrt(self.seq_lens[m] * t_sum)
+                t_std = 1.0 / math.sqrt(t_m * t_sum)
                 d_std = 1.0 / math.sqrt(r_in * _GELU_SECOND_MOMENT * d_sum)
-                nn.init.normal_(self.token_factors[m], 0.0, t_std)
-                nn.init.normal_(self.feature_factors[m], 0.0, d_std)
+                if cfg.bias_augment:
+                    # Z_m = 1 + ε_m: token factors average the tokens, the constant channel
+                    # maps to 1 (divided by the factors summed in "reference" cp_mode)
+                    eps = cfg.interaction_init
+                    nn.init.normal_(self.token_factors[m], 0.0, eps * t_std)
+                    self.token_factors[m].add_(1.0 / (t_m * t_sum))
+                    nn.init.normal_(self.feature_factors[m], 0.0, eps * d_std)
+                    self.feature_factors[m][:, -1].fill_(1.0 / d_sum)
+                else:
+                    nn.init.normal_(self.token_factors[m], 0.0, t_std)
+                    nn.init.normal_(self.feature_factors[m], 0.0, d_std)
             if self.residual:
                 nn.init.normal_(self.up_tokens[m], 0.0, 1.0 / math.sqrt(cfg.fused_tokens))
                 nn.init.normal_(self.up_features[m], 0.0, 1.0 / math.sqrt(self.out_dim))
         if self.cp_weights is not None:
-            nn.init.constant_(self.cp_weights, 1.0 / math.sqrt(rt * rd))
+            # unit variance for a sum of R_t R_d independent terms; a mean when each term is
+            # 1 + ε (bias_augment), so the sum is 1 + ε too
+            lam = 1.0 / (rt * rd) if cfg.bias_augment else 1.0 / math.sqrt(rt * rd)
+            nn.init.constant_(self.cp_weights, lam)
         if self.gate is not None:
             nn.init.zeros_(self.gate)
         if cfg.init == "centered":

@@ -75,6 +75,13 @@ class PlantedStructure:
         imbalance: ``w_dominant / w_other`` (>= 1; 1 = all modalities equally informative).
         dominant: the dominant modality (default: the first).
         shift: strength of the feature drift applied in the ``target`` domain.
+        shared: correlation between the modalities' latents (0 = independent, each modality
+            carries its own part of the label; towards 1 = redundant, as in real sentiment data
+            where every modality reflects the same sentiment, so a missing modality can be
+            partly inferred from the others).
+        feature_mean: std of a fixed per-feature mean added to every modality's features
+            (0 = zero-mean features). Real extracted features (GloVe/BERT, COVAREP, Facet) are
+            not zero-mean, so a zero-filled missing modality is out of distribution for them.
         obs_noise: std of each modality's per-sample reading noise of its latent.
         token_noise: std of the per-token feature noise.
         world_seed: seed of the fixed directions, drifts and weights.
@@ -84,6 +91,8 @@ class PlantedStructure:
     imbalance: float = 1.0
     dominant: str | None = None
     shift: float = 0.0
+    shared: float = 0.0
+    feature_mean: float = 0.0
     obs_noise: float = 0.3
     token_noise: float = 1.0
     world_seed: int = 1234
@@ -93,7 +102,9 @@ class PlantedStructure:
             raise ValueError(
                 f"imbalance must be >= 1 (w_dominant / w_other), got {self.imbalance}."
             )
-        for name in ("shift", "obs_noise", "token_noise"):
+        if not 0.0 <= self.shared < 1.0:
+            raise ValueError(f"shared must be in [0, 1), got {self.shared}.")
+        for name in ("shift", "feature_mean", "obs_noise", "token_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
@@ -140,11 +151,15 @@ def sample_planted(
     rng = np.random.default_rng(seed)
     weights = structure.label_weights(names)
     z = rng.standard_normal((n, len(names)))
+    if structure.shared:  # unit-variance latents with pairwise correlation `shared`
+        common = rng.standard_normal((n, 1))
+        z = np.sqrt(structure.shared) * common + np.sqrt(1.0 - structure.shared) * z
     contributions = z * weights
     score = contributions.sum(axis=1)
     if len(names) >= 2 and structure.interaction:
         score = score + structure.interaction * z[:, 0] * z[:, 1]
     features = {}
+    means = np.random.default_rng(structure.world_seed + 1)  # own stream: the world is unchanged
     for i, m in enumerate(names):
         t, d = shapes[m]
         direction = world.standard_normal(d)
@@ -155,6 +170,8 @@ def sample_planted(
         reading = z[:, i] + structure.obs_noise * rng.standard_normal(n)
         x = reading[:, None, None] * envelope[None, :, None] * direction[None, None, :]
         x = x + structure.token_noise * rng.standard_normal((n, t, d))
+        if structure.feature_mean:
+            x = x + structure.feature_mean * means.standard_normal(d)
         if domain == "target":
             x = x * scale + offset
         features[m] = x.astype(np.float32)

@@ -44,6 +44,16 @@ def test_imbalance_knob_makes_one_modality_dominant():
     assert max(scores) - min(scores) < 0.1
 
 
+def test_shared_knob_makes_a_missing_modality_predictable_from_the_others():
+    s = sample_planted(3000, SHAPES, PlantedStructure(shared=0.7), seed=4)
+    assert np.allclose(np.corrcoef(s.latents.T)[np.triu_indices(3, 1)], 0.7, atol=0.05)
+    p = readings(s)
+    # the label's text part is recoverable from audio + vision only when latents are shared
+    assert r2(p[:, 1:], s.contributions[:, 0]) > 0.4
+    independent = sample_planted(3000, SHAPES, PlantedStructure(shared=0.0), seed=4)
+    assert r2(readings(independent)[:, 1:], independent.contributions[:, 0]) < 0.02
+
+
 @pytest.mark.parametrize("shift", [0.0, 1.5])
 def test_shift_knob_moves_features_not_the_label_mapping(shift):
     structure = PlantedStructure(shift=shift)
@@ -65,6 +75,8 @@ def test_shift_knob_moves_features_not_the_label_mapping(shift):
 def test_bad_knobs_raise():
     with pytest.raises(ValueError, match="imbalance must be >= 1"):
         PlantedStructure(imbalance=0.5)
+    with pytest.raises(ValueError, match=r"shared must be in \[0, 1\)"):
+        PlantedStructure(shared=1.0)
     with pytest.raises(ValueError, match="shift must be >= 0"):
         PlantedStructure(shift=-1)
     with pytest.raises(ValueError, match="dominant modality 'x'"):

@@ -45,6 +45,7 @@ def train_modulated(
     batch_size: int = 32,
     seed: int = 0,
     cggm_options: dict | None = None,
+    optimizer: str = "adamw",
 ) -> tuple[float, int]:
     """Train with ``method``: ``"joint"``, ``"OGM-GE"``, ``"CGGM"`` or ``"CGGM (reference mode)"``.
 
@@ -71,6 +72,7 @@ def train_modulated(
         seed=seed,
         extra_loss=modulator.direction_loss if isinstance(modulator, CGGM) else None,
         after_backward=(lambda batch: modulator.step(batch.target)) if modulator else None,
+        optimizer=optimizer,
     )
     if isinstance(modulator, CGGM):
         modulator.remove()
@@ -98,7 +100,10 @@ UCI_SETTINGS = {
     "hidden": 64,
     "epochs": {"quick": 60, "full": 150},
     "batch_size": 32,
-    "lr": 1e-3,
+    # SGD with momentum for every method: gradient modulation (OGM-GE, CGGM's rho * B_m) scales
+    # gradients, and Adam divides each gradient by its running RMS, which undoes a constant scale
+    "optimizer": "sgd",
+    "lr": 3e-2,
     "cggm": {"rho": 1.3, "lam": 0.2, "cls_lr": 5e-4},
     "methods": ("joint", "OGM-GE", "CGGM", "CGGM (reference mode)"),
 }
@@ -141,6 +146,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
             batch_size=s["batch_size"],
             seed=ctx.seed,
             cggm_options=s["cggm"],
+            optimizer=s["optimizer"],
         )
         metrics = classification_metrics(predict(model, splits["test"]), splits["test"].target)
         probes = probe_accuracies(model, splits["train"], splits["test"])
@@ -293,6 +299,7 @@ BRATS_SETTINGS = {
     "channels": 8,
     "epochs": {"quick": 25, "full": 60},
     "batch_size": 8,
+    "optimizer": "adamw",
     "lr": 3e-3,
     "cggm": {"rho": 1.0, "lam": 0.1, "cls_lr": 6e-3},
     "methods": ("joint", "CGGM"),
@@ -360,6 +367,7 @@ def run_brats(ctx: RunContext) -> list[dict]:
             batch_size=s["batch_size"],
             seed=ctx.seed,
             cggm_options=s["cggm"],
+            optimizer=s["optimizer"],
         )
         pred = predict(model, test, batch_size=16).argmax(dim=1)
         records.append(

@@ -142,6 +142,57 @@ def test_regression_on_padded_sequences():
     assert cggm.classifiers["text"](torch.randn(2, 5, 4), pad[:2]).shape == (2, 1)
 
 
+def _padded_regression_batch():
+    g = torch.Generator().manual_seed(0)
+    pad = torch.zeros(8, 5, dtype=torch.bool)
+    pad[:2, 3:] = True
+    return ModalityBatch(
+        {"text": torch.randn(8, 5, 4, generator=g), "audio": torch.randn(8, 6, 3, generator=g)},
+        target=torch.randn(8, generator=g),
+        padding_masks={"text": pad},
+    )
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
+    """The default classifiers run as one batched MLP; a per-modality loop gives the same run."""
+    if task == "classification":
+        batch, out, loss_fn = vector_batch(4), 3, F.cross_entropy
+    else:
+        batch, out = _padded_regression_batch(), 1
+
+        def loss_fn(p, y):
+            return F.l1_loss(p.squeeze(-1), y)
+
+    runs = []
+    for stacked in (True, False):
+        if not stacked:
+            monkeypatch.setattr(CGGM, "_can_stack", lambda self: False)
+        torch.manual_seed(0)
+        model = (
+            make_model(batch, out)
+            if task == "classification"
+            else LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
+        )
+        cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        history = []
+        for _ in range(3):
+            opt.zero_grad()
+            (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
+            history.append(cggm.step(batch.target))
+            assert cggm._stacked is stacked
+            opt.step()
+        runs.append((history, cggm.classifiers.state_dict(), model.state_dict()))
+    (h1, c1, m1), (h2, c2, m2) = runs
+    for a, b in zip(h1, h2, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    for k in c1:
+        torch.testing.assert_close(c1[k], c2[k])
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k])
+
+
 class SegModel(nn.Module):
     """Per-modality conv encoders -> concat fusion -> 1x1 conv head (segmentation)."""
 

@@ -14,29 +14,39 @@ __all__ = [
 
 
 def batch_score_counts(
-    task: str, pred: Tensor, target: Tensor, regression_score: str = "sign"
+    task: str,
+    pred: Tensor,
+    target: Tensor,
+    regression_score: str = "sign",
+    *,
+    stacked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(total, count)`` of a classifier's score on one batch, so ranks can all-reduce them.
 
     The score is ``total / count``: accuracy (classification), sign accuracy with zero labels
     negative, as the released code (regression, ``"sign"``), minus the MAE (``"neg_mae"``), or
     the mean foreground Dice over the batch (segmentation; ``count`` is 1 per sample).
+    ``stacked=True`` takes every modality's predictions at once, ``[M, B, C]`` (classification)
+    or ``[M, B, 1]`` (regression), and returns ``[M]`` totals and counts.
     """
     with torch.no_grad():
+        n = float(target.shape[0])
         if task == "classification":
-            correct = (pred.argmax(dim=1) == target).sum()
-            return correct.float(), torch.tensor(float(target.shape[0]), device=pred.device)
+            correct = (pred.argmax(dim=-1) == target).sum(dim=-1).float()
+            return correct, torch.full_like(correct, n)
         if task == "regression":
-            p, t = pred.reshape(-1), target.reshape(-1).to(pred.dtype)
-            n = torch.tensor(float(t.shape[0]), device=pred.device)
+            p = pred.reshape(pred.shape[0], -1) if stacked else pred.reshape(-1)
+            t = target.reshape(-1).to(pred.dtype)
             if regression_score == "sign":
-                return ((p > 0) == (t > 0)).sum().float(), n
-            return -(p - t).abs().sum(), n
-        if task == "segmentation":
+                total = ((p > 0) == (t > 0)).sum(dim=-1).float()
+            else:
+                total = -(p - t).abs().sum(dim=-1)
+            return total, torch.full_like(total, n)
+        if task == "segmentation" and not stacked:
             return segmentation_dice(pred.argmax(dim=1), target, pred.shape[1]).sum(), torch.tensor(
-                float(target.shape[0]), device=pred.device
+                n, device=pred.device
             )
-    raise ValueError(f"unknown task {task!r}")
+    raise ValueError(f"unknown task {task!r}" + (" for stacked scores" if stacked else ""))
 
 
 def segmentation_dice(labels: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -90,6 +100,6 @@ def direction_loss(
     head's weights towards the classifiers', most strongly towards the least-improving ones.
     """
     b = coefficients.detach()
-    w = fusion_head.reshape(-1)
-    cos = torch.stack([F.cosine_similarity(h.reshape(-1), w, dim=0) for h in classifier_heads])
+    heads = torch.stack([h.reshape(-1) for h in classifier_heads])  # [M, n]: one cosine call
+    cos = F.cosine_similarity(heads, fusion_head.reshape(1, -1), dim=1)
     return (b.abs().sum() - (b * cos).sum()) / len(classifier_heads)

@@ -118,6 +118,7 @@ class CGGM:
             raise ValueError(f"CGGM balances >= 2 modalities, got {list(paths)}.")
         self.modalities = tuple(paths)
         self.encoders = {m: self._resolve(model, p, "encoder_modules") for m, p in paths.items()}
+        self._encoder_params = {m: list(enc.parameters()) for m, enc in self.encoders.items()}
         self.head_weight = _final_weight(self._resolve(model, head_module or "head", "head_module"))
         self.classifiers: nn.ModuleDict | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -175,14 +176,48 @@ class CGGM:
                         f"the head's is {tuple(self.head_weight.shape)}; the direction term "
                         "compares them, so they must match (or set lam=0)."
                     )
-        # foreach: one fused update for all classifiers (the single-tensor loop dominated the
-        # step overhead on small models)
+        # fused (one kernel for all classifiers) where the device has it: the per-tensor loop
+        # dominated the step overhead on small models
+        params = list(self.classifiers.parameters())
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         self.optimizer = torch.optim.Adam(
-            self.classifiers.parameters(),
+            params,
             lr=self.config.cls_lr,
             weight_decay=self.config.cls_weight_decay,
-            foreach=True,
+            **({"fused": True} if fused else {"foreach": True}),
         )
+        self._stacked = self._can_stack()
+
+    def _can_stack(self) -> bool:
+        """Whether all classifiers can run as one batched MLP (default ones, same sizes)."""
+        if self.config.task == "segmentation":
+            return False
+        nets = []
+        for m in self.modalities:
+            clf = self.classifiers[m]
+            if type(clf) is not ModalityClassifier or len(clf.feature_shape) > 2:
+                return False
+            nets.append(clf.net)
+        shapes = {(n[0].weight.shape, n[2].weight.shape) for n in nets}
+        return len(shapes) == 1 and all(n[0].bias is not None for n in nets)
+
+    def _stacked_logits(self, feats: Mapping[str, Tensor]) -> Tensor:
+        """Every modality's classifier as one batched MLP: logits ``[M, B, C]``."""
+        xs = []
+        for m in self.modalities:
+            f = feats[m]
+            if f.ndim == 3:
+                f = masked_mean(f, self._padding_mask(m))
+            xs.append(f)
+        nets = [self.classifiers[m].net for m in self.modalities]
+        w1, b1 = torch.stack([n[0].weight for n in nets]), torch.stack([n[0].bias for n in nets])
+        w2, b2 = torch.stack([n[2].weight for n in nets]), torch.stack([n[2].bias for n in nets])
+        hidden = torch.baddbmm(b1.unsqueeze(1), torch.stack(xs), w1.transpose(1, 2)).relu()
+        return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
+
+    def _padding_mask(self, modality: str) -> Tensor | None:
+        batch = self._batch
+        return batch.padding_mask(modality) if batch is not None and modality in batch else None
 
     def _build_default_classifiers(self, feature_shapes: Mapping[str, tuple[int, ...]]) -> None:
         w = self.head_weight
@@ -257,33 +292,41 @@ class CGGM:
         cfg = self.config
         target = target.to(self.head_weight.device)
         self.optimizer.zero_grad(set_to_none=True)
-        losses, totals, counts = [], [], []
-        for m in self.modalities:
-            mask = (
-                self._batch.padding_mask(m)
-                if self._batch is not None and m in self._batch
-                else None
+        if self._stacked:
+            logits = self._stacked_logits(feats)  # [M, B, C]
+            n_mod = len(self.modalities)
+            # the sum over modalities of each classifier's mean loss
+            repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
+            loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
+            total, count = batch_score_counts(
+                cfg.task, logits.detach(), target, cfg.regression_score, stacked=True
             )
-            pred = self.classifiers[m](feats[m], mask)
-            if cfg.task == "segmentation":
-                pred = F.interpolate(
-                    pred,
-                    size=target.shape[1:],
-                    mode="bilinear" if pred.ndim == 4 else "trilinear",
-                    align_corners=False,
-                )
-            losses.append(self._task_loss(pred, target))
-            total, count = batch_score_counts(cfg.task, pred.detach(), target, cfg.regression_score)
-            totals.append(total.cpu())
-            counts.append(count.cpu())
-        torch.stack(losses).sum().backward()
+            total, count = total.cpu(), count.cpu()
+        else:
+            losses, totals, counts = [], [], []
+            for m in self.modalities:
+                pred = self.classifiers[m](feats[m], self._padding_mask(m))
+                if cfg.task == "segmentation":
+                    pred = F.interpolate(
+                        pred,
+                        size=target.shape[1:],
+                        mode="bilinear" if pred.ndim == 4 else "trilinear",
+                        align_corners=False,
+                    )
+                losses.append(self._task_loss(pred, target))
+                t, c = batch_score_counts(cfg.task, pred.detach(), target, cfg.regression_score)
+                totals.append(t)
+                counts.append(c)
+            loss = torch.stack(losses).sum()
+            total, count = torch.stack(totals).cpu(), torch.stack(counts).cpu()
+        loss.backward()
         self._average_classifier_grads()
         if cfg.mode == "reference" and sync and cfg.lam > 0:
             heads = [w.clone() for w in self._classifier_heads]
             w_fusion = self.head_weight.clone()
         self.optimizer.step()
-        self._totals += torch.stack(totals)
-        self._counts += torch.stack(counts)
+        self._totals += total
+        self._counts += count
         if not sync:
             return None
 
@@ -306,10 +349,14 @@ class CGGM:
         if cfg.mode == "reference" and cfg.lam > 0:
             self._pending = direction_loss(b, heads, w_fusion)
         if cfg.rho is not None:
+            grads, factors = [], []
             for m, factor in zip(self.modalities, (cfg.rho * b).tolist(), strict=True):
-                grads = [p.grad for p in self.encoders[m].parameters() if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, factor)
+                for p in self._encoder_params[m]:
+                    if p.grad is not None:
+                        grads.append(p.grad)
+                        factors.append(factor)
+            if grads:
+                torch._foreach_mul_(grads, factors)  # one call for every encoder's gradients
         return dict(zip(self.modalities, b.tolist(), strict=True))
 
     def _task_loss(self, pred: Tensor, target: Tensor) -> Tensor:

@@ -1,0 +1,57 @@
+"""The harness's training loop: optimisers, best-epoch restore, step timing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.backbones import LateFusionModel
+from benchmarks.training import accuracy, fit, predict
+from mmcore import ModalityBatch
+
+
+def separable(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    signal = (2 * y - 1).float()[:, None]
+    inputs = {
+        "a": signal + 0.5 * torch.randn(n, 4, generator=g),
+        "b": signal + 0.5 * torch.randn(n, 3, generator=g),
+    }
+    return ModalityBatch(inputs, target=y)
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("adamw", 1e-2), ("sgd", 5e-2)])
+def test_fit_learns_and_restores_the_best_epoch(optimizer, lr):
+    train, valid = separable(), separable(seed=1)
+    torch.manual_seed(0)
+    model = LateFusionModel.from_batch(train, 2, width=4, hidden=8, head="linear")
+    result = fit(
+        model,
+        train,
+        valid,
+        loss_fn=F.cross_entropy,
+        score_fn=accuracy,
+        epochs=8,
+        lr=lr,
+        batch_size=32,
+        optimizer=optimizer,
+    )
+    assert result.best_score > 0.9
+    assert accuracy(predict(model, valid), valid.target) == pytest.approx(result.best_score)
+    assert result.steps == 8 * 3 and result.seconds_per_step > 0
+    assert not model.training
+
+
+def test_fit_rejects_an_unknown_optimizer():
+    train = separable(8)
+    model = LateFusionModel.from_batch(train, 2, width=4, hidden=8)
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'sgd'"):
+        fit(
+            model,
+            train,
+            train,
+            loss_fn=F.cross_entropy,
+            score_fn=accuracy,
+            epochs=1,
+            optimizer="lbfgs",
+        )

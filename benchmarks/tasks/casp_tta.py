@@ -100,7 +100,9 @@ def _compare(ctx, source, adapt_on, test, task, s, dataset, metrics_fn) -> list[
 
 MOSI_SETTINGS = {
     "shifts": (0.0, 0.5, 1.0, 2.0),
-    "n": {"quick": (400, 100, 200), "full": (1284, 229, 686)},
+    # a large test split: with 200 test samples one sample moved Acc-2 by 0.5 point, the size
+    # of the no-shift tolerance
+    "n": {"quick": (400, 100, 1000), "full": (1284, 229, 2000)},
     "seq_len": 20,
     "width": 16,
     "source_epochs": {"quick": 15, "full": 30},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
@@ -88,6 +89,9 @@ def probe_accuracies(model: LateFusionModel, train: ModalityBatch, test: Modalit
     for m in model.encoders:
         x_tr = masked_mean(tr[m], train.padding_mask(m)).numpy()
         x_te = masked_mean(te[m], test.padding_mask(m)).numpy()
+        if not (np.isfinite(x_tr).all() and np.isfinite(x_te).all()):
+            out[f"probe_{m}"] = float("nan")  # the run diverged (reference mode's unbounded B)
+            continue
         mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
         clf = LogisticRegression(max_iter=2000).fit((x_tr - mean) / std, train.target.numpy())
         out[f"probe_{m}"] = float(clf.score((x_te - mean) / std, test.target.numpy()))

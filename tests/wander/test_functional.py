@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from wander import dense_fusion, fusion_product
+from wander.functional import fusion_product_sets
 
 
 def factors(m, r=2, t_out=2, d=3, rt=2, rd=3, seed=0):
@@ -22,6 +23,21 @@ def test_fast_path_equals_dense_cp_reconstruction(cp_mode, m):
     dense = dense_fusion(hs, qs, ps, lam, cp_mode)
     assert fast.shape == (2, 2, 3)
     torch.testing.assert_close(fast, dense)
+
+
+@pytest.mark.parametrize("cp_mode", ["true", "reference"])
+def test_parameter_sets_share_calls_and_equal_separate_calls(cp_mode):
+    sets = [factors(3, seed=s) for s in (0, 1, 2)]
+    together = fusion_product_sets(
+        [x[0] for x in sets],
+        [x[1] for x in sets],
+        [x[2] for x in sets],
+        [x[3] for x in sets],
+        cp_mode,
+    )
+    assert together.shape == (3, 2, 2, 3)
+    for i, (hs, qs, ps, lam) in enumerate(sets):
+        torch.testing.assert_close(together[i], dense_fusion(hs, qs, ps, lam, cp_mode))
 
 
 def test_true_and_reference_agree_at_rank_one():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dense_fusion", "fusion_product"]
+__all__ = ["dense_fusion", "fusion_product", "fusion_product_sets"]
 
 
 def fusion_product(
@@ -43,35 +43,69 @@ def fusion_product(
         weights: CP weights ``[R_t, R_d]`` (``cp_mode="true"``; ignored for ``"reference"``).
         cp_mode: ``"true"`` or ``"reference"`` (see the module docstring).
     """
-    if not (len(hs) == len(token_factors) == len(feature_factors)) or len(hs) < 2:
+    return fusion_product_sets(
+        [hs],
+        [token_factors],
+        [feature_factors],
+        [weights] if weights is not None else None,
+        cp_mode,
+    )[0]
+
+
+def fusion_product_sets(
+    hs: Sequence[Sequence[Tensor]],
+    token_factors: Sequence[Sequence[Tensor]],
+    feature_factors: Sequence[Sequence[Tensor]],
+    weights: Sequence[Tensor] | None,
+    cp_mode: Literal["true", "reference"] = "true",
+) -> Tensor:
+    """:func:`fusion_product` for ``S`` parameter sets at once: ``[S, B, T', D]``.
+
+    Each argument holds one entry per set (e.g. the adapter's current weights and its frozen
+    initial copy, whose difference is the centred output): the sets share every einsum call,
+    so ``S`` sets cost about the kernel launches of one.
+    """
+    n_sets = len(hs)
+    n_mod = len(hs[0]) if n_sets else 0
+    if not (
+        n_sets >= 1
+        and len(token_factors) == len(feature_factors) == n_sets
+        and all(len(x) == n_mod for group in (hs, token_factors, feature_factors) for x in group)
+        and n_mod >= 2
+    ):
         raise ValueError(
             f"fusion needs >= 2 modalities with one token and one feature factor each; got "
-            f"{len(hs)} inputs, {len(token_factors)} token and {len(feature_factors)} feature "
-            "factors."
+            f"{n_mod} inputs, {[len(q) for q in token_factors]} token and "
+            f"{[len(p) for p in feature_factors]} feature factors."
         )
     if cp_mode not in ("true", "reference"):
         raise ValueError(f"cp_mode must be 'true' or 'reference', got {cp_mode!r}.")
-    if cp_mode == "true" and weights is None:
+    if cp_mode == "true" and (weights is None or any(w is None for w in weights)):
         raise ValueError("cp_mode='true' needs the CP weights [R_t, R_d].")
-    # one batched einsum for all modalities: pad the token axis to the longest sequence (the
-    # padded rows of H and Q are zero, so they add nothing) and stack on a modality axis
-    t_max = max(h.shape[1] for h in hs)
-    h = torch.stack([F.pad(x, (0, 0, 0, t_max - x.shape[1])) for x in hs])  # [M, B, T, r]
-    q = torch.stack([F.pad(x, (0, 0, 0, t_max - x.shape[1])) for x in token_factors])
-    p = torch.stack(list(feature_factors))  # [M, R_d, r, D]
+    # one batched einsum for all sets and modalities: pad the token axis to the longest sequence
+    # (the padded rows of H and Q are zero, so they add nothing) and stack on (set, modality)
+    t_max = max(x.shape[1] for group in hs for x in group)
+    h = torch.stack([_pad_stack(group, t_max) for group in hs])  # [S, M, B, T, r]
+    q = torch.stack([_pad_stack(group, t_max) for group in token_factors])  # [S, M, R_t, T, T']
+    p = torch.stack([torch.stack(list(group)) for group in feature_factors])  # [S, M, R_d, r, D]
     if cp_mode == "reference":
-        z = torch.einsum("mbti,mtu,mid->mbud", h, q.sum(1), p.sum(1))  # [M, B, T', D]
+        z = torch.einsum("smbti,smtu,smid->smbud", h, q.sum(2), p.sum(2))  # [S, M, B, T', D]
         return _product(z)
-    g = torch.einsum("mbti,mjtu->mbjui", h, q)  # [M, B, R_t, T', r]
-    z = torch.einsum("mbjui,mkid->mbjkud", g, p)  # [M, B, R_t, R_d, T', D]
-    return torch.einsum("bjkud,jk->bud", _product(z), weights)  # [B, T', D]
+    g = torch.einsum("smbti,smjtu->smbjui", h, q)  # [S, M, B, R_t, T', r]
+    z = torch.einsum("smbjui,smkid->smbjkud", g, p)  # [S, M, B, R_t, R_d, T', D]
+    return torch.einsum("sbjkud,sjk->sbud", _product(z), torch.stack(list(weights)))
+
+
+def _pad_stack(tensors: Sequence[Tensor], t_max: int) -> Tensor:
+    """Stack per-modality tensors whose token axis is ``-2``, zero-padded to ``t_max``."""
+    return torch.stack([F.pad(x, (0, 0, 0, t_max - x.shape[-2])) for x in tensors])
 
 
 def _product(z: Tensor) -> Tensor:
-    """Elementwise product over the leading (modality) axis."""
-    out = z[0]
-    for i in range(1, z.shape[0]):
-        out = out * z[i]
+    """Elementwise product over the modality axis (axis 1, after the set axis)."""
+    out = z[:, 0]
+    for i in range(1, z.shape[1]):
+        out = out * z[:, i]
     return out
 
 

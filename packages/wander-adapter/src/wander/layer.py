@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wander.config import WanderConfig
-from wander.functional import fusion_product
+from wander.functional import fusion_product_sets
 
 __all__ = ["WanderFusion"]
 
@@ -146,9 +146,10 @@ class WanderFusion(nn.Module):
         return {name: getattr(self, _anchor_name(name)) for name, _ in self.named_parameters()}
 
     # ------------------------------------------------------------------ forward
-    def _bottleneck(
-        self, m: str, x: Tensor, mask: Tensor | None, p: Mapping[str, Tensor]
-    ) -> Tensor:
+    def _bottlenecks(
+        self, m: str, x: Tensor, mask: Tensor | None, param_sets: list[Mapping[str, Tensor]]
+    ) -> list[Tensor]:
+        """``H_m`` ``[B, T, r(+1)]`` under each parameter set, from one linear call."""
         if x.ndim == 2:
             x = x.unsqueeze(1)
         if x.ndim != 3 or x.shape[-1] != self.hidden_dims[m]:
@@ -164,40 +165,62 @@ class WanderFusion(nn.Module):
             )
         if self.config.normalize_inputs:
             x = F.layer_norm(x, (x.shape[-1],))
-        h = F.gelu(F.linear(x, p[f"down.{m}.weight"], p[f"down.{m}.bias"]))  # [B, T, r]
+        weight = torch.cat([p[f"down.{m}.weight"] for p in param_sets])  # [S r, D_m]
+        bias = torch.cat([p[f"down.{m}.bias"] for p in param_sets])
+        h = F.gelu(F.linear(x, weight, bias))  # [B, T, S r]
         if self.config.bias_augment:
-            h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+            h = torch.cat(
+                [
+                    t
+                    for part in h.split(self.config.bottleneck_dim, dim=-1)
+                    for t in (part, torch.ones_like(part[..., :1]))
+                ],
+                dim=-1,
+            )
         if mask is not None:
             h = h.masked_fill(mask.unsqueeze(-1), 0.0)
-        return h
+        return list(h.chunk(len(param_sets), dim=-1))
 
     def _core(
         self,
         xs: Mapping[str, Tensor],
         masks: Mapping[str, Tensor | None],
-        p: Mapping[str, Tensor],
-    ) -> Tensor | dict[str, Tensor]:
-        """The adapter as a pure function of its parameters ``p`` (name → tensor)."""
-        hs = [self._bottleneck(m, xs[m], masks.get(m), p) for m in self.modalities]
-        qs = [
-            p[f"token_factors.{m}"][:, : h.shape[1]]
-            for m, h in zip(self.modalities, hs, strict=True)
+        param_sets: list[Mapping[str, Tensor]],
+    ) -> list[Tensor | dict[str, Tensor]]:
+        """The adapter as a pure function of its parameters, for each set ``p`` (name → tensor).
+
+        All sets go through the same kernel calls (the centred init evaluates the current and
+        the initial weights together).
+        """
+        per_modality = [
+            self._bottlenecks(m, xs[m], masks.get(m), param_sets) for m in self.modalities
         ]
-        ps = [p[f"feature_factors.{m}"] for m in self.modalities]
-        fused = fusion_product(hs, qs, ps, p.get("cp_weights"), self.config.cp_mode)  # [B, T', D]
-        if self.gate is not None:
-            fused = fused * p["gate"]
-        if not self.residual:
-            return fused
-        out = {}
-        for m, h in zip(self.modalities, hs, strict=True):
-            u = p[f"up_tokens.{m}"][: h.shape[1]]  # [T, T']
-            delta = torch.einsum("bud,tu,de->bte", fused, u, p[f"up_features.{m}"])  # [B, T, D_m]
-            mask = masks.get(m)
-            if mask is not None:
-                delta = delta.masked_fill(mask.unsqueeze(-1), 0.0)
-            out[m] = delta if xs[m].ndim == 3 else delta.squeeze(1)
-        return out
+        hs = [[h[i] for h in per_modality] for i in range(len(param_sets))]
+        t_lens = [h[0].shape[1] for h in per_modality]
+        qs = [
+            [p[f"token_factors.{m}"][:, :t] for m, t in zip(self.modalities, t_lens, strict=True)]
+            for p in param_sets
+        ]
+        ps = [[p[f"feature_factors.{m}"] for m in self.modalities] for p in param_sets]
+        weights = [p["cp_weights"] for p in param_sets] if self.cp_weights is not None else None
+        fused_sets = fusion_product_sets(hs, qs, ps, weights, self.config.cp_mode)  # [S, B, T', D]
+        outs: list[Tensor | dict[str, Tensor]] = []
+        for p, fused in zip(param_sets, fused_sets, strict=True):
+            if self.gate is not None:
+                fused = fused * p["gate"]
+            if not self.residual:
+                outs.append(fused)
+                continue
+            out = {}
+            for m, t in zip(self.modalities, t_lens, strict=True):
+                u = p[f"up_tokens.{m}"][:t]  # [T, T']
+                delta = torch.einsum("bud,tu,de->bte", fused, u, p[f"up_features.{m}"])
+                mask = masks.get(m)
+                if mask is not None:
+                    delta = delta.masked_fill(mask.unsqueeze(-1), 0.0)
+                out[m] = delta if xs[m].ndim == 3 else delta.squeeze(1)
+            outs.append(out)
+        return outs
 
     def forward(
         self,
@@ -210,11 +233,12 @@ class WanderFusion(nn.Module):
             raise ValueError(f"Wander: no features for modalities {missing}.")
         masks = dict(padding_masks or {})
         scale = self.config.output_scale
-        out = self._core(xs, masks, dict(self.named_parameters()))
+        params = dict(self.named_parameters())
         if self.config.init != "centered":
+            (out,) = self._core(xs, masks, [params])
             return _apply(out, lambda v: self.output_dropout(scale * v))
-        with torch.no_grad():
-            anchor = self._core(xs, masks, self._anchors())
+        # the initial weights are buffers: the anchor half carries no gradient to any parameter
+        out, anchor = self._core(xs, masks, [params, self._anchors()])
         if isinstance(out, dict):
             return {m: self.output_dropout(scale * (out[m] - anchor[m])) for m in out}
         return self.output_dropout(scale * (out - anchor))
@@ -223,7 +247,7 @@ class WanderFusion(nn.Module):
         self, xs: Mapping[str, Tensor], padding_masks: Mapping[str, Tensor | None] | None = None
     ) -> Tensor | dict[str, Tensor]:
         """The uncentred, undropped adapter output at the current weights (for diagnostics)."""
-        return self._core(xs, dict(padding_masks or {}), dict(self.named_parameters()))
+        return self._core(xs, dict(padding_masks or {}), [dict(self.named_parameters())])[0]
 
     def extra_repr(self) -> str:
         """Ranks and modes, shown by ``print(module)``."""

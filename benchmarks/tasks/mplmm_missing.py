@@ -6,6 +6,8 @@ Methods, all from the same MulT-style backbone pretrained on complete data:
 * **modality dropout**: the backbone fine-tuned with the training missing rate, zero-filled;
 * **modality substitution**: the pretrained backbone, a missing modality replaced by its
   training-set mean sequence;
+* **missing-aware prompts** (Lee et al., CVPR 2023): one learnable prompt per missing case on the
+  frozen backbone (:mod:`benchmarks.baselines.missing_prompts`), same training rate;
 * **MPLMM**: prompts + generator on the frozen backbone, trained with the training missing rate.
 
 Every method is evaluated on the *test* split (the released code reports the validation split)
@@ -36,12 +38,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.baselines.missing_prompts import MissingAwarePrompts
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.report import save_figure
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
-from benchmarks.training import accuracy, fit, predict
+from benchmarks.training import accuracy, count_parameters, fit, predict
 from mm_prompts import (
     MPLMM,
     MulTBackbone,
@@ -54,7 +57,13 @@ from mm_prompts import (
 from mmcore import ModalityBatch
 from mmcore.metrics import classification_metrics, msa_regression_metrics
 
-METHODS = ("lower bound", "modality dropout", "modality substitution", "MPLMM")
+METHODS = (
+    "lower bound",
+    "modality dropout",
+    "modality substitution",
+    "missing-aware prompts",
+    "MPLMM",
+)
 
 
 class _MissingTraining(torch.nn.Module):
@@ -117,6 +126,19 @@ def train_methods(ctx, data, out_dim, s, loss_fn, score_fn) -> dict[str, torch.n
     models["modality dropout"] = dropout.model
     means = {m: data["train"][m].mean(dim=0, keepdim=True) for m in data["train"].modalities}
     models["modality substitution"] = _Substituting(backbone, means)
+    ctx.progress("missing-aware prompts")
+    torch.manual_seed(ctx.seed)
+    prompted = MissingAwarePrompts(copy.deepcopy(backbone), prompt_length=s["prompt_length"])
+    fit(
+        _MissingTraining(prompted, s["train_rate"], ctx.seed),
+        data["train"],
+        data["valid"],
+        loss_fn=loss_fn,
+        score_fn=score_fn,
+        epochs=s["epochs"][ctx.profile],
+        seed=ctx.seed,
+    )
+    models["missing-aware prompts"] = prompted
     ctx.progress("MPLMM")
     torch.manual_seed(ctx.seed)
     lens = {m: data["train"][m].shape[1] for m in data["train"].modalities}
@@ -133,6 +155,11 @@ def train_methods(ctx, data, out_dim, s, loss_fn, score_fn) -> dict[str, torch.n
     )
     models["MPLMM"] = mplmm
     return models
+
+
+def trainable_pct(model: torch.nn.Module) -> float:
+    """Trainable parameters as % of the (frozen) backbone's parameter count."""
+    return 100 * count_parameters(model, trainable_only=True) / count_parameters(model.backbone)
 
 
 class _Substituting(torch.nn.Module):
@@ -212,9 +239,8 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             swept = msa_regression_metrics(predict(model, batch).squeeze(-1), test.target)
             average[f"sweep_acc2_non0@{rate}"] = swept["acc2_non0"]
             average[f"sweep_mae@{rate}"] = swept["mae"]
-        if method == "MPLMM":
-            trainable, backbone = model.trainable_parameters()
-            average["trainable_pct_of_backbone"] = 100 * trainable / backbone
+        if hasattr(model, "backbone"):  # the prompt methods: a frozen backbone + their parts
+            average["trainable_pct_of_backbone"] = trainable_pct(model)
         records.append(
             {
                 "method": method,
@@ -301,9 +327,8 @@ def run_uci(ctx: RunContext) -> list[dict]:
         metrics.update(
             {f"accuracy_only_{modalities[i]}": scores[1 << i] for i in range(len(modalities))}
         )
-        if method == "MPLMM":
-            trainable, backbone = model.trainable_parameters()
-            metrics["trainable_pct_of_backbone"] = 100 * trainable / backbone
+        if hasattr(model, "backbone"):
+            metrics["trainable_pct_of_backbone"] = trainable_pct(model)
         records.append(
             {
                 "method": method,

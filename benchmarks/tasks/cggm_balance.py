@@ -350,7 +350,9 @@ def run_brats(ctx: RunContext) -> list[dict]:
     train, valid = train_all.select(order[cut:]), train_all.select(order[:cut])
 
     def mean_dice(logits, target):
-        return brats_dice(logits.argmax(dim=1), target, "remapped", ignore_empty=False)["dice_mean"]
+        return brats_dice(logits.max(dim=1).indices, target, "remapped", ignore_empty=False)[
+            "dice_mean"
+        ]
 
     records = []
     for method in s["methods"]:
@@ -373,7 +375,7 @@ def run_brats(ctx: RunContext) -> list[dict]:
             cggm_options=s["cggm"],
             optimizer=s["optimizer"],
         )
-        pred = predict(model, test, batch_size=16).argmax(dim=1)
+        pred = predict(model, test, batch_size=16).max(dim=1).indices
         records.append(
             {
                 "method": method,

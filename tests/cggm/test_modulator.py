@@ -220,7 +220,10 @@ def test_segmentation():
         (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
         b = cggm.step(batch.target)
     assert len(b) == 3 and all(0 <= v < 1 for v in b.values())
-    assert cggm.classifiers["t1"].net[-1].weight.shape == model.head.weight.shape
+    # a per-pixel MLP: its final [C, F] weight is the 1x1 head conv's [C, F, 1, 1]
+    head = model.head.weight
+    assert cggm.classifiers["t1"].net[-1].weight.shape == head.shape[:2]
+    assert cggm.classifiers["t1"](torch.randn(2, 4, 8, 8)).shape == (2, 3, 8, 8)
 
 
 def test_gradient_accumulation_modulates_only_on_sync():

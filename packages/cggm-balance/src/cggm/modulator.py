@@ -36,32 +36,33 @@ def _final_weight(module: nn.Module) -> nn.Parameter:
     return layers[-1].weight
 
 
+def _as_matrix(weight: Tensor) -> Tensor:
+    """``[out, in·k…]``: a 1×1 convolution's weight compares equal to a Linear's."""
+    return weight.reshape(weight.shape[0], -1)
+
+
 class ModalityClassifier(nn.Module):
     """A modality's auxiliary classifier on its (detached) encoder features.
 
     ``[B, T, d]`` sequences are mean-pooled over real (unpadded) steps, ``[B, d]`` vectors used as
-    they are: ``Linear(d, F) → ReLU → Linear(F, C)``. ``[B, d, *spatial]`` feature maps get
-    ``Conv(d, F, 3) → ReLU → Conv(F, C, 1)``. ``F`` and ``C`` match the model head's final
-    weight, so the direction term can compare the two.
+    they are: ``Linear(d, F) → ReLU → Linear(F, C)``. ``[B, d, *spatial]`` feature maps get the
+    same MLP per pixel (a 1×1 convolution, computed as a matmul over the channel axis: a 3×3
+    first layer cost more than the encoders themselves in our segmentation benchmark, and the
+    classifier only has to measure what each encoder's features carry). ``F`` and ``C`` match
+    the model head's final weight, so the direction term can compare the two.
     """
 
     def __init__(self, feature_shape: tuple[int, ...], hidden: int, num_outputs: int) -> None:
         super().__init__()
         self.feature_shape = tuple(feature_shape)
         d = feature_shape[0] if len(feature_shape) != 2 else feature_shape[1]
-        if len(feature_shape) <= 2:
-            self.net = nn.Sequential(
-                nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs)
-            )
-        else:
-            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(feature_shape) - 1]
-            self.net = nn.Sequential(
-                conv(d, hidden, 3, padding=1), nn.ReLU(), conv(hidden, num_outputs, 1)
-            )
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
 
     def forward(self, features: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Logits ``[B, C]`` (or ``[B, C, *spatial]`` for feature maps)."""
-        if features.ndim == 3 and len(self.feature_shape) == 2:
+        if len(self.feature_shape) > 2:  # channels first: the MLP acts on every position
+            return self.net(features.movedim(1, -1)).movedim(-1, 1)
+        if features.ndim == 3:
             features = masked_mean(features, padding_mask)
         return self.net(features)
 
@@ -168,9 +169,10 @@ class CGGM:
             for p in self.classifiers.parameters():  # every rank starts from rank 0's classifiers
                 dist.broadcast(p.data, src=0)
         if self.config.lam > 0:
+            head = _as_matrix(self.head_weight)
             for m, clf in self.classifiers.items():
                 w = _final_weight(clf)
-                if w.shape != self.head_weight.shape:
+                if _as_matrix(w).shape != head.shape:
                     raise ValueError(
                         f"CGGM: classifier '{m}' ends in a weight of shape {tuple(w.shape)} but "
                         f"the head's is {tuple(self.head_weight.shape)}; the direction term "
@@ -306,7 +308,7 @@ class CGGM:
             losses, totals, counts = [], [], []
             for m in self.modalities:
                 pred = self.classifiers[m](feats[m], self._padding_mask(m))
-                if cfg.task == "segmentation":
+                if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
                     pred = F.interpolate(
                         pred,
                         size=target.shape[1:],

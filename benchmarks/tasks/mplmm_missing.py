@@ -112,48 +112,33 @@ def train_methods(ctx, data, out_dim, s, loss_fn, score_fn) -> dict[str, torch.n
         seed=ctx.seed,
     )
     models: dict[str, torch.nn.Module] = {"lower bound": backbone}
-    ctx.progress("modality dropout")
-    dropout = _MissingTraining(copy.deepcopy(backbone), s["train_rate"], ctx.seed)
-    fit(
-        dropout,
-        data["train"],
-        data["valid"],
-        loss_fn=loss_fn,
-        score_fn=score_fn,
-        epochs=s["epochs"][ctx.profile],
-        seed=ctx.seed,
-    )
-    models["modality dropout"] = dropout.model
+
+    def train_with_missing(name: str, model: torch.nn.Module) -> None:
+        ctx.progress(name)
+        fit(
+            _MissingTraining(model, s["train_rate"], ctx.seed),
+            data["train"],
+            data["valid"],
+            loss_fn=loss_fn,
+            score_fn=score_fn,
+            epochs=s["epochs"][ctx.profile],
+            seed=ctx.seed,
+        )
+        models[name] = model
+
+    train_with_missing("modality dropout", copy.deepcopy(backbone))
     means = {m: data["train"][m].mean(dim=0, keepdim=True) for m in data["train"].modalities}
     models["modality substitution"] = _Substituting(backbone, means)
-    ctx.progress("missing-aware prompts")
     torch.manual_seed(ctx.seed)
-    prompted = MissingAwarePrompts(copy.deepcopy(backbone), prompt_length=s["prompt_length"])
-    fit(
-        _MissingTraining(prompted, s["train_rate"], ctx.seed),
-        data["train"],
-        data["valid"],
-        loss_fn=loss_fn,
-        score_fn=score_fn,
-        epochs=s["epochs"][ctx.profile],
-        seed=ctx.seed,
+    train_with_missing(
+        "missing-aware prompts",
+        MissingAwarePrompts(copy.deepcopy(backbone), prompt_length=s["prompt_length"]),
     )
-    models["missing-aware prompts"] = prompted
-    ctx.progress("MPLMM")
     torch.manual_seed(ctx.seed)
     lens = {m: data["train"][m].shape[1] for m in data["train"].modalities}
-    mplmm = MPLMM(copy.deepcopy(backbone), lens, prompt_length=s["prompt_length"])
-    wrapped = _MissingTraining(mplmm, s["train_rate"], ctx.seed)
-    fit(
-        wrapped,
-        data["train"],
-        data["valid"],
-        loss_fn=loss_fn,
-        score_fn=score_fn,
-        epochs=s["epochs"][ctx.profile],
-        seed=ctx.seed,
+    train_with_missing(
+        "MPLMM", MPLMM(copy.deepcopy(backbone), lens, prompt_length=s["prompt_length"])
     )
-    models["MPLMM"] = mplmm
     return models
 
 

@@ -33,6 +33,16 @@ def summarise(values: list[float | None]) -> tuple[float, float, int]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, len(arr)
 
 
+def paired_deltas(records: list[dict], reference: list[dict], metric: str) -> list[float | None]:
+    """Per-seed ``metric`` differences of ``records`` from ``reference`` (seeds both have)."""
+    base = {r.get("seed"): r["metrics"].get(metric) for r in reference}
+    out: list[float | None] = []
+    for r in records:
+        a, b = r["metrics"].get(metric), base.get(r.get("seed"))
+        out.append(None if a is None or b is None else a - b)
+    return out
+
+
 def _fmt(mean: float, std: float, n: int) -> str:
     if n == 0:
         return "—"
@@ -122,7 +132,9 @@ def write_report(run_dir: Path) -> Path:
         f" {meta.get('platform')}",
         f"- command: `{meta.get('command')}`",
         "",
-        "Every cell is mean ± sample std over seeds (n = number of seeds that finished).",
+        "Every cell is mean ± sample std over seeds (n = number of seeds that finished). The last"
+        " column is the per-seed difference of the primary metric from the table's first method"
+        " (same seed, same data), whose spread is smaller than the seeds' spread.",
         "",
     ]
     for task_name, datasets in group_records(results.get("records", [])).items():
@@ -135,14 +147,20 @@ def write_report(run_dir: Path) -> Path:
             lines += [f"Wall time: {seconds:.0f} s.", ""]
         for dataset, methods in datasets.items():
             metrics = _metric_order(task_name, methods)
+            primary = task.primary_metric if task else metrics[0]
+            reference = next(iter(methods))
+            paired = primary in metrics and len(methods) > 1
+            header = [*metrics, f"Δ {primary} vs {reference} (paired)"] if paired else metrics
             lines += [f"### {dataset}", ""]
-            lines.append("| method | n | " + " | ".join(metrics) + " |")
-            lines.append("|---|---|" + "---|" * len(metrics))
+            lines.append("| method | n | " + " | ".join(header) + " |")
+            lines.append("|---|---|" + "---|" * len(header))
             for method, recs in methods.items():
                 cells = [_fmt(*summarise([r["metrics"].get(m) for r in recs])) for m in metrics]
+                if paired:
+                    deltas = paired_deltas(recs, methods[reference], primary)
+                    cells.append("—" if method == reference else _fmt(*summarise(deltas)))
                 lines.append(f"| {method} | {len(recs)} | " + " | ".join(cells) + " |")
             lines.append("")
-            primary = task.primary_metric if task else metrics[0]
             if primary in metrics:
                 plot = Path("plots") / f"{_slug(f'{task_name}--{dataset}')}.png"
                 _plot(task_name, dataset, methods, primary, run_dir / plot)

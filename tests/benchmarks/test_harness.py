@@ -52,6 +52,10 @@ def test_run_records_everything_and_survives_a_failing_task(tmp_path, fake_tasks
     report = write_report(tmp_path).read_text()
     assert "| a | 2 | 0.5500 ± 0.0707 |" in report
     assert "| b | 2 | 0.2500 ± 0.0000 |" in report
+    # paired per seed: b − a = −0.25 (seed 0), −0.35 (seed 1)
+    assert "Δ acc vs a (paired) |" in report
+    assert "| a | 2 | 0.5500 ± 0.0707 | 10 | — |" in report
+    assert "| b | 2 | 0.2500 ± 0.0000 | 10 | -0.3000 ± 0.0707 |" in report
     assert "## Failed" in report and "planted failure" in report
     assert (tmp_path / "plots" / "toy-good--toy.png").stat().st_size > 1000
 

@@ -139,3 +139,43 @@ def test_bad_input_raises_clear_errors():
         CASPConfig(epochs_ca=2, snapshot_every=3)
     with pytest.raises(ValueError, match="either config= or"):
         CASP(model(), CASPConfig(), tau=0.1)
+
+
+def test_both_views_in_one_forward_equal_two_forwards():
+    """Without BatchNorm both views share one forward pass; the loss and gradients match."""
+    torch.manual_seed(0)
+    net = LateFusionModel.from_batch(
+        data(), 1, width=6, hidden=8, num_heads=2, num_layers=1, dropout=0.0
+    )
+    casp = CASP(net, **FAST)
+    assert casp._joint_views
+    batch = data(8)
+    results = []
+    for joint in (True, False):
+        casp._joint_views = joint
+        casp.model.zero_grad()
+        loss, rep = casp.contrastive_loss(batch, "b")
+        loss.backward()
+        results.append((loss.detach(), rep.detach(), [p.grad.clone() for p in casp.params]))
+    (l1, r1, g1), (l2, r2, g2) = results
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(r1, r2)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_batchnorm_models_keep_separate_views():
+    class WithBatchNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoders = nn.ModuleDict({m: nn.LazyLinear(4) for m in ("a", "b")})
+            self.fusion = nn.BatchNorm1d(8)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, batch):
+            return self.head(self.fusion(torch.cat([self.encoders[m](batch[m]) for m in "ab"], 1)))
+
+    net = WithBatchNorm()
+    g = torch.Generator().manual_seed(0)
+    net(ModalityBatch({"a": torch.randn(4, 5, generator=g), "b": torch.randn(4, 3, generator=g)}))
+    assert not CASP(net, **FAST)._joint_views

@@ -373,7 +373,9 @@ class ModalityBatch:
         for m in {m for b in batches for m in b.padding_masks}:
             padding[m] = torch.cat(
                 [
-                    b.padding_masks.get(m, torch.zeros(b[m].shape[:2], dtype=torch.bool))
+                    b.padding_masks.get(
+                        m, torch.zeros(b[m].shape[:2], dtype=torch.bool, device=b[m].device)
+                    )
                     for b in batches
                 ]
             )

@@ -157,6 +157,7 @@ UCI_SETTINGS = {
     # 0-4; Wander reads the hidden layer (the output of each encoder's GELU) or the output
     "wander_variants": {
         "Wander": {"target_layer": "net.2"},
+        "Wander (no constant channel)": {"target_layer": "net.2", "bias_augment": False},
         "Wander (encoder outputs)": {},
         "Wander (encoder outputs, no constant channel)": {"bias_augment": False},
     },
@@ -167,6 +168,7 @@ UCI_SETTINGS = {
         "LoRA (peft, r=4)": 1e-2,
         "Houlsby adapter": 1e-2,
         "Wander": 3e-3,
+        "Wander (no constant channel)": 3e-3,
         "Wander (encoder outputs)": 3e-3,
         "Wander (encoder outputs, no constant channel)": 3e-3,
     },

@@ -7,6 +7,7 @@ from mmcore import (
     ModulePathError,
     MultimodalModel,
     check_multimodal_model,
+    contract_encoder_paths,
     encoder_features,
     masked_mean,
     resolve_module,
@@ -92,3 +93,16 @@ def test_transformers_encoder_is_accepted(tmp_path):
     # precomputed features go in as inputs_embeds
     emb = run_encoder(bert, torch.randn(2, 6, 16))
     assert emb.shape == (2, 6, 16)
+
+
+def test_contract_encoder_paths_names_the_encoders_or_says_what_to_pass():
+    model = torch.nn.Module()
+    model.encoders = torch.nn.ModuleDict(
+        {"text": torch.nn.Linear(2, 2), "audio": torch.nn.Identity()}
+    )
+    assert contract_encoder_paths(model, "x") == {
+        "text": "encoders.text",
+        "audio": "encoders.audio",
+    }
+    with pytest.raises(ModulePathError, match=r"no `encoders` ModuleDict.*pass paths=\{\}"):
+        contract_encoder_paths(torch.nn.Linear(2, 2), "paths={}")

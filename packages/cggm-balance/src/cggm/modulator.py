@@ -15,6 +15,7 @@ from cggm.functional import batch_score_counts, direction_loss, magnitude_coeffi
 from mmcore import (
     ModalityBatch,
     ModulePathError,
+    contract_encoder_paths,
     encoder_features,
     find_modality_batch,
     masked_mean,
@@ -114,7 +115,11 @@ class CGGM:
         if config is not None and config_kwargs:
             raise ValueError("pass either config= or its fields as keyword arguments, not both.")
         self.config = config or CGGMConfig(**config_kwargs)
-        paths = dict(encoder_modules) if encoder_modules is not None else self._contract(model)
+        paths = (
+            dict(encoder_modules)
+            if encoder_modules is not None
+            else contract_encoder_paths(model, "encoder_modules={modality: 'dotted.path'}")
+        )
         if len(paths) < 2:
             raise ValueError(f"CGGM balances >= 2 modalities, got {list(paths)}.")
         self.modalities = tuple(paths)
@@ -143,16 +148,6 @@ class CGGM:
             self._handles.append(enc.register_forward_hook(self._capture(name)))
 
     # ------------------------------------------------------------------ set-up helpers
-    @staticmethod
-    def _contract(model: nn.Module) -> dict[str, str]:
-        encoders = getattr(model, "encoders", None)
-        if not isinstance(encoders, nn.ModuleDict):
-            raise ModulePathError(
-                f"{type(model).__name__} has no `encoders` ModuleDict (the mmcore contract); pass "
-                "encoder_modules={modality: 'dotted.path'}."
-            )
-        return {m: f"encoders.{m}" for m in encoders}
-
     @staticmethod
     def _resolve(model: nn.Module, path: str, field: str) -> nn.Module:
         try:

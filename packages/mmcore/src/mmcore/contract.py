@@ -104,6 +104,21 @@ def resolve_module(root: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
+def contract_encoder_paths(model: nn.Module, alternative: str) -> dict[str, str]:
+    """``{modality: "encoders.<modality>"}`` for a model following the mmcore contract.
+
+    Raises :class:`ModulePathError` naming ``alternative`` (how to point at the encoders
+    explicitly) when ``model`` has no ``encoders`` ``ModuleDict``.
+    """
+    encoders = getattr(model, "encoders", None)
+    if not isinstance(encoders, nn.ModuleDict):
+        raise ModulePathError(
+            f"{type(model).__name__} has no `encoders` ModuleDict (the mmcore contract); pass "
+            f"{alternative}."
+        )
+    return {m: f"encoders.{m}" for m in encoders}
+
+
 def encoder_features(output: Any) -> Tensor:
     """The feature tensor inside an encoder's output.
 

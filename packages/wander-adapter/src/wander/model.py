@@ -18,6 +18,7 @@ from mmcore import (
     ModalityBatch,
     ModulePathError,
     atomic_write,
+    contract_encoder_paths,
     encoder_features,
     find_modality_batch,
     resolve_module,
@@ -139,13 +140,13 @@ class Wander(nn.Module):
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
     def _contract_targets(model: nn.Module) -> dict[str, str]:
-        encoders = getattr(model, "encoders", None)
-        if not isinstance(encoders, nn.ModuleDict):
-            raise WanderTargetError(
-                f"{type(model).__name__} has no `encoders` ModuleDict (the mmcore contract); pass "
-                "target_modules={modality: 'dotted.path.of.its.encoder'} (and fusion_module)."
+        try:
+            return contract_encoder_paths(
+                model,
+                "target_modules={modality: 'dotted.path.of.its.encoder'} (and fusion_module)",
             )
-        return {m: f"encoders.{m}" for m in encoders}
+        except ModulePathError as err:
+            raise WanderTargetError(str(err)) from None
 
     @staticmethod
     def _resolve(model: nn.Module, path: str, field: str, cfg: WanderConfig) -> nn.Module:

@@ -17,7 +17,10 @@ once per missing case, all test samples in that case.
   their average, and a curve over test-time missing rates 0 → 0.9. The generated modalities
   share part of their latent (correlation 0.6, like three readings of one sentiment) and their
   features are not zero-mean (as extracted features are not), so a missing modality is partly
-  predictable from the others and zero-filling it is out of distribution. The backbone has 3+3
+  predictable from the others and zero-filling it is out of distribution. Text carries 3x the
+  label weight of audio or vision, as in CMU-MOSI, where text alone is far stronger than the
+  other two (with equally strong modalities every method lost little to a missing one: the
+  average gap between the lower bound and MPLMM was 1.4 points). The backbone has 3+3
   layers at d = 16 (the released size, d = 30 with 5+5 layers, is timed in
   ``mplmm-throughput``, which also reports the trainable share at that size).
 * ``mplmm-uci-missing`` (real data, six modalities, 63 cases): accuracy averaged over the cases
@@ -164,6 +167,9 @@ MOSI_SETTINGS = {
     "shared": 0.6,
     # real features are not zero-mean: a zero-filled modality is out of distribution
     "feature_mean": 1.0,
+    # text dominates, as in CMU-MOSI (text alone ~ 80 % Acc-2, audio or vision alone far less)
+    "imbalance": 3.0,
+    "dominant": "text",
     "d": 16,
     "heads": 2,
     "layers": 3,
@@ -196,7 +202,12 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             n=s["n"][ctx.profile],
             seq_lens=lens,
             seed=ctx.seed,
-            structure=PlantedStructure(shared=s["shared"], feature_mean=s["feature_mean"]),
+            structure=PlantedStructure(
+                shared=s["shared"],
+                feature_mean=s["feature_mean"],
+                imbalance=s["imbalance"],
+                dominant=s["dominant"],
+            ),
         )
         data = load_mult_pickle(path)
         name = "MOSI-format"
@@ -407,8 +418,9 @@ register_task(
     Task(
         name="mplmm-mosi-missing",
         description=(
-            "Generated MOSI-format data (correlated modalities, non-zero-mean features), backbone "
-            "pretrained on complete data, training missing rate 0.7: lower bound, modality "
+            "Generated MOSI-format data (correlated modalities, text dominant, non-zero-mean "
+            "features), backbone pretrained on complete data, training missing rate 0.7: lower "
+            "bound, modality "
             "dropout, modality substitution and MPLMM on the test split per missing case, their "
             "average, and a sweep of the test-time missing rate 0 → 0.9."
         ),

@@ -86,7 +86,8 @@ def build_method(
         if "target_layer" in options:  # tap each encoder's inner layer instead of its output
             layer = options.pop("target_layer")
             options["target_modules"] = {m: f"encoders.{m}.{layer}" for m in model.encoders}
-        return Wander(model, settings["wander_ranks"], example_input=example, **options)
+        ranks = options.pop("ranks", settings["wander_ranks"])
+        return Wander(model, ranks, example_input=example, **options)
     raise ValueError(f"unknown method {method!r}; known: {methods(settings)}")
 
 

@@ -175,3 +175,50 @@ def test_interaction_init_zero_is_purely_additive_at_init():
     """ε = 0 exactly: every projection is the constant 1, whatever the input."""
     layer, xs = build(3, bias_augment=True, interaction_init=0.0)
     assert torch.allclose(layer.raw_output(xs), torch.ones(1))
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+@pytest.mark.parametrize("cp_mode", ["true", "reference"])
+@pytest.mark.parametrize("bias_augment", [False, True])
+def test_shared_hidden_size_runs_one_batched_call_equal_to_the_per_modality_path(
+    output, cp_mode, bias_augment
+):
+    dims, lens = dict.fromkeys(("a", "b", "c"), 6), {"a": 2, "b": 4, "c": 3}
+    cfg = WanderConfig(
+        bottleneck_dim=3,
+        feature_rank=2,
+        token_rank=2,
+        num_fused_tokens=2,
+        output=output,
+        cp_mode=cp_mode,
+        bias_augment=bias_augment,
+    )
+    torch.manual_seed(0)
+    layer = WanderFusion(dims, lens, out_dim=5, config=cfg)
+    assert layer.stack_modalities
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    xs = {k: torch.randn(4, lens[k], 6, generator=g) for k in dims}
+    xs["b"] = xs["b"][:, :3]  # shorter than built for: treated as padding
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    mask[1:, 2] = True
+    xs["c"][1:, 2] = float("inf")  # padding may hold anything
+    masks = {"c": mask}
+
+    def run(stacked):
+        layer.stack_modalities = stacked
+        layer.zero_grad()
+        out = layer(xs, masks)
+        values = list(out.values()) if isinstance(out, dict) else [out]
+        sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in values).backward()
+        return values, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    fast, fast_grads = run(True)
+    slow, slow_grads = run(False)
+    assert all(torch.isfinite(v).all() for v in fast)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b)
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name])

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dense_fusion", "fusion_product", "fusion_product_sets"]
+__all__ = ["dense_fusion", "fusion_product", "fusion_product_sets", "fusion_product_stacked"]
 
 
 def fusion_product(
@@ -88,12 +88,32 @@ def fusion_product_sets(
     h = torch.stack([_pad_stack(group, t_max) for group in hs])  # [S, M, B, T, r]
     q = torch.stack([_pad_stack(group, t_max) for group in token_factors])  # [S, M, R_t, T, T']
     p = torch.stack([torch.stack(list(group)) for group in feature_factors])  # [S, M, R_d, r, D]
+    w = torch.stack(list(weights)) if cp_mode == "true" else None
+    return fusion_product_stacked(h, q, p, w, cp_mode)
+
+
+def fusion_product_stacked(
+    h: Tensor,
+    q: Tensor,
+    p: Tensor,
+    weights: Tensor | None,
+    cp_mode: Literal["true", "reference"] = "true",
+) -> Tensor:
+    """The fusion on inputs already stacked over (set, modality): ``[S, B, T', D]``.
+
+    Args:
+        h: ``[S, M, B, T, r]`` bottleneck features (rows past a modality's length zero).
+        q: ``[S, M, R_t, T, T']`` token factors (rows past a modality's length zero).
+        p: ``[S, M, R_d, r, D]`` feature factors.
+        weights: ``[S, R_t, R_d]`` CP weights (``cp_mode="true"``).
+        cp_mode: ``"true"`` or ``"reference"``.
+    """
     if cp_mode == "reference":
         z = torch.einsum("smbti,smtu,smid->smbud", h, q.sum(2), p.sum(2))  # [S, M, B, T', D]
         return _product(z)
     g = torch.einsum("smbti,smjtu->smbjui", h, q)  # [S, M, B, R_t, T', r]
     z = torch.einsum("smbjui,smkid->smbjkud", g, p)  # [S, M, B, R_t, R_d, T', D]
-    return torch.einsum("sbjkud,sjk->sbud", _product(z), torch.stack(list(weights)))
+    return torch.einsum("sbjkud,sjk->sbud", _product(z), weights)
 
 
 def _pad_stack(tensors: Sequence[Tensor], t_max: int) -> Tensor:

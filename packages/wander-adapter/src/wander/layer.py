@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wander.config import WanderConfig
-from wander.functional import fusion_product_sets
+from wander.functional import fusion_product_stacked
 
 __all__ = ["WanderFusion"]
 
@@ -85,6 +85,8 @@ class WanderFusion(nn.Module):
                 {m: nn.Parameter(torch.empty(out_dim, hidden_dims[m])) for m in self.modalities}
             )
         self.output_dropout = nn.Dropout(config.dropout)
+        # modalities of one hidden size (as in a transformer) share every bottleneck kernel call
+        self.stack_modalities = len(set(self.hidden_dims.values())) == 1
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -146,10 +148,8 @@ class WanderFusion(nn.Module):
         return {name: getattr(self, _anchor_name(name)) for name, _ in self.named_parameters()}
 
     # ------------------------------------------------------------------ forward
-    def _bottlenecks(
-        self, m: str, x: Tensor, mask: Tensor | None, param_sets: list[Mapping[str, Tensor]]
-    ) -> list[Tensor]:
-        """``H_m`` ``[B, T, r(+1)]`` under each parameter set, from one linear call."""
+    def _checked(self, m: str, x: Tensor) -> Tensor:
+        """``x`` as ``[B, T, D_m]``, after checking its size and length against the adapter."""
         if x.ndim == 2:
             x = x.unsqueeze(1)
         if x.ndim != 3 or x.shape[-1] != self.hidden_dims[m]:
@@ -163,23 +163,56 @@ class WanderFusion(nn.Module):
                 f"built for at most {self.seq_lens[m]} (token factors are per position); pad or "
                 "truncate, or rebuild the adapter with a longer example."
             )
-        if self.config.normalize_inputs:
-            x = F.layer_norm(x, (x.shape[-1],))
-        weight = torch.cat([p[f"down.{m}.weight"] for p in param_sets])  # [S r, D_m]
-        bias = torch.cat([p[f"down.{m}.bias"] for p in param_sets])
-        h = F.gelu(F.linear(x, weight, bias))  # [B, T, S r]
-        if self.config.bias_augment:
-            h = torch.cat(
+        return x
+
+    def _bottlenecks(
+        self,
+        xs: Sequence[Tensor],
+        masks: Sequence[Tensor | None],
+        param_sets: list[Mapping[str, Tensor]],
+    ) -> Tensor:
+        """``H`` ``[S, M, B, T_max, r(+1)]`` for every parameter set and modality.
+
+        Rows past a modality's length or marked as padding are zero. One linear call per
+        modality, or a single batched call when the modalities share a hidden size.
+        """
+        t_max = max(x.shape[1] for x in xs)
+        n_sets, r = len(param_sets), self.config.bottleneck_dim
+        # [M, B, T]: False on padding and past each modality's length. Padded inputs are zeroed
+        # before the linear too: padding may hold inf, and inf * 0 in the backward is NaN
+        keep = torch.stack([_keep_rows(x, mask, t_max) for x, mask in zip(xs, masks, strict=True)])
+        if self.stack_modalities:
+            x = torch.stack([F.pad(x, (0, 0, 0, t_max - x.shape[1])) for x in xs])  # [M,B,T,D]
+            x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
+            if self.config.normalize_inputs:
+                x = F.layer_norm(x, (x.shape[-1],))
+            weight = torch.stack(  # [M, D, S r]
                 [
-                    t
-                    for part in h.split(self.config.bottleneck_dim, dim=-1)
-                    for t in (part, torch.ones_like(part[..., :1]))
-                ],
-                dim=-1,
+                    torch.cat([p[f"down.{m}.weight"] for p in param_sets]).t()
+                    for m in self.modalities
+                ]
             )
-        if mask is not None:
-            h = h.masked_fill(mask.unsqueeze(-1), 0.0)
-        return list(h.chunk(len(param_sets), dim=-1))
+            bias = torch.stack(
+                [torch.cat([p[f"down.{m}.bias"] for p in param_sets]) for m in self.modalities]
+            )
+            n_mod, b = x.shape[:2]
+            h = torch.baddbmm(bias.unsqueeze(1), x.flatten(1, 2), weight)  # [M, B T, S r]
+            h = F.gelu(h).view(n_mod, b, t_max, n_sets, r)
+        else:
+            h = []
+            for i, (m, x) in enumerate(zip(self.modalities, xs, strict=True)):
+                x = x.masked_fill(~keep[i, :, : x.shape[1], None], 0.0)
+                if self.config.normalize_inputs:
+                    x = F.layer_norm(x, (x.shape[-1],))
+                weight = torch.cat([p[f"down.{m}.weight"] for p in param_sets])  # [S r, D_m]
+                bias = torch.cat([p[f"down.{m}.bias"] for p in param_sets])
+                part = F.gelu(F.linear(x, weight, bias)).unflatten(-1, (n_sets, r))
+                h.append(F.pad(part, (0, 0, 0, 0, 0, t_max - x.shape[1])))
+            h = torch.stack(h)  # [M, B, T, S, r]
+        if self.config.bias_augment:
+            h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+        h = h.masked_fill(~keep[..., None, None], 0.0)
+        return h.permute(3, 0, 1, 2, 4)
 
     def _core(
         self,
@@ -192,18 +225,30 @@ class WanderFusion(nn.Module):
         All sets go through the same kernel calls (the centred init evaluates the current and
         the initial weights together).
         """
-        per_modality = [
-            self._bottlenecks(m, xs[m], masks.get(m), param_sets) for m in self.modalities
-        ]
-        hs = [[h[i] for h in per_modality] for i in range(len(param_sets))]
-        t_lens = [h[0].shape[1] for h in per_modality]
-        qs = [
-            [p[f"token_factors.{m}"][:, :t] for m, t in zip(self.modalities, t_lens, strict=True)]
-            for p in param_sets
-        ]
-        ps = [[p[f"feature_factors.{m}"] for m in self.modalities] for p in param_sets]
-        weights = [p["cp_weights"] for p in param_sets] if self.cp_weights is not None else None
-        fused_sets = fusion_product_sets(hs, qs, ps, weights, self.config.cp_mode)  # [S, B, T', D]
+        inputs = [self._checked(m, xs[m]) for m in self.modalities]
+        t_lens = [x.shape[1] for x in inputs]
+        t_max = max(t_lens)
+        h = self._bottlenecks(inputs, [masks.get(m) for m in self.modalities], param_sets)
+        q = torch.stack(  # [S, M, R_t, T_max, T']: rows past each modality's length zero
+            [
+                torch.stack(
+                    [
+                        F.pad(p[f"token_factors.{m}"][:, :t], (0, 0, 0, t_max - t))
+                        for m, t in zip(self.modalities, t_lens, strict=True)
+                    ]
+                )
+                for p in param_sets
+            ]
+        )
+        f = torch.stack(
+            [torch.stack([p[f"feature_factors.{m}"] for m in self.modalities]) for p in param_sets]
+        )
+        weights = (
+            torch.stack([p["cp_weights"] for p in param_sets])
+            if self.cp_weights is not None
+            else None
+        )
+        fused_sets = fusion_product_stacked(h, q, f, weights, self.config.cp_mode)  # [S,B,T',D]
         outs: list[Tensor | dict[str, Tensor]] = []
         for p, fused in zip(param_sets, fused_sets, strict=True):
             if self.gate is not None:
@@ -257,6 +302,14 @@ class WanderFusion(nn.Module):
             f"R_t={c.token_rank}, T'={c.fused_tokens}, D={self.out_dim}, cp_mode={c.cp_mode}, "
             f"init={c.init}, output={c.output}"
         )
+
+
+def _keep_rows(x: Tensor, mask: Tensor | None, t_max: int) -> Tensor:
+    """``[B, t_max]`` bool: the real (unpadded) rows of ``x`` ``[B, T, D]``."""
+    keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask is not None:
+        keep = ~mask
+    return F.pad(keep, (0, t_max - x.shape[1]), value=False)
 
 
 def _anchor_name(param_name: str) -> str:

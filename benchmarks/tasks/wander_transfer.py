@@ -160,7 +160,11 @@ UCI_SETTINGS = {
         "Wander": {"target_layer": "net.2"},
         "Wander (no constant channel)": {"target_layer": "net.2", "bias_augment": False},
         "Wander (encoder outputs)": {},
-        "Wander (encoder outputs, no constant channel)": {"bias_augment": False},
+        # the budget, at most 5 % of the backbone: bottleneck 3 instead of 6
+        "Wander (r=3)": {
+            "target_layer": "net.2",
+            "ranks": {"bottleneck": 3, "feature": 1, "token": 1},
+        },
     },
     "lr": {
         "head-only": 1e-2,
@@ -171,7 +175,7 @@ UCI_SETTINGS = {
         "Wander": 3e-3,
         "Wander (no constant channel)": 3e-3,
         "Wander (encoder outputs)": 3e-3,
-        "Wander (encoder outputs, no constant channel)": 3e-3,
+        "Wander (r=3)": 3e-3,
     },
 }
 

@@ -115,13 +115,18 @@ def train_methods(ctx, data, out_dim, s, loss_fn, score_fn) -> dict[str, torch.n
         seed=ctx.seed,
     )
     models: dict[str, torch.nn.Module] = {"lower bound": backbone}
+    # the methods trained for missing modalities pick their epoch on a validation split with
+    # the training missing rate (one fixed draw per seed), not on complete validation data
+    valid_missing, _ = simulate_missing(
+        data["valid"], s["train_rate"], generator=torch.Generator().manual_seed(500 + ctx.seed)
+    )
 
     def train_with_missing(name: str, model: torch.nn.Module) -> None:
         ctx.progress(name)
         fit(
             _MissingTraining(model, s["train_rate"], ctx.seed),
             data["train"],
-            data["valid"],
+            valid_missing,
             loss_fn=loss_fn,
             score_fn=score_fn,
             epochs=s["epochs"][ctx.profile],

@@ -222,3 +222,13 @@ def test_shared_hidden_size_runs_one_batched_call_equal_to_the_per_modality_path
         torch.testing.assert_close(a, b)
     for name in slow_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name])
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+@pytest.mark.parametrize("init", ["centered", "gate"])
+def test_fast_parameter_lookup_lists_exactly_the_named_parameters(output, init):
+    layer, _ = build(output=output, init=init)
+    current = layer._current()
+    named = dict(layer.named_parameters())
+    assert sorted(current) == sorted(named)
+    assert all(current[k] is named[k] for k in named)

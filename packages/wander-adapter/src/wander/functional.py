@@ -123,10 +123,11 @@ def _pad_stack(tensors: Sequence[Tensor], t_max: int) -> Tensor:
 
 def _product(z: Tensor) -> Tensor:
     """Elementwise product over the modality axis (axis 1, after the set axis)."""
-    out = z[:, 0]
-    for i in range(1, z.shape[1]):
-        out = out * z[:, i]
-    return out
+    # unbind, not z[:, i]: the backward of M selects writes M zero-filled copies of z
+    first, *rest = z.unbind(1)
+    for factor in rest:
+        first = first * factor
+    return first
 
 
 def dense_fusion(

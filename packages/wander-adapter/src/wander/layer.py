@@ -144,8 +144,28 @@ class WanderFusion(nn.Module):
             for name, p in self.named_parameters():
                 self.register_buffer(_anchor_name(name), p.detach().clone(), persistent=True)
 
+    def _current(self) -> dict[str, Tensor]:
+        """Every parameter by its ``named_parameters`` name, read directly.
+
+        Walking the module tree on each call cost more than the adapter's kernels on small models.
+        """
+        params: dict[str, Tensor] = {}
+        for m in self.modalities:
+            down = self.down[m]
+            params[f"down.{m}.weight"], params[f"down.{m}.bias"] = down.weight, down.bias
+            params[f"token_factors.{m}"] = self.token_factors[m]
+            params[f"feature_factors.{m}"] = self.feature_factors[m]
+            if self.residual:
+                params[f"up_tokens.{m}"] = self.up_tokens[m]
+                params[f"up_features.{m}"] = self.up_features[m]
+        if self.cp_weights is not None:
+            params["cp_weights"] = self.cp_weights
+        if self.gate is not None:
+            params["gate"] = self.gate
+        return params
+
     def _anchors(self) -> dict[str, Tensor]:
-        return {name: getattr(self, _anchor_name(name)) for name, _ in self.named_parameters()}
+        return {name: self._buffers[_anchor_name(name)] for name in self._current()}
 
     # ------------------------------------------------------------------ forward
     def _checked(self, m: str, x: Tensor) -> Tensor:
@@ -180,38 +200,44 @@ class WanderFusion(nn.Module):
         n_sets, r = len(param_sets), self.config.bottleneck_dim
         # [M, B, T]: False on padding and past each modality's length. Padded inputs are zeroed
         # before the linear too: padding may hold inf, and inf * 0 in the backward is NaN
-        keep = torch.stack([_keep_rows(x, mask, t_max) for x, mask in zip(xs, masks, strict=True)])
+        ragged = any(x.shape[1] != t_max for x in xs) or any(mk is not None for mk in masks)
+        keep = (
+            torch.stack([_keep_rows(x, mk, t_max) for x, mk in zip(xs, masks, strict=True)])
+            if ragged
+            else None
+        )
         if self.stack_modalities:
-            x = torch.stack([F.pad(x, (0, 0, 0, t_max - x.shape[1])) for x in xs])  # [M,B,T,D]
-            x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
+            x = torch.stack([_pad_tokens(x, t_max, dim=1) for x in xs])  # [M, B, T, D]
+            if keep is not None:
+                x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
             if self.config.normalize_inputs:
                 x = F.layer_norm(x, (x.shape[-1],))
-            weight = torch.stack(  # [M, D, S r]
-                [
-                    torch.cat([p[f"down.{m}.weight"] for p in param_sets]).t()
-                    for m in self.modalities
-                ]
+            n_mod, b, d = x.shape[0], x.shape[1], x.shape[-1]
+            # one stack over (modality, set): [M S, r, D] viewed as [M, S r, D]
+            weight = _stack(
+                [p[f"down.{m}.weight"] for m in self.modalities for p in param_sets]
+            ).view(n_mod, n_sets * r, d)
+            bias = _stack([p[f"down.{m}.bias"] for m in self.modalities for p in param_sets]).view(
+                n_mod, 1, n_sets * r
             )
-            bias = torch.stack(
-                [torch.cat([p[f"down.{m}.bias"] for p in param_sets]) for m in self.modalities]
-            )
-            n_mod, b = x.shape[:2]
-            h = torch.baddbmm(bias.unsqueeze(1), x.flatten(1, 2), weight)  # [M, B T, S r]
+            h = torch.baddbmm(bias, x.flatten(1, 2), weight.transpose(1, 2))  # [M, B T, S r]
             h = F.gelu(h).view(n_mod, b, t_max, n_sets, r)
         else:
             h = []
             for i, (m, x) in enumerate(zip(self.modalities, xs, strict=True)):
-                x = x.masked_fill(~keep[i, :, : x.shape[1], None], 0.0)
+                if keep is not None:
+                    x = x.masked_fill(~keep[i, :, : x.shape[1], None], 0.0)
                 if self.config.normalize_inputs:
                     x = F.layer_norm(x, (x.shape[-1],))
                 weight = torch.cat([p[f"down.{m}.weight"] for p in param_sets])  # [S r, D_m]
                 bias = torch.cat([p[f"down.{m}.bias"] for p in param_sets])
                 part = F.gelu(F.linear(x, weight, bias)).unflatten(-1, (n_sets, r))
-                h.append(F.pad(part, (0, 0, 0, 0, 0, t_max - x.shape[1])))
+                h.append(_pad_tokens(part, t_max, dim=1))
             h = torch.stack(h)  # [M, B, T, S, r]
         if self.config.bias_augment:
             h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
-        h = h.masked_fill(~keep[..., None, None], 0.0)
+        if keep is not None:
+            h = h.masked_fill(~keep[..., None, None], 0.0)
         return h.permute(3, 0, 1, 2, 4)
 
     def _core(
@@ -229,24 +255,19 @@ class WanderFusion(nn.Module):
         t_lens = [x.shape[1] for x in inputs]
         t_max = max(t_lens)
         h = self._bottlenecks(inputs, [masks.get(m) for m in self.modalities], param_sets)
-        q = torch.stack(  # [S, M, R_t, T_max, T']: rows past each modality's length zero
+        sets_by_modality = (len(param_sets), len(self.modalities))
+        q = _stack(  # [S, M, R_t, T_max, T']: rows past each modality's length zero
             [
-                torch.stack(
-                    [
-                        F.pad(p[f"token_factors.{m}"][:, :t], (0, 0, 0, t_max - t))
-                        for m, t in zip(self.modalities, t_lens, strict=True)
-                    ]
-                )
+                _pad_tokens(_first_tokens(p[f"token_factors.{m}"], t), t_max, dim=1)
                 for p in param_sets
+                for m, t in zip(self.modalities, t_lens, strict=True)
             ]
-        )
-        f = torch.stack(
-            [torch.stack([p[f"feature_factors.{m}"] for m in self.modalities]) for p in param_sets]
-        )
+        ).unflatten(0, sets_by_modality)
+        f = _stack(
+            [p[f"feature_factors.{m}"] for p in param_sets for m in self.modalities]
+        ).unflatten(0, sets_by_modality)
         weights = (
-            torch.stack([p["cp_weights"] for p in param_sets])
-            if self.cp_weights is not None
-            else None
+            _stack([p["cp_weights"] for p in param_sets]) if self.cp_weights is not None else None
         )
         fused_sets = fusion_product_stacked(h, q, f, weights, self.config.cp_mode)  # [S,B,T',D]
         outs: list[Tensor | dict[str, Tensor]] = []
@@ -278,7 +299,7 @@ class WanderFusion(nn.Module):
             raise ValueError(f"Wander: no features for modalities {missing}.")
         masks = dict(padding_masks or {})
         scale = self.config.output_scale
-        params = dict(self.named_parameters())
+        params = self._current()
         if self.config.init != "centered":
             (out,) = self._core(xs, masks, [params])
             return _apply(out, lambda v: self.output_dropout(scale * v))
@@ -292,7 +313,7 @@ class WanderFusion(nn.Module):
         self, xs: Mapping[str, Tensor], padding_masks: Mapping[str, Tensor | None] | None = None
     ) -> Tensor | dict[str, Tensor]:
         """The uncentred, undropped adapter output at the current weights (for diagnostics)."""
-        return self._core(xs, dict(padding_masks or {}), [dict(self.named_parameters())])[0]
+        return self._core(xs, dict(padding_masks or {}), [self._current()])[0]
 
     def extra_repr(self) -> str:
         """Ranks and modes, shown by ``print(module)``."""
@@ -302,6 +323,24 @@ class WanderFusion(nn.Module):
             f"R_t={c.token_rank}, T'={c.fused_tokens}, D={self.out_dim}, cp_mode={c.cp_mode}, "
             f"init={c.init}, output={c.output}"
         )
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``, or a free view for a single tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _first_tokens(factor: Tensor, length: int) -> Tensor:
+    """``factor[:, :length]`` (the factor itself when it is that long: no slice in the graph)."""
+    return factor if factor.shape[1] == length else factor[:, :length]
+
+
+def _pad_tokens(x: Tensor, length: int, dim: int) -> Tensor:
+    """``x`` zero-padded along ``dim`` to ``length`` (itself when it is that long already)."""
+    extra = length - x.shape[dim]
+    if extra == 0:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:dim], extra, *x.shape[dim + 1 :])], dim=dim)
 
 
 def _keep_rows(x: Tensor, mask: Tensor | None, t_max: int) -> Tensor:

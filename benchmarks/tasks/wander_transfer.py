@@ -160,10 +160,13 @@ UCI_SETTINGS = {
         "Wander": {"target_layer": "net.2"},
         "Wander (no constant channel)": {"target_layer": "net.2", "bias_augment": False},
         "Wander (encoder outputs)": {},
-        # the budget, at most 5 % of the backbone: bottleneck 3 instead of 6
-        "Wander (r=3)": {
+        # under 5 % of the backbone: bottleneck 5, and one 32-feature fused token tiled over
+        # the six encoder slots of the head's input (the paper's late-fusion head) instead of
+        # a 192-feature one
+        "Wander (r=5, tiled)": {
             "target_layer": "net.2",
-            "ranks": {"bottleneck": 3, "feature": 1, "token": 1},
+            "ranks": {"bottleneck": 5, "feature": 1, "token": 1},
+            "fused_dim": 32,
         },
     },
     "lr": {
@@ -175,7 +178,7 @@ UCI_SETTINGS = {
         "Wander": 3e-3,
         "Wander (no constant channel)": 3e-3,
         "Wander (encoder outputs)": 3e-3,
-        "Wander (r=3)": 3e-3,
+        "Wander (r=5, tiled)": 3e-3,
     },
 }
 

@@ -236,3 +236,38 @@ def test_transformers_text_encoder(tmp_path):
     wander(batch).sum().backward()
     assert all(p.grad.abs().sum() > 0 for p in wander.adapter.parameters())
     assert all(p.grad is None for p in model.encoders["text"].parameters())
+
+
+def test_fused_dim_tiles_the_fused_tokens_to_the_fusion_output(base_model, batch):
+    """The paper's late-fusion head: one D-sized fused token tiled over the M modality slots."""
+    full = Wander(base_model, RANKS, example_input=batch)
+    out_dim = full.config.out_dim
+    full.unwrap()
+    wander = Wander(base_model, RANKS, example_input=batch, fused_dim=out_dim // 3)
+    assert wander.adapter.out_dim == out_dim // 3
+    assert sum(p.numel() for p in wander.adapter.parameters()) < sum(
+        p.numel() for p in full.adapter.parameters()
+    )
+    with torch.no_grad():
+        with wander.disable_adapter():
+            base = wander(batch)
+        torch.testing.assert_close(wander(batch), base, rtol=0, atol=0)
+    (wander(batch).squeeze(-1) - batch.target).pow(2).mean().backward()
+    for n, p in wander.adapter.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    # what the fusion module hands on: its own output plus the fused token repeated per slot
+    train_steps(wander, batch, steps=1)
+    seen = []
+    handle = base_model.fusion.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    with torch.no_grad():
+        wander(batch)
+        with wander.disable_adapter():
+            wander(batch)
+    handle.remove()
+    delta = (seen[0] - seen[1]).reshape(len(batch.target), 3, out_dim // 3)
+    assert delta.abs().max() > 0
+    torch.testing.assert_close(delta[:, 1], delta[:, 0])
+    torch.testing.assert_close(delta[:, 2], delta[:, 0])
+    wander.unwrap()
+    with pytest.raises(ValueError, match="must divide"):
+        Wander(base_model, RANKS, example_input=batch, fused_dim=out_dim - 1)

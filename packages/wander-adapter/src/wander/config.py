@@ -59,8 +59,11 @@ class WanderConfig:
             encoders (the paper: fused tokens reach the head); ``"residual"`` adds a
             shape-preserving per-modality residual to each encoder output, so an adapter can sit
             after every layer of a large model.
-        fused_dim: feature size of the fused tokens in ``"residual"`` mode (``"fused"`` mode uses
-            the consumer's output size). ``None``: ``bottleneck_dim``.
+        fused_dim: feature size ``D`` of the fused tokens. ``"residual"`` mode: ``None`` means
+            ``bottleneck_dim``. ``"fused"`` mode: ``None`` means the fusion module's output size;
+            a divisor of it tiles the fused tokens to that size, as the paper does for a
+            late-fusion head reading ``M`` concatenated ``D``-sized features (the feature factors
+            then hold ``D`` instead of ``M·D`` columns).
         bias_augment: append a constant 1 to each modality's bottleneck features (the TFN/LMF
             trick), so lower-order interactions are representable, not only M-th order ones.
             With it, the random inits (``"centered"``, ``"gate"``) start every modality's

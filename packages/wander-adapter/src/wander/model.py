@@ -108,7 +108,15 @@ class Wander(nn.Module):
                     "modalities' feature sizes and sequence lengths."
                 )
             self._read_sizes(cfg, example_input)
-        out_dim = cfg.out_dim if cfg.output == "fused" else (cfg.fused_dim or cfg.bottleneck_dim)
+        if cfg.output == "fused":
+            if cfg.fused_dim is not None and cfg.out_dim % cfg.fused_dim:
+                raise ValueError(
+                    f"Wander: fused_dim={cfg.fused_dim} must divide the fusion module's output "
+                    f"size {cfg.out_dim} (the fused tokens are tiled to it)."
+                )
+            out_dim = cfg.fused_dim or cfg.out_dim
+        else:
+            out_dim = cfg.fused_dim or cfg.bottleneck_dim
         ordered = list(self._targets)
         self.config = cfg
         self.adapter = WanderFusion(
@@ -247,6 +255,8 @@ class Wander(nn.Module):
         fused = self._adapter_output()  # [B, T', D]
         if not isinstance(output, Tensor):
             raise TypeError(f"Wander: fusion module output {_describe(output)} is not a tensor.")
+        if fused.shape[-1] != output.shape[-1]:  # fused_dim: tiled to the output size
+            fused = fused.repeat(1, 1, output.shape[-1] // fused.shape[-1])
         if output.ndim == 2:
             return output + fused.mean(dim=1)
         t_out = fused.shape[1]

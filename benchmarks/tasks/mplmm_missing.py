@@ -11,7 +11,9 @@ Methods, all from the same MulT-style backbone pretrained on complete data:
 * **MPLMM**: prompts + generator on the frozen backbone, trained with the training missing rate.
 
 Every method is evaluated on the *test* split (the released code reports the validation split)
-once per missing case, all test samples in that case.
+once per missing case, all test samples in that case. The methods trained with missing
+modalities keep the epoch that scores best on the validation split with the training missing
+rate applied (one fixed draw per seed); the lower bound's backbone is selected on complete data.
 
 * ``mplmm-mosi-missing`` (generated MOSI-format pickles): a table per case (the seven cases),
   their average, and a curve over test-time missing rates 0 → 0.9. The generated modalities

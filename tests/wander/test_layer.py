@@ -4,9 +4,9 @@ import torch
 from wander import WanderConfig, WanderFusion
 
 
-def build(m=3, init="centered", output="fused", cp_mode="true", **kw):
-    dims = {f"m{i}": 4 + i for i in range(m)}
-    lens = {f"m{i}": 2 + i % 3 for i in range(m)}
+def build(m=3, init="centered", output="fused", cp_mode="true", dims=None, lens=None, **kw):
+    dims = dims or {f"m{i}": 4 + i for i in range(m)}
+    lens = lens or {f"m{i}": 2 + i % 3 for i in range(m)}
     cfg = WanderConfig(
         bottleneck_dim=4,
         feature_rank=2,
@@ -184,17 +184,9 @@ def test_shared_hidden_size_runs_one_batched_call_equal_to_the_per_modality_path
     output, cp_mode, bias_augment
 ):
     dims, lens = dict.fromkeys(("a", "b", "c"), 6), {"a": 2, "b": 4, "c": 3}
-    cfg = WanderConfig(
-        bottleneck_dim=3,
-        feature_rank=2,
-        token_rank=2,
-        num_fused_tokens=2,
-        output=output,
-        cp_mode=cp_mode,
-        bias_augment=bias_augment,
+    layer, _ = build(
+        output=output, cp_mode=cp_mode, dims=dims, lens=lens, bias_augment=bias_augment
     )
-    torch.manual_seed(0)
-    layer = WanderFusion(dims, lens, out_dim=5, config=cfg)
     assert layer.stack_modalities
     with torch.no_grad():
         for p in layer.parameters():

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.backbones import LateFusionModel
-from cggm import CGGM, CGGMConfig
+from cggm import CGGM, CGGMConfig, ModalityClassifier, StackedClassifiers
 from mmcore import ModalityBatch, ModulePathError
 
 
@@ -78,7 +78,7 @@ def test_reference_mode_matches_its_documented_semantics():
     s1 = cggm.last_scores.clone()
     s = s1.sum() + 1e-8
     assert list(b1.values()) == pytest.approx(((s - s1) / s).tolist())  # Δ = ε_1 − 0
-    heads_at_1 = [cggm.classifiers[m].net[-1].weight.detach().clone() for m in cggm.modalities]
+    heads_at_1 = [cggm.classifier(m).net[-1].weight.detach().clone() for m in cggm.modalities]
     w_at_1 = model.head.weight.detach().clone()
     with torch.no_grad():
         model.head.weight.add_(
@@ -139,7 +139,7 @@ def test_regression_on_padded_sequences():
         (F.l1_loss(model(batch).squeeze(-1), batch.target) + cggm.direction_loss()).backward()
         b = cggm.step(batch.target)
     assert set(b) == {"text", "audio"}
-    assert cggm.classifiers["text"](torch.randn(2, 5, 4), pad[:2]).shape == (2, 1)
+    assert cggm.classifier("text")(torch.randn(2, 5, 4), pad[:2]).shape == (2, 1)
 
 
 def _padded_regression_batch():
@@ -167,7 +167,7 @@ def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
     runs = []
     for stacked in (True, False):
         if not stacked:
-            monkeypatch.setattr(CGGM, "_can_stack", lambda self: False)
+            monkeypatch.setattr(CGGM, "_can_stack", lambda self, classifiers: False)
         torch.manual_seed(0)
         model = (
             make_model(batch, out)
@@ -183,7 +183,12 @@ def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
             history.append(cggm.step(batch.target))
             assert cggm._stacked is stacked
             opt.step()
-        runs.append((history, cggm.classifiers.state_dict(), model.state_dict()))
+        per_modality = {
+            f"{m}.{k}": v
+            for m in cggm.modalities
+            for k, v in cggm.classifier(m).state_dict().items()
+        }
+        runs.append((history, per_modality, model.state_dict()))
     (h1, c1, m1), (h2, c2, m2) = runs
     for a, b in zip(h1, h2, strict=True):
         assert a == pytest.approx(b, abs=1e-6)
@@ -222,8 +227,8 @@ def test_segmentation():
     assert len(b) == 3 and all(0 <= v < 1 for v in b.values())
     # a per-pixel MLP: its final [C, F] weight is the 1x1 head conv's [C, F, 1, 1]
     head = model.head.weight
-    assert cggm.classifiers["t1"].net[-1].weight.shape == head.shape[:2]
-    assert cggm.classifiers["t1"](torch.randn(2, 4, 8, 8)).shape == (2, 3, 8, 8)
+    assert cggm.classifier("t1").net[-1].weight.shape == head.shape[:2]
+    assert cggm.classifier("t1")(torch.randn(2, 4, 8, 8)).shape == (2, 3, 8, 8)
 
 
 def test_gradient_accumulation_modulates_only_on_sync():
@@ -308,3 +313,20 @@ def test_bad_configuration_raises():
     fresh = CGGM(make_model(batch), num_outputs=3)
     with pytest.raises(RuntimeError, match="call the model's forward"):
         fresh.step(batch.target)
+
+
+def test_stacked_classifiers_round_trip_and_lookup_before_the_first_step():
+    torch.manual_seed(0)
+    singles = {m: ModalityClassifier((5,), 7, 3) for m in ("a", "b", "c")}
+    stacked = StackedClassifiers.from_classifiers(singles, ("a", "b", "c"))
+    x = torch.randn(3, 4, 5)
+    logits = stacked(x)
+    for i, m in enumerate(("a", "b", "c")):
+        torch.testing.assert_close(logits[i], singles[m](x[i]))
+        back = stacked.unstack(m)
+        for k, v in singles[m].state_dict().items():
+            torch.testing.assert_close(back.state_dict()[k], v)
+    batch = vector_batch(2)
+    cggm = CGGM(make_model(batch), task="classification", num_outputs=3)
+    with pytest.raises(RuntimeError, match="first step"):
+        cggm.classifier("m0")

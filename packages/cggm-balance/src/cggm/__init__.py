@@ -15,12 +15,13 @@ from cggm.functional import (
     magnitude_coefficients,
     segmentation_dice,
 )
-from cggm.modulator import CGGM, ModalityClassifier
+from cggm.modulator import CGGM, ModalityClassifier, StackedClassifiers
 
 __all__ = [
     "CGGM",
     "CGGMConfig",
     "ModalityClassifier",
+    "StackedClassifiers",
     "__version__",
     "batch_score_counts",
     "direction_loss",

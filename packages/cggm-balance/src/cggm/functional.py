@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -94,15 +96,19 @@ def magnitude_coefficients(deltas: Tensor, mode: str = "default", eps: float = 1
 
 
 def direction_loss(
-    coefficients: Tensor, classifier_heads: list[Tensor], fusion_head: Tensor
+    coefficients: Tensor, classifier_heads: Sequence[Tensor] | Tensor, fusion_head: Tensor
 ) -> Tensor:
     """``L_gm = (1/M) [Σ_m |B_m| − Σ_m B_m cos(vec W_m, vec W^Ω)]`` (``B`` taken as constants).
 
     ``classifier_heads[m]`` (``W_m``) and ``fusion_head`` (``W^Ω``) are the final weights of each
-    modality's classifier and of the model's head, of the same shape. Minimising it pulls the
+    modality's classifier and of the model's head, of the same shape; ``classifier_heads`` may
+    be one stacked tensor ``[M, *W^Ω.shape]``. Minimising it pulls the
     head's weights towards the classifiers', most strongly towards the least-improving ones.
     """
     b = coefficients.detach()
-    heads = torch.stack([h.reshape(-1) for h in classifier_heads])  # [M, n]: one cosine call
+    if isinstance(classifier_heads, Tensor):
+        heads = classifier_heads.reshape(len(classifier_heads), -1)
+    else:
+        heads = torch.stack([h.reshape(-1) for h in classifier_heads])  # [M, n]: one cosine call
     cos = F.cosine_similarity(heads, fusion_head.reshape(1, -1), dim=1)
     return (b.abs().sum() - (b * cos).sum()) / len(classifier_heads)

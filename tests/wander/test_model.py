@@ -141,13 +141,15 @@ def test_longer_sequences_than_built_for_are_rejected(base_model, batch):
         wander(longer)
 
 
-def test_save_load_round_trip(tmp_path, base_model, batch):
-    wander = Wander(base_model, RANKS, example_input=batch, cp_mode="true")
+@pytest.mark.parametrize("fused_dim", [None, 8])
+def test_save_load_round_trip(tmp_path, base_model, batch, fused_dim):
+    wander = Wander(base_model, RANKS, example_input=batch, cp_mode="true", fused_dim=fused_dim)
     train_steps(wander, batch)
     with torch.no_grad():
         expected = wander(batch)
     wander.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fused_dim"] == fused_dim
     assert config["bottleneck_dim"] == 4 and config["seq_lens"] == {
         "text": 7,
         "audio": 4,

@@ -153,11 +153,24 @@ def _padded_regression_batch():
     )
 
 
-@pytest.mark.parametrize("task", ["classification", "regression"])
+def _segmentation_batch():
+    g = torch.Generator().manual_seed(0)
+    return ModalityBatch(
+        {m: torch.randn(2, 1, 8, 8, generator=g) for m in ("flair", "t1", "t2")},
+        target=torch.randint(0, 3, (2, 8, 8), generator=g),
+    )
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
 def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
-    """The default classifiers run as one batched MLP; a per-modality loop gives the same run."""
+    """The default classifiers run as one batched MLP; a per-modality loop gives the same run.
+
+    Segmentation uses encoders at half resolution, so the classifiers' logits are resized.
+    """
     if task == "classification":
         batch, out, loss_fn = vector_batch(4), 3, F.cross_entropy
+    elif task == "segmentation":
+        batch, out, loss_fn = _segmentation_batch(), 3, F.cross_entropy
     else:
         batch, out = _padded_regression_batch(), 1
 
@@ -169,11 +182,12 @@ def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
         if not stacked:
             monkeypatch.setattr(CGGM, "_can_stack", lambda self, classifiers: False)
         torch.manual_seed(0)
-        model = (
-            make_model(batch, out)
-            if task == "classification"
-            else LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
-        )
+        if task == "classification":
+            model = make_model(batch, out)
+        elif task == "segmentation":
+            model = SegModel(stride=2)
+        else:
+            model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
         cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         history = []
@@ -201,10 +215,12 @@ def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
 class SegModel(nn.Module):
     """Per-modality conv encoders -> concat fusion -> 1x1 conv head (segmentation)."""
 
-    def __init__(self, modalities=("flair", "t1", "t2"), classes=3):
+    def __init__(self, modalities=("flair", "t1", "t2"), classes=3, stride=1):
         super().__init__()
-        self.encoders = nn.ModuleDict({m: nn.Conv2d(1, 4, 3, padding=1) for m in modalities})
-        self.fusion = nn.Identity()
+        self.encoders = nn.ModuleDict(
+            {m: nn.Conv2d(1, 4, 3, padding=1, stride=stride) for m in modalities}
+        )
+        self.fusion = nn.Upsample(scale_factor=stride) if stride > 1 else nn.Identity()
         self.head = nn.Conv2d(4 * len(modalities), classes, 1)
 
     def forward(self, batch):
@@ -213,11 +229,7 @@ class SegModel(nn.Module):
 
 
 def test_segmentation():
-    g = torch.Generator().manual_seed(0)
-    batch = ModalityBatch(
-        {m: torch.randn(2, 1, 8, 8, generator=g) for m in ("flair", "t1", "t2")},
-        target=torch.randint(0, 3, (2, 8, 8), generator=g),
-    )
+    batch = _segmentation_batch()
     model = SegModel()
     cggm = CGGM(model, task="segmentation", num_outputs=3, lam=0.1)
     for _ in range(2):

@@ -28,8 +28,9 @@ def batch_score_counts(
     The score is ``total / count``: accuracy (classification), sign accuracy with zero labels
     negative, as the released code (regression, ``"sign"``), minus the MAE (``"neg_mae"``), or
     the mean foreground Dice over the batch (segmentation; ``count`` is 1 per sample).
-    ``stacked=True`` takes every modality's predictions at once, ``[M, B, C]`` (classification)
-    or ``[M, B, 1]`` (regression), and returns ``[M]`` totals and counts.
+    ``stacked=True`` takes every modality's predictions at once, ``[M, B, C]`` (classification),
+    ``[M, B, 1]`` (regression) or ``[M, B, C, *spatial]`` (segmentation), and returns ``[M]``
+    totals and counts.
     """
     with torch.no_grad():
         n = float(target.shape[0])
@@ -44,14 +45,21 @@ def batch_score_counts(
             else:
                 total = -(p - t).abs().sum(dim=-1)
             return total, torch.full_like(total, n)
-        if task == "segmentation" and not stacked:
+        if task == "segmentation":
             # max().indices, not argmax(): the same first-maximum index, but argmax over a
             # non-last axis is ~20x slower on CPU (it dominated the segmentation step)
+            if stacked:  # [M, B, C, *spatial]
+                m = pred.shape[0]
+                labels = pred.flatten(0, 1).max(dim=1).indices
+                repeated = target.repeat(m, *([1] * (target.ndim - 1)))
+                dice = segmentation_dice(labels, repeated, pred.shape[2]).view(m, -1)
+                total = dice.sum(dim=1)
+                return total, torch.full_like(total, n)
             labels = pred.max(dim=1).indices
             return segmentation_dice(labels, target, pred.shape[1]).sum(), torch.tensor(
                 n, device=pred.device
             )
-    raise ValueError(f"unknown task {task!r}" + (" for stacked scores" if stacked else ""))
+    raise ValueError(f"unknown task {task!r}")
 
 
 def segmentation_dice(labels: Tensor, target: Tensor, num_classes: int) -> Tensor:

@@ -72,16 +72,25 @@ class StackedClassifiers(nn.Module):
     """``M`` default classifiers on features of one size, stored as stacked weights.
 
     The same maths as ``M`` :class:`ModalityClassifier` s on vectors (or mean-pooled sequences),
-    run as one batched MLP: ``[M, B, d] → [M, B, C]``. Stacked storage means two ``baddbmm``
+    run as one batched MLP: ``[M, N, d] → [M, N, C]`` over samples, or over pixels for feature
+    maps (the per-pixel MLP). Stacked storage means two ``baddbmm``
     calls per forward and four tensors for the optimiser instead of ``4 M``, which on small
     models is most of CGGM's overhead. :meth:`from_classifiers` stacks existing classifiers (so
     a run starts from exactly their initialisation); :meth:`unstack` gives one back.
     """
 
-    def __init__(self, modalities: tuple[str, ...], in_dim: int, hidden: int, outputs: int):
+    def __init__(
+        self,
+        modalities: tuple[str, ...],
+        in_dim: int,
+        hidden: int,
+        outputs: int,
+        feature_shape: tuple[int, ...] | None = None,
+    ):
         super().__init__()
         m = len(modalities)
         self.modalities = tuple(modalities)
+        self.feature_shape = tuple(feature_shape) if feature_shape else (in_dim,)
         self.weight1 = nn.Parameter(torch.empty(m, hidden, in_dim))
         self.bias1 = nn.Parameter(torch.empty(m, hidden))
         self.weight2 = nn.Parameter(torch.empty(m, outputs, hidden))
@@ -92,9 +101,15 @@ class StackedClassifiers(nn.Module):
     def from_classifiers(
         cls, classifiers: Mapping[str, ModalityClassifier], modalities: tuple[str, ...]
     ) -> StackedClassifiers:
-        """Stack ``classifiers[m]`` for ``m`` in ``modalities`` (same sizes, vector inputs)."""
+        """Stack ``classifiers[m]`` for ``m`` in ``modalities`` (same feature shapes)."""
         first = classifiers[modalities[0]].net
-        out = cls(modalities, first[0].in_features, first[0].out_features, first[2].out_features)
+        out = cls(
+            modalities,
+            first[0].in_features,
+            first[0].out_features,
+            first[2].out_features,
+            classifiers[modalities[0]].feature_shape,
+        )
         out.to(first[0].weight.device)
         for name, layer, attr in (
             ("weight1", 0, "weight"),
@@ -108,7 +123,7 @@ class StackedClassifiers(nn.Module):
         return out
 
     def forward(self, features: Tensor) -> Tensor:
-        """Logits ``[M, B, C]`` of stacked features ``[M, B, d]``."""
+        """Logits ``[M, N, C]`` of stacked features ``[M, N, d]`` (``N``: samples or pixels)."""
         hidden = torch.baddbmm(self.bias1.unsqueeze(1), features, self.weight1.transpose(1, 2))
         return torch.baddbmm(self.bias2.unsqueeze(1), hidden.relu(), self.weight2.transpose(1, 2))
 
@@ -116,9 +131,7 @@ class StackedClassifiers(nn.Module):
     def unstack(self, modality: str) -> ModalityClassifier:
         """A standalone copy of ``modality``'s classifier."""
         i = self.modalities.index(modality)
-        clf = ModalityClassifier(
-            (self.weight1.shape[2],), self.weight1.shape[1], self.bias2.shape[1]
-        )
+        clf = ModalityClassifier(self.feature_shape, self.weight1.shape[1], self.bias2.shape[1])
         clf.to(self.weight1.device)
         for layer, weight, bias in ((0, self.weight1, self.bias1), (2, self.weight2, self.bias2)):
             clf.net[layer].weight.copy_(weight[i])
@@ -249,17 +262,19 @@ class CGGM:
         )
 
     def _can_stack(self, classifiers: Mapping[str, nn.Module]) -> bool:
-        """Whether the classifiers can be stored as one batched MLP (default ones, one size)."""
-        if self.config.task == "segmentation":
+        """Whether the classifiers can be stored as one batched MLP.
+
+        They can when all are default ones whose inputs are vectors/sequences of one size, or
+        feature maps of one shape.
+        """
+        clfs = [classifiers[m] for m in self.modalities]
+        if any(type(c) is not ModalityClassifier for c in clfs):
             return False
-        nets = []
-        for m in self.modalities:
-            clf = classifiers[m]
-            if type(clf) is not ModalityClassifier or len(clf.feature_shape) > 2:
-                return False
-            nets.append(clf.net)
-        shapes = {(n[0].weight.shape, n[2].weight.shape) for n in nets}
-        return len(shapes) == 1 and all(n[0].bias is not None for n in nets)
+        maps = {len(c.feature_shape) > 2 for c in clfs}
+        if len(maps) != 1 or (maps == {True} and len({c.feature_shape for c in clfs}) != 1):
+            return False
+        shapes = {(c.net[0].weight.shape, c.net[2].weight.shape) for c in clfs}
+        return len(shapes) == 1 and all(c.net[0].bias is not None for c in clfs)
 
     def classifier(self, modality: str) -> nn.Module:
         """``modality``'s auxiliary classifier as a standalone module.
@@ -274,7 +289,15 @@ class CGGM:
         return self.classifiers[modality]
 
     def _stacked_logits(self, feats: Mapping[str, Tensor]) -> Tensor:
-        """Every modality's classifier as one batched MLP: logits ``[M, B, C]``."""
+        """Every modality's classifier as one batched MLP: logits ``[M, B, C]``.
+
+        Feature maps give ``[M, B, C, *spatial]`` (the same MLP at every pixel).
+        """
+        if len(self.classifiers.feature_shape) > 2:  # [M, B, d, *spatial]
+            x = torch.stack([feats[m] for m in self.modalities])
+            n_mod, b, d, spatial = x.shape[0], x.shape[1], x.shape[2], x.shape[3:]
+            logits = self.classifiers(x.movedim(2, -1).reshape(n_mod, -1, d))
+            return logits.view(n_mod, b, *spatial, -1).movedim(-1, 2)
         xs = []
         for m in self.modalities:
             f = feats[m]
@@ -362,8 +385,10 @@ class CGGM:
         target = target.to(self.head_weight.device)
         self.optimizer.zero_grad(set_to_none=True)
         if self._stacked:
-            logits = self._stacked_logits(feats)  # [M, B, C]
+            logits = self._stacked_logits(feats)  # [M, B, C] or [M, B, C, *spatial]
             n_mod = len(self.modalities)
+            if cfg.task == "segmentation" and logits.shape[3:] != target.shape[1:]:
+                logits = self._resize(logits.flatten(0, 1), target).unflatten(0, logits.shape[:2])
             # the sum over modalities of each classifier's mean loss
             repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
             loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
@@ -376,12 +401,7 @@ class CGGM:
             for m in self.modalities:
                 pred = self.classifiers[m](feats[m], self._padding_mask(m))
                 if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
-                    pred = F.interpolate(
-                        pred,
-                        size=target.shape[1:],
-                        mode="bilinear" if pred.ndim == 4 else "trilinear",
-                        align_corners=False,
-                    )
+                    pred = self._resize(pred, target)
                 losses.append(self._task_loss(pred, target))
                 t, c = batch_score_counts(cfg.task, pred.detach(), target, cfg.regression_score)
                 totals.append(t)
@@ -431,6 +451,16 @@ class CGGM:
             if grads:
                 torch._foreach_mul_(grads, factors)  # one call for every encoder's gradients
         return dict(zip(self.modalities, b.tolist(), strict=True))
+
+    @staticmethod
+    def _resize(pred: Tensor, target: Tensor) -> Tensor:
+        """Segmentation logits ``[N, C, *s]`` resized to the label map's spatial shape."""
+        return F.interpolate(
+            pred,
+            size=target.shape[1:],
+            mode="bilinear" if pred.ndim == 4 else "trilinear",
+            align_corners=False,
+        )
 
     def _task_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         if self.config.task == "regression":

@@ -338,7 +338,14 @@ def test_stacked_classifiers_round_trip_and_lookup_before_the_first_step():
         back = stacked.unstack(m)
         for k, v in singles[m].state_dict().items():
             torch.testing.assert_close(back.state_dict()[k], v)
+    with pytest.raises(ValueError, match=r"expects features \[3, N, 5\]"):
+        stacked(torch.randn(2, 4, 5))
     batch = vector_batch(2)
-    cggm = CGGM(make_model(batch), task="classification", num_outputs=3)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3)
     with pytest.raises(RuntimeError, match="first step"):
         cggm.classifier("m0")
+    F.cross_entropy(model(batch), batch.target).backward()
+    cggm.step(batch.target)
+    with pytest.raises(KeyError, match=r"modalities: \['m0', 'm1'\]"):
+        cggm.classifier("text")

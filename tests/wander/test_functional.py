@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from wander import dense_fusion, fusion_product
-from wander.functional import fusion_product_sets
+from wander.functional import fusion_product_sets, fusion_product_stacked
 
 
 def factors(m, r=2, t_out=2, d=3, rt=2, rd=3, seed=0):
@@ -70,3 +70,8 @@ def test_bad_arguments():
         fusion_product(hs, qs, ps, lam, "paper")
     with pytest.raises(ValueError, match="CP weights"):
         fusion_product(hs, qs, ps, None, "true")
+    h = torch.zeros(1, 2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"expects h \[S, M, B, T, r\]"):
+        fusion_product_stacked(
+            h, torch.zeros(1, 2, 1, 4, 2), torch.zeros(1, 2, 1, 6, 3), None, "reference"
+        )

@@ -124,6 +124,12 @@ class StackedClassifiers(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits ``[M, N, C]`` of stacked features ``[M, N, d]`` (``N``: samples or pixels)."""
+        m, _, d = self.weight1.shape
+        if features.ndim != 3 or features.shape[0] != m or features.shape[2] != d:
+            raise ValueError(
+                f"StackedClassifiers expects features [{m}, N, {d}] (modality, sample or pixel, "
+                f"feature); got {tuple(features.shape)}."
+            )
         hidden = torch.baddbmm(self.bias1.unsqueeze(1), features, self.weight1.transpose(1, 2))
         return torch.baddbmm(self.bias2.unsqueeze(1), hidden.relu(), self.weight2.transpose(1, 2))
 
@@ -284,6 +290,8 @@ class CGGM:
         """
         if self.classifiers is None:
             raise RuntimeError("CGGM: the classifiers are built on the first step() call.")
+        if modality not in self.modalities:
+            raise KeyError(f"CGGM: no modality {modality!r}; modalities: {list(self.modalities)}.")
         if isinstance(self.classifiers, StackedClassifiers):
             return self.classifiers.unstack(modality)
         return self.classifiers[modality]

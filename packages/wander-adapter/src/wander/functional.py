@@ -21,7 +21,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["dense_fusion", "fusion_product", "fusion_product_sets", "fusion_product_stacked"]
@@ -78,17 +77,14 @@ def fusion_product_sets(
             f"{n_mod} inputs, {[len(q) for q in token_factors]} token and "
             f"{[len(p) for p in feature_factors]} feature factors."
         )
-    if cp_mode not in ("true", "reference"):
-        raise ValueError(f"cp_mode must be 'true' or 'reference', got {cp_mode!r}.")
-    if cp_mode == "true" and (weights is None or any(w is None for w in weights)):
-        raise ValueError("cp_mode='true' needs the CP weights [R_t, R_d].")
     # one batched einsum for all sets and modalities: pad the token axis to the longest sequence
     # (the padded rows of H and Q are zero, so they add nothing) and stack on (set, modality)
     t_max = max(x.shape[1] for group in hs for x in group)
     h = torch.stack([_pad_stack(group, t_max) for group in hs])  # [S, M, B, T, r]
     q = torch.stack([_pad_stack(group, t_max) for group in token_factors])  # [S, M, R_t, T, T']
     p = torch.stack([torch.stack(list(group)) for group in feature_factors])  # [S, M, R_d, r, D]
-    w = torch.stack(list(weights)) if cp_mode == "true" else None
+    has_weights = weights is not None and all(w is not None for w in weights)
+    w = torch.stack(list(weights)) if has_weights else None
     return fusion_product_stacked(h, q, p, w, cp_mode)
 
 
@@ -108,6 +104,20 @@ def fusion_product_stacked(
         weights: ``[S, R_t, R_d]`` CP weights (``cp_mode="true"``).
         cp_mode: ``"true"`` or ``"reference"``.
     """
+    if cp_mode not in ("true", "reference"):
+        raise ValueError(f"cp_mode must be 'true' or 'reference', got {cp_mode!r}.")
+    if cp_mode == "true" and weights is None:
+        raise ValueError("cp_mode='true' needs the CP weights [R_t, R_d].")
+    if not (
+        h.ndim == q.ndim == p.ndim == 5
+        and h.shape[:2] == q.shape[:2] == p.shape[:2]
+        and h.shape[3] == q.shape[3]
+        and h.shape[4] == p.shape[3]
+    ):
+        raise ValueError(
+            "fusion_product_stacked expects h [S, M, B, T, r], q [S, M, R_t, T, T'] and "
+            f"p [S, M, R_d, r, D]; got {tuple(h.shape)}, {tuple(q.shape)}, {tuple(p.shape)}."
+        )
     if cp_mode == "reference":
         z = torch.einsum("smbti,smtu,smid->smbud", h, q.sum(2), p.sum(2))  # [S, M, B, T', D]
         return _product(z)
@@ -116,9 +126,18 @@ def fusion_product_stacked(
     return torch.einsum("sbjkud,sjk->sbud", _product(z), weights)
 
 
+def pad_tokens(x: Tensor, length: int, dim: int) -> Tensor:
+    """``x`` zero-padded along ``dim`` to ``length`` (itself when it is that long already)."""
+    dim %= x.ndim
+    extra = length - x.shape[dim]
+    if extra == 0:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:dim], extra, *x.shape[dim + 1 :])], dim=dim)
+
+
 def _pad_stack(tensors: Sequence[Tensor], t_max: int) -> Tensor:
     """Stack per-modality tensors whose token axis is ``-2``, zero-padded to ``t_max``."""
-    return torch.stack([F.pad(x, (0, 0, 0, t_max - x.shape[-2])) for x in tensors])
+    return torch.stack([pad_tokens(x, t_max, dim=-2) for x in tensors])
 
 
 def _product(z: Tensor) -> Tensor:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wander.config import WanderConfig
-from wander.functional import fusion_product_stacked
+from wander.functional import fusion_product_stacked, pad_tokens
 
 __all__ = ["WanderFusion"]
 
@@ -164,8 +164,9 @@ class WanderFusion(nn.Module):
             params["gate"] = self.gate
         return params
 
-    def _anchors(self) -> dict[str, Tensor]:
-        return {name: self._buffers[_anchor_name(name)] for name in self._current()}
+    def _anchors(self, names: Iterable[str]) -> dict[str, Tensor]:
+        """The frozen initial copy of each named parameter."""
+        return {name: self._buffers[_anchor_name(name)] for name in names}
 
     # ------------------------------------------------------------------ forward
     def _checked(self, m: str, x: Tensor) -> Tensor:
@@ -207,7 +208,7 @@ class WanderFusion(nn.Module):
             else None
         )
         if self.stack_modalities:
-            x = torch.stack([_pad_tokens(x, t_max, dim=1) for x in xs])  # [M, B, T, D]
+            x = torch.stack([pad_tokens(x, t_max, dim=1) for x in xs])  # [M, B, T, D]
             if keep is not None:
                 x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
             if self.config.normalize_inputs:
@@ -232,7 +233,7 @@ class WanderFusion(nn.Module):
                 weight = torch.cat([p[f"down.{m}.weight"] for p in param_sets])  # [S r, D_m]
                 bias = torch.cat([p[f"down.{m}.bias"] for p in param_sets])
                 part = F.gelu(F.linear(x, weight, bias)).unflatten(-1, (n_sets, r))
-                h.append(_pad_tokens(part, t_max, dim=1))
+                h.append(pad_tokens(part, t_max, dim=1))
             h = torch.stack(h)  # [M, B, T, S, r]
         if self.config.bias_augment:
             h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
@@ -258,7 +259,7 @@ class WanderFusion(nn.Module):
         sets_by_modality = (len(param_sets), len(self.modalities))
         q = _stack(  # [S, M, R_t, T_max, T']: rows past each modality's length zero
             [
-                _pad_tokens(_first_tokens(p[f"token_factors.{m}"], t), t_max, dim=1)
+                pad_tokens(_first_tokens(p[f"token_factors.{m}"], t), t_max, dim=1)
                 for p in param_sets
                 for m, t in zip(self.modalities, t_lens, strict=True)
             ]
@@ -304,7 +305,7 @@ class WanderFusion(nn.Module):
             (out,) = self._core(xs, masks, [params])
             return _apply(out, lambda v: self.output_dropout(scale * v))
         # the initial weights are buffers: the anchor half carries no gradient to any parameter
-        out, anchor = self._core(xs, masks, [params, self._anchors()])
+        out, anchor = self._core(xs, masks, [params, self._anchors(params)])
         if isinstance(out, dict):
             return {m: self.output_dropout(scale * (out[m] - anchor[m])) for m in out}
         return self.output_dropout(scale * (out - anchor))
@@ -333,14 +334,6 @@ def _stack(tensors: list[Tensor]) -> Tensor:
 def _first_tokens(factor: Tensor, length: int) -> Tensor:
     """``factor[:, :length]`` (the factor itself when it is that long: no slice in the graph)."""
     return factor if factor.shape[1] == length else factor[:, :length]
-
-
-def _pad_tokens(x: Tensor, length: int, dim: int) -> Tensor:
-    """``x`` zero-padded along ``dim`` to ``length`` (itself when it is that long already)."""
-    extra = length - x.shape[dim]
-    if extra == 0:
-        return x
-    return torch.cat([x, x.new_zeros(*x.shape[:dim], extra, *x.shape[dim + 1 :])], dim=dim)
 
 
 def _keep_rows(x: Tensor, mask: Tensor | None, t_max: int) -> Tensor:

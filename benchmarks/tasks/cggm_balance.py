@@ -178,6 +178,7 @@ MOSI_SETTINGS = {
     "width": 16,
     "epochs": {"quick": 15, "full": 40},
     "batch_size": 32,
+    "optimizer": "adamw",
     "lr": 1e-3,
     "cggm": {"rho": 1.3, "lam": 0.2, "cls_lr": 5e-4},
     "methods": ("joint", "CGGM"),
@@ -229,6 +230,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             batch_size=s["batch_size"],
             seed=ctx.seed,
             cggm_options=s["cggm"],
+            optimizer=s["optimizer"],
         )
         pred = predict(model, data["test"]).squeeze(-1)
         records.append(

@@ -224,3 +224,22 @@ def test_fast_parameter_lookup_lists_exactly_the_named_parameters(output, init):
     named = dict(layer.named_parameters())
     assert sorted(current) == sorted(named)
     assert all(current[k] is named[k] for k in named)
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_runs_under_autocast_with_gradients_close_to_float32(output):
+    """Under AMP the bottleneck arrives in bfloat16 and the factors in float32: no dtype clash."""
+    layer, xs = build(output=output, bias_augment=True)
+
+    def grads(autocast: bool) -> dict[str, torch.Tensor]:
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(xs)
+        values = out.values() if isinstance(out, dict) else [out]
+        sum(v.float().square().sum() for v in values).backward()
+        return {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    reference, mixed = grads(False), grads(True)
+    for name, g in mixed.items():
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, reference[name], rtol=0.1, atol=0.05 * g.abs().max())

@@ -16,6 +16,8 @@ weight tensor ``W`` with tensorly's ``cp_to_tensor`` and contracts it, for tests
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -122,7 +124,18 @@ def fusion_product_stacked(
         # factors summed before the product: the rank-one case of the same computation
         q, p = q.sum(2, keepdim=True), p.sum(2, keepdim=True)
         weights = h.new_ones(h.shape[0], 1, 1)
-    return _CPFusion.apply(h, q, p, weights)
+    # one dtype throughout, autocast off: under AMP the bottleneck features arrive in half
+    # precision and the factors in float32; the product over modalities runs in float32 then
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in (h, q, p, weights)))
+    with _autocast_off(h.device.type):
+        return _CPFusion.apply(h.to(dtype), q.to(dtype), p.to(dtype), weights.to(dtype))
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # a device type autocast does not support: it cannot be on there
+        return contextlib.nullcontext()
 
 
 class _CPFusion(torch.autograd.Function):
@@ -156,6 +169,7 @@ class _CPFusion(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         w, h_t, q_flat, p_flat, g, z, prod = ctx.saved_tensors
         s, m, b, t, r, rt, t_out = ctx.dims
+        grad_out = grad_out.to(z.dtype)
         rd = w.shape[2]
         n, a, kd = s * m, rt * t_out, p_flat.shape[2]
         d = kd // rd

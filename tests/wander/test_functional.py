@@ -75,6 +75,9 @@ def test_bad_arguments():
         fusion_product_stacked(
             h, torch.zeros(1, 2, 1, 4, 2), torch.zeros(1, 2, 1, 6, 3), None, "reference"
         )
+    q, p = torch.zeros(1, 2, 2, 4, 2), torch.zeros(1, 2, 3, 5, 3)
+    with pytest.raises(ValueError, match=r"weights \[S, R_t, R_d\] = \[1, 2, 3\]"):
+        fusion_product_stacked(h, q, p, torch.zeros(1, 3, 2))
 
 
 @pytest.mark.parametrize("cp_mode", ["true", "reference"])
@@ -105,3 +108,14 @@ def test_hand_written_backward_matches_finite_differences(cp_mode, lens):
     (grad_h,) = torch.autograd.grad(out.square().sum(), h2)
     (expected,) = torch.autograd.grad(fusion_product_stacked(*args, cp_mode).square().sum(), h)
     torch.testing.assert_close(grad_h, expected)
+
+
+def test_second_derivatives_match_finite_differences():
+    """A gradient penalty differentiates the hand-written backward: it must be exact too."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    args = (leaf(2, 3, 2, 2, 2), leaf(2, 3, 2, 2, 2), leaf(2, 3, 2, 2, 3), leaf(2, 2, 2))
+    assert torch.autograd.gradgradcheck(fusion_product_stacked, args)

@@ -120,6 +120,11 @@ def fusion_product_stacked(
             "fusion_product_stacked expects h [S, M, B, T, r], q [S, M, R_t, T, T'] and "
             f"p [S, M, R_d, r, D]; got {tuple(h.shape)}, {tuple(q.shape)}, {tuple(p.shape)}."
         )
+    if cp_mode == "true" and weights.shape != (h.shape[0], q.shape[2], p.shape[2]):
+        raise ValueError(
+            f"fusion_product_stacked expects weights [S, R_t, R_d] = "
+            f"{[h.shape[0], q.shape[2], p.shape[2]]}; got {list(weights.shape)}."
+        )
     if cp_mode == "reference":
         # factors summed before the product: the rank-one case of the same computation
         q, p = q.sum(2, keepdim=True), p.sum(2, keepdim=True)
@@ -146,34 +151,27 @@ class _CPFusion(torch.autograd.Function):
     forward is 2 batched matmuls (token axis first, on the narrow ``H``), one ``prod`` and one
     weighted sum; the backward takes each modality's share of the product from prefix and
     suffix cumulative products (exact with zeros, no division) and runs 4 batched matmuls.
-    ``gradcheck`` tests it against finite differences.
+    Second derivatives (``create_graph=True``, e.g. a gradient penalty) recompute the forward
+    from the inputs inside the backward, so the backward's own graph reaches them.
+    ``gradcheck`` and ``gradgradcheck`` test both against finite differences.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> Tensor:
-        s, m, b, t, r = h.shape
-        rt, t_out, rd, d = q.shape[2], q.shape[4], p.shape[2], p.shape[4]
-        n, a, kd = s * m, rt * q.shape[4], rd * d
-        h_t = h.reshape(n, b, t, r).transpose(1, 2).reshape(n, t, b * r)  # [N, T, B r]
-        q_flat = q.transpose(3, 4).reshape(n, a, t)  # [N, (j u), T]
-        p_flat = p.permute(0, 1, 3, 2, 4).reshape(n, r, kd)  # [N, r, (k d)]
-        g = torch.bmm(q_flat, h_t).view(n, a * b, r)  # Σ_t Q H: [N, (j u b), r]
-        z = torch.bmm(g, p_flat).view(s, m, rt, t_out, b, rd, d)
-        prod = z.prod(dim=1)  # [S, R_t, T', B, R_d, D]
-        out = (prod * w.view(s, rt, 1, 1, rd, 1)).sum(dim=(1, 4))  # [S, T', B, D]
-        ctx.save_for_backward(w, h_t, q_flat, p_flat, g, z, prod)
-        ctx.dims = (s, m, b, t, r, rt, t_out)
-        return out.transpose(1, 2)
+        parts = _fusion_parts(h, q, p, w)
+        ctx.save_for_backward(h, q, p, w, *parts[:-1])
+        return parts[-1]
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        w, h_t, q_flat, p_flat, g, z, prod = ctx.saved_tensors
-        s, m, b, t, r, rt, t_out = ctx.dims
-        grad_out = grad_out.to(z.dtype)
-        rd = w.shape[2]
-        n, a, kd = s * m, rt * t_out, p_flat.shape[2]
-        d = kd // rd
-        grad = grad_out.transpose(1, 2).reshape(s, 1, t_out, b, 1, d)
+        h, q, p, w, *parts = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: intermediates with a graph to the inputs
+            parts = _fusion_parts(h, q, p, w)[:-1]
+        h_t, q_flat, p_flat, g, z, prod = parts
+        s, m, b, t, r = h.shape
+        rt, t_out, rd, d = q.shape[2], q.shape[4], p.shape[2], p.shape[4]
+        n, a, kd = s * m, rt * t_out, rd * d
+        grad = grad_out.to(z.dtype).transpose(1, 2).reshape(s, 1, t_out, b, 1, d)
         grad_w = (grad * prod).sum(dim=(2, 3, 5)) if ctx.needs_input_grad[3] else None
         grad_prod = grad * w.view(s, rt, 1, 1, rd, 1)  # [S, R_t, T', B, R_d, D]
         # each modality's factor: the product of the others, as prefix × suffix cumprods
@@ -194,6 +192,21 @@ class _CPFusion(torch.autograd.Function):
                 dh = torch.bmm(q_flat.transpose(1, 2), grad_g)  # [N, T, B r]
                 grad_h = dh.view(n, t, b, r).transpose(1, 2).reshape(s, m, b, t, r)
         return grad_h, grad_q, grad_p, grad_w
+
+
+def _fusion_parts(h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+    """The forward of :class:`_CPFusion`: its intermediates, then the output ``[S, B, T', D]``."""
+    s, m, b, t, r = h.shape
+    rt, t_out, rd, d = q.shape[2], q.shape[4], p.shape[2], p.shape[4]
+    n = s * m
+    h_t = h.reshape(n, b, t, r).transpose(1, 2).reshape(n, t, b * r)  # [N, T, B r]
+    q_flat = q.transpose(3, 4).reshape(n, rt * t_out, t)  # [N, (j u), T]
+    p_flat = p.permute(0, 1, 3, 2, 4).reshape(n, r, rd * d)  # [N, r, (k d)]
+    g = torch.bmm(q_flat, h_t).view(n, rt * t_out * b, r)  # Σ_t Q H: [N, (j u b), r]
+    z = torch.bmm(g, p_flat).view(s, m, rt, t_out, b, rd, d)
+    prod = z.prod(dim=1)  # [S, R_t, T', B, R_d, D]
+    out = (prod * w.view(s, rt, 1, 1, rd, 1)).sum(dim=(1, 4))  # [S, T', B, D]
+    return h_t, q_flat, p_flat, g, z, prod, out.transpose(1, 2)
 
 
 def pad_tokens(x: Tensor, length: int, dim: int) -> Tensor:

@@ -5,8 +5,16 @@ The import order is the order tasks run and appear in the report: the shared UCI
 
 from benchmarks.tasks import uci_modalities  # noqa: I001  (order matters)
 from benchmarks.tasks import wander_transfer
+from benchmarks.tasks import wander_speed
 from benchmarks.tasks import cggm_balance
 from benchmarks.tasks import casp_tta
 from benchmarks.tasks import mplmm_missing
 
-__all__ = ["casp_tta", "cggm_balance", "mplmm_missing", "uci_modalities", "wander_transfer"]
+__all__ = [
+    "casp_tta",
+    "cggm_balance",
+    "mplmm_missing",
+    "uci_modalities",
+    "wander_speed",
+    "wander_transfer",
+]

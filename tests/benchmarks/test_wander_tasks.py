@@ -42,3 +42,15 @@ def test_wander_tasks_record_every_method(tmp_path, tiny):
     assert 0 < uci["Wander"]["trainable_pct_of_backbone"] < 10
     assert {"mae", "corr", "acc7"} <= set(by_task["wander-mosi-interaction"][0]["metrics"])
     assert [r["method"] for r in by_task["wander-food101-path"]] == ["head-only", "Wander"]
+
+
+def test_fusion_speed_task_checks_equality_and_times_both_paths(tmp_path, monkeypatch):
+    from benchmarks.tasks import wander_speed
+
+    monkeypatch.setattr(wander_speed, "SHAPES", {"tiny": (2, 3, 4, 2, 3, 2, 2, 2, 5)})
+    results = run_tasks(["wander-fusion-speed"], profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    by_method = {r["method"]: r["metrics"] for r in results["records"]}
+    assert set(by_method) == {"autograd einsums", "fused kernel"}
+    assert by_method["autograd einsums"]["speedup_vs_autograd_einsums"] == 1.0
+    assert by_method["fused kernel"]["us_per_forward_backward"] > 0

@@ -150,7 +150,7 @@ class _CPFusion(torch.autograd.Function):
     small shapes of an adapter their launch overhead cost more than the arithmetic. Here the
     forward is 2 batched matmuls (token axis first, on the narrow ``H``), one ``prod`` and one
     weighted sum; the backward takes each modality's share of the product from prefix and
-    suffix cumulative products (exact with zeros, no division) and runs 4 batched matmuls.
+    suffix products (exact with zeros, no division) and runs 4 batched matmuls.
     Second derivatives (``create_graph=True``, e.g. a gradient penalty) recompute the forward
     from the inputs inside the backward, so the backward's own graph reaches them.
     ``gradcheck`` and ``gradgradcheck`` test both against finite differences.
@@ -174,11 +174,8 @@ class _CPFusion(torch.autograd.Function):
         grad = grad_out.to(z.dtype).transpose(1, 2).reshape(s, 1, t_out, b, 1, d)
         grad_w = (grad * prod).sum(dim=(2, 3, 5)) if ctx.needs_input_grad[3] else None
         grad_prod = grad * w.view(s, rt, 1, 1, rd, 1)  # [S, R_t, T', B, R_d, D]
-        # each modality's factor: the product of the others, as prefix × suffix cumprods
-        ones = torch.ones_like(z[:, :1])
-        before = torch.cat([ones, z[:, :-1].cumprod(dim=1)], dim=1)
-        after = torch.cat([z[:, 1:].flip(1).cumprod(dim=1).flip(1), ones], dim=1)
-        grad_z = (grad_prod.unsqueeze(1) * before * after).reshape(n, a * b, kd)
+        grad_z = torch.stack(_products_of_the_others(z.unbind(1), grad_prod), dim=1)
+        grad_z = grad_z.view(n, a * b, kd)
         grad_p = grad_q = grad_h = None
         if ctx.needs_input_grad[2]:
             dp = torch.bmm(g.transpose(1, 2), grad_z)  # [N, r, (k d)]
@@ -204,9 +201,37 @@ def _fusion_parts(h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> tuple[Tensor, .
     p_flat = p.permute(0, 1, 3, 2, 4).reshape(n, r, rd * d)  # [N, r, (k d)]
     g = torch.bmm(q_flat, h_t).view(n, rt * t_out * b, r)  # Σ_t Q H: [N, (j u b), r]
     z = torch.bmm(g, p_flat).view(s, m, rt, t_out, b, rd, d)
-    prod = z.prod(dim=1)  # [S, R_t, T', B, R_d, D]
+    prod = _product(z.unbind(1))  # [S, R_t, T', B, R_d, D]
     out = (prod * w.view(s, rt, 1, 1, rd, 1)).sum(dim=(1, 4))  # [S, T', B, D]
     return h_t, q_flat, p_flat, g, z, prod, out.transpose(1, 2)
+
+
+def _product(factors: Sequence[Tensor]) -> Tensor:
+    """Elementwise product of ``factors``.
+
+    ``M − 1`` multiplies: cheaper than ``prod`` over a strided axis for the handful of
+    modalities an adapter fuses.
+    """
+    result = factors[0]
+    for factor in factors[1:]:
+        result = result * factor
+    return result
+
+
+def _products_of_the_others(factors: Sequence[Tensor], scale: Tensor) -> list[Tensor]:
+    """``scale · Π_{k≠m} factors[k]`` for every ``m``.
+
+    Prefix and suffix products: exact with zeros (no division), ``3M − 4`` multiplies in all.
+    """
+    m = len(factors)
+    prefix = [scale]  # prefix[i] = scale · Π_{k<i} factors[k]
+    for factor in factors[:-1]:
+        prefix.append(prefix[-1] * factor)
+    out, suffix = [prefix[-1]], None  # suffix = Π_{k>i} factors[k]
+    for i in range(m - 2, -1, -1):
+        suffix = factors[i + 1] if suffix is None else suffix * factors[i + 1]
+        out.append(prefix[i] * suffix)
+    return out[::-1]
 
 
 def pad_tokens(x: Tensor, length: int, dim: int) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,18 +66,7 @@ def fit(
     ``optimizer="sgd"`` (momentum 0.9) for such modulators: Adam divides each gradient by its
     running RMS, which undoes any constant scaling of an encoder's gradients.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("fit(): the model has no trainable parameters.")
-    # fused: one kernel for every parameter (CPU and CUDA); the per-tensor loop costs more
-    # than a tiny model's forward pass
-    fast = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
-    if optimizer == "adamw":
-        optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)
-    elif optimizer == "sgd":
-        optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **fast)
-    else:
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
+    optimiser = make_optimizer(model, optimizer, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     best = (-float("inf"), -1, copy.deepcopy(model.state_dict()))
     steps, epoch_step_seconds = 0, []
@@ -85,14 +74,7 @@ def fit(
         model.train()
         start, epoch_steps = time.perf_counter(), 0
         for batch in train.split(batch_size, shuffle=True, generator=generator):
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch), batch.target)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            loss.backward()
-            if after_backward is not None:
-                after_backward(batch)
-            optimiser.step()
+            train_step(model, optimiser, batch, loss_fn, extra_loss, after_backward)
             epoch_steps += 1
         if epoch_steps:
             epoch_step_seconds.append((time.perf_counter() - start) / epoch_steps)
@@ -104,6 +86,61 @@ def fit(
     model.eval()
     step_seconds = float(np.median(epoch_step_seconds)) if epoch_step_seconds else 0.0
     return FitResult(best[0], best[1], step_seconds, steps)
+
+
+def make_optimizer(
+    model: nn.Module, optimizer: str = "adamw", *, lr: float, weight_decay: float = 1e-4
+) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9) over the parameters that require grad, fused where possible."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters to optimise.")
+    # fused: one kernel for every parameter (CPU and CUDA); the per-tensor loop costs more
+    # than a tiny model's forward pass
+    fast = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **fast)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
+
+
+def train_step(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    batch: ModalityBatch,
+    loss_fn: LossFn,
+    extra_loss: Callable[[], Tensor] | None = None,
+    after_backward: Callable[[ModalityBatch], Any] | None = None,
+) -> None:
+    """One step of :func:`fit`: forward, loss (+ ``extra_loss()``), backward, hook, update."""
+    optimiser.zero_grad(set_to_none=True)
+    loss = loss_fn(model(batch), batch.target)
+    if extra_loss is not None:
+        loss = loss + extra_loss()
+    loss.backward()
+    if after_backward is not None:
+        after_backward(batch)
+    optimiser.step()
+
+
+def median_times(fns: Mapping[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, float]:
+    """Seconds per call of each function: the median over ``rounds`` interleaved rounds.
+
+    Interleaving puts every function under the same machine load, round by round, so their
+    ratios hold on a noisy shared machine where timings taken one method after another do not.
+    """
+    for fn in fns.values():  # warm-up
+        for _ in range(max(1, calls // 2)):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls)
+    return {name: float(np.median(values)) for name, values in samples.items()}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -7,11 +7,14 @@
 * ``cggm-mosi-imbalance`` (generated MOSI-format pickles): regression with one dominant modality
   (imbalance knob), joint training vs. CGGM; MSA metrics (OGM-GE is classification-only).
 
-Step time is reported as a ratio to joint training, measured in the same run.
+Step time is reported as a ratio to joint training: after training, fresh models of every method
+take training steps on one batch in interleaved rounds (median), so each method's time is
+measured under the same machine load.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -25,10 +28,38 @@ from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
-from benchmarks.training import accuracy, add_ratio_column, fit, predict
+from benchmarks.training import (
+    accuracy,
+    add_ratio_column,
+    fit,
+    make_optimizer,
+    median_times,
+    predict,
+    train_step,
+)
 from cggm import CGGM
 from mmcore import ModalityBatch, masked_mean
 from mmcore.metrics import classification_metrics, msa_regression_metrics
+
+
+def modulation(
+    model: torch.nn.Module, method: str, *, task: str, num_outputs: int, cggm_options: dict
+) -> tuple[CGGM | OGMGE | None, Callable | None, Callable | None]:
+    """The modulator of ``method`` on ``model``, with :func:`fit`'s two hooks for it.
+
+    ``method``: ``"joint"``, ``"OGM-GE"``, ``"CGGM"`` or ``"CGGM (reference mode)"``; returns
+    ``(modulator, extra_loss, after_backward)`` (all ``None`` for joint training).
+    """
+    if method == "joint":
+        return None, None, None
+    if method == "OGM-GE":
+        modulator = OGMGE(model)
+        return modulator, None, lambda batch: modulator.step(batch.target)
+    if not method.startswith("CGGM"):
+        raise ValueError(f"unknown method {method!r}.")
+    mode = "reference" if "reference" in method else "default"
+    cggm = CGGM(model, task=task, num_outputs=num_outputs, mode=mode, **cggm_options)
+    return cggm, cggm.direction_loss, lambda batch: cggm.step(batch.target)
 
 
 def train_modulated(
@@ -47,19 +78,14 @@ def train_modulated(
     seed: int = 0,
     cggm_options: dict | None = None,
     optimizer: str = "adamw",
-) -> tuple[float, int]:
-    """Train with ``method``: ``"joint"``, ``"OGM-GE"``, ``"CGGM"`` or ``"CGGM (reference mode)"``.
+) -> int:
+    """Train with ``method`` (see :func:`modulation`); keeps the best-validation weights.
 
-    Keeps the best-validation weights; returns ``(seconds per step, best epoch)``.
+    Returns the best epoch.
     """
-    modulator = None
-    if method == "OGM-GE":
-        modulator = OGMGE(model)
-    elif method.startswith("CGGM"):
-        mode = "reference" if "reference" in method else "default"
-        modulator = CGGM(
-            model, task=task, num_outputs=num_outputs, mode=mode, **(cggm_options or {})
-        )
+    modulator, extra_loss, after_backward = modulation(
+        model, method, task=task, num_outputs=num_outputs, cggm_options=cggm_options or {}
+    )
     result = fit(
         model,
         train,
@@ -71,13 +97,53 @@ def train_modulated(
         weight_decay=0.0,
         batch_size=batch_size,
         seed=seed,
-        extra_loss=modulator.direction_loss if isinstance(modulator, CGGM) else None,
-        after_backward=(lambda batch: modulator.step(batch.target)) if modulator else None,
+        extra_loss=extra_loss,
+        after_backward=after_backward,
         optimizer=optimizer,
     )
     if isinstance(modulator, CGGM):
         modulator.remove()
-    return result.seconds_per_step, result.best_epoch
+    return result.best_epoch
+
+
+def add_step_times(
+    records: list[dict],
+    make_model: Callable[[], torch.nn.Module],
+    train: ModalityBatch,
+    settings: dict,
+    *,
+    loss_fn: Callable,
+    task: str,
+    num_outputs: int,
+    calls: int = 10,
+) -> list[dict]:
+    """Add each method's ``ms_per_step`` and its ratio to joint training's to ``records``.
+
+    Fresh models take training steps on one batch in interleaved rounds (median over rounds):
+    timings taken one method after another move with the machine's load, interleaved rounds
+    put every method under the same load.
+    """
+    batch = next(iter(train.split(settings["batch_size"])))
+    steps, modulators = {}, []
+    for method in settings["methods"]:
+        model = make_model().train()
+        modulator, extra_loss, after_backward = modulation(
+            model, method, task=task, num_outputs=num_outputs, cggm_options=settings["cggm"]
+        )
+        modulators.append(modulator)
+        optimiser = make_optimizer(
+            model, settings["optimizer"], lr=settings["lr"], weight_decay=0.0
+        )
+        steps[method] = functools.partial(
+            train_step, model, optimiser, batch, loss_fn, extra_loss, after_backward
+        )
+    seconds = median_times(steps, rounds=7, calls=calls)
+    for modulator in modulators:
+        if isinstance(modulator, CGGM):
+            modulator.remove()
+    for record in records:
+        record["metrics"]["ms_per_step"] = 1000 * seconds[record["method"]]
+    return add_ratio_column(records, "joint", "ms_per_step", "step_time_vs_joint")
 
 
 @torch.no_grad()
@@ -129,14 +195,18 @@ def run_uci(ctx: RunContext) -> list[dict]:
     s = UCI_SETTINGS
     splits = uci_splits(ctx)
     train = _subsample(splits["train"], s["train_fraction"], ctx.seed)
+
+    def make_model() -> LateFusionModel:
+        torch.manual_seed(ctx.seed)
+        return LateFusionModel.from_batch(
+            train, 10, width=s["width"], hidden=s["hidden"], head="linear"
+        )
+
     records = []
     for method in s["methods"]:
         ctx.progress(method)
-        torch.manual_seed(ctx.seed)
-        model = LateFusionModel.from_batch(
-            train, 10, width=s["width"], hidden=s["hidden"], head="linear"
-        )
-        sps, best_epoch = train_modulated(
+        model = make_model()
+        best_epoch = train_modulated(
             model,
             train,
             splits["valid"],
@@ -158,7 +228,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
             {
                 "method": method,
                 "dataset": f"uci-mfeat ({int(100 * s['train_fraction'])}% of train)",
-                "metrics": {**metrics, **probes, "ms_per_step": 1000 * sps},
+                "metrics": {**metrics, **probes},
                 "config": {
                     "best_epoch": best_epoch,
                     "train_size": len(train),
@@ -167,7 +237,16 @@ def run_uci(ctx: RunContext) -> list[dict]:
                 },
             }
         )
-    return add_ratio_column(records, "joint", "ms_per_step", "step_time_vs_joint")
+    ctx.progress("step times")
+    return add_step_times(
+        records,
+        make_model,
+        train,
+        s,
+        loss_fn=F.cross_entropy,
+        task="classification",
+        num_outputs=10,
+    )
 
 
 MOSI_SETTINGS = {
@@ -209,14 +288,17 @@ def run_mosi(ctx: RunContext) -> list[dict]:
     def neg_mae(pred, target):
         return -float((pred.squeeze(-1) - target).abs().mean())
 
+    def make_model() -> LateFusionModel:
+        torch.manual_seed(ctx.seed)
+        return LateFusionModel.from_batch(
+            data["train"], 1, width=s["width"], num_layers=1, num_heads=2, head="linear"
+        )
+
     records = []
     for method in s["methods"]:
         ctx.progress(method)
-        torch.manual_seed(ctx.seed)
-        model = LateFusionModel.from_batch(
-            data["train"], 1, width=s["width"], num_layers=1, num_heads=2, head="linear"
-        )
-        sps, best_epoch = train_modulated(
+        model = make_model()
+        best_epoch = train_modulated(
             model,
             data["train"],
             data["valid"],
@@ -237,17 +319,17 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             {
                 "method": method,
                 "dataset": dataset,
-                "metrics": {
-                    **msa_regression_metrics(pred, data["test"].target),
-                    "ms_per_step": 1000 * sps,
-                },
+                "metrics": msa_regression_metrics(pred, data["test"].target),
                 "config": {
                     "best_epoch": best_epoch,
                     **{k: v for k, v in s.items() if k not in ("n", "epochs")},
                 },
             }
         )
-    return add_ratio_column(records, "joint", "ms_per_step", "step_time_vs_joint")
+    ctx.progress("step times")
+    return add_step_times(
+        records, make_model, data["train"], s, loss_fn=l1, task="regression", num_outputs=1
+    )
 
 
 register_task(
@@ -356,12 +438,15 @@ def run_brats(ctx: RunContext) -> list[dict]:
             "dice_mean"
         ]
 
+    def make_model() -> MultiEncoderSegNet:
+        torch.manual_seed(ctx.seed)
+        return MultiEncoderSegNet(train.modalities, 4, channels=s["channels"])
+
     records = []
     for method in s["methods"]:
         ctx.progress(method)
-        torch.manual_seed(ctx.seed)
-        model = MultiEncoderSegNet(train.modalities, 4, channels=s["channels"])
-        sps, best_epoch = train_modulated(
+        model = make_model()
+        best_epoch = train_modulated(
             model,
             train,
             valid,
@@ -382,10 +467,7 @@ def run_brats(ctx: RunContext) -> list[dict]:
             {
                 "method": method,
                 "dataset": name,
-                "metrics": {
-                    **brats_dice(pred, test.target, "remapped", ignore_empty=False),
-                    "ms_per_step": 1000 * sps,
-                },
+                "metrics": brats_dice(pred, test.target, "remapped", ignore_empty=False),
                 "config": {
                     "best_epoch": best_epoch,
                     "train_slices": len(train),
@@ -394,7 +476,17 @@ def run_brats(ctx: RunContext) -> list[dict]:
                 },
             }
         )
-    return add_ratio_column(records, "joint", "ms_per_step", "step_time_vs_joint")
+    ctx.progress("step times")
+    return add_step_times(
+        records,
+        make_model,
+        train,
+        s,
+        loss_fn=F.cross_entropy,
+        task="segmentation",
+        num_outputs=4,
+        calls=3,
+    )
 
 
 register_task(

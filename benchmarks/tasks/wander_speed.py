@@ -9,14 +9,11 @@ are checked equal first; timings are the median over interleaved rounds, same pr
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from benchmarks.registry import RunContext, Task, register_task
+from benchmarks.training import median_times
 from wander.functional import fusion_product_stacked
 
 # (S sets, M modalities, B batch, T tokens, r bottleneck (+1), R_t, T', R_d, D)
@@ -35,21 +32,6 @@ def einsum_fusion(h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> Tensor:
     for factor in rest:
         first = first * factor
     return torch.einsum("sbjkud,sjk->sbud", first, w)
-
-
-def median_times(fns: dict[str, Callable[[], None]], rounds: int, calls: int) -> dict[str, float]:
-    """Seconds per call of each function: median over ``rounds`` interleaved rounds."""
-    for fn in fns.values():  # warm-up
-        for _ in range(max(1, calls // 5)):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def run(ctx: RunContext) -> list[dict]:

@@ -1,11 +1,13 @@
 """The harness's training loop: optimisers, best-epoch restore, step timing."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmarks.backbones import LateFusionModel
-from benchmarks.training import accuracy, fit, predict
+from benchmarks.training import accuracy, fit, median_times, predict
 from mmcore import ModalityBatch
 
 
@@ -55,3 +57,20 @@ def test_fit_rejects_an_unknown_optimizer():
             epochs=1,
             optimizer="lbfgs",
         )
+
+
+def test_median_times_interleaves_and_ranks_by_cost():
+    calls = []
+
+    def short():
+        calls.append("short")
+        time.sleep(0.001)
+
+    def long():
+        calls.append("long")
+        time.sleep(0.004)
+
+    times = median_times({"short": short, "long": long}, rounds=3, calls=2)
+    assert times["long"] > 2 * times["short"]
+    timed = calls[2:]  # after one warm-up call each: short, long, short, long, ... in pairs
+    assert timed == ["short", "short", "long", "long"] * 3

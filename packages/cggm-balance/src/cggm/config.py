@@ -38,7 +38,10 @@ class CGGMConfig:
         mode: ``"default"`` follows the paper with a user's safeguards; ``"reference"``
             reproduces the released code (see the package README for every difference).
         smoothing: default mode only: EMA factor of the per-batch scores before improvements are
-            taken (0 = none).
+            taken (0 = none, the paper's per-batch scores). At small batches (e.g. 32) a
+            per-batch improvement is mostly sampling noise and ``B`` swings from step to step;
+            0.8 made the lagging modality's larger share show on every seed of a planted test
+            (see the package README).
         regression_score: ``"sign"`` (binary sign accuracy, the released code's choice) or
             ``"neg_mae"`` (minus the mean absolute error).
         eps: default mode: the floor added to the shifted improvements, which bounds ``B``.

@@ -122,3 +122,53 @@ def test_bad_input_raises():
         MPLMM(model.backbone, {"text": 3})
     with pytest.raises(ValueError, match="divisible"):
         MulTConfig({"a": 2, "b": 3}, d=7, num_heads=2)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("extra", [False, True])
+def test_batched_transformers_equal_the_per_module_loop(m, extra):
+    """Sequences of one length: every cross-modal (and memory) transformer in one batched call."""
+    names = ("text", "audio", "vision", "depth")[:m]
+    dims = {k: 3 + i for i, k in enumerate(names)}
+    torch.manual_seed(0)
+    config = MulTConfig(dims, d=8, num_heads=2, cross_layers=2, memory_layers=1, dropout=0.0)
+    backbone = MulTBackbone(config)
+    g = torch.Generator().manual_seed(1)
+    z = {k: torch.randn(5, 4, 8, generator=g, requires_grad=True) for k in names}
+    padding = {names[0]: torch.tensor([[False] * 4] * 3 + [[False, False, True, True]] * 2)}
+    tokens = (
+        {k: torch.randn(5, 2, (m - 1) * 8, generator=g, requires_grad=True) for k in names}
+        if extra
+        else None
+    )
+    used = [p for n, p in backbone.named_parameters() if not n.startswith("proj.")]
+    leaves = [*z.values(), *(tokens or {}).values(), *used]
+
+    def run(batched: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        backbone.batched = batched  # forced either way
+        out = backbone.forward_projected(z, padding, tokens)
+        return out, torch.autograd.grad(out.square().sum(), leaves)
+
+    (fast, fast_grads), (slow, slow_grads) = run(True), run(False)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_batches_only_small_calls_of_one_length(monkeypatch):
+    from mm_prompts import backbone as module
+
+    torch.manual_seed(0)
+    model = MulTBackbone(MulTConfig({"a": 3, "b": 4}, d=8, num_heads=2, dropout=0.0))
+    calls = []
+    original = MulTBackbone._forward_batched
+    monkeypatch.setattr(
+        MulTBackbone, "_forward_batched", lambda *a: calls.append(1) or original(*a)
+    )
+    z = {"a": torch.randn(4, 5, 8), "b": torch.randn(4, 5, 8)}
+    model.forward_projected(z)  # 20 tokens per call: batched
+    monkeypatch.setattr(module, "_BATCHED_MAX_TOKENS", 19)
+    model.forward_projected(z)  # over the limit: the loop
+    monkeypatch.setattr(module, "_BATCHED_MAX_TOKENS", 2048)
+    model.forward_projected({"a": z["a"], "b": z["b"][:, :3]})  # lengths differ: the loop
+    assert calls == [1]

@@ -172,3 +172,6 @@ def test_auto_batches_only_small_calls_of_one_length(monkeypatch):
     monkeypatch.setattr(module, "_BATCHED_MAX_TOKENS", 2048)
     model.forward_projected({"a": z["a"], "b": z["b"][:, :3]})  # lengths differ: the loop
     assert calls == [1]
+    model.batched = "always"
+    with pytest.raises(ValueError, match="batched must be True, False or 'auto'"):
+        model.forward_projected(z)

@@ -248,6 +248,8 @@ class MulTBackbone(nn.Module):
         transformer, and the readout is then their last token; otherwise it is the branch's last
         unpadded step.
         """
+        if self.batched not in (True, False, "auto"):
+            raise ValueError(f"batched must be True, False or 'auto', got {self.batched!r}.")
         padding = dict(padding or {})
         lengths = {z[m].shape[1] for m in self.modalities}
         tokens = z[self.modalities[0]].shape[0] * max(lengths)

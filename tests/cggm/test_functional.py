@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from cggm import batch_score_counts, direction_loss, magnitude_coefficients, segmentation_dice
+from cggm import (
+    batch_score_counts,
+    direction_loss,
+    direction_loss_from_target,
+    direction_target,
+    magnitude_coefficients,
+    segmentation_dice,
+)
 
 
 def test_reference_coefficients_by_hand():
@@ -74,3 +81,20 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         magnitude_coefficients(torch.tensor([0.1, 0.2]), "paper")
     assert not math.isnan(magnitude_coefficients(torch.tensor([0.1, 0.2]), "reference")[0])
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_direction_loss_from_its_target_equals_the_cosine_form(stacked):
+    g = torch.Generator().manual_seed(0)
+    b = torch.tensor([0.7, 0.2, 0.1])
+    heads = [torch.randn(4, 5, generator=g) for _ in range(3)]
+    w = torch.randn(4, 5, generator=g, requires_grad=True)
+    w_copy = w.detach().clone().requires_grad_()
+    expected = direction_loss(b, torch.stack(heads) if stacked else heads, w)
+    expected.backward()
+    target = direction_target(b, torch.stack(heads) if stacked else heads)
+    got = direction_loss_from_target(b, target, w_copy)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(w_copy.grad, w.grad)
+    assert not target.requires_grad

@@ -12,6 +12,8 @@ from cggm.config import CGGMConfig
 from cggm.functional import (
     batch_score_counts,
     direction_loss,
+    direction_loss_from_target,
+    direction_target,
     magnitude_coefficients,
     segmentation_dice,
 )
@@ -25,6 +27,8 @@ __all__ = [
     "__version__",
     "batch_score_counts",
     "direction_loss",
+    "direction_loss_from_target",
+    "direction_target",
     "magnitude_coefficients",
     "segmentation_dice",
 ]

@@ -11,6 +11,7 @@ from torch import Tensor
 __all__ = [
     "batch_score_counts",
     "direction_loss",
+    "direction_target",
     "magnitude_coefficients",
 ]
 
@@ -120,3 +121,27 @@ def direction_loss(
         heads = torch.stack([h.reshape(-1) for h in classifier_heads])  # [M, n]: one cosine call
     cos = F.cosine_similarity(heads, fusion_head.reshape(1, -1), dim=1)
     return (b.abs().sum() - (b * cos).sum()) / len(classifier_heads)
+
+
+def direction_target(coefficients: Tensor, classifier_heads: Sequence[Tensor] | Tensor) -> Tensor:
+    """``v = Σ_m B_m vec W_m / ‖W_m‖``: the part of :func:`direction_loss` that is constant.
+
+    ``Σ_m B_m cos(vec W_m, vec W^Ω) = ⟨v, vec W^Ω⟩ / ‖W^Ω‖``, so with ``v`` computed once per
+    step (after the classifiers' update), :func:`direction_loss_from_target` needs one dot
+    product and one norm of the head weight instead of ``M`` cosines and their backward.
+    """
+    with torch.no_grad():
+        if isinstance(classifier_heads, Tensor):
+            heads = classifier_heads.reshape(len(classifier_heads), -1)
+        else:
+            heads = torch.stack([h.reshape(-1) for h in classifier_heads])
+        # the same floor as F.cosine_similarity's eps
+        scale = coefficients.to(heads) / heads.norm(dim=1).clamp_min(1e-8)
+        return scale @ heads
+
+
+def direction_loss_from_target(coefficients: Tensor, target: Tensor, fusion_head: Tensor) -> Tensor:
+    """:func:`direction_loss` from ``target`` = :func:`direction_target` ``(B, heads)``."""
+    w = fusion_head.reshape(-1)
+    aligned = torch.dot(target, w) / w.norm().clamp_min(1e-8)
+    return (coefficients.detach().abs().sum() - aligned) / len(coefficients)

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cggm.config import CGGMConfig
-from cggm.functional import batch_score_counts, direction_loss, magnitude_coefficients
+from cggm.functional import (
+    batch_score_counts,
+    direction_loss,
+    direction_loss_from_target,
+    direction_target,
+    magnitude_coefficients,
+)
 from mmcore import (
     ModalityBatch,
     ModulePathError,
@@ -218,6 +224,7 @@ class CGGM:
         self._totals = torch.zeros(m)
         self._counts = torch.zeros(m)
         self._pending: Tensor | None = None  # reference mode: last step's L_gm, graph kept
+        self._direction: Tensor | None = None  # default mode: Σ_m B_m W_m/‖W_m‖ of this step
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
@@ -358,9 +365,10 @@ class CGGM:
     def direction_loss(self) -> Tensor:
         """``λ · L_gm`` to add to the task loss before ``backward()`` (0 until the first step).
 
-        Default mode computes it fresh from the current weights with the last ``B``; reference
-        mode returns the previous step's term, whose graph was built from copies of the weights
-        one step earlier, as the released code does.
+        Default mode computes it fresh from the head's current weight and the last ``B``; the
+        classifiers' side, ``Σ_m B_m W_m / ‖W_m‖``, is computed once per step, as it only
+        changes in :meth:`step`. Reference mode returns the previous step's term, whose graph
+        was built from copies of the weights one step earlier, as the released code does.
         """
         zero = self.head_weight.new_zeros(())
         if self.config.lam == 0 or self.classifiers is None or self.coefficients is None:
@@ -368,9 +376,10 @@ class CGGM:
         if self.config.mode == "reference":
             pending, self._pending = self._pending, None
             return zero if pending is None else self.config.lam * pending
-        heads = self._classifier_heads
         b = self.coefficients.to(self.head_weight.device)
-        return self.config.lam * direction_loss(b, heads, self.head_weight)
+        if self._direction is None:  # B and the classifiers change only in step()
+            self._direction = direction_target(b, self._classifier_heads)
+        return self.config.lam * direction_loss_from_target(b, self._direction, self.head_weight)
 
     def step(self, target: Tensor, *, sync: bool = True) -> dict[str, float] | None:
         """Train the classifiers on this batch, update the scores and scale the gradients.
@@ -426,6 +435,7 @@ class CGGM:
             )
             w_fusion = self.head_weight.clone()
         self.optimizer.step()
+        self._direction = None  # the classifiers moved (and B may change below)
         self._totals += total
         self._counts += count
         if not sync:
@@ -513,5 +523,6 @@ class CGGM:
         self.prev_scores = state["prev_scores"].clone()
         self.ema_scores = None if state["ema_scores"] is None else state["ema_scores"].clone()
         self.coefficients = None if state["coefficients"] is None else state["coefficients"].clone()
+        self._direction = None
         self._totals = state["totals"].clone()
         self._counts = state["counts"].clone()

@@ -7,12 +7,14 @@ from benchmarks.tasks import uci_modalities  # noqa: I001  (order matters)
 from benchmarks.tasks import wander_transfer
 from benchmarks.tasks import wander_speed
 from benchmarks.tasks import cggm_balance
+from benchmarks.tasks import cggm_overhead
 from benchmarks.tasks import casp_tta
 from benchmarks.tasks import mplmm_missing
 
 __all__ = [
     "casp_tta",
     "cggm_balance",
+    "cggm_overhead",
     "mplmm_missing",
     "uci_modalities",
     "wander_speed",

@@ -50,3 +50,25 @@ def test_real_mosi_pickle_under_data_root_is_used(tmp_path, tiny):
     )
     assert not results["failures"], results["failures"]
     assert {r["dataset"] for r in results["records"]} == {"CMU-MOSI (--data-root)"}
+
+
+def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypatch):
+    from benchmarks.tasks import cggm_overhead
+
+    monkeypatch.setattr(cggm_overhead, "SIZES", ((4, 8, 8), (8, 16, 16)))
+    results = run_tasks(["cggm-step-overhead"], profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    records = results["records"]
+    assert len({r["dataset"] for r in records}) == 2
+    for r in records:
+        m = r["metrics"]
+        assert m["ms_per_step"] > 0
+        assert m["step_time_vs_joint"] == pytest.approx(
+            m["ms_per_step"] / (m["ms_per_step"] - m["overhead_ms_vs_joint"])
+        )
+    assert {r["method"] for r in records} == {
+        "joint",
+        "OGM-GE",
+        "CGGM",
+        "CGGM (λ=0, 64-unit classifiers)",
+    }

@@ -325,6 +325,29 @@ def test_bad_configuration_raises():
     fresh = CGGM(make_model(batch), num_outputs=3)
     with pytest.raises(RuntimeError, match="call the model's forward"):
         fresh.step(batch.target)
+    with pytest.raises(ValueError, match="classifier_hidden must be a positive integer"):
+        CGGMConfig(classifier_hidden=0)
+    with pytest.raises(ValueError, match="classifier_hidden=5 differs .* needs lam=0"):
+        CGGM(model, num_outputs=3, classifier_hidden=5)
+    with pytest.raises(ValueError, match="size them yourself"):
+        clfs = {m: ModalityClassifier((4,), 5, 3) for m in batch.modalities}
+        CGGM(model, num_outputs=3, lam=0.0, classifier_hidden=5, classifiers=clfs)
+
+
+def test_smaller_classifiers_without_the_direction_term():
+    batch = vector_batch(3)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, lam=0.0, classifier_hidden=5)
+    model.zero_grad()
+    F.cross_entropy(model(batch), batch.target).backward()
+    before = grads(model)
+    b = cggm.step(batch.target)
+    assert isinstance(cggm.classifiers, StackedClassifiers)
+    assert cggm.classifier("m0").net[0].out_features == 5
+    assert cggm.direction_loss().item() == 0.0
+    for name, g in grads(model).items():
+        if name.startswith("encoders."):
+            torch.testing.assert_close(g, 1.3 * b[name.split(".")[1]] * before[name])
 
 
 def test_stacked_classifiers_round_trip_and_lookup_before_the_first_step():

@@ -45,6 +45,11 @@ class CGGMConfig:
         regression_score: ``"sign"`` (binary sign accuracy, the released code's choice) or
             ``"neg_mae"`` (minus the mean absolute error).
         eps: default mode: the floor added to the shifted improvements, which bounds ``B``.
+        classifier_hidden: hidden units of the default classifiers. ``None``: the width ``F``
+            of the head's input, so the classifiers' final weights have the head's shape, as
+            the direction term needs. Their cost is ``d · F`` multiply-adds per sample and
+            modality (``F = M · d`` for concatenation fusion), about the model's own cost at
+            large widths. A smaller width makes them cheaper; it needs ``lam=0``.
     """
 
     task: Task = "classification"
@@ -57,6 +62,7 @@ class CGGMConfig:
     smoothing: float = 0.0
     regression_score: Literal["sign", "neg_mae"] = "sign"
     eps: float = 1e-3
+    classifier_hidden: int | None = None
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -78,6 +84,13 @@ class CGGMConfig:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}.")
         if self.mode == "reference" and self.smoothing:
             raise ValueError("smoothing is a default-mode safeguard; mode='reference' has none.")
+        if self.classifier_hidden is not None and (
+            not isinstance(self.classifier_hidden, int) or self.classifier_hidden < 1
+        ):
+            raise ValueError(
+                f"classifier_hidden must be a positive integer or None, got "
+                f"{self.classifier_hidden!r}."
+            )
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}.")
 

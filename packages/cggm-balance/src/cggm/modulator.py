@@ -209,9 +209,22 @@ class CGGM:
         self.encoders = {m: self._resolve(model, p, "encoder_modules") for m, p in paths.items()}
         self._encoder_params = {m: list(enc.parameters()) for m, enc in self.encoders.items()}
         self.head_weight = _final_weight(self._resolve(model, head_module or "head", "head_module"))
+        head_width = _as_matrix(self.head_weight).shape[1]
+        hidden = self.config.classifier_hidden
+        if hidden is not None and hidden != head_width and self.config.lam > 0:
+            raise ValueError(
+                f"CGGM: classifier_hidden={hidden} differs from the width of the head's input "
+                f"({head_width}); the direction term compares the classifiers' final weights "
+                "with the head's, so it needs lam=0 (or classifier_hidden=None)."
+            )
         self.classifiers: nn.ModuleDict | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if classifiers is not None:
+            if self.config.classifier_hidden is not None:
+                raise ValueError(
+                    "CGGM: classifier_hidden sizes the default classifiers; with classifiers= "
+                    "given, size them yourself."
+                )
             missing = set(self.modalities) - set(classifiers)
             if missing:
                 raise ValueError(f"classifiers lacks modalities {sorted(missing)}.")
@@ -332,7 +345,7 @@ class CGGM:
                 f"CGGM: the head's final weight has {w.shape[0]} outputs but num_outputs="
                 f"{self.config.num_outputs}."
             )
-        hidden = w.shape[1]
+        hidden = self.config.classifier_hidden or _as_matrix(w).shape[1]
         self._feature_shapes = {m: tuple(s) for m, s in feature_shapes.items()}
         self._install_classifiers(
             nn.ModuleDict(

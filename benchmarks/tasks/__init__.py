@@ -6,6 +6,7 @@ The import order is the order tasks run and appear in the report: the shared UCI
 from benchmarks.tasks import uci_modalities  # noqa: I001  (order matters)
 from benchmarks.tasks import wander_transfer
 from benchmarks.tasks import wander_speed
+from benchmarks.tasks import wander_overhead
 from benchmarks.tasks import cggm_balance
 from benchmarks.tasks import cggm_overhead
 from benchmarks.tasks import casp_tta
@@ -17,6 +18,7 @@ __all__ = [
     "cggm_overhead",
     "mplmm_missing",
     "uci_modalities",
+    "wander_overhead",
     "wander_speed",
     "wander_transfer",
 ]

@@ -54,3 +54,19 @@ def test_fusion_speed_task_checks_equality_and_times_both_paths(tmp_path, monkey
     assert set(by_method) == {"autograd einsums", "fused kernel"}
     assert by_method["autograd einsums"]["speedup_vs_autograd_einsums"] == 1.0
     assert by_method["fused kernel"]["us_per_forward_backward"] > 0
+
+
+def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypatch):
+    from benchmarks.tasks import wander_overhead
+
+    monkeypatch.setattr(wander_overhead, "SIZES", ((8, 16, 8), (16, 32, 16)))
+    results = run_tasks(["wander-step-overhead"], profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    records = results["records"]
+    assert len({r["dataset"] for r in records}) == 2
+    settings = wander_overhead.sized_settings(8, 16, 8)
+    assert {r["method"] for r in records} == set(wt.methods(settings))
+    for r in records:
+        assert r["metrics"]["ms_per_step"] > 0
+        if r["method"] == "head-only":
+            assert r["metrics"]["step_time_vs_head_only"] == 1.0

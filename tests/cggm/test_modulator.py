@@ -327,7 +327,7 @@ def test_bad_configuration_raises():
         fresh.step(batch.target)
     with pytest.raises(ValueError, match="classifier_hidden must be a positive integer"):
         CGGMConfig(classifier_hidden=0)
-    with pytest.raises(ValueError, match="classifier_hidden=5 differs .* needs lam=0"):
+    with pytest.raises(ValueError, match=r"classifier_hidden=5 differs .* needs lam=0"):
         CGGM(model, num_outputs=3, classifier_hidden=5)
     with pytest.raises(ValueError, match="size them yourself"):
         clfs = {m: ModalityClassifier((4,), 5, 3) for m in batch.modalities}

@@ -119,3 +119,31 @@ def test_second_derivatives_match_finite_differences():
 
     args = (leaf(2, 3, 2, 2, 2), leaf(2, 3, 2, 2, 2), leaf(2, 3, 2, 2, 3), leaf(2, 2, 2))
     assert torch.autograd.gradgradcheck(fusion_product_stacked, args)
+
+
+def test_constant_sets_skip_the_backward_with_exact_gradients_of_the_others():
+    """``trainable_sets=1``: set 0 differentiates exactly (first and second order), the
+    constant set 1 (the centred init's frozen copy) gets zeros."""
+    g = torch.Generator().manual_seed(0)
+    shapes = ((3, 2, 2, 2), (3, 2, 2, 2), (3, 2, 2, 3), (2, 2))
+    variables = [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+    constants = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+
+    def fn(*xs, trainable_sets=1):
+        stacked = [torch.stack([x, c]) for x, c in zip(xs, constants, strict=True)]
+        return fusion_product_stacked(*stacked, trainable_sets=trainable_sets)
+
+    assert torch.autograd.gradcheck(fn, variables)
+    assert torch.autograd.gradgradcheck(fn, variables)
+    loss = fn(*variables).square().sum()
+    expected = torch.autograd.grad(fn(*variables, trainable_sets=None).square().sum(), variables)
+    for got, want in zip(torch.autograd.grad(loss, variables), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    stacked = [
+        torch.stack([x, c]).detach().requires_grad_()
+        for x, c in zip(variables, constants, strict=True)
+    ]
+    fusion_product_stacked(*stacked, trainable_sets=1).sum().backward()
+    assert all(not x.grad[1].any() for x in stacked)
+    with pytest.raises(ValueError, match=r"trainable_sets must be in \[1, 2\]"):
+        fusion_product_stacked(*stacked, trainable_sets=3)

@@ -243,3 +243,27 @@ def test_runs_under_autocast_with_gradients_close_to_float32(output):
     for name, g in mixed.items():
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g, reference[name], rtol=0.1, atol=0.05 * g.abs().max())
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_frozen_inputs_skip_the_anchor_backward_with_the_same_gradients(output):
+    """Inputs that need no gradient (a frozen backbone) let the centred init's backward skip
+    its frozen copy; inputs that need one take the full path. Both give the same gradients."""
+    layer, xs = build(4, output=output)
+    with torch.no_grad():  # move off the init so the adapter's output is not zero
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    def grads(inputs):
+        layer.zero_grad()
+        out = layer(inputs)
+        values = out.values() if isinstance(out, dict) else [out]
+        sum(v.pow(2).sum() for v in values).backward()
+        return {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    frozen = grads(xs)
+    live_inputs = {k: x.clone().requires_grad_() for k, x in xs.items()}
+    full = grads(live_inputs)
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in live_inputs.values())
+    for name, g in frozen.items():
+        torch.testing.assert_close(g, full[name], msg=name)

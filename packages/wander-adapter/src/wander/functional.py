@@ -96,6 +96,8 @@ def fusion_product_stacked(
     p: Tensor,
     weights: Tensor | None,
     cp_mode: Literal["true", "reference"] = "true",
+    *,
+    trainable_sets: int | None = None,
 ) -> Tensor:
     """The fusion on inputs already stacked over (set, modality): ``[S, B, T', D]``.
 
@@ -105,6 +107,10 @@ def fusion_product_stacked(
         p: ``[S, M, R_d, r, D]`` feature factors.
         weights: ``[S, R_t, R_d]`` CP weights (``cp_mode="true"``).
         cp_mode: ``"true"`` or ``"reference"``.
+        trainable_sets: when given, only the first ``trainable_sets`` sets get gradients; the
+            others get zeros, and the backward skips their work. Pass it only when the later
+            sets' slices of every input are constants, as for a frozen copy of the weights
+            applied to inputs that need no gradient (the adapter's centred init).
     """
     if cp_mode not in ("true", "reference"):
         raise ValueError(f"cp_mode must be 'true' or 'reference', got {cp_mode!r}.")
@@ -132,8 +138,13 @@ def fusion_product_stacked(
     # one dtype throughout, autocast off: under AMP the bottleneck features arrive in half
     # precision and the factors in float32; the product over modalities runs in float32 then
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in (h, q, p, weights)))
+    n_sets = h.shape[0]
+    if trainable_sets is not None and not 1 <= trainable_sets <= n_sets:
+        raise ValueError(f"trainable_sets must be in [1, {n_sets}], got {trainable_sets}.")
     with _autocast_off(h.device.type):
-        return _CPFusion.apply(h.to(dtype), q.to(dtype), p.to(dtype), weights.to(dtype))
+        return _CPFusion.apply(
+            h.to(dtype), q.to(dtype), p.to(dtype), weights.to(dtype), trainable_sets or n_sets
+        )
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -157,16 +168,35 @@ class _CPFusion(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> Tensor:
-        parts = _fusion_parts(h, q, p, w)
-        ctx.save_for_backward(h, q, p, w, *parts[:-1])
-        return parts[-1]
+    def forward(ctx, h: Tensor, q: Tensor, p: Tensor, w: Tensor, trainable: int) -> Tensor:
+        h_t, q_flat, p_flat, g, z, prod, out = _fusion_parts(h, q, p, w)
+        # the backward needs the trainable sets' slices only (views, no copies); the
+        # intermediates flattened over (set, modality) hold them in their first n rows. The
+        # inputs are saved whole: sliced in the backward, they keep their graph for
+        # second derivatives
+        k, n = trainable, trainable * h.shape[1]
+        ctx.save_for_backward(h, q, p, w, h_t[:n], q_flat[:n], p_flat[:n], g[:n], z[:k], prod[:k])
+        ctx.trainable = trainable
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         h, q, p, w, *parts = ctx.saved_tensors
+        n_sets, k = h.shape[0], ctx.trainable
+        h, q, p, w = h[:k], q[:k], p[:k], w[:k]
         if torch.is_grad_enabled():  # create_graph: intermediates with a graph to the inputs
             parts = _fusion_parts(h, q, p, w)[:-1]
+        grads = _CPFusion._input_grads(ctx, grad_out[:k], h, q, p, w, parts)
+        if k < n_sets:  # the constant sets get zeros: one fill per input
+            grads = [
+                None if x is None else torch.cat([x, x.new_zeros(n_sets - k, *x.shape[1:])])
+                for x in grads
+            ]
+        return *grads, None
+
+    @staticmethod
+    def _input_grads(ctx, grad_out, h, q, p, w, parts) -> list[Tensor | None]:
+        """Gradients of ``h, q, p, w`` for the sets they hold (the trainable ones)."""
         h_t, q_flat, p_flat, g, z, prod = parts
         s, m, b, t, r = h.shape
         rt, t_out, rd, d = q.shape[2], q.shape[4], p.shape[2], p.shape[4]
@@ -188,7 +218,7 @@ class _CPFusion(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dh = torch.bmm(q_flat.transpose(1, 2), grad_g)  # [N, T, B r]
                 grad_h = dh.view(n, t, b, r).transpose(1, 2).reshape(s, m, b, t, r)
-        return grad_h, grad_q, grad_p, grad_w
+        return [grad_h, grad_q, grad_p, grad_w]
 
 
 def _fusion_parts(h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> tuple[Tensor, ...]:

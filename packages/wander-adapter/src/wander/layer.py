@@ -246,11 +246,13 @@ class WanderFusion(nn.Module):
         xs: Mapping[str, Tensor],
         masks: Mapping[str, Tensor | None],
         param_sets: list[Mapping[str, Tensor]],
+        trainable_sets: int | None = None,
     ) -> list[Tensor | dict[str, Tensor]]:
         """The adapter as a pure function of its parameters, for each set ``p`` (name → tensor).
 
         All sets go through the same kernel calls (the centred init evaluates the current and
-        the initial weights together).
+        the initial weights together). ``trainable_sets``: see
+        :func:`~wander.functional.fusion_product_stacked`.
         """
         inputs = [self._checked(m, xs[m]) for m in self.modalities]
         t_lens = [x.shape[1] for x in inputs]
@@ -270,7 +272,9 @@ class WanderFusion(nn.Module):
         weights = (
             _stack([p["cp_weights"] for p in param_sets]) if self.cp_weights is not None else None
         )
-        fused_sets = fusion_product_stacked(h, q, f, weights, self.config.cp_mode)  # [S,B,T',D]
+        fused_sets = fusion_product_stacked(  # [S, B, T', D]
+            h, q, f, weights, self.config.cp_mode, trainable_sets=trainable_sets
+        )
         outs: list[Tensor | dict[str, Tensor]] = []
         for p, fused in zip(param_sets, fused_sets, strict=True):
             if self.gate is not None:
@@ -304,8 +308,15 @@ class WanderFusion(nn.Module):
         if self.config.init != "centered":
             (out,) = self._core(xs, masks, [params])
             return _apply(out, lambda v: self.output_dropout(scale * v))
-        # the initial weights are buffers: the anchor half carries no gradient to any parameter
-        out, anchor = self._core(xs, masks, [params, self._anchors(params)])
+        # the initial weights are buffers: the anchor half carries no gradient to any parameter,
+        # nor to the inputs when they need none (a frozen backbone), and the fusion's backward
+        # then skips it
+        inputs_need_grad = torch.is_grad_enabled() and any(
+            xs[m].requires_grad for m in self.modalities
+        )
+        out, anchor = self._core(
+            xs, masks, [params, self._anchors(params)], None if inputs_need_grad else 1
+        )
         if isinstance(out, dict):
             return {m: self.output_dropout(scale * (out[m] - anchor[m])) for m in out}
         return self.output_dropout(scale * (out - anchor))

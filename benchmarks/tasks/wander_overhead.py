@@ -1,0 +1,81 @@
+"""Wander's training-step time beside its baselines as the backbone grows.
+
+``wander-uci-transfer`` times every method on its small backbone (encoder width 32, hidden 256,
+25 samples per batch), whose head-only step takes about 1.3 ms on two CPU cores; there, each
+adapter's few dozen kernel calls and its optimiser's per-tensor work are a fixed cost as large
+as the frozen backbone's whole forward pass. This task takes the same methods (untrained: step
+time does not depend on the weights) on the same real UCI features with wider backbones and
+larger batches, and reports each step as a ratio to head-only, so the report shows how the
+ratio changes as the backbone's own work grows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.backbones import LateFusionModel
+from benchmarks.registry import RunContext, Task, register_task
+from benchmarks.tasks.common import uci_splits
+from benchmarks.tasks.wander_transfer import UCI_SETTINGS, methods, select_classes, step_times
+
+#: (encoder width, encoder hidden size, batch size); the first is ``wander-uci-transfer``'s.
+SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
+
+
+def sized_settings(width: int, hidden: int, batch_size: int) -> dict:
+    """``wander-uci-transfer``'s methods at another size (Wander's tiled token: ``width``)."""
+    variants = UCI_SETTINGS["wander_variants"]
+    return {
+        **UCI_SETTINGS,
+        "width": width,
+        "hidden": hidden,
+        "batch_size": batch_size,
+        "wander_variants": {
+            "Wander": variants["Wander"],
+            "Wander (r=5, tiled)": {**variants["Wander (r=5, tiled)"], "fused_dim": width},
+        },
+    }
+
+
+def run(ctx: RunContext) -> list[dict]:
+    """Every method's time per training step at each size, as a ratio to head-only."""
+    train = select_classes(uci_splits(ctx)["train"], range(5, 10))
+    records = []
+    for width, hidden, batch_size in SIZES:
+        name = f"width {width}, hidden {hidden}, batch {batch_size}"
+        ctx.progress(name)
+        settings = sized_settings(width, hidden, batch_size)
+        torch.manual_seed(ctx.seed)
+        base = LateFusionModel.from_batch(train, 5, width=width, hidden=hidden, head="linear")
+        seconds = step_times(base, train, settings, F.cross_entropy, ctx.seed)
+        for method in methods(settings):
+            records.append(
+                {
+                    "method": method,
+                    "dataset": f"uci-mfeat 5-9, {name}",
+                    "metrics": {
+                        "ms_per_step": 1000 * seconds[method],
+                        "step_time_vs_head_only": seconds[method] / seconds["head-only"],
+                    },
+                    "config": {"width": width, "hidden": hidden, "batch_size": batch_size},
+                }
+            )
+    return records
+
+
+register_task(
+    Task(
+        name="wander-step-overhead",
+        description=(
+            "Training-step time of head-only, full fine-tuning, LoRA (peft), Houlsby and Wander "
+            "on real UCI mfeat features as the late-fusion backbone widens and the batch grows "
+            "(the first size is wander-uci-transfer's): ratio to head-only, median over "
+            "interleaved rounds."
+        ),
+        run=run,
+        primary_metric="step_time_vs_head_only",
+        higher_is_better=False,
+        metrics=("ms_per_step", "step_time_vs_head_only"),
+    )
+)

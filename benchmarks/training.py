@@ -153,6 +153,31 @@ def accuracy(logits: Tensor, target: Tensor) -> float:
     return float((logits.argmax(dim=1) == target).float().mean())
 
 
+def step_time_records(
+    seconds: Mapping[str, float], reference: str, *, dataset: str, config: dict
+) -> list[dict]:
+    """One record per method of ``seconds`` (per training step, timed in one run).
+
+    Metrics: ``ms_per_step``, ``overhead_ms_vs_<reference>`` and ``step_time_vs_<reference>``
+    (``reference`` lower-cased, spaces and dashes as underscores).
+    """
+    key = reference.lower().replace("-", "_").replace(" ", "_")
+    base = seconds[reference]
+    return [
+        {
+            "method": method,
+            "dataset": dataset,
+            "metrics": {
+                "ms_per_step": 1000 * value,
+                f"overhead_ms_vs_{key}": 1000 * (value - base),
+                f"step_time_vs_{key}": value / base,
+            },
+            "config": dict(config),
+        }
+        for method, value in seconds.items()
+    ]
+
+
 def add_ratio_column(
     records: list[dict], reference_method: str, metric: str, column: str
 ) -> list[dict]:

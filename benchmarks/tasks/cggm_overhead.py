@@ -24,6 +24,7 @@ from benchmarks.backbones import LateFusionModel
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.cggm_balance import UCI_SETTINGS, method_step_times
 from benchmarks.tasks.common import uci_splits
+from benchmarks.training import step_time_records
 
 #: (encoder width, fusion hidden size, batch size); the first is ``cggm-uci-balance``'s.
 SIZES = ((16, 64, 32), (64, 256, 128), (256, 1024, 256))
@@ -55,20 +56,12 @@ def run(ctx: RunContext) -> list[dict]:
             num_outputs=10,
             rounds=7 if ctx.profile == "quick" else 15,
         )
-        joint = seconds["joint"]
-        for method, value in seconds.items():
-            records.append(
-                {
-                    "method": method,
-                    "dataset": f"uci-mfeat, {name}",
-                    "metrics": {
-                        "ms_per_step": 1000 * value,
-                        "overhead_ms_vs_joint": 1000 * (value - joint),
-                        "step_time_vs_joint": value / joint,
-                    },
-                    "config": {"width": width, "hidden": hidden, "batch_size": batch_size},
-                }
-            )
+        records += step_time_records(
+            seconds,
+            "joint",
+            dataset=f"uci-mfeat, {name}",
+            config={"width": width, "hidden": hidden, "batch_size": batch_size},
+        )
     return records
 
 
@@ -77,10 +70,9 @@ register_task(
         name="cggm-step-overhead",
         description=(
             "Step time of joint training, OGM-GE, CGGM and CGGM without its direction term "
-            "(small classifiers) on real UCI mfeat features as the "
-            "late-fusion network widens and the batch grows (the first size is "
-            "cggm-uci-balance's): ratio to joint training and overhead in ms, median over "
-            "interleaved rounds."
+            "(small classifiers) on real UCI mfeat features as the late-fusion network widens "
+            "and the batch grows (the first size is cggm-uci-balance's): ratio to joint "
+            "training and overhead in ms, median over interleaved rounds."
         ),
         run=run,
         primary_metric="step_time_vs_joint",

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.backbones import LateFusionModel
-from benchmarks.training import accuracy, fit, median_times, predict
+from benchmarks.training import accuracy, fit, median_times, predict, step_time_records
 from mmcore import ModalityBatch
 
 
@@ -74,3 +74,15 @@ def test_median_times_interleaves_and_ranks_by_cost():
     assert times["long"] > 2 * times["short"]
     timed = calls[2:]  # after one warm-up call each: short, long, short, long, ... in pairs
     assert timed == ["short", "short", "long", "long"] * 3
+
+
+def test_step_time_records_give_overhead_and_ratio_to_the_reference():
+    records = step_time_records(
+        {"head-only": 0.002, "Wander": 0.005}, "head-only", dataset="d", config={"width": 8}
+    )
+    by_method = {r["method"]: r["metrics"] for r in records}
+    assert by_method["Wander"] == pytest.approx(
+        {"ms_per_step": 5.0, "overhead_ms_vs_head_only": 3.0, "step_time_vs_head_only": 2.5}
+    )
+    assert by_method["head-only"]["step_time_vs_head_only"] == 1.0
+    assert all(r["dataset"] == "d" and r["config"] == {"width": 8} for r in records)

@@ -11,6 +11,7 @@ from torch import Tensor
 __all__ = [
     "batch_score_counts",
     "direction_loss",
+    "direction_loss_from_target",
     "direction_target",
     "magnitude_coefficients",
 ]

@@ -209,7 +209,7 @@ class CGGM:
         self.encoders = {m: self._resolve(model, p, "encoder_modules") for m, p in paths.items()}
         self._encoder_params = {m: list(enc.parameters()) for m, enc in self.encoders.items()}
         self.head_weight = _final_weight(self._resolve(model, head_module or "head", "head_module"))
-        head_width = _as_matrix(self.head_weight).shape[1]
+        head_width = self.head_weight.shape[1]
         hidden = self.config.classifier_hidden
         if hidden is not None and hidden != head_width and self.config.lam > 0:
             raise ValueError(
@@ -345,7 +345,7 @@ class CGGM:
                 f"CGGM: the head's final weight has {w.shape[0]} outputs but num_outputs="
                 f"{self.config.num_outputs}."
             )
-        hidden = self.config.classifier_hidden or _as_matrix(w).shape[1]
+        hidden = self.config.classifier_hidden or w.shape[1]
         self._feature_shapes = {m: tuple(s) for m, s in feature_shapes.items()}
         self._install_classifiers(
             nn.ModuleDict(

@@ -38,11 +38,17 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @dataclass
 class AdaptationReport:
-    """What :meth:`CASP.adapt` did."""
+    """What :meth:`CASP.adapt` did.
+
+    ``kept_indices`` ``[K]``: the samples kept for stage 2 (the most stable by default);
+    ``pseudo_labels``: their pseudo-labels, the mean of the stage-1 prediction snapshots
+    (``[K]`` for regression, ``[K, C]`` probabilities for classification).
+    """
 
     contrastive_losses: list[float] = field(default_factory=list)
     snapshot_epochs: list[int] = field(default_factory=list)
     kept_indices: Tensor | None = None
+    pseudo_labels: Tensor | None = None
     pseudo_label_losses: list[float] = field(default_factory=list)
     collapsed: bool = False
     message: str = ""
@@ -248,9 +254,8 @@ class CASP:
         stacked = torch.stack(snapshots)
         kept = select_samples(stability_scores(stacked), cfg.keep_ratio, cfg.keep)
         report.kept_indices = kept
-        self._pseudo_label_stage(
-            data.select(kept), pseudo_labels(stacked)[kept], validation, score_fn
-        )
+        report.pseudo_labels = pseudo_labels(stacked)[kept]
+        self._pseudo_label_stage(data.select(kept), report.pseudo_labels, validation, score_fn)
         self.model.eval()
         return report
 

@@ -38,8 +38,12 @@ METHODS = ("source-only", "Tent", "self-training", "CASP stage 1 only", "CASP")
 def _adapt(
     method: str, source: torch.nn.Module, target: ModalityBatch, task: str, s: dict, seed: int
 ):
-    """Adapt a copy of ``source`` on unlabeled ``target``; returns (predict fn, seconds)."""
+    """Adapt a copy of ``source`` on unlabeled ``target``.
+
+    Returns ``(predict fn, seconds, CASP's report or None)``.
+    """
     start = time.perf_counter()
+    report = None
     if method == "source-only":
         model = source
     elif method == "Tent":
@@ -64,7 +68,7 @@ def _adapt(
             epochs_pl=0 if method == "CASP stage 1 only" else s["epochs_pl"],
             seed=seed,
         )
-        casp.adapt(target)
+        report = casp.adapt(target)
         model = casp.model
     seconds = time.perf_counter() - start
     model.eval()
@@ -73,7 +77,22 @@ def _adapt(
     def predict(data: ModalityBatch) -> torch.Tensor:
         return torch.cat([model(b) for b in data.split(256)])
 
-    return predict, seconds
+    return predict, seconds, report
+
+
+def pseudo_label_quality(report, adapt_on: ModalityBatch, task: str) -> dict:
+    """Accuracy (classification) or MAE (regression) of CASP's kept pseudo-labels.
+
+    Read against ``adapt_on``'s labels, which the adaptation never saw; empty for methods
+    without pseudo-labels or data without labels.
+    """
+    if report is None or report.pseudo_labels is None or adapt_on.target is None:
+        return {}
+    truth = adapt_on.target[report.kept_indices]
+    if task == "classification":
+        correct = report.pseudo_labels.argmax(-1) == truth
+        return {"pseudo_label_accuracy_kept": correct.float().mean().item()}
+    return {"pseudo_label_mae_kept": (report.pseudo_labels - truth).abs().mean().item()}
 
 
 def _compare(ctx, source, adapt_on, test, task, s, dataset, metrics_fn) -> list[dict]:
@@ -81,7 +100,7 @@ def _compare(ctx, source, adapt_on, test, task, s, dataset, metrics_fn) -> list[
     for method in METHODS:
         ctx.progress(f"{dataset}: {method}")
         torch.manual_seed(ctx.seed)
-        predict, seconds = _adapt(method, source, adapt_on, task, s, ctx.seed)
+        predict, seconds, report = _adapt(method, source, adapt_on, task, s, ctx.seed)
         records.append(
             {
                 "method": method,
@@ -91,6 +110,7 @@ def _compare(ctx, source, adapt_on, test, task, s, dataset, metrics_fn) -> list[
                     "adapt_samples_per_s": None
                     if method == "source-only"
                     else len(adapt_on) / seconds,
+                    **pseudo_label_quality(report, adapt_on, task),
                 },
                 "config": {k: v for k, v in s.items() if not isinstance(v, dict)},
             }
@@ -236,7 +256,15 @@ register_task(
         run=run_mosi,
         primary_metric="mae",
         higher_is_better=False,
-        metrics=("mae", "corr", "acc2_has0", "acc2_non0", "acc7", *_COLUMNS),
+        metrics=(
+            "mae",
+            "corr",
+            "acc2_has0",
+            "acc2_non0",
+            "acc7",
+            "pseudo_label_mae_kept",
+            *_COLUMNS,
+        ),
     )
 )
 register_task(
@@ -249,6 +277,6 @@ register_task(
         ),
         run=run_uci,
         primary_metric="accuracy",
-        metrics=("accuracy", "f1_macro", *_COLUMNS),
+        metrics=("accuracy", "f1_macro", "pseudo_label_accuracy_kept", *_COLUMNS),
     )
 )

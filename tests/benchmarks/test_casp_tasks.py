@@ -35,6 +35,14 @@ def test_casp_tasks_record_every_method(tmp_path, tiny):
         tent = records[ct.METHODS.index("Tent")]["metrics"]
         assert tent["throughput_vs_tent"] == 1.0
         assert records[0]["metrics"]["adapt_samples_per_s"] is None  # source-only adapts nothing
+        for r in records:  # CASP's kept pseudo-labels, scored against the held-back labels
+            quality = {k: v for k, v in r["metrics"].items() if k.startswith("pseudo_label_")}
+            if r["method"].startswith("CASP"):
+                ((name, value),) = quality.items()
+                assert name in ("pseudo_label_accuracy_kept", "pseudo_label_mae_kept")
+                assert value >= 0 and (value <= 1 or name.endswith("mae_kept"))
+            else:
+                assert not quality
 
 
 def test_corruption_is_what_it_says():

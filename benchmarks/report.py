@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,8 @@ def _plot(task_name: str, dataset: str, methods: dict[str, list[dict]], metric: 
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (mean ± std over seeds)")
-    ax.set_title(f"{task_name} — {dataset}")
+    # long dataset names (sizes, shapes) wrap instead of running off the figure
+    ax.set_title(textwrap.fill(f"{task_name} — {dataset}", width=60), fontsize=10)
     finite = [s[0] - s[1] for s in stats if s[2]]
     if finite and min(finite) > 0:
         ax.set_xlim(

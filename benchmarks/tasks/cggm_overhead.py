@@ -26,7 +26,7 @@ from benchmarks.tasks.cggm_balance import UCI_SETTINGS, method_step_times
 from benchmarks.tasks.common import uci_splits
 from benchmarks.training import step_time_records
 
-#: (encoder width, fusion hidden size, batch size); the first is ``cggm-uci-balance``'s.
+#: (encoder width, encoder hidden size, batch size); the first is ``cggm-uci-balance``'s.
 SIZES = ((16, 64, 32), (64, 256, 128), (256, 1024, 256))
 
 

@@ -9,7 +9,7 @@ from benchmarks.backbones import LateFusionModel
 from benchmarks.data.generators import write_shift_pair
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.data.uci import load_uci_mfeat
-from benchmarks.tasks.casp_tta import corrupt
+from benchmarks.tasks.casp_tta import corrupt, pseudo_label_quality
 from benchmarks.training import accuracy, fit
 from casp import CASP
 from mmcore import ModalityBatch
@@ -17,7 +17,7 @@ from mmcore import ModalityBatch
 STAGE1 = {"epochs_ca": 4, "snapshot_every": 2, "epochs_pl": 0}
 
 
-def pseudo_label_quality(
+def adapt_and_score(
     source: torch.nn.Module,
     target: ModalityBatch,
     task: str,
@@ -27,18 +27,15 @@ def pseudo_label_quality(
 ) -> float:
     """Accuracy (classification) or MAE (regression) of the kept samples' pseudo-labels."""
     casp = CASP(source, task=task, batch_size=batch_size, seed=seed, **STAGE1, **selection)
-    report = casp.adapt(target)
-    truth = target.target[report.kept_indices]
-    if task == "classification":
-        return (report.pseudo_labels.argmax(-1) == truth).float().mean().item()
-    return (report.pseudo_labels - truth).abs().mean().item()
+    (value,) = pseudo_label_quality(casp.adapt(target), target, task).values()
+    return value
 
 
 def selections(source, target, task, seed, batch_size=32) -> dict[str, float]:
     """The stablest 30% (CASP), every sample, and the least stable 30% (the released rule)."""
     kept = {"stable": {}, "all": {"keep_ratio": 1.0}, "unstable": {"keep": "least_stable"}}
     return {
-        name: pseudo_label_quality(
+        name: adapt_and_score(
             source, target, task, seed, batch_size, **{"keep_ratio": 0.3, **options}
         )
         for name, options in kept.items()

@@ -3,7 +3,9 @@
 * ``cggm-uci-balance`` (real data): the late-fusion backbone trained from scratch on a small
   fraction of UCI mfeat (six modalities of very different strength). Besides test accuracy, each
   modality's linear-probe accuracy on its frozen encoder after training shows the imbalance CGGM
-  exists to fix (unimodal rows: the ``uci-modalities`` task).
+  exists to fix; the last row trains each modality's encoder alone on the same data, the
+  probes' ceiling. CGGM rows also report what its gradient factors ``ρ B_m`` did
+  (:func:`scale_summary`), and a control scales every encoder's gradients by their mean.
 * ``cggm-mosi-imbalance`` (generated MOSI-format pickles): regression with one dominant modality
   (imbalance knob), joint training vs. CGGM; MSA metrics (OGM-GE is classification-only).
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
+from torch import Tensor
 
 from benchmarks.backbones import LateFusionModel
 from benchmarks.baselines.ogm import OGMGE
@@ -47,7 +50,17 @@ CGGM_VARIANTS = {
     # the direction term needs classifiers as wide as the head's input; without it they can be
     # small, which is most of CGGM's cost on wide models (cggm-step-overhead)
     "CGGM (λ=0, 64-unit classifiers)": {"lam": 0.0, "classifier_hidden": 64},
+    "CGGM (ρ=3, smoothing 0.8)": {"rho": 3.0, "smoothing": 0.8},
 }
+
+#: Controls for CGGM's magnitude modulation: joint training with every encoder's gradients
+#: multiplied by one constant, ``ρ (M − 1) / M``. Since ``Σ_m B_m = M − 1``, that is the mean
+#: of CGGM's factors ``ρ B_m``: what is left of the modulation when ``B`` does not tell the
+#: modalities apart (the row next to "CGGM (ρ=3, ...)" separates balancing from scaling).
+ENCODER_SCALE_CONTROLS = {"joint, encoder grads × ρ(M−1)/M (ρ=3)": 3.0}
+
+#: The probe-reference row: each modality's encoder trained alone on the same data.
+UNIMODAL_REFERENCE = "unimodal encoders (probe reference)"
 
 
 def modulation(
@@ -55,11 +68,23 @@ def modulation(
 ) -> tuple[CGGM | OGMGE | None, Callable | None, Callable | None]:
     """The modulator of ``method`` on ``model``, with :func:`fit`'s two hooks for it.
 
-    ``method``: ``"joint"``, ``"OGM-GE"``, ``"CGGM"`` or a key of :data:`CGGM_VARIANTS`;
-    returns ``(modulator, extra_loss, after_backward)`` (all ``None`` for joint training).
+    ``method``: ``"joint"``, ``"OGM-GE"``, ``"CGGM"``, a key of :data:`CGGM_VARIANTS` or of
+    :data:`ENCODER_SCALE_CONTROLS`; returns ``(modulator, extra_loss, after_backward)`` (all
+    ``None`` for joint training; only ``after_backward`` for the controls).
     """
     if method == "joint":
         return None, None, None
+    if method in ENCODER_SCALE_CONTROLS:
+        params = list(model.encoders.parameters())
+        n_mod = len(model.encoders)
+        scale = ENCODER_SCALE_CONTROLS[method] * (n_mod - 1) / n_mod
+
+        def scale_encoder_grads(_batch: ModalityBatch) -> None:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, scale)
+
+        return None, None, scale_encoder_grads
     if method == "OGM-GE":
         modulator = OGMGE(model)
         return modulator, None, lambda batch: modulator.step(batch.target)
@@ -86,14 +111,22 @@ def train_modulated(
     seed: int = 0,
     cggm_options: dict | None = None,
     optimizer: str = "adamw",
-) -> int:
+) -> tuple[int, dict[str, float]]:
     """Train with ``method`` (see :func:`modulation`); keeps the best-validation weights.
 
-    Returns the best epoch.
+    Returns the best epoch and, for CGGM with magnitude modulation, what its gradient factors
+    ``ρ B_m`` did over training (:func:`scale_summary`; empty for the other methods).
     """
     modulator, extra_loss, after_backward = modulation(
         model, method, task=task, num_outputs=num_outputs, cggm_options=cggm_options or {}
     )
+    coefficients: list[list[float]] = []
+    if isinstance(modulator, CGGM) and modulator.config.rho is not None:
+        step = after_backward
+
+        def after_backward(batch: ModalityBatch) -> None:
+            coefficients.append(list(step(batch).values()))
+
     result = fit(
         model,
         train,
@@ -111,7 +144,25 @@ def train_modulated(
     )
     if isinstance(modulator, CGGM):
         modulator.remove()
-    return result.best_epoch
+    if not coefficients:
+        return result.best_epoch, {}
+    return result.best_epoch, scale_summary(modulator.config.rho * torch.tensor(coefficients))
+
+
+def scale_summary(factors: Tensor) -> dict[str, float]:
+    """What CGGM's per-step encoder-gradient factors ``ρ B_m`` (``[steps, M]``) amounted to.
+
+    * ``grad_scale_mean``: their mean, ``ρ (M − 1) / M`` since ``Σ_m B_m = M − 1``;
+    * ``grad_scale_step_range``: the mean over steps of ``max_m − min_m``, how far one step's
+      factors spread (mostly the noise of per-batch scores);
+    * ``grad_scale_modality_range``: ``max_m − min_m`` of each modality's factor averaged over
+      training, the lasting difference between modalities that balancing needs.
+    """
+    return {
+        "grad_scale_mean": float(factors.mean()),
+        "grad_scale_step_range": float((factors.amax(1) - factors.amin(1)).mean()),
+        "grad_scale_modality_range": float(factors.mean(0).amax() - factors.mean(0).amin()),
+    }
 
 
 def method_step_times(
@@ -216,6 +267,8 @@ UCI_SETTINGS = {
         "CGGM",
         "CGGM (reference mode)",
         "CGGM (λ=0, 64-unit classifiers)",
+        "CGGM (ρ=3, smoothing 0.8)",
+        "joint, encoder grads × ρ(M−1)/M (ρ=3)",
     ),
 }
 
@@ -243,11 +296,8 @@ def run_uci(ctx: RunContext) -> list[dict]:
             train, 10, width=s["width"], hidden=s["hidden"], head="linear"
         )
 
-    records = []
-    for method in s["methods"]:
-        ctx.progress(method)
-        model = make_model()
-        best_epoch = train_modulated(
+    def train_model(model: LateFusionModel, method: str) -> tuple[int, dict[str, float]]:
+        return train_modulated(
             model,
             train,
             splits["valid"],
@@ -263,13 +313,20 @@ def run_uci(ctx: RunContext) -> list[dict]:
             cggm_options=s["cggm"],
             optimizer=s["optimizer"],
         )
+
+    dataset = f"uci-mfeat ({int(100 * s['train_fraction'])}% of train)"
+    records = []
+    for method in s["methods"]:
+        ctx.progress(method)
+        model = make_model()
+        best_epoch, scales = train_model(model, method)
         metrics = classification_metrics(predict(model, splits["test"]), splits["test"].target)
         probes = probe_accuracies(model, splits["train"], splits["test"])
         records.append(
             {
                 "method": method,
-                "dataset": f"uci-mfeat ({int(100 * s['train_fraction'])}% of train)",
-                "metrics": {**metrics, **probes},
+                "dataset": dataset,
+                "metrics": {**metrics, **probes, **scales},
                 "config": {
                     "best_epoch": best_epoch,
                     "train_size": len(train),
@@ -279,7 +336,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
             }
         )
     ctx.progress("step times")
-    return add_step_times(
+    records = add_step_times(
         records,
         make_model,
         train,
@@ -288,6 +345,18 @@ def run_uci(ctx: RunContext) -> list[dict]:
         task="classification",
         num_outputs=10,
     )
+    # what each encoder learns with no other modality to compete with: the probes' ceiling
+    probes = {}
+    for m in train.modalities:
+        ctx.progress(f"{m} alone")
+        torch.manual_seed(ctx.seed)
+        model = LateFusionModel.from_batch(
+            train, 10, modalities=(m,), width=s["width"], hidden=s["hidden"], head="linear"
+        )
+        train_model(model, "joint")
+        probes |= probe_accuracies(model, splits["train"], splits["test"])
+    records.append({"method": UNIMODAL_REFERENCE, "dataset": dataset, "metrics": probes})
+    return records
 
 
 MOSI_SETTINGS = {
@@ -339,7 +408,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
     for method in s["methods"]:
         ctx.progress(method)
         model = make_model()
-        best_epoch = train_modulated(
+        best_epoch, scales = train_modulated(
             model,
             data["train"],
             data["valid"],
@@ -360,7 +429,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             {
                 "method": method,
                 "dataset": dataset,
-                "metrics": msa_regression_metrics(pred, data["test"].target),
+                "metrics": {**msa_regression_metrics(pred, data["test"].target), **scales},
                 "config": {
                     "best_epoch": best_epoch,
                     **{k: v for k, v in s.items() if k not in ("n", "epochs")},
@@ -379,7 +448,11 @@ register_task(
         description=(
             "UCI mfeat (real, 6 modalities of very different strength) from scratch on 20% of "
             "the training split: joint training vs. OGM-GE (generalised to M modalities) vs. CGGM; "
-            "test accuracy and each modality's linear-probe accuracy on its frozen encoder."
+            "test accuracy and each modality's linear-probe accuracy on its frozen encoder, beside "
+            "the probes of encoders trained alone on the same data (the ceiling). grad_scale_*: "
+            "CGGM's encoder-gradient factors rho*B_m, their mean, their spread within a step "
+            "and the spread of their per-modality averages over training; the 'joint, encoder "
+            "grads x' row scales every encoder by that mean, without balancing."
         ),
         run=run_uci,
         primary_metric="accuracy",
@@ -392,6 +465,9 @@ register_task(
             "probe_pix",
             "probe_zer",
             "probe_mor",
+            "grad_scale_mean",
+            "grad_scale_step_range",
+            "grad_scale_modality_range",
             "ms_per_step",
             "step_time_vs_joint",
         ),
@@ -487,7 +563,7 @@ def run_brats(ctx: RunContext) -> list[dict]:
     for method in s["methods"]:
         ctx.progress(method)
         model = make_model()
-        best_epoch = train_modulated(
+        best_epoch, scales = train_modulated(
             model,
             train,
             valid,
@@ -508,7 +584,10 @@ def run_brats(ctx: RunContext) -> list[dict]:
             {
                 "method": method,
                 "dataset": name,
-                "metrics": brats_dice(pred, test.target, "remapped", ignore_empty=False),
+                "metrics": {
+                    **brats_dice(pred, test.target, "remapped", ignore_empty=False),
+                    **scales,
+                },
                 "config": {
                     "best_epoch": best_epoch,
                     "train_slices": len(train),

@@ -25,10 +25,14 @@ def test_cggm_tasks_record_every_method(tmp_path, tiny):
     for r in results["records"]:
         by_task.setdefault(r["task"], []).append(r)
     uci = by_task["cggm-uci-balance"]
-    assert [r["method"] for r in uci] == list(cb.UCI_SETTINGS["methods"])
-    assert {f"probe_{m}" for m in ("fou", "fac", "kar", "pix", "zer", "mor")} <= set(
-        uci[0]["metrics"]
-    )
+    assert [r["method"] for r in uci] == [*cb.UCI_SETTINGS["methods"], cb.UNIMODAL_REFERENCE]
+    probes = {f"probe_{m}" for m in ("fou", "fac", "kar", "pix", "zer", "mor")}
+    assert probes <= set(uci[0]["metrics"])
+    assert set(uci[-1]["metrics"]) == probes  # the reference row has nothing but probes
+    cggm = next(r["metrics"] for r in uci if r["method"] == "CGGM")
+    # six modalities: the factors rho * B_m average rho * 5 / 6
+    assert cggm["grad_scale_mean"] == pytest.approx(cb.UCI_SETTINGS["cggm"]["rho"] * 5 / 6)
+    assert "grad_scale_mean" not in uci[0]["metrics"]
     assert {"mae", "corr"} <= set(by_task["cggm-mosi-imbalance"][1]["metrics"])
     brats = {r["method"]: r["metrics"] for r in by_task["cggm-brats-seg"]}
     assert set(brats) == {"joint", "CGGM"}
@@ -72,3 +76,38 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
         "CGGM",
         "CGGM (λ=0, 64-unit classifiers)",
     }
+
+
+def test_encoder_scale_control_multiplies_only_encoder_grads_by_the_mean_cggm_factor():
+    import torch
+
+    from benchmarks.backbones import LateFusionModel
+    from mmcore import ModalityBatch
+
+    batch = ModalityBatch({m: torch.randn(8, 5) for m in "abcd"}, torch.randint(0, 3, (8,)))
+    model = LateFusionModel.from_batch(batch, 3, width=4, hidden=6, head="linear")
+    torch.nn.functional.cross_entropy(model(batch), batch.target).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    (method,) = cb.ENCODER_SCALE_CONTROLS
+    _, extra_loss, after_backward = cb.modulation(
+        model, method, task="classification", num_outputs=3, cggm_options={}
+    )
+    assert extra_loss is None
+    after_backward(batch)
+    scale = cb.ENCODER_SCALE_CONTROLS[method] * 3 / 4  # rho (M - 1) / M with M = 4
+    for name, p in model.named_parameters():
+        expected = scale if name.startswith("encoders.") else 1.0
+        torch.testing.assert_close(p.grad, expected * before[name])
+
+
+def test_scale_summary_separates_step_noise_from_a_lasting_difference():
+    import torch
+
+    # two modalities swap the larger factor every step: wide per step, equal on average
+    swapping = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 5)
+    summary = cb.scale_summary(swapping)
+    assert summary == pytest.approx(
+        {"grad_scale_mean": 0.5, "grad_scale_step_range": 1.0, "grad_scale_modality_range": 0.0}
+    )
+    lasting = torch.tensor([[0.8, 0.2]] * 10)
+    assert cb.scale_summary(lasting)["grad_scale_modality_range"] == pytest.approx(0.6)

@@ -24,10 +24,15 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     assert not results["failures"], results["failures"]
     mosi = [r for r in results["records"] if r["task"] == "mplmm-mosi-missing"]
     assert len({r["dataset"] for r in mosi}) == 8  # 7 cases + their average
-    average = [r for r in mosi if "average" in r["dataset"]]
-    assert [r["method"] for r in average] == list(mt.METHODS)
-    assert "sweep_acc2_non0@0.5" in average[0]["metrics"]
-    assert 0 < average[-1]["metrics"]["trainable_pct_of_backbone"] < 100
+    average = {r["method"]: r["metrics"] for r in mosi if "average" in r["dataset"]}
+    assert list(average) == [*mt.METHODS, mt.CASE_MODELS]
+    assert "sweep_acc2_non0@0.5" in average["lower bound"]
+    assert 0 < average["MPLMM"]["trainable_pct_of_backbone"] < 100
+    # the reference: one model per case, each evaluated on its own case only
+    case_rows = [r for r in mosi if r["method"] == mt.CASE_MODELS and "present" in r["dataset"]]
+    assert len(case_rows) == 7
+    assert {r["config"]["case"] for r in case_rows} == set(range(1, 8))
+    assert "sweep_acc2_non0@0.5" not in average[mt.CASE_MODELS]
     uci = [r for r in results["records"] if r["task"] == "mplmm-uci-missing"]
     assert {"accuracy_all_cases", "accuracy_single_modality"} <= set(uci[0]["metrics"])
     report = write_report(tmp_path).read_text()

@@ -10,6 +10,7 @@ from benchmarks.tasks import wander_transfer as wt
 def tiny(monkeypatch):
     monkeypatch.setitem(wt.UCI_SETTINGS, "pretrain_epochs", {"quick": 1, "full": 1})
     monkeypatch.setitem(wt.UCI_SETTINGS, "epochs", 2)
+    monkeypatch.setitem(wt.UCI_SETTINGS, "episodes", {"quick": 2})
     monkeypatch.setitem(wt.MOSI_SETTINGS, "n_pretrain", {"quick": (40, 10, 10)})
     monkeypatch.setitem(wt.MOSI_SETTINGS, "n_target", {"quick": (30, 10, 20)})
     monkeypatch.setitem(wt.MOSI_SETTINGS, "seq_len", 6)
@@ -40,8 +41,30 @@ def test_wander_tasks_record_every_method(tmp_path, tiny):
     assert uci["head-only"]["step_time_vs_head_only"] == 1.0
     assert uci["full fine-tuning"]["trainable_pct_of_backbone"] == pytest.approx(100.0)
     assert 0 < uci["Wander"]["trainable_pct_of_backbone"] < 10
+    uci_config = by_task["wander-uci-transfer"][0]["config"]
+    assert uci_config["episodes"] == 2 and len(uci_config["best_epochs"]) == 2
     assert {"mae", "corr", "acc7"} <= set(by_task["wander-mosi-interaction"][0]["metrics"])
     assert [r["method"] for r in by_task["wander-food101-path"]] == ["head-only", "Wander"]
+
+
+def test_average_episodes_means_each_methods_metrics_over_the_draws():
+    def record(method, acc, epoch):
+        return {
+            "method": method,
+            "dataset": "d",
+            "metrics": {"accuracy": acc},
+            "config": {"best_epoch": epoch},
+        }
+
+    episodes = [
+        [record("a", 0.9, 3), record("b", 0.5, 1)],
+        [record("a", 0.7, 5), record("b", 0.6, 2)],
+    ]
+    averaged = wt.average_episodes(episodes)
+    assert [r["method"] for r in averaged] == ["a", "b"]
+    assert averaged[0]["metrics"]["accuracy"] == pytest.approx(0.8)
+    assert averaged[1]["metrics"]["accuracy"] == pytest.approx(0.55)
+    assert averaged[0]["config"] == {"best_epochs": [3, 5]}
 
 
 def test_fusion_speed_task_checks_equality_and_times_both_paths(tmp_path, monkeypatch):

@@ -256,20 +256,12 @@ def run_mosi(ctx: RunContext) -> list[dict]:
     records = []
     for method, model in models.items():
         ctx.progress(f"evaluating {method}")
-        per_case = {}
         cases = all_cases(len(modalities))
         outputs = predict_cases(model, test, cases).squeeze(-1)  # [cases, N]
-        for case, pred in zip(cases, outputs, strict=True):
-            per_case[case] = msa_regression_metrics(pred, test.target)
-            records.append(
-                {
-                    "method": method,
-                    "dataset": f"{name}, present {case_name(case, modalities)}",
-                    "metrics": per_case[case],
-                    "config": {"case": case},
-                }
-            )
-        average = {k: float(np.mean([m[k] for m in per_case.values()])) for k in per_case[1]}
+        case_records, average = _per_case_records(
+            method, name, modalities, dict(zip(cases, outputs, strict=True)), test.target
+        )
+        records += case_records
         g = torch.Generator().manual_seed(1000 + ctx.seed)
         for rate in s["test_rates"]:
             batch, _ = simulate_missing(test, rate, generator=g)
@@ -290,19 +282,12 @@ def run_mosi(ctx: RunContext) -> list[dict]:
         case_models = train_case_models(
             ctx, data, 1, s, _l1, _neg_mae, complete=models["lower bound"]
         )
-        per_case = {}
-        for case, model in sorted(case_models.items()):
-            pred = predict(model, apply_case(test, case)).squeeze(-1)
-            per_case[case] = msa_regression_metrics(pred, test.target)
-            records.append(
-                {
-                    "method": CASE_MODELS,
-                    "dataset": f"{name}, present {case_name(case, modalities)}",
-                    "metrics": per_case[case],
-                    "config": {"case": case},
-                }
-            )
-        average = {k: float(np.mean([m[k] for m in per_case.values()])) for k in per_case[1]}
+        preds = {
+            case: predict(model, apply_case(test, case)).squeeze(-1)
+            for case, model in sorted(case_models.items())
+        }
+        case_records, average = _per_case_records(CASE_MODELS, name, modalities, preds, test.target)
+        records += case_records
         records.append(
             {
                 "method": CASE_MODELS,
@@ -311,6 +296,24 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             }
         )
     return records
+
+
+def _per_case_records(
+    method: str, name: str, modalities: tuple[str, ...], preds: dict, target: torch.Tensor
+) -> tuple[list[dict], dict[str, float]]:
+    """A record per case (MSA metrics of ``preds[case]``) and the metrics averaged over cases."""
+    per_case = {case: msa_regression_metrics(pred, target) for case, pred in preds.items()}
+    records = [
+        {
+            "method": method,
+            "dataset": f"{name}, present {case_name(case, modalities)}",
+            "metrics": metrics,
+            "config": {"case": case},
+        }
+        for case, metrics in per_case.items()
+    ]
+    first = next(iter(per_case.values()))
+    return records, {k: float(np.mean([m[k] for m in per_case.values()])) for k in first}
 
 
 def plot_rate_sweep(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:

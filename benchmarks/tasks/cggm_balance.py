@@ -146,22 +146,32 @@ def train_modulated(
         modulator.remove()
     if not coefficients:
         return result.best_epoch, {}
-    return result.best_epoch, scale_summary(modulator.config.rho * torch.tensor(coefficients))
+    factors = modulator.config.rho * torch.tensor(coefficients)
+    steps_per_epoch = -(-len(train) // batch_size)
+    return result.best_epoch, scale_summary(factors, modulator.modalities, steps_per_epoch)
 
 
-def scale_summary(factors: Tensor) -> dict[str, float]:
+def scale_summary(
+    factors: Tensor, modalities: tuple[str, ...], steps_per_epoch: int
+) -> dict[str, float]:
     """What CGGM's per-step encoder-gradient factors ``ρ B_m`` (``[steps, M]``) amounted to.
 
     * ``grad_scale_mean``: their mean, ``ρ (M − 1) / M`` since ``Σ_m B_m = M − 1``;
     * ``grad_scale_step_range``: the mean over steps of ``max_m − min_m``, how far one step's
       factors spread (mostly the noise of per-batch scores);
     * ``grad_scale_modality_range``: ``max_m − min_m`` of each modality's factor averaged over
-      training, the lasting difference between modalities that balancing needs.
+      training, the lasting difference between modalities that balancing needs;
+    * ``grad_scale_first_epoch_range`` and ``grad_scale_first_epoch_<m>``: the same over the
+      first epoch, while the modalities still learn at different speeds, and each modality's
+      mean factor there.
     """
+    first = factors[:steps_per_epoch].mean(0)
     return {
         "grad_scale_mean": float(factors.mean()),
         "grad_scale_step_range": float((factors.amax(1) - factors.amin(1)).mean()),
         "grad_scale_modality_range": float(factors.mean(0).amax() - factors.mean(0).amin()),
+        "grad_scale_first_epoch_range": float(first.amax() - first.amin()),
+        **{f"grad_scale_first_epoch_{m}": float(v) for m, v in zip(modalities, first, strict=True)},
     }
 
 
@@ -451,7 +461,8 @@ register_task(
             "test accuracy and each modality's linear-probe accuracy on its frozen encoder, beside "
             "the probes of encoders trained alone on the same data (the ceiling). grad_scale_*: "
             "CGGM's encoder-gradient factors rho*B_m, their mean, their spread within a step "
-            "and the spread of their per-modality averages over training; the 'joint, encoder "
+            "and the spread of their per-modality averages over training and over the first "
+            "epoch; the 'joint, encoder "
             "grads x' row scales every encoder by that mean, without balancing."
         ),
         run=run_uci,
@@ -468,6 +479,7 @@ register_task(
             "grad_scale_mean",
             "grad_scale_step_range",
             "grad_scale_modality_range",
+            "grad_scale_first_epoch_range",
             "ms_per_step",
             "step_time_vs_joint",
         ),

@@ -105,9 +105,23 @@ def test_scale_summary_separates_step_noise_from_a_lasting_difference():
 
     # two modalities swap the larger factor every step: wide per step, equal on average
     swapping = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 5)
-    summary = cb.scale_summary(swapping)
+    summary = cb.scale_summary(swapping, ("a", "b"), steps_per_epoch=2)
     assert summary == pytest.approx(
-        {"grad_scale_mean": 0.5, "grad_scale_step_range": 1.0, "grad_scale_modality_range": 0.0}
+        {
+            "grad_scale_mean": 0.5,
+            "grad_scale_step_range": 1.0,
+            "grad_scale_modality_range": 0.0,
+            "grad_scale_first_epoch_range": 0.0,
+            "grad_scale_first_epoch_a": 0.5,
+            "grad_scale_first_epoch_b": 0.5,
+        }
     )
     lasting = torch.tensor([[0.8, 0.2]] * 10)
-    assert cb.scale_summary(lasting)["grad_scale_modality_range"] == pytest.approx(0.6)
+    assert cb.scale_summary(lasting, ("a", "b"), 2)["grad_scale_modality_range"] == pytest.approx(
+        0.6
+    )
+    # a difference in the first epoch only, washed out over training
+    early = torch.tensor([[0.9, 0.1]] * 2 + [[0.5, 0.5]] * 18)
+    summary = cb.scale_summary(early, ("a", "b"), steps_per_epoch=2)
+    assert summary["grad_scale_first_epoch_range"] == pytest.approx(0.8)
+    assert summary["grad_scale_modality_range"] == pytest.approx(0.08)

@@ -85,8 +85,10 @@ def _plot(task_name: str, dataset: str, methods: dict[str, list[dict]], metric: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(methods)
-    stats = [summarise([r["metrics"].get(metric) for r in methods[m]]) for m in names]
+    # rows without the metric (reference rows of other metrics) get no empty bar
+    summaries = {m: summarise([r["metrics"].get(metric) for r in methods[m]]) for m in methods}
+    names = [m for m, stat in summaries.items() if stat[2]]
+    stats = [summaries[m] for m in names]
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.4))
     y = np.arange(len(names))
     ax.barh(y, [s[0] for s in stats], xerr=[s[1] for s in stats], color="#4C72B0", capsize=3)

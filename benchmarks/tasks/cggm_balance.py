@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from benchmarks.baselines.ogm import OGMGE
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
+from benchmarks.report import save_figure
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
 from benchmarks.training import (
     accuracy,
@@ -369,6 +371,58 @@ def run_uci(ctx: RunContext) -> list[dict]:
     return records
 
 
+#: Rows of the probe plot: joint training, CGGM, the scale that helps and its control, the ceiling.
+PROBE_PLOT_METHODS = (
+    "joint",
+    "CGGM",
+    "CGGM (ρ=3, smoothing 0.8)",
+    "joint, encoder grads × ρ(M−1)/M (ρ=3)",
+    UNIMODAL_REFERENCE,
+)
+
+
+def plot_probes(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
+    """Each modality's linear-probe accuracy, grouped by modality, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r["method"] in PROBE_PLOT_METHODS and "probe_fou" in r["metrics"]]
+    if not rows:
+        return []
+    modalities = [k.removeprefix("probe_") for k in rows[0]["metrics"] if k.startswith("probe_")]
+    methods = [m for m in PROBE_PLOT_METHODS if any(r["method"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / len(methods)
+    x = np.arange(len(modalities))
+    for i, method in enumerate(methods):
+        values = np.array(
+            [
+                [r["metrics"][f"probe_{m}"] for m in modalities]
+                for r in rows
+                if r["method"] == method
+            ]
+        )
+        ax.bar(
+            x + (i - (len(methods) - 1) / 2) * width,
+            100 * np.nanmean(values, axis=0),
+            width,
+            yerr=100 * np.nanstd(values, axis=0, ddof=1 if len(values) > 1 else 0),
+            capsize=2,
+            label=method,
+        )
+    ax.set_xticks(x, modalities)
+    ax.set_ylim(50, 100)
+    ax.set_ylabel("linear-probe accuracy, % (mean ± std over seeds)")
+    ax.set_title("cggm-uci-balance: what each modality's encoder learned")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    path = plot_dir / "cggm-uci-balance--probes.png"
+    save_figure(fig, path)
+    return [("Linear-probe accuracy of each modality's encoder", path)]
+
+
 MOSI_SETTINGS = {
     "n": {"quick": (400, 100, 200), "full": (1284, 229, 686)},
     "seq_len": 20,
@@ -466,6 +520,7 @@ register_task(
             "grads x' row scales every encoder by that mean, without balancing."
         ),
         run=run_uci,
+        plots=plot_probes,
         primary_metric="accuracy",
         metrics=(
             "accuracy",

@@ -338,7 +338,7 @@ def plot_rate_sweep(records: list[dict], plot_dir: Path) -> list[tuple[str, Path
     for method in dict.fromkeys(r["method"] for r in averages):
         rows = [r["metrics"] for r in averages if r["method"] == method]
         values = np.array([[row[f"sweep_acc2_non0@{rate}"] for rate in rates] for row in rows])
-        mean, std = values.mean(axis=0), values.std(axis=0)
+        mean, std = values.mean(axis=0), values.std(axis=0, ddof=1 if len(values) > 1 else 0)
         ax.plot(rates, mean, marker="o", label=method)
         ax.fill_between(rates, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("test-time missing rate")

@@ -2,6 +2,7 @@
 
 import pytest
 
+from benchmarks.report import write_report
 from benchmarks.runner import run_tasks
 from benchmarks.tasks import cggm_balance as cb
 
@@ -33,6 +34,9 @@ def test_cggm_tasks_record_every_method(tmp_path, tiny):
     # six modalities: the factors rho * B_m average rho * 5 / 6
     assert cggm["grad_scale_mean"] == pytest.approx(cb.UCI_SETTINGS["cggm"]["rho"] * 5 / 6)
     assert "grad_scale_mean" not in uci[0]["metrics"]
+    report = write_report(tmp_path).read_text()
+    assert "cggm-uci-balance--probes.png" in report
+    assert (tmp_path / "plots" / "cggm-uci-balance--probes.png").is_file()
     assert {"mae", "corr"} <= set(by_task["cggm-mosi-imbalance"][1]["metrics"])
     brats = {r["method"]: r["metrics"] for r in by_task["cggm-brats-seg"]}
     assert set(brats) == {"joint", "CGGM"}

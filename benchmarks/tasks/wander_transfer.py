@@ -23,7 +23,9 @@ import copy
 import dataclasses
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,7 @@ from benchmarks.baselines.peft import add_houlsby_adapters, apply_lora, freeze_a
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
+from benchmarks.report import save_figure
 from benchmarks.tasks.common import uci_splits
 from benchmarks.training import (
     accuracy,
@@ -394,6 +397,44 @@ _COLUMNS = (
     "ms_per_step",
     "step_time_vs_head_only",
 )
+
+
+def plot_tradeoff(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
+    """Test accuracy against the share of the backbone trained, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r["task"] == "wander-uci-transfer"]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    markers = iter("osD^vP*Xhp<>")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        acc = 100 * np.array([r["metrics"]["accuracy"] for r in rows if r["method"] == method])
+        pct = next(r["metrics"]["trainable_pct_of_backbone"] for r in rows if r["method"] == method)
+        ax.errorbar(
+            pct,
+            acc.mean(),
+            yerr=acc.std(ddof=1) if len(acc) > 1 else 0.0,
+            fmt=next(markers, "o"),
+            color="#C44E52" if method.startswith("Wander") else "#4C72B0",
+            capsize=3,
+            label=method,
+        )
+    ax.axvline(5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("% of the backbone's parameters trained (log scale; dotted: 5%)")
+    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+    ax.set_title("wander-uci-transfer: accuracy against parameters trained")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    path = plot_dir / "wander-uci-transfer--tradeoff.png"
+    save_figure(fig, path)
+    return [("Accuracy against the share of the backbone trained", path)]
+
+
 register_task(
     Task(
         name="wander-uci-transfer",
@@ -404,6 +445,7 @@ register_task(
             "over 4 draws of the labelled samples (10 in the full profile)."
         ),
         run=run_uci,
+        plots=plot_tradeoff,
         primary_metric="accuracy",
         metrics=("accuracy", "f1_macro", *_COLUMNS),
     )

@@ -2,6 +2,7 @@
 
 import pytest
 
+from benchmarks.report import write_report
 from benchmarks.runner import run_tasks
 from benchmarks.tasks import wander_transfer as wt
 
@@ -43,6 +44,8 @@ def test_wander_tasks_record_every_method(tmp_path, tiny):
     assert 0 < uci["Wander"]["trainable_pct_of_backbone"] < 10
     uci_config = by_task["wander-uci-transfer"][0]["config"]
     assert uci_config["episodes"] == 2 and len(uci_config["best_epochs"]) == 2
+    write_report(tmp_path)
+    assert (tmp_path / "plots" / "wander-uci-transfer--tradeoff.png").is_file()
     assert {"mae", "corr", "acc7"} <= set(by_task["wander-mosi-interaction"][0]["metrics"])
     assert [r["method"] for r in by_task["wander-food101-path"]] == ["head-only", "Wander"]
 

@@ -38,3 +38,4 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     report = write_report(tmp_path).read_text()
     assert "rate-sweep.png" in report
     assert (tmp_path / "plots" / "mplmm-mosi-missing--rate-sweep.png").is_file()
+    assert (tmp_path / "plots" / "mplmm-mosi-missing--cases.png").is_file()

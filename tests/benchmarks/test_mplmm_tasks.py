@@ -39,3 +39,30 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     assert "rate-sweep.png" in report
     assert (tmp_path / "plots" / "mplmm-mosi-missing--rate-sweep.png").is_file()
     assert (tmp_path / "plots" / "mplmm-mosi-missing--cases.png").is_file()
+
+
+def test_case_models_see_only_their_case_and_reuse_the_complete_one(tmp_path, tiny):
+    import torch
+
+    from benchmarks.data.generators import write_mult_pickle
+    from benchmarks.data.pickles import load_mult_pickle
+    from benchmarks.registry import RunContext
+    from mm_prompts import MulTBackbone, apply_case
+
+    lens = dict.fromkeys(("text", "audio", "vision"), 4)
+    data = load_mult_pickle(write_mult_pickle(tmp_path / "m.pkl", n=(12, 4, 6), seq_lens=lens))
+    ctx = RunContext(seed=0, profile="quick", data_root=None, work_dir=tmp_path)
+    complete = object()  # never trained or called: only handed back for the complete case
+    models = mt.train_case_models(
+        ctx, data, 1, mt.MOSI_SETTINGS, mt._l1, mt._neg_mae, complete=complete
+    )
+    assert sorted(models) == list(range(1, 8)) and models[7] is complete
+    text_only = models[0b001]  # bit i = modality i present; text is modality 0
+    assert isinstance(text_only, MulTBackbone)
+    test = data["test"]
+    noisy = test.replace(
+        inputs={m: x + (torch.randn_like(x) if m != "text" else 0) for m, x in test.inputs.items()}
+    )
+    text_only.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(text_only(apply_case(test, 1)), text_only(apply_case(noisy, 1)))

@@ -80,10 +80,7 @@ def _metric_order(task_name: str, methods: dict[str, list[dict]]) -> list[str]:
 
 
 def _plot(task_name: str, dataset: str, methods: dict[str, list[dict]], metric: str, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     # rows without the metric (reference rows of other metrics) get no empty bar
     summaries = {m: summarise([r["metrics"].get(metric) for r in methods[m]]) for m in methods}
@@ -106,6 +103,16 @@ def _plot(task_name: str, dataset: str, methods: dict[str, list[dict]], metric: 
         )
     ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: Path) -> None:

@@ -31,7 +31,7 @@ from benchmarks.baselines.ogm import OGMGE
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.report import save_figure
+from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
 from benchmarks.training import (
     accuracy,
@@ -383,10 +383,7 @@ PROBE_PLOT_METHODS = (
 
 def plot_probes(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
     """Each modality's linear-probe accuracy, grouped by modality, one bar per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in records if r["method"] in PROBE_PLOT_METHODS and "probe_fou" in r["metrics"]]
     if not rows:
@@ -397,18 +394,15 @@ def plot_probes(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
     width = 0.8 / len(methods)
     x = np.arange(len(modalities))
     for i, method in enumerate(methods):
-        values = np.array(
-            [
-                [r["metrics"][f"probe_{m}"] for m in modalities]
-                for r in rows
-                if r["method"] == method
-            ]
-        )
+        stats = [
+            summarise([r["metrics"][f"probe_{m}"] for r in rows if r["method"] == method])
+            for m in modalities
+        ]
         ax.bar(
             x + (i - (len(methods) - 1) / 2) * width,
-            100 * np.nanmean(values, axis=0),
+            [100 * mean for mean, _, _ in stats],
             width,
-            yerr=100 * np.nanstd(values, axis=0, ddof=1 if len(values) > 1 else 0),
+            yerr=[100 * std for _, std, _ in stats],
             capsize=2,
             label=method,
         )

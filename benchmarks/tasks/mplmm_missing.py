@@ -48,7 +48,7 @@ from benchmarks.baselines.missing_prompts import MissingAwarePrompts
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.report import save_figure
+from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
 from benchmarks.training import accuracy, count_parameters, fit, predict
 from mm_prompts import (
@@ -318,10 +318,7 @@ def _per_case_records(
 
 def plot_rate_sweep(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
     """Accuracy (non-0 Acc-2) against the test-time missing rate, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     averages = [r for r in records if "sweep_acc2_non0@0.0" in r["metrics"]]
     if not averages:
@@ -337,8 +334,8 @@ def plot_rate_sweep(records: list[dict], plot_dir: Path) -> list[tuple[str, Path
     )
     for method in dict.fromkeys(r["method"] for r in averages):
         rows = [r["metrics"] for r in averages if r["method"] == method]
-        values = np.array([[row[f"sweep_acc2_non0@{rate}"] for rate in rates] for row in rows])
-        mean, std = values.mean(axis=0), values.std(axis=0, ddof=1 if len(values) > 1 else 0)
+        stats = [summarise([row[f"sweep_acc2_non0@{rate}"] for row in rows]) for rate in rates]
+        mean, std = np.array([st[0] for st in stats]), np.array([st[1] for st in stats])
         ax.plot(rates, mean, marker="o", label=method)
         ax.fill_between(rates, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("test-time missing rate")
@@ -353,10 +350,7 @@ def plot_rate_sweep(records: list[dict], plot_dir: Path) -> list[tuple[str, Path
 
 def plot_cases(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
     """Acc-2 (non-0) per missing case, one bar per method, beside the per-case reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in records if "case" in r.get("config", {}) and "acc2_non0" in r["metrics"]]
     if not rows:
@@ -368,19 +362,19 @@ def plot_cases(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
     width = 0.8 / len(methods)
     x = np.arange(len(cases))
     for i, method in enumerate(methods):
-        means, stds = [], []
-        for case in cases:
-            values = 100 * np.array(
+        stats = [
+            summarise(
                 [
                     r["metrics"]["acc2_non0"]
                     for r in rows
                     if r["method"] == method and r["config"]["case"] == case
                 ]
             )
-            means.append(values.mean())
-            stds.append(values.std(ddof=1) if len(values) > 1 else 0.0)
+            for case in cases
+        ]
         offset = (i - (len(methods) - 1) / 2) * width
         hatch = "//" if method == CASE_MODELS else None
+        means, stds = [100 * st[0] for st in stats], [100 * st[1] for st in stats]
         ax.bar(x + offset, means, width, yerr=stds, capsize=2, label=method, hatch=hatch)
     ax.set_xticks(x, [labels[c] for c in cases], fontsize=8, rotation=15)
     ax.set_ylim(50, 100)

@@ -25,7 +25,6 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +34,7 @@ from benchmarks.baselines.peft import add_houlsby_adapters, apply_lora, freeze_a
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.report import save_figure
+from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import uci_splits
 from benchmarks.training import (
     accuracy,
@@ -401,23 +400,20 @@ _COLUMNS = (
 
 def plot_tradeoff(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
     """Test accuracy against the share of the backbone trained, one point per method."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in records if r["task"] == "wander-uci-transfer"]
+    rows = records  # this task's records only
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     markers = iter("osD^vP*Xhp<>")
     for method in dict.fromkeys(r["method"] for r in rows):
-        acc = 100 * np.array([r["metrics"]["accuracy"] for r in rows if r["method"] == method])
+        mean, std, _ = summarise([r["metrics"]["accuracy"] for r in rows if r["method"] == method])
         pct = next(r["metrics"]["trainable_pct_of_backbone"] for r in rows if r["method"] == method)
         ax.errorbar(
             pct,
-            acc.mean(),
-            yerr=acc.std(ddof=1) if len(acc) > 1 else 0.0,
+            100 * mean,
+            yerr=100 * std,
             fmt=next(markers, "o"),
             color="#C44E52" if method.startswith("Wander") else "#4C72B0",
             capsize=3,

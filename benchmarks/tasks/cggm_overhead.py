@@ -55,6 +55,9 @@ def run(ctx: RunContext) -> list[dict]:
             task="classification",
             num_outputs=10,
             rounds=7 if ctx.profile == "quick" else 15,
+            # ten steps per round on the first size; wider steps take up to 20x longer, and
+            # two per round keep their median as steady at a fraction of the time
+            calls=max(2, 10 * SIZES[0][2] // batch_size),
         )
         records += step_time_records(
             seconds,

@@ -118,8 +118,12 @@ def compare_methods(
     loss_fn: Callable,
     score_fn: Callable,
     metrics_fn: Callable,
+    time_steps: bool = True,
 ) -> list[dict]:
-    """Fit every method from the same pretrained ``base``; one record per method."""
+    """Fit every method from the same pretrained ``base``; one record per method.
+
+    ``time_steps``: add each method's step time (:func:`add_step_times`) to its record.
+    """
     backbone_params = count_parameters(base)
     records = []
     for method in methods(settings):
@@ -153,24 +157,46 @@ def compare_methods(
                 },
             }
         )
+    if not time_steps:
+        return records
     ctx.progress(f"{dataset}: step times")
-    seconds = step_times(base, train, settings, loss_fn, ctx.seed)
+    return add_step_times(records, base, train, settings, loss_fn, ctx.seed)
+
+
+def add_step_times(
+    records: list[dict],
+    base: nn.Module,
+    train: ModalityBatch,
+    settings: dict,
+    loss_fn: Callable,
+    seed: int,
+) -> list[dict]:
+    """Add each method's ``ms_per_step`` (:func:`step_times`) and its ratio to head-only's."""
+    seconds = step_times(base, train, settings, loss_fn, seed)
     for record in records:
         record["metrics"]["ms_per_step"] = 1000 * seconds[record["method"]]
     return add_ratio_column(records, "head-only", "ms_per_step", "step_time_vs_head_only")
 
 
 def step_times(
-    base: nn.Module, train: ModalityBatch, settings: dict, loss_fn: Callable, seed: int
+    base: nn.Module,
+    train: ModalityBatch,
+    settings: dict,
+    loss_fn: Callable,
+    seed: int,
+    calls: int = 10,
 ) -> dict[str, float]:
-    """Seconds per training step of every method: fresh copies, one batch, interleaved rounds."""
+    """Seconds per training step of every method: fresh copies, one batch, interleaved rounds.
+
+    ``calls`` steps per method and round (median over 7 rounds).
+    """
     batch = next(iter(train.split(settings["batch_size"])))
     steps = {}
     for method in methods(settings):
         model = build_method(method, base, train, settings, seed).train()
         optimiser = make_optimizer(model, lr=settings["lr"][method])
         steps[method] = functools.partial(train_step, model, optimiser, batch, loss_fn)
-    return median_times(steps, rounds=7, calls=10)
+    return median_times(steps, rounds=7, calls=calls)
 
 
 UCI_SETTINGS = {
@@ -245,10 +271,11 @@ def run_uci(ctx: RunContext) -> list[dict]:
         "pretrain_epochs": s["pretrain_epochs"][ctx.profile],
         "episodes": s["episodes"][ctx.profile],
     }
-    episodes = []
+    episodes, trains = [], []
     for episode in range(settings["episodes"]):
         episode_ctx = dataclasses.replace(ctx, seed=ctx.seed + 1000 * episode)
         train = select_classes(splits["train"], target, shots=s["shots"], seed=episode_ctx.seed)
+        trains.append(train)
         episodes.append(
             compare_methods(
                 episode_ctx,
@@ -261,9 +288,14 @@ def run_uci(ctx: RunContext) -> list[dict]:
                 loss_fn=F.cross_entropy,
                 score_fn=accuracy,
                 metrics_fn=classification_metrics,
+                time_steps=False,
             )
         )
-    return average_episodes(episodes)
+    # step time does not depend on the draw: timed once per seed, on the first draw's batch
+    ctx.progress("step times")
+    return add_step_times(
+        average_episodes(episodes), base, trains[0], settings, F.cross_entropy, ctx.seed
+    )
 
 
 def average_episodes(episodes: list[list[dict]]) -> list[dict]:

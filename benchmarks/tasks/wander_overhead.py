@@ -25,7 +25,7 @@ SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
 
 
 def sized_settings(width: int, hidden: int, batch_size: int) -> dict:
-    """``wander-uci-transfer``'s methods at another size (Wander's tiled token: ``width``)."""
+    """``wander-uci-transfer``'s methods at another size (Wander's tiled token: ``3 · width``)."""
     variants = UCI_SETTINGS["wander_variants"]
     return {
         **UCI_SETTINGS,
@@ -34,7 +34,7 @@ def sized_settings(width: int, hidden: int, batch_size: int) -> dict:
         "batch_size": batch_size,
         "wander_variants": {
             "Wander": variants["Wander"],
-            "Wander (r=5, tiled)": {**variants["Wander (r=5, tiled)"], "fused_dim": width},
+            "Wander (r=4, tiled)": {**variants["Wander (r=4, tiled)"], "fused_dim": 3 * width},
         },
     }
 

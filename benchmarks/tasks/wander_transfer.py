@@ -220,13 +220,15 @@ UCI_SETTINGS = {
         "Wander": {"target_layer": "net.2"},
         "Wander (no constant channel)": {"target_layer": "net.2", "bias_augment": False},
         "Wander (encoder outputs)": {},
-        # under 5 % of the backbone: bottleneck 5, and one 32-feature fused token tiled over
-        # the six encoder slots of the head's input (the paper's late-fusion head) instead of
-        # a 192-feature one
-        "Wander (r=5, tiled)": {
+        # under 5 % of the backbone: bottleneck 4, and one 96-feature fused token tiled over
+        # the head's 192-feature input (twice) instead of a 192-feature one. Chosen among 11
+        # sub-5 % shapes (bottleneck 2-16, on the hidden layer or the encoder outputs, tokens
+        # of 32-192 features) by validation accuracy on seeds 10-12 (2 draws each), seeds the
+        # report does not use
+        "Wander (r=4, tiled)": {
             "target_layer": "net.2",
-            "ranks": {"bottleneck": 5, "feature": 1, "token": 1},
-            "fused_dim": 32,
+            "ranks": {"bottleneck": 4, "feature": 1, "token": 1},
+            "fused_dim": 96,
         },
     },
     "lr": {
@@ -238,7 +240,7 @@ UCI_SETTINGS = {
         "Wander": 3e-3,
         "Wander (no constant channel)": 3e-3,
         "Wander (encoder outputs)": 3e-3,
-        "Wander (r=5, tiled)": 3e-3,
+        "Wander (r=4, tiled)": 3e-3,
     },
 }
 

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "list":
         for name, task in TASKS.items():
-            print(f"{name:28s} [{', '.join(task.profiles)}] {task.description}")
+            profiles = ", ".join(task.profiles) or "explicit --task only"
+            print(f"{name:28s} [{profiles}] {task.description}")
         return 0
     if args.command == "report":
         print(write_report(args.run_dir))

@@ -7,6 +7,7 @@ from benchmarks.tasks import uci_modalities  # noqa: I001  (order matters)
 from benchmarks.tasks import wander_transfer
 from benchmarks.tasks import wander_speed
 from benchmarks.tasks import wander_overhead
+from benchmarks.tasks import wander_shapes
 from benchmarks.tasks import cggm_balance
 from benchmarks.tasks import cggm_overhead
 from benchmarks.tasks import casp_tta
@@ -19,6 +20,7 @@ __all__ = [
     "mplmm_missing",
     "uci_modalities",
     "wander_overhead",
+    "wander_shapes",
     "wander_speed",
     "wander_transfer",
 ]

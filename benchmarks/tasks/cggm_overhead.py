@@ -56,8 +56,8 @@ def run(ctx: RunContext) -> list[dict]:
             num_outputs=10,
             rounds=7 if ctx.profile == "quick" else 15,
             # ten steps per round on the first size; wider steps take up to 20x longer, and
-            # two per round keep their median as steady at a fraction of the time
-            calls=max(2, 10 * SIZES[0][2] // batch_size),
+            # four per round keep their median steady at a fraction of the time
+            calls=max(4, 10 * SIZES[0][2] // batch_size),
         )
         records += step_time_records(
             seconds,

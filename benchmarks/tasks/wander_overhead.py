@@ -49,9 +49,9 @@ def run(ctx: RunContext) -> list[dict]:
         settings = sized_settings(width, hidden, batch_size)
         torch.manual_seed(ctx.seed)
         base = LateFusionModel.from_batch(train, 5, width=width, hidden=hidden, head="linear")
-        # ten steps per round on the first size; wider steps take up to 50x longer, and two
-        # per round keep their median as steady at a fraction of the time
-        calls = max(2, 10 * SIZES[0][2] // batch_size)
+        # ten steps per round on the first size; wider steps take up to 50x longer, and
+        # four per round keep their median steady at a fraction of the time
+        calls = max(4, 10 * SIZES[0][2] // batch_size)
         seconds = step_times(base, train, settings, F.cross_entropy, ctx.seed, calls=calls)
         records += step_time_records(
             seconds,

@@ -2,9 +2,14 @@
 
 import pytest
 
+from benchmarks.backbones import LateFusionModel
+from benchmarks.cli import _resolve_tasks
+from benchmarks.data.uci import load_uci_mfeat
 from benchmarks.report import write_report
 from benchmarks.runner import run_tasks
+from benchmarks.tasks import wander_shapes as ws
 from benchmarks.tasks import wander_transfer as wt
+from benchmarks.training import count_parameters
 
 
 @pytest.fixture
@@ -42,12 +47,26 @@ def test_wander_tasks_record_every_method(tmp_path, tiny):
     assert uci["head-only"]["step_time_vs_head_only"] == 1.0
     assert uci["full fine-tuning"]["trainable_pct_of_backbone"] == pytest.approx(100.0)
     assert 0 < uci["Wander"]["trainable_pct_of_backbone"] < 10
+    assert 0 <= uci["Wander"]["valid_score"] <= 1
     uci_config = by_task["wander-uci-transfer"][0]["config"]
     assert uci_config["episodes"] == 2 and len(uci_config["best_epochs"]) == 2
     write_report(tmp_path)
     assert (tmp_path / "plots" / "wander-uci-transfer--tradeoff.png").is_file()
     assert {"mae", "corr", "acc7"} <= set(by_task["wander-mosi-interaction"][0]["metrics"])
     assert [r["method"] for r in by_task["wander-food101-path"]] == ["head-only", "Wander"]
+
+
+def test_shape_sweep_runs_only_when_named_and_every_shape_is_under_five_percent():
+    assert "wander-uci-shapes" not in _resolve_tasks(None, "quick") + _resolve_tasks(None, "full")
+    assert _resolve_tasks(["wander-uci-shapes"], "quick") == ["wander-uci-shapes"]
+    train = wt.select_classes(load_uci_mfeat()["train"], range(5, 10), shots=5)
+    s = wt.UCI_SETTINGS
+    base = LateFusionModel.from_batch(train, 5, width=s["width"], hidden=s["hidden"], head="linear")
+    backbone = count_parameters(base)
+    for name in ws.SHAPES:
+        model = wt.build_method(name, base, train, ws.SETTINGS, seed=0)
+        assert 100 * count_parameters(model, trainable_only=True) / backbone < 5, name
+    assert s["wander_variants"]["Wander (r=4, tiled)"] in ws.SHAPES.values()
 
 
 def test_average_episodes_means_each_methods_metrics_over_the_draws():

@@ -132,6 +132,54 @@ def test_wrong_names_raise_with_suggestions(base_model, batch):
         Wander(base_model, {"bottleneck": 4, "depth": 2}, example_input=batch)
     with pytest.raises(ValueError, match=r"\(bottleneck_dim, feature_rank, token_rank\)"):
         Wander(base_model, (4, 2), example_input=batch)
+    with pytest.raises(TypeError, match="ranks must be a WanderConfig, a mapping"):
+        Wander(base_model, 4, example_input=batch)
+    with pytest.raises(ValueError, match="already wrapped by Wander"):
+        Wander(Wander(base_model, RANKS, example_input=batch), RANKS, example_input=batch)
+
+
+class ConcatTokens(torch.nn.Module):
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(feats.values()), dim=1)
+
+
+class LinearLateFusion(torch.nn.Module):
+    """A contract model: linear encoders, token concatenation as the fusion, a linear head."""
+
+    def __init__(self, dims: dict[str, int], width: int = 8):
+        super().__init__()
+        self.encoders = torch.nn.ModuleDict({m: torch.nn.Linear(d, width) for m, d in dims.items()})
+        self.fusion = ConcatTokens()
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, batch):
+        feats = {m: enc(batch[m]) for m, enc in self.encoders.items()}
+        return self.head(self.fusion(feats).mean(dim=1))
+
+
+@pytest.mark.parametrize(
+    ("base_dtype", "adapter_dtype"),
+    [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+)
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_adapter_follows_the_base_models_dtype(batch, base_dtype, adapter_dtype, output):
+    """float64 bases get a float64 adapter; half-precision bases a float32 one (as PEFT's
+    ``autocast_adapter_dtype``), and the model's outputs keep the base model's dtype."""
+    torch.manual_seed(0)
+    base_model = LinearLateFusion({m: x.shape[-1] for m, x in batch.inputs.items()})
+    base_model.to(base_dtype)
+    batch = batch.replace(inputs={m: x.to(base_dtype) for m, x in batch.inputs.items()})
+    wander = Wander(base_model, RANKS, example_input=batch, output=output)
+    assert {p.dtype for p in wander.adapter.parameters()} == {adapter_dtype}
+    with torch.no_grad():
+        with wander.disable_adapter():
+            base = wander(batch)
+        out = wander(batch)
+    assert out.dtype == base.dtype == base_dtype
+    torch.testing.assert_close(out, base, rtol=0, atol=0)  # identity at init, in any dtype
+    wander(batch).float().pow(2).mean().backward()
+    for n, p in wander.adapter.named_parameters():
+        assert p.grad is not None and p.grad.dtype == adapter_dtype and p.grad.abs().sum() > 0, n
 
 
 def test_longer_sequences_than_built_for_are_rejected(base_model, batch):

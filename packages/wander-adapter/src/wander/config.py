@@ -183,6 +183,12 @@ def resolve_config(
                 )
             values[_RANK_ALIASES[key]] = value
     elif ranks is not None:
+        if isinstance(ranks, str) or not isinstance(ranks, Sequence):
+            raise TypeError(
+                "ranks must be a WanderConfig, a mapping such as {'bottleneck': 16, 'feature': 8, "
+                "'token': 12} or a sequence (bottleneck_dim, feature_rank, token_rank); got "
+                f"{type(ranks).__name__} {ranks!r}."
+            )
         ranks = list(ranks)
         if len(ranks) != 3:
             raise ValueError(

@@ -254,7 +254,8 @@ class WanderFusion(nn.Module):
         the initial weights together). ``trainable_sets``: see
         :func:`~wander.functional.fusion_product_stacked`.
         """
-        inputs = [self._checked(m, xs[m]) for m in self.modalities]
+        dtype = self.feature_factors[self.modalities[0]].dtype
+        inputs = [self._checked(m, xs[m]).to(dtype) for m in self.modalities]
         t_lens = [x.shape[1] for x in inputs]
         t_max = max(t_lens)
         h = self._bottlenecks(inputs, [masks.get(m) for m in self.modalities], param_sets)

@@ -80,6 +80,11 @@ class Wander(nn.Module):
         **config: Any,
     ) -> None:
         super().__init__()
+        if isinstance(model, Wander):
+            raise ValueError(
+                "Wander: this model is already wrapped by Wander; wrap its base model "
+                "(`wander.base_model`, or `wander.unwrap()` to remove the first adapter) instead."
+            )
         cfg = resolve_config(
             ranks,
             target_modules=dict(target_modules) if target_modules is not None else None,
@@ -125,7 +130,7 @@ class Wander(nn.Module):
             out_dim,
             cfg,
         )
-        self.adapter.to(next(iter(model.parameters()), torch.empty(0)).device)
+        self.adapter.to(**_adapter_placement(model))
 
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -257,6 +262,7 @@ class Wander(nn.Module):
             raise TypeError(f"Wander: fusion module output {_describe(output)} is not a tensor.")
         if fused.shape[-1] != output.shape[-1]:  # fused_dim: tiled to the output size
             fused = fused.repeat(1, 1, output.shape[-1] // fused.shape[-1])
+        fused = fused.to(output.dtype)  # the base model's output type, whatever the adapter's
         if output.ndim == 2:
             return output + fused.mean(dim=1)
         t_out = fused.shape[1]
@@ -274,7 +280,7 @@ class Wander(nn.Module):
                 for m, x in originals.items():
                     if obj is x:
                         replaced.add(m)
-                        return x + deltas[m]
+                        return x + deltas[m].to(x.dtype)
                 return obj
             if isinstance(obj, dict):
                 return {k: swap(v) for k, v in obj.items()}
@@ -406,3 +412,20 @@ def _describe(obj: Any) -> str:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def _adapter_placement(model: nn.Module) -> dict[str, Any]:
+    """Device and dtype for the adapter: those of the base model's floating-point weights.
+
+    A base in half precision (float16, bfloat16) gets a float32 adapter, as PEFT's
+    ``autocast_adapter_dtype`` does: small factors trained in half precision lose their updates
+    to rounding, and the product over modalities is safer in float32. The adapter casts its
+    inputs to its own dtype and its output back to the base model's.
+    """
+    weights = [p for p in model.parameters() if p.is_floating_point()]
+    if not weights:
+        return {}
+    dtype = weights[0].dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return {"device": weights[0].device, "dtype": dtype}

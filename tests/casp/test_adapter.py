@@ -133,6 +133,8 @@ def test_bad_input_raises_clear_errors():
         casp.adapt(torch.randn(3, 2))
     with pytest.raises(ValueError, match=">= 2"):
         casp.adapt(ModalityBatch({"a": torch.randn(4, 5)}))
+    with pytest.raises(ValueError, match="at least one unlabeled target sample"):
+        casp.adapt(data().select(torch.tensor([], dtype=torch.long)))
     with pytest.raises(ValueError, match="keep must be one of"):
         CASPConfig(keep="stable")
     with pytest.raises(ValueError, match="no snapshot"):

@@ -42,6 +42,29 @@ def test_encoder_gradients_scaled_by_exactly_rho_b(m):
             torch.testing.assert_close(after[name], g)  # fusion and head are not scaled
 
 
+@pytest.mark.parametrize(
+    ("model_dtype", "classifier_dtype"),
+    [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+)
+def test_classifiers_follow_the_models_dtype(model_dtype, classifier_dtype):
+    """float64 models get float64 classifiers; half-precision ones float32 classifiers fed
+    upcast features. The gradient scaling and the direction term work in either."""
+    batch = vector_batch()
+    batch = batch.replace(inputs={m: x.to(model_dtype) for m, x in batch.inputs.items()})
+    model = make_model(batch).to(model_dtype)
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
+    for _ in range(2):
+        model.zero_grad()
+        loss = F.cross_entropy(model(batch).float(), batch.target) + cggm.direction_loss()
+        loss.backward()
+        before = grads(model)
+        b = cggm.step(batch.target)
+    assert {p.dtype for p in cggm.classifiers.parameters()} == {classifier_dtype}
+    assert torch.isfinite(cggm.direction_loss())
+    name = next(n for n in before if n.startswith("encoders.m0."))
+    torch.testing.assert_close(grads(model)[name], (1.3 * b["m0"] * before[name]).to(model_dtype))
+
+
 def test_classifiers_are_isolated_from_the_encoders():
     batch = vector_batch()
     model = make_model(batch)

@@ -34,6 +34,17 @@ def test_every_case_in_one_mixed_batch_matches_a_per_sample_loop(m):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 
+def test_prompts_take_the_backbones_dtype():
+    model, data = build()
+    model = MPLMM(model.backbone.double(), model.seq_lens, prompt_length=4)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    data = data.replace(inputs={m: x.double() for m, x in data.inputs.items()})
+    out = model(data)
+    assert out.dtype == torch.float64
+    out.pow(2).mean().backward()
+    assert model.type_prompts["text"].grad.abs().sum() > 0
+
+
 def test_missing_type_prompts_learn_and_the_reference_init_is_dead():
     model, data = build()
     model(data).pow(2).mean().backward()

@@ -206,6 +206,8 @@ class CASP:
                 f"CASP drops one modality per batch for its second view; need >= 2, got "
                 f"{list(data.modalities)}."
             )
+        if data.batch_size == 0:
+            raise ValueError("CASP.adapt needs at least one unlabeled target sample, got none.")
         if cfg.select_by == "target_validation" and (validation is None or score_fn is None):
             raise ValueError("select_by='target_validation' needs validation= and score_fn=.")
         data = data.replace(target=None)  # no target label is read

@@ -120,7 +120,7 @@ def direction_loss(
         heads = classifier_heads.reshape(len(classifier_heads), -1)
     else:
         heads = torch.stack([h.reshape(-1) for h in classifier_heads])  # [M, n]: one cosine call
-    cos = F.cosine_similarity(heads, fusion_head.reshape(1, -1), dim=1)
+    cos = F.cosine_similarity(heads.to(fusion_head.dtype), fusion_head.reshape(1, -1), dim=1)
     return (b.abs().sum() - (b * cos).sum()) / len(classifier_heads)
 
 
@@ -144,5 +144,5 @@ def direction_target(coefficients: Tensor, classifier_heads: Sequence[Tensor] | 
 def direction_loss_from_target(coefficients: Tensor, target: Tensor, fusion_head: Tensor) -> Tensor:
     """:func:`direction_loss` from ``target`` = :func:`direction_target` ``(B, heads)``."""
     w = fusion_head.reshape(-1)
-    aligned = torch.dot(target, w) / w.norm().clamp_min(1e-8)
+    aligned = torch.dot(target.to(w.dtype), w) / w.norm().clamp_min(1e-8)
     return (coefficients.detach().abs().sum() - aligned) / len(coefficients)

@@ -116,7 +116,7 @@ class StackedClassifiers(nn.Module):
             first[2].out_features,
             classifiers[modalities[0]].feature_shape,
         )
-        out.to(first[0].weight.device)
+        out.to(device=first[0].weight.device, dtype=first[0].weight.dtype)
         for name, layer, attr in (
             ("weight1", 0, "weight"),
             ("bias1", 0, "bias"),
@@ -144,7 +144,7 @@ class StackedClassifiers(nn.Module):
         """A standalone copy of ``modality``'s classifier."""
         i = self.modalities.index(modality)
         clf = ModalityClassifier(self.feature_shape, self.weight1.shape[1], self.bias2.shape[1])
-        clf.to(self.weight1.device)
+        clf.to(device=self.weight1.device, dtype=self.weight1.dtype)
         for layer, weight, bias in ((0, self.weight1, self.bias1), (2, self.weight2, self.bias2)):
             clf.net[layer].weight.copy_(weight[i])
             clf.net[layer].bias.copy_(bias[i])
@@ -347,13 +347,16 @@ class CGGM:
             )
         hidden = self.config.classifier_hidden or w.shape[1]
         self._feature_shapes = {m: tuple(s) for m, s in feature_shapes.items()}
+        # the head's dtype, but float32 for a half-precision model: the classifiers' small
+        # Adam updates would round away in float16/bfloat16
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self._install_classifiers(
             nn.ModuleDict(
                 {
                     m: ModalityClassifier(self._feature_shapes[m], hidden, self.config.num_outputs)
                     for m in self.modalities
                 }
-            ),
+            ).to(dtype),
             stack=True,
         )
 
@@ -411,6 +414,8 @@ class CGGM:
         feats, self._captured = self._captured, {}
         if self.classifiers is None:
             self._build_default_classifiers({m: tuple(f.shape[1:]) for m, f in feats.items()})
+        dtype = next(self.classifiers.parameters()).dtype
+        feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)
         self.optimizer.zero_grad(set_to_none=True)

@@ -100,6 +100,10 @@ class MPLMM(nn.Module):
             {m: nn.Parameter(torch.zeros(self.seq_lens[m], width)) for m in mods}
         )
         self.reset_parameters()
+        # the prompts and generator live where the backbone does, in its dtype
+        weight = next((p for p in backbone.parameters() if p.is_floating_point()), None)
+        if weight is not None:
+            self.to(device=weight.device, dtype=weight.dtype)
         if freeze_backbone:
             backbone.requires_grad_(False)
             backbone.proj.requires_grad_(True)

@@ -122,7 +122,8 @@ def compare_methods(
 ) -> list[dict]:
     """Fit every method from the same pretrained ``base``; one record per method.
 
-    ``time_steps``: add each method's step time (:func:`add_step_times`) to its record.
+    ``time_steps``: add each method's step time (:func:`step_times`) and its ratio to
+    head-only's to its record.
     """
     backbone_params = count_parameters(base)
     records = []
@@ -161,19 +162,7 @@ def compare_methods(
     if not time_steps:
         return records
     ctx.progress(f"{dataset}: step times")
-    return add_step_times(records, base, train, settings, loss_fn, ctx.seed)
-
-
-def add_step_times(
-    records: list[dict],
-    base: nn.Module,
-    train: ModalityBatch,
-    settings: dict,
-    loss_fn: Callable,
-    seed: int,
-) -> list[dict]:
-    """Add each method's ``ms_per_step`` (:func:`step_times`) and its ratio to head-only's."""
-    seconds = step_times(base, train, settings, loss_fn, seed)
+    seconds = step_times(base, train, settings, loss_fn, ctx.seed)
     for record in records:
         record["metrics"]["ms_per_step"] = 1000 * seconds[record["method"]]
     return add_ratio_column(records, "head-only", "ms_per_step", "step_time_vs_head_only")
@@ -222,10 +211,9 @@ UCI_SETTINGS = {
         "Wander (no constant channel)": {"target_layer": "net.2", "bias_augment": False},
         "Wander (encoder outputs)": {},
         # under 5 % of the backbone: bottleneck 4, and one 96-feature fused token tiled over
-        # the head's 192-feature input (twice) instead of a 192-feature one. Chosen among 11
-        # sub-5 % shapes (bottleneck 2-16, on the hidden layer or the encoder outputs, tokens
-        # of 32-192 features) by validation accuracy on seeds 10-12 (2 draws each), seeds the
-        # report does not use
+        # the head's 192-feature input (twice) instead of a 192-feature one. Chosen among the
+        # 11 sub-5 % shapes of the wander-uci-shapes task by validation accuracy on seeds
+        # 10-12 (2 draws each), seeds the report does not use
         "Wander (r=4, tiled)": {
             "target_layer": "net.2",
             "ranks": {"bottleneck": 4, "feature": 1, "token": 1},

@@ -29,6 +29,35 @@ def model(out_dim=1, seed=0):
     ).eval()
 
 
+class _VectorLateFusion(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(d, 6), nn.LayerNorm(6)) for m, d in (("a", 5), ("b", 4))}
+        )
+        self.fusion = nn.Identity()
+        self.head = nn.Linear(12, 1)
+
+    def forward(self, batch):
+        feats = torch.cat([self.encoders[m](batch[m]) for m in self.encoders], dim=-1)
+        return self.head(self.fusion(feats))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_adapts_models_of_any_floating_dtype(dtype):
+    torch.manual_seed(0)
+    net = _VectorLateFusion().to(dtype)
+    before = [p.clone() for p in norm_parameters(net)]
+    target = ModalityBatch({m: data()[m].to(dtype) for m in ("a", "b")})
+    casp = CASP(net, **FAST)
+    report = casp.adapt(target)
+    assert not report.collapsed and len(report.pseudo_labels) > 0
+    assert casp.predict(target).dtype == dtype
+    after = norm_parameters(casp.model)
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
 def test_only_normalisation_parameters_change_and_caller_weights_are_safe():
     source = model()
     before = {k: v.clone() for k, v in source.state_dict().items()}

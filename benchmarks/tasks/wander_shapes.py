@@ -14,8 +14,10 @@ validation accuracy, so the choice is not tuned on the reported test figures::
 
 from __future__ import annotations
 
+import functools
+
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.tasks.wander_transfer import UCI_SETTINGS, transfer_uci
+from benchmarks.tasks.wander_transfer import UCI_SETTINGS, plot_tradeoff, transfer_uci
 
 
 def _ranks(bottleneck: int, feature: int = 1) -> dict[str, int]:
@@ -64,6 +66,7 @@ register_task(
             "test accuracy. In no profile: run it on seeds the report does not use."
         ),
         run=run,
+        plots=functools.partial(plot_tradeoff, task="wander-uci-shapes"),
         primary_metric="valid_score",
         profiles=(),
         metrics=("valid_score", "accuracy", "trainable_params", "trainable_pct_of_backbone"),

@@ -422,11 +422,16 @@ _COLUMNS = (
 )
 
 
-def plot_tradeoff(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
-    """Test accuracy against the share of the backbone trained, one point per method."""
+def plot_tradeoff(
+    records: list[dict], plot_dir: Path, task: str = "wander-uci-transfer"
+) -> list[tuple[str, Path]]:
+    """Test accuracy against the share of the backbone trained, one point per method.
+
+    ``records``: ``task``'s records (a task's ``plots`` gets its own).
+    """
     plt = pyplot()
 
-    rows = records  # this task's records only
+    rows = records
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
@@ -447,10 +452,10 @@ def plot_tradeoff(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]
     ax.set_xscale("log")
     ax.set_xlabel("% of the backbone's parameters trained (log scale; dotted: 5%)")
     ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
-    ax.set_title("wander-uci-transfer: accuracy against parameters trained")
+    ax.set_title(f"{task}: accuracy against parameters trained")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    path = plot_dir / "wander-uci-transfer--tradeoff.png"
+    path = plot_dir / f"{task}--tradeoff.png"
     save_figure(fig, path)
     return [("Accuracy against the share of the backbone trained", path)]
 

@@ -143,6 +143,15 @@ def median_times(fns: Mapping[str, Callable[[], Any]], rounds: int, calls: int) 
     return {name: float(np.median(values)) for name, values in samples.items()}
 
 
+def steps_per_round(batch_size: int, first_batch_size: int, calls: int = 10) -> int:
+    """Steps per timing round at ``batch_size`` for a task that takes ``calls`` at its first size.
+
+    Steps grow with the batch, so the calls shrink in proportion, down to 4: a round of wide
+    steps still lasts tens of milliseconds, and its median stays steady at a fraction of the time.
+    """
+    return max(4, calls * first_batch_size // batch_size)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -24,7 +24,7 @@ from benchmarks.backbones import LateFusionModel
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.cggm_balance import UCI_SETTINGS, method_step_times
 from benchmarks.tasks.common import uci_splits
-from benchmarks.training import step_time_records
+from benchmarks.training import step_time_records, steps_per_round
 
 #: (encoder width, encoder hidden size, batch size); the first is ``cggm-uci-balance``'s.
 SIZES = ((16, 64, 32), (64, 256, 128), (256, 1024, 256))
@@ -55,9 +55,7 @@ def run(ctx: RunContext) -> list[dict]:
             task="classification",
             num_outputs=10,
             rounds=7 if ctx.profile == "quick" else 15,
-            # ten steps per round on the first size; wider steps take up to 20x longer, and
-            # four per round keep their median steady at a fraction of the time
-            calls=max(4, 10 * SIZES[0][2] // batch_size),
+            calls=steps_per_round(batch_size, SIZES[0][2]),
         )
         records += step_time_records(
             seconds,

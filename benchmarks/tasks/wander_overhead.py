@@ -18,7 +18,7 @@ from benchmarks.backbones import LateFusionModel
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.common import uci_splits
 from benchmarks.tasks.wander_transfer import UCI_SETTINGS, select_classes, step_times
-from benchmarks.training import step_time_records
+from benchmarks.training import step_time_records, steps_per_round
 
 #: (encoder width, encoder hidden size, batch size); the first is ``wander-uci-transfer``'s.
 SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
@@ -49,9 +49,7 @@ def run(ctx: RunContext) -> list[dict]:
         settings = sized_settings(width, hidden, batch_size)
         torch.manual_seed(ctx.seed)
         base = LateFusionModel.from_batch(train, 5, width=width, hidden=hidden, head="linear")
-        # ten steps per round on the first size; wider steps take up to 50x longer, and
-        # four per round keep their median steady at a fraction of the time
-        calls = max(4, 10 * SIZES[0][2] // batch_size)
+        calls = steps_per_round(batch_size, SIZES[0][2])
         seconds = step_times(base, train, settings, F.cross_entropy, ctx.seed, calls=calls)
         records += step_time_records(
             seconds,

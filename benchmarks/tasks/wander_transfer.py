@@ -429,16 +429,18 @@ def plot_tradeoff(
 
     ``records``: ``task``'s records (a task's ``plots`` gets its own).
     """
-    plt = pyplot()
-
-    rows = records
-    if not rows:
+    if not records:
         return []
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     markers = iter("osD^vP*Xhp<>")
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mean, std, _ = summarise([r["metrics"]["accuracy"] for r in rows if r["method"] == method])
-        pct = next(r["metrics"]["trainable_pct_of_backbone"] for r in rows if r["method"] == method)
+    for method in dict.fromkeys(r["method"] for r in records):
+        mean, std, _ = summarise(
+            [r["metrics"]["accuracy"] for r in records if r["method"] == method]
+        )
+        pct = next(
+            r["metrics"]["trainable_pct_of_backbone"] for r in records if r["method"] == method
+        )
         ax.errorbar(
             pct,
             100 * mean,

@@ -26,6 +26,7 @@ from mmcore import (
     find_modality_batch,
     masked_mean,
     resolve_module,
+    trainable_dtype,
 )
 
 __all__ = ["CGGM", "ModalityClassifier", "StackedClassifiers"]
@@ -347,9 +348,7 @@ class CGGM:
             )
         hidden = self.config.classifier_hidden or w.shape[1]
         self._feature_shapes = {m: tuple(s) for m, s in feature_shapes.items()}
-        # the head's dtype, but float32 for a half-precision model: the classifiers' small
-        # Adam updates would round away in float16/bfloat16
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = trainable_dtype(w.dtype)  # float32 for a half-precision head
         self._install_classifiers(
             nn.ModuleDict(
                 {

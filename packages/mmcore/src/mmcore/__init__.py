@@ -18,7 +18,7 @@ from mmcore.contract import (
     resolve_module,
     run_encoder,
 )
-from mmcore.utils import atomic_write, seed_everything, sinusoidal_positions
+from mmcore.utils import atomic_write, seed_everything, sinusoidal_positions, trainable_dtype
 
 __version__ = "0.1.0"
 
@@ -38,4 +38,5 @@ __all__ = [
     "run_encoder",
     "seed_everything",
     "sinusoidal_positions",
+    "trainable_dtype",
 ]

@@ -1,4 +1,4 @@
-"""Small shared utilities: seeding, atomic file writes, sinusoidal positions."""
+"""Small shared utilities: seeding, atomic file writes, sinusoidal positions, dtypes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import IO
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "seed_everything", "sinusoidal_positions"]
+__all__ = ["atomic_write", "seed_everything", "sinusoidal_positions", "trainable_dtype"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -64,3 +64,13 @@ def sinusoidal_positions(
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
     return table
+
+
+def trainable_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype for small trained parts (adapters, auxiliary classifiers) of a model.
+
+    The model's own dtype, except float32 for float16 and bfloat16 models, as PEFT's
+    ``autocast_adapter_dtype``: small parameters trained in half precision lose their updates
+    to rounding.
+    """
+    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype

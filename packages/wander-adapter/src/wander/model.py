@@ -22,6 +22,7 @@ from mmcore import (
     encoder_features,
     find_modality_batch,
     resolve_module,
+    trainable_dtype,
 )
 from wander import __version__
 from wander.config import WanderConfig, resolve_config
@@ -374,7 +375,8 @@ class Wander(nn.Module):
         data = json.loads(config_path.read_text())
         data.pop("wander_version", None)
         wander = cls(base_model, WanderConfig.from_dict(data))
-        state = load_file(str(weights_path), device=str(_device_of(base_model)))
+        # where the adapter was placed (the base model's device)
+        state = load_file(str(weights_path), device=str(next(wander.adapter.parameters()).device))
         expected = wander.adapter_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -410,22 +412,14 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(iter(model.parameters()), torch.empty(0)).device
-
-
 def _adapter_placement(model: nn.Module) -> dict[str, Any]:
     """Device and dtype for the adapter: those of the base model's floating-point weights.
 
-    A base in half precision (float16, bfloat16) gets a float32 adapter, as PEFT's
-    ``autocast_adapter_dtype`` does: small factors trained in half precision lose their updates
-    to rounding, and the product over modalities is safer in float32. The adapter casts its
-    inputs to its own dtype and its output back to the base model's.
+    A base in half precision (float16, bfloat16) gets a float32 adapter
+    (:func:`mmcore.trainable_dtype`; the product over modalities is safer in float32 too). The
+    adapter casts its inputs to its own dtype and its output back to the base model's.
     """
-    weights = [p for p in model.parameters() if p.is_floating_point()]
-    if not weights:
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None:
         return {}
-    dtype = weights[0].dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
-    return {"device": weights[0].device, "dtype": dtype}
+    return {"device": weight.device, "dtype": trainable_dtype(weight.dtype)}

@@ -324,6 +324,29 @@ def test_state_round_trip_resumes_exactly():
     assert run(resumed, model2, batches[2:]) == expected
 
 
+def test_a_modulated_model_can_be_copied_and_pickled():
+    """The hooks are picklable objects: ``torch.save(model)`` works, and a deep copy's hooks
+    feed a copy of the modulator, never the original."""
+    import copy
+    import io
+
+    batch = vector_batch()
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3)
+    model(batch)
+    cggm.step(batch.target)
+    copied = copy.deepcopy(model)
+    copied(batch)
+    assert cggm._captured == {}  # the copy's forward reached a copy of the modulator
+    with pytest.raises(RuntimeError, match="no encoder output captured"):
+        cggm.step(batch.target)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(batch), model(batch))
+
+
 def test_bad_configuration_raises():
     batch = vector_batch()
     model = make_model(batch)

@@ -217,6 +217,31 @@ def test_save_load_round_trip(tmp_path, base_model, batch, fused_dim):
         torch.testing.assert_close(loaded(batch), expected)
 
 
+def test_deep_copy_and_pickle_give_independent_working_models(base_model, batch):
+    """A deep copy (an EMA model, a best-epoch snapshot) runs its own adapter through its own
+    hooks, and the whole wrapped model survives ``torch.save``/``torch.load``."""
+    import copy
+    import io
+
+    wander = Wander(base_model, RANKS, example_input=batch)
+    train_steps(wander, batch)
+    wander.eval()
+    with torch.no_grad():
+        expected = wander(batch)
+        copied = copy.deepcopy(wander)
+        torch.testing.assert_close(copied(batch), expected)
+        for p in copied.adapter.parameters():
+            p.add_(0.5)
+        assert not torch.allclose(copied(batch), expected)
+        torch.testing.assert_close(wander(batch), expected)  # the original is untouched
+        copied.unwrap()  # removes the copy's hooks only
+        torch.testing.assert_close(wander(batch), expected)
+        buffer = io.BytesIO()
+        torch.save(wander, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(batch), expected)
+
+
 def test_load_reports_missing_and_unexpected_keys(tmp_path, base_model, batch):
     Wander(base_model, RANKS, example_input=batch).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -152,6 +152,20 @@ class StackedClassifiers(nn.Module):
         return clf
 
 
+class _CaptureHook:
+    """Forward hook keeping an encoder's detached output for the classifiers.
+
+    A class, not a closure, so a model carrying the hooks can be pickled (``torch.save``) and
+    ``copy.deepcopy`` binds the copy's hooks to a copy of the modulator.
+    """
+
+    def __init__(self, cggm: CGGM, modality: str) -> None:
+        self.cggm, self.modality = cggm, modality
+
+    def __call__(self, _module: nn.Module, _args: tuple, output: Any) -> None:
+        self.cggm._captured[self.modality] = encoder_features(output).detach()
+
+
 class CGGM:
     """Classifier-guided gradient modulation (Guo et al., NeurIPS 2024, arXiv 2411.01409).
 
@@ -243,7 +257,7 @@ class CGGM:
         self._batch: ModalityBatch | None = None
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         for name, enc in self.encoders.items():
-            self._handles.append(enc.register_forward_hook(self._capture(name)))
+            self._handles.append(enc.register_forward_hook(_CaptureHook(self, name)))
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
@@ -364,12 +378,6 @@ class CGGM:
         self._captured = {}
         self._batch = find_modality_batch(args, kwargs)
 
-    def _capture(self, modality: str):
-        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            self._captured[modality] = encoder_features(output).detach()
-
-        return hook
-
     def remove(self) -> None:
         """Remove the hooks from the model."""
         for h in self._handles:
@@ -443,6 +451,7 @@ class CGGM:
             loss = torch.stack(losses).sum()
             total, count = torch.stack(totals).cpu(), torch.stack(counts).cpu()
         loss.backward()
+        self._batch = None  # its padding masks are used; hold no batch between steps
         self._average_classifier_grads()
         if cfg.mode == "reference" and sync and cfg.lam > 0:
             heads = (

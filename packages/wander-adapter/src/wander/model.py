@@ -143,7 +143,7 @@ class Wander(nn.Module):
         self._batch: ModalityBatch | None = None
         self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]
         for m, module in self._targets.items():
-            self._handles.append(module.register_forward_hook(self._capture_hook(m)))
+            self._handles.append(module.register_forward_hook(_CaptureHook(self, m)))
         if cfg.output == "fused":
             self._handles.append(self._consumer.register_forward_hook(self._fuse_output))
         else:
@@ -226,13 +226,6 @@ class Wander(nn.Module):
         self._captured.clear()
         self._batch = find_modality_batch(args, kwargs)
 
-    def _capture_hook(self, modality: str):
-        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            if not self._disabled:
-                self._captured[modality] = encoder_features(output)
-
-        return hook
-
     def _padding_masks(self) -> dict[str, Tensor | None]:
         masks: dict[str, Tensor | None] = {}
         for m, x in self._captured.items():
@@ -252,7 +245,7 @@ class Wander(nn.Module):
                 "their outputs in this forward pass; check target_modules / fusion_module."
             )
         out = self.adapter(self._captured, self._padding_masks())
-        self._captured = {}
+        self._captured, self._batch = {}, None  # hold no tensors between calls
         return out
 
     def _fuse_output(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
@@ -396,6 +389,21 @@ class Wander(nn.Module):
                 stacklevel=2,
             )
         return wander
+
+
+class _CaptureHook:
+    """Forward hook keeping a target module's output for the adapter.
+
+    A class, not a closure: ``copy.deepcopy`` of the wrapped model then binds the copy's hooks
+    to the copy (a closure would keep feeding the original), and ``torch.save`` can pickle it.
+    """
+
+    def __init__(self, wander: Wander, modality: str) -> None:
+        self.wander, self.modality = wander, modality
+
+    def __call__(self, _module: nn.Module, _args: tuple, output: Any) -> None:
+        if not self.wander._disabled:
+            self.wander._captured[self.modality] = encoder_features(output)
 
 
 def _call(model: nn.Module, example: Any) -> Any:

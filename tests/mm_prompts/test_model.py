@@ -124,15 +124,56 @@ def test_bad_input_raises():
     all_missing = data.with_missing("text").with_missing("audio").with_missing("vision")
     with pytest.raises(ValueError, match="every modality missing"):
         model(all_missing)
-    short = data.replace(inputs={**data.inputs, "text": data["text"][:, :2]})
-    with pytest.raises(ValueError, match=r"'text' must be \[B, 3, D\]"):
-        model(short)
+    long = data.replace(inputs={**data.inputs, "text": torch.cat([data["text"]] * 2, dim=1)})
+    with pytest.raises(ValueError, match=r"'text' must be \[B, T <= 3, D\]"):
+        model(long)
+    wide = data.replace(inputs={**data.inputs, "audio": torch.randn(7, 4, 6)})
+    with pytest.raises(ValueError, match=r"'audio' must be \[B, T, 5\]"):
+        model(wide)
     with pytest.raises(ValueError, match="init must be"):
         MPLMM(model.backbone, model.seq_lens, init="zeros")
     with pytest.raises(ValueError, match="seq_lens must name"):
         MPLMM(model.backbone, {"text": 3})
     with pytest.raises(ValueError, match="divisible"):
         MulTConfig({"a": 2, "b": 3}, d=7, num_heads=2)
+
+
+def padded_copy(data, fill):
+    """``data`` with its last text step and last two vision steps marked as padding, holding
+    ``fill`` (a value, or ``None`` for zeros)."""
+    inputs, masks = dict(data.inputs), {}
+    for m, steps in (("text", 1), ("vision", 2)):
+        x = inputs[m].clone()
+        x[:, -steps:] = 0.0 if fill is None else fill
+        inputs[m] = x
+        masks[m] = torch.zeros(x.shape[:2], dtype=torch.bool)
+        masks[m][:, -steps:] = True
+    return data.replace(inputs=inputs, padding_masks=masks)
+
+
+def test_padding_changes_nothing_in_any_case_and_may_hold_inf():
+    """Padded steps reach neither the output nor the generated modalities, even as -inf (as in
+    MOSI's audio): every case, batched and per-sample paths."""
+    model, data = build()
+    model.eval()
+    with torch.no_grad():
+        zeros = model(padded_copy(data, None))
+        for fill in (1e3, float("-inf")):
+            batch = padded_copy(data, fill)
+            torch.testing.assert_close(model(batch), zeros)
+            torch.testing.assert_close(model.forward_per_sample(batch), zeros, rtol=1e-4, atol=1e-5)
+
+
+def test_shorter_sequences_equal_the_padded_ones():
+    model, data = build()
+    model.eval()
+    padded = padded_copy(data, None)
+    short = data.replace(
+        inputs={**data.inputs, "text": data["text"][:, :-1], "vision": data["vision"][:, :-2]}
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(short), model(padded))
+        torch.testing.assert_close(model.forward_per_sample(short), model(padded))
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from mmcore import ModalityBatch, sinusoidal_positions
 
-__all__ = ["MulTBackbone", "MulTConfig"]
+__all__ = ["MulTBackbone", "MulTConfig", "zero_padding"]
 
 
 @dataclass
@@ -164,6 +164,16 @@ def _batched_transformer(
     return _layer_norm(x, params["norm.weight"], params["norm.bias"])
 
 
+def zero_padding(x: Tensor, padding: Tensor | None) -> Tensor:
+    """``x`` ``[B, T, D]`` with its padded steps (``padding`` ``[B, T]``, True) set to 0.
+
+    Padding may hold anything (MOSI's audio holds ``-inf``): attention gives a masked key a
+    weight of exactly 0, but ``0 · inf`` is NaN, so padded values must be finite before they
+    reach a transformer.
+    """
+    return x if padding is None else x.masked_fill(padding.unsqueeze(-1), 0.0)
+
+
 def _append_tokens(
     h: Tensor, pad: Tensor | None, extra: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
@@ -234,7 +244,19 @@ class MulTBackbone(nn.Module):
         missing = [k for k in self.modalities if k not in batch]
         if missing:
             raise ValueError(f"batch lacks modalities {missing} (has {list(batch.modalities)}).")
-        return {k: self.proj[k](batch[k].transpose(1, 2)).transpose(1, 2) for k in self.modalities}
+        for k in self.modalities:
+            x, dim = batch[k], self.config.input_dims[k]
+            if x.ndim != 3 or x.shape[2] != dim:
+                raise ValueError(
+                    f"MulTBackbone: modality '{k}' must be [B, T, {dim}] sequences, got "
+                    f"{tuple(x.shape)}."
+                )
+        return {
+            k: self.proj[k](
+                zero_padding(batch[k], batch.padding_mask(k)).transpose(1, 2)
+            ).transpose(1, 2)
+            for k in self.modalities
+        }
 
     def forward_projected(
         self,

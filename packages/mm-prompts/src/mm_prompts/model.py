@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from mm_prompts.backbone import MulTBackbone, MulTConfig
+from mm_prompts.backbone import MulTBackbone, MulTConfig, zero_padding
 from mm_prompts.missing import case_from_presence
 from mmcore import ModalityBatch, atomic_write
 
@@ -139,21 +139,40 @@ class MPLMM(nn.Module):
         case_from_presence(presence)  # validates: raises if a sample has nothing
         return presence
 
-    def _check_lengths(self, batch: ModalityBatch) -> None:
+    def _fit_lengths(self, batch: ModalityBatch) -> ModalityBatch:
+        """``batch`` with shorter sequences right-padded to the built lengths, as padding.
+
+        The prompts have one row per position of the lengths given at construction; a shorter
+        sequence is the same as that sequence padded and masked (tested), a longer one is an
+        error.
+        """
+        inputs, masks, padded = dict(batch.inputs), dict(batch.padding_masks), False
         for m in self.modalities:
-            if batch[m].ndim != 3 or batch[m].shape[1] != self.seq_lens[m]:
+            x, length = batch[m], self.seq_lens[m]
+            if x.ndim != 3 or x.shape[1] > length:
                 raise ValueError(
-                    f"MPLMM: modality '{m}' must be [B, {self.seq_lens[m]}, D] (prompt shapes are "
-                    f"tied to the sequence length), got {tuple(batch[m].shape)}."
+                    f"MPLMM: modality '{m}' must be [B, T <= {length}, D] sequences (the prompts "
+                    f"have one row per position; shorter ones are padded), got {tuple(x.shape)}."
                 )
+            extra = length - x.shape[1]
+            if extra:
+                pad = masks.get(m)
+                if pad is None:
+                    pad = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+                inputs[m] = F.pad(x, (0, 0, 0, extra))
+                masks[m] = F.pad(pad, (0, extra), value=True)
+                padded = True
+        return batch.replace(inputs=inputs, padding_masks=masks) if padded else batch
 
     def source_latents(self, batch: ModalityBatch) -> Tensor:
         """``U_s`` for every modality: ``[B, M, L_p, d]``."""
-        latents = []
-        for s in self.modalities:
-            u = F.gelu(self.gen_channel[s](batch[s]))  # [B, T_s, d]
-            latents.append(torch.einsum("btd,tl->bld", u, self.gen_pool[s]))
-        return torch.stack(latents, dim=1)
+        return torch.stack([self._latent(batch, s) for s in self.modalities], dim=1)
+
+    def _latent(self, batch: ModalityBatch, s: str) -> Tensor:
+        """``U_s`` ``[B, L_p, d]``; padded steps of ``s`` contribute nothing."""
+        pad = batch.padding_mask(s)
+        u = F.gelu(self.gen_channel[s](zero_padding(batch[s], pad)))  # [B, T_s, d]
+        return torch.einsum("btd,tl->bld", zero_padding(u, pad), self.gen_pool[s])
 
     def generate(self, batch: ModalityBatch, presence: Tensor) -> dict[str, Tensor]:
         """Generated sequences ``[B, T_m, d]`` for every modality, from the present ones."""
@@ -180,7 +199,7 @@ class MPLMM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, batch: ModalityBatch) -> Tensor:
         """``[B, out_dim]`` for a batch that may mix every missing case."""
-        self._check_lengths(batch)
+        batch = self._fit_lengths(batch)
         presence = self.presence(batch).to(batch.device)
         projected = self.backbone.project(batch)
         generated = self.generate(batch, presence)
@@ -199,24 +218,19 @@ class MPLMM(nn.Module):
 
         This is the released code's structure: a slow reference for tests and speed comparisons.
         """
-        self._check_lengths(batch)
+        batch = self._fit_lengths(batch)
         outputs = []
         for i in range(batch.batch_size):
             one = batch.select([i])
             present = [m for m in self.modalities if bool(one.is_present(m))]
             if not present:
                 raise ValueError(f"sample {i} has every modality missing.")
-            latents = {
-                s: torch.einsum(
-                    "btd,tl->bld", F.gelu(self.gen_channel[s](one[s])), self.gen_pool[s]
-                )
-                for s in present
-            }
-            pooled = sum(latents.values()) / len(latents)
+            pooled = sum(self._latent(one, s) for s in present) / len(present)
             z, padding, mk = {}, {}, 0
             for m in self.modalities:
                 if m in present:
-                    z[m] = self.backbone.proj[m](one[m].transpose(1, 2)).transpose(1, 2)
+                    x = zero_padding(one[m], one.padding_mask(m))
+                    z[m] = self.backbone.proj[m](x.transpose(1, 2)).transpose(1, 2)
                     z[m] = z[m] + self.signal_avail[m]
                     padding[m] = one.padding_mask(m)
                     mk = mk + self.signal_avail[m].T @ self.type_coupling[m]

@@ -170,6 +170,8 @@ def test_bad_input_raises_clear_errors():
         CASPConfig(epochs_ca=2, snapshot_every=3)
     with pytest.raises(ValueError, match="either config= or"):
         CASP(model(), CASPConfig(), tau=0.1)
+    with pytest.raises(ValueError, match=r"one score per sample .* outputs \(24, 3\)"):
+        CASP(model(out_dim=3), **FAST).adapt(data())  # class logits under task='regression'
 
 
 def test_both_views_in_one_forward_equal_two_forwards():

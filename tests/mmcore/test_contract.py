@@ -74,6 +74,12 @@ def test_masked_mean_ignores_padding_and_handles_all_padding():
     x = torch.tensor([[[2.0], [4.0]], [[1.0], [1.0]]])
     mask = torch.tensor([[False, True], [True, True]])
     assert masked_mean(x, mask).squeeze(-1).tolist() == [2.0, 0.0]
+    x = torch.tensor([[[2.0], [float("-inf")]], [[float("inf")], [1.0]]], requires_grad=True)
+    mask = torch.tensor([[False, True], [True, True]])
+    out = masked_mean(x, mask)
+    assert out.squeeze(-1).tolist() == [2.0, 0.0]  # padding may hold inf
+    out.sum().backward()
+    assert x.grad.squeeze(-1).tolist() == [[1.0, 0.0], [0.0, 0.0]]
 
 
 def test_transformers_encoder_is_accepted(tmp_path):

@@ -177,7 +177,7 @@ class CASP:
         out = torch.cat(outs)
         if self.config.task == "classification":
             return out.softmax(dim=-1)
-        return out.reshape(out.shape[0])
+        return _scores(out)
 
     def reset(self) -> None:
         """Restore the source weights exactly."""
@@ -283,7 +283,7 @@ class CASP:
                 if cfg.task == "classification":
                     loss = F.cross_entropy(pred, batch.target)  # soft targets: mean probabilities
                 else:
-                    loss = F.l1_loss(pred.reshape(-1), batch.target)
+                    loss = F.l1_loss(_scores(pred), batch.target)
                 self._step(optimizer, loss)
                 losses.append(loss.item())
             self.report.pseudo_label_losses.append(sum(losses) / max(len(losses), 1))
@@ -319,6 +319,16 @@ class CASP:
         if episodic or getattr(self, "_online_opt", None) is None:
             self._online_opt = self._optimizer()
         return self._online_opt
+
+
+def _scores(out: Tensor) -> Tensor:
+    """A regression model's output ``[N]`` or ``[N, 1]`` as ``[N]``; anything else is an error."""
+    if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
+        return out.reshape(-1)
+    raise ValueError(
+        f"CASP task='regression' needs one score per sample ([N] or [N, 1]), but the model "
+        f"outputs {tuple(out.shape)}; for class logits use task='classification'."
+    )
 
 
 class _Best:

@@ -184,10 +184,12 @@ def masked_mean(features: Tensor, padding_mask: Tensor | None) -> Tensor:
     """Mean over the time axis of ``[B, T, D]`` features, ignoring padding (``True``) positions.
 
     ``[B, D]`` features are returned unchanged. A sample whose every step is padding gives zeros.
+    Padded steps may hold anything, ``inf`` included (they are selected out, not multiplied by 0).
     """
     if features.ndim == 2:
         return features
     if padding_mask is None:
         return features.mean(dim=1)
-    keep = (~padding_mask).to(features.dtype).unsqueeze(-1)  # [B, T, 1]
-    return (features * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+    padding = padding_mask.unsqueeze(-1)  # [B, T, 1]
+    count = (~padding).sum(dim=1).clamp_min(1).to(features.dtype)
+    return features.masked_fill(padding, 0.0).sum(dim=1) / count

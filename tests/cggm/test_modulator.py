@@ -371,6 +371,15 @@ def test_bad_configuration_raises():
     fresh = CGGM(make_model(batch), num_outputs=3)
     with pytest.raises(RuntimeError, match="call the model's forward"):
         fresh.step(batch.target)
+    for target, message in (
+        (batch.target[:8], r"target has shape \(8,\) but the forward pass saw 16 samples"),
+        (batch.target.float(), "needs integer class targets"),
+    ):
+        fresh_model = make_model(batch)
+        checked = CGGM(fresh_model, num_outputs=3)
+        fresh_model(batch)
+        with pytest.raises(ValueError, match=message):
+            checked.step(target)
     with pytest.raises(ValueError, match="classifier_hidden must be a positive integer"):
         CGGMConfig(classifier_hidden=0)
     with pytest.raises(ValueError, match=r"classifier_hidden=5 differs .* needs lam=0"):

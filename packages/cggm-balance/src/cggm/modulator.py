@@ -425,6 +425,7 @@ class CGGM:
         feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)
+        self._check_target(target, next(iter(feats.values())).shape[0])
         self.optimizer.zero_grad(set_to_none=True)
         if self._stacked:
             logits = self._stacked_logits(feats)  # [M, B, C] or [M, B, C, *spatial]
@@ -495,6 +496,18 @@ class CGGM:
             if grads:
                 torch._foreach_mul_(grads, factors)  # one call for every encoder's gradients
         return dict(zip(self.modalities, b.tolist(), strict=True))
+
+    def _check_target(self, target: Tensor, batch_size: int) -> None:
+        if target.ndim == 0 or target.shape[0] != batch_size:
+            raise ValueError(
+                f"CGGM.step: target has shape {tuple(target.shape)} but the forward pass saw "
+                f"{batch_size} samples; pass this batch's targets."
+            )
+        if self.config.task != "regression" and target.is_floating_point():
+            raise ValueError(
+                f"CGGM.step: task='{self.config.task}' needs integer class targets, got "
+                f"{target.dtype} (use task='regression' for real-valued targets)."
+            )
 
     @staticmethod
     def _resize(pred: Tensor, target: Tensor) -> Tensor:

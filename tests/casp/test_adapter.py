@@ -91,6 +91,18 @@ def test_reset_restores_source_outputs_exactly():
     assert torch.equal(casp.predict(target), expected)
 
 
+def test_progress_bar_shows_both_stages_and_changes_nothing(capsys):
+    target = data(seed=5)
+    quiet = CASP(model(), **FAST)
+    quiet.adapt(target)
+    assert capsys.readouterr().err == ""
+    shown = CASP(model(), **FAST)
+    shown.adapt(target, progress=True)
+    err = capsys.readouterr().err
+    assert "CASP" in err and "3/3" in err and "pseudo_label_loss" in err  # 2 + 1 epochs
+    assert torch.equal(shown.predict(target), quiet.predict(target))
+
+
 def test_no_target_label_is_read():
     target = data(seed=4)
     runs = []

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from casp.config import CASPConfig
 from casp.functional import nt_xent, pseudo_labels, select_samples, stability_scores
@@ -191,12 +192,14 @@ class CASP:
         *,
         validation: ModalityBatch | None = None,
         score_fn: Callable[[Tensor, Tensor], float] | None = None,
+        progress: bool = False,
     ) -> AdaptationReport:
         """The paper's offline protocol on unlabeled target data; returns a report.
 
         ``data.target`` is never read (it is dropped first). ``validation`` (labelled target
         data) and ``score_fn(predictions, labels)`` are used only with
         ``select_by="target_validation"``, the released code's label-leaking epoch selection.
+        ``progress``: a progress bar over the epochs of both stages, with the last loss.
         """
         cfg = self.config
         if not isinstance(data, ModalityBatch):
@@ -220,6 +223,10 @@ class CASP:
         best = _Best(self, validation, score_fn) if cfg.select_by == "target_validation" else None
         healthy = copy.deepcopy(self.model.state_dict())
         self.model.train()
+        bar = tqdm(
+            total=cfg.epochs_ca + cfg.epochs_pl, desc="CASP", unit="epoch", disable=not progress
+        )
+        bar.set_postfix_str("stage 1: contrastive adaptation")
         for epoch in range(1, cfg.epochs_ca + 1):
             losses = []
             for batch in data.split(cfg.batch_size, shuffle=True, generator=generator):
@@ -242,6 +249,8 @@ class CASP:
             if report.collapsed:
                 break
             report.contrastive_losses.append(sum(losses) / max(len(losses), 1))
+            bar.update()
+            bar.set_postfix(stage=1, nt_xent=f"{report.contrastive_losses[-1]:.4f}")
             healthy = copy.deepcopy(self.model.state_dict())
             if epoch % cfg.snapshot_every == 0:
                 snapshots.append(self.predict(data))
@@ -257,7 +266,9 @@ class CASP:
         kept = select_samples(stability_scores(stacked), cfg.keep_ratio, cfg.keep)
         report.kept_indices = kept
         report.pseudo_labels = pseudo_labels(stacked)[kept]
-        self._pseudo_label_stage(data.select(kept), report.pseudo_labels, validation, score_fn)
+        bar.update(cfg.epochs_ca - bar.n)  # a collapse ends stage 1 early
+        self._pseudo_label_stage(data.select(kept), report.pseudo_labels, validation, score_fn, bar)
+        bar.close()
         self.model.eval()
         return report
 
@@ -267,6 +278,7 @@ class CASP:
         labels: Tensor,
         validation: ModalityBatch | None,
         score_fn: Callable | None,
+        bar: tqdm,
     ) -> None:
         cfg = self.config
         if cfg.epochs_pl == 0:
@@ -287,6 +299,8 @@ class CASP:
                 self._step(optimizer, loss)
                 losses.append(loss.item())
             self.report.pseudo_label_losses.append(sum(losses) / max(len(losses), 1))
+            bar.update()
+            bar.set_postfix(stage=2, pseudo_label_loss=f"{self.report.pseudo_label_losses[-1]:.4f}")
             if best is not None:
                 best.update()
         if best is not None:

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} [{profiles}] {task.description}")
         return 0
     if args.command == "report":
-        print(write_report(args.run_dir))
+        try:
+            print(write_report(args.run_dir))
+        except FileNotFoundError as err:
+            raise SystemExit(str(err)) from None
         return 0
     tasks = _resolve_tasks(args.task, args.profile)
     if args.data_root is not None and not args.data_root.is_dir():

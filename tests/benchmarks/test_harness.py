@@ -70,6 +70,8 @@ def test_cli_list_run_report(tmp_path, fake_tasks, capsys):
     assert cli.main(["report", str(tmp_path)]) == 0
     with pytest.raises(SystemExit, match=r"unknown task .toy-god.\. Did you mean toy-good"):
         cli.main(["run", "--task", "toy-god"])
+    with pytest.raises(SystemExit, match=r"no results\.json in .*: run `python -m benchmarks run`"):
+        cli.main(["report", str(tmp_path / "nowhere")])
 
 
 def test_seed_parsing_and_summary():

@@ -6,10 +6,14 @@ adapter's few dozen kernel calls and its optimiser's per-tensor work are a fixed
 as the frozen backbone's whole forward pass. This task takes the same methods (untrained: step
 time does not depend on the weights) on the same real UCI features with wider backbones and
 larger batches, and reports each step as a ratio to head-only, so the report shows how the
-ratio changes as the backbone's own work grows.
+ratio changes as the backbone's own work grows. At the first size, head-only, Houlsby and
+Wander are timed again with every model through ``torch.compile`` (inductor), which fuses
+most of those small calls: the same ratio when the fixed cost is compiled away.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,8 @@ from benchmarks.training import step_time_records, steps_per_round
 
 #: (encoder width, encoder hidden size, batch size); the first is ``wander-uci-transfer``'s.
 SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
+#: timed again through ``torch.compile`` at the first size, where the step is fixed cost
+COMPILED = ("head-only", "Houlsby adapter", "Wander", "Wander (r=4, tiled)")
 
 
 def sized_settings(width: int, hidden: int, batch_size: int) -> dict:
@@ -51,12 +57,25 @@ def run(ctx: RunContext) -> list[dict]:
         base = LateFusionModel.from_batch(train, 5, width=width, hidden=hidden, head="linear")
         calls = steps_per_round(batch_size, SIZES[0][2])
         seconds = step_times(base, train, settings, F.cross_entropy, ctx.seed, calls=calls)
+        config = {"width": width, "hidden": hidden, "batch_size": batch_size}
         records += step_time_records(
-            seconds,
-            "head-only",
-            dataset=f"uci-mfeat 5-9, {name}",
-            config={"width": width, "hidden": hidden, "batch_size": batch_size},
+            seconds, "head-only", dataset=f"uci-mfeat 5-9, {name}", config=config
         )
+        if (width, hidden, batch_size) == SIZES[0] and COMPILED:
+            ctx.progress(f"{name}, torch.compile")
+            try:
+                seconds = step_times(
+                    base, train, settings, F.cross_entropy, ctx.seed, only=COMPILED, compiled=True
+                )
+            except Exception as err:  # inductor needs a C++ compiler; the eager rows stand
+                warnings.warn(f"torch.compile rows skipped: {err}", stacklevel=1)
+                continue
+            records += step_time_records(
+                seconds,
+                "head-only",
+                dataset=f"uci-mfeat 5-9, {name}, every method through torch.compile",
+                config={**config, "compiled": True},
+            )
     return records
 
 
@@ -67,7 +86,8 @@ register_task(
             "Training-step time of head-only, full fine-tuning, LoRA (peft), Houlsby and Wander "
             "on real UCI mfeat features as the late-fusion backbone widens and the batch grows "
             "(the first size is wander-uci-transfer's): ratio to head-only and overhead in ms, "
-            "median over interleaved rounds."
+            "median over interleaved rounds; at the first size also head-only, Houlsby and "
+            "Wander all through torch.compile (ratio to compiled head-only)."
         ),
         run=run,
         primary_metric="step_time_vs_head_only",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -175,17 +175,23 @@ def step_times(
     loss_fn: Callable,
     seed: int,
     calls: int = 10,
+    *,
+    only: Sequence[str] | None = None,
+    compiled: bool = False,
 ) -> dict[str, float]:
     """Seconds per training step of every method: fresh copies, one batch, interleaved rounds.
 
-    ``calls`` steps per method and round (median over 7 rounds).
+    ``calls`` steps per method and round (median over 7 rounds). ``only``: these methods
+    instead of all. ``compiled``: each model through ``torch.compile`` (inductor; compiled in
+    the warm-up, which is not timed).
     """
     batch = next(iter(train.split(settings["batch_size"])))
     steps = {}
-    for method in methods(settings):
+    for method in only or methods(settings):
         model = build_method(method, base, train, settings, seed).train()
         optimiser = make_optimizer(model, lr=settings["lr"][method])
-        steps[method] = functools.partial(train_step, model, optimiser, batch, loss_fn)
+        forward = torch.compile(model) if compiled else model
+        steps[method] = functools.partial(train_step, forward, optimiser, batch, loss_fn)
     return median_times(steps, rounds=7, calls=calls)
 
 

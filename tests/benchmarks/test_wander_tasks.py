@@ -105,12 +105,19 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
     from benchmarks.tasks import wander_overhead
 
     monkeypatch.setattr(wander_overhead, "SIZES", ((8, 16, 8), (16, 32, 16)))
+    monkeypatch.setattr(wander_overhead, "COMPILED", ("head-only", "Wander"))
     results = run_tasks(["wander-step-overhead"], profile="quick", seeds=[0], out_dir=tmp_path)
     assert not results["failures"], results["failures"]
     records = results["records"]
+    compiled = [r for r in records if r["config"].get("compiled")]
+    records = [r for r in records if not r["config"].get("compiled")]
     assert len({r["dataset"] for r in records}) == 2
     settings = wander_overhead.sized_settings(8, 16, 8)
     assert {r["method"] for r in records} == set(wt.methods(settings))
+    # the first size again, every model through torch.compile, its own head-only as reference
+    assert [r["method"] for r in compiled] == list(wander_overhead.COMPILED)
+    assert all("torch.compile" in r["dataset"] and "width 8," in r["dataset"] for r in compiled)
+    records += compiled
     for r in records:
         assert r["metrics"]["ms_per_step"] > 0
         if r["method"] == "head-only":

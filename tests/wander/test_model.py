@@ -242,6 +242,27 @@ def test_deep_copy_and_pickle_give_independent_working_models(base_model, batch)
         torch.testing.assert_close(torch.load(buffer, weights_only=False)(batch), expected)
 
 
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_torch_compile_gives_the_eager_outputs_and_gradients(base_model, batch, output):
+    """Dynamo traces the hooks and the hand-written fusion backward (``aot_eager``: the graph
+    capture without code generation, so no C++ compiler is needed)."""
+    wander = Wander(base_model, RANKS, example_input=batch, output=output)
+    train_steps(wander, batch)
+    trainable = [p for p in wander.parameters() if p.requires_grad]
+
+    def run(model):
+        out = model(batch)
+        return out, torch.autograd.grad(out.square().sum(), trainable)
+
+    (eager, eager_grads), (compiled, compiled_grads) = (
+        run(wander),
+        run(torch.compile(wander, backend="aot_eager")),
+    )
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_load_reports_missing_and_unexpected_keys(tmp_path, base_model, batch):
     Wander(base_model, RANKS, example_input=batch).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

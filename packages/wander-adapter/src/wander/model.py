@@ -224,7 +224,7 @@ class Wander(nn.Module):
     # ------------------------------------------------------------------ hooks
     def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured.clear()
-        self._batch = find_modality_batch(args, kwargs)
+        self._batch = None if self._disabled else find_modality_batch(args, kwargs)
 
     def _padding_masks(self) -> dict[str, Tensor | None]:
         masks: dict[str, Tensor | None] = {}

@@ -31,6 +31,46 @@ class RunContext:
 
 
 @dataclass(frozen=True)
+class Target:
+    """A figure a task is expected to reach (an acceptance criterion), checked in the report.
+
+    The measured value is, per seed, ``metric`` of ``method`` in the table ``dataset``, minus
+    the same metric of ``versus`` when given (a paired difference); the report shows its mean
+    ± std over seeds and whether the mean satisfies ``op threshold``.
+
+    Attributes:
+        claim: the criterion in words.
+        dataset: the table (the records' ``dataset``) to read, or several names of which the
+            first in the run is read (e.g. the generated data's table, or the real data's).
+        method: the method measured.
+        metric: the metric read.
+        op: ``">="``, ``">"`` or ``"<="``.
+        threshold: the bound the mean is compared with.
+        versus: optional method whose metric is subtracted, seed by seed.
+    """
+
+    claim: str
+    dataset: str | tuple[str, ...]
+    method: str
+    metric: str
+    op: Literal[">=", ">", "<="]
+    threshold: float
+    versus: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in (">=", ">", "<="):
+            raise ValueError(f"Target op must be '>=', '>' or '<=', got {self.op!r}.")
+
+    def met(self, value: float) -> bool:
+        """Whether ``value`` satisfies the bound."""
+        if self.op == ">=":
+            return value >= self.threshold
+        if self.op == ">":
+            return value > self.threshold
+        return value <= self.threshold
+
+
+@dataclass(frozen=True)
 class Task:
     """A benchmark task, run once per seed.
 
@@ -46,6 +86,7 @@ class Task:
         metrics: metrics to tabulate, in order (default: every metric the records hold).
         plots: optional ``plots(records, plot_dir) -> [(caption, png_path), ...]`` for figures
             beyond the bar chart of the primary metric (e.g. a curve over a swept setting).
+        targets: figures the task is expected to reach; the report checks each on the run.
     """
 
     name: str
@@ -56,6 +97,7 @@ class Task:
     profiles: tuple[Profile, ...] = PROFILES
     metrics: tuple[str, ...] | None = None
     plots: Callable[[list[dict[str, Any]], Path], list[tuple[str, Path]]] | None = None
+    targets: tuple[Target, ...] = ()
 
 
 TASKS: dict[str, Task] = {}

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.registry import TASKS
+from benchmarks.registry import TASKS, Target
 from benchmarks.runner import RESULTS_FILE
 from mmcore import atomic_write
 
@@ -127,6 +127,48 @@ def save_figure(fig, path: Path) -> None:
         f.write(buffer.getvalue())
 
 
+def target_values(target: Target, methods: dict[str, list[dict]]) -> list[float | None]:
+    """Per-seed values of ``target`` from one table's records (``method → records``)."""
+    records = methods.get(target.method, [])
+    if target.versus is None:
+        return [r["metrics"].get(target.metric) for r in records]
+    return paired_deltas(records, methods.get(target.versus, []), target.metric)
+
+
+def _target_lines(grouped: dict[str, dict[str, dict[str, list[dict]]]]) -> list[str]:
+    """The report's "Targets" table: every target of the tasks in the run, checked on it."""
+    rows = []
+    for task_name, datasets in grouped.items():
+        task = TASKS.get(task_name)
+        for target in task.targets if task is not None else ():
+            names = (target.dataset,) if isinstance(target.dataset, str) else target.dataset
+            table = next((datasets[d] for d in names if d in datasets), {})
+            mean, std, n = summarise(target_values(target, table))
+            measured = target.method + (f" − {target.versus}" if target.versus else "")
+            verdict = "not measured" if n == 0 else ("met" if target.met(mean) else "**not met**")
+            if n > 1 and abs(mean - target.threshold) < std:
+                verdict += " (the bound is within one std)"
+            rows.append(
+                f"| {task_name} | {target.claim} | {measured}: {target.metric} | "
+                f"{_fmt(mean, std, n)} | {target.op} {target.threshold:g} | {verdict} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Targets",
+        "",
+        "The figures each task is expected to reach, checked on this run: the mean over seeds of"
+        " the metric (a per-seed paired difference where a second method is named) against the"
+        " bound. Where the bound lies within one standard deviation of the mean, the verdict"
+        " could change with other seeds, and says so.",
+        "",
+        "| task | target | measured | value | needs | verdict |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` for the run in ``run_dir``; return the report."""
     results_path = run_dir / RESULTS_FILE
@@ -148,7 +190,9 @@ def write_report(run_dir: Path) -> Path:
         " (same seed, same data), whose spread is smaller than the seeds' spread.",
         "",
     ]
-    for task_name, datasets in group_records(results.get("records", [])).items():
+    grouped = group_records(results.get("records", []))
+    lines += _target_lines(grouped)
+    for task_name, datasets in grouped.items():
         task = TASKS.get(task_name)
         seconds = meta.get("task_seconds", {}).get(task_name)
         lines += [f"## {task_name}", ""]

@@ -30,7 +30,7 @@ from benchmarks.backbones import LateFusionModel
 from benchmarks.baselines.ogm import OGMGE
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
-from benchmarks.registry import RunContext, Task, register_task
+from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
 from benchmarks.training import (
@@ -283,6 +283,7 @@ UCI_SETTINGS = {
         "joint, encoder grads × ρ(M−1)/M (ρ=3)",
     ),
 }
+UCI_DATASET = f"uci-mfeat ({int(100 * UCI_SETTINGS['train_fraction'])}% of train)"
 
 
 def _subsample(batch: ModalityBatch, fraction: float, seed: int) -> ModalityBatch:
@@ -326,7 +327,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
             optimizer=s["optimizer"],
         )
 
-    dataset = f"uci-mfeat ({int(100 * s['train_fraction'])}% of train)"
+    dataset = UCI_DATASET
     records = []
     for method in s["methods"]:
         ctx.progress(method)
@@ -516,6 +517,45 @@ register_task(
         run=run_uci,
         plots=plot_probes,
         primary_metric="accuracy",
+        targets=(
+            Target(
+                "at least 1 point above joint training",
+                UCI_DATASET,
+                "CGGM",
+                "accuracy",
+                ">=",
+                0.01,
+                versus="joint",
+            ),
+            Target("above OGM-GE", UCI_DATASET, "CGGM", "accuracy", ">", 0.0, versus="OGM-GE"),
+            # the two weakest modalities by the probes of encoders trained alone
+            Target(
+                "higher probe accuracy on a weak modality (fou)",
+                UCI_DATASET,
+                "CGGM",
+                "probe_fou",
+                ">",
+                0.0,
+                versus="joint",
+            ),
+            Target(
+                "higher probe accuracy on a weak modality (mor)",
+                UCI_DATASET,
+                "CGGM",
+                "probe_mor",
+                ">",
+                0.0,
+                versus="joint",
+            ),
+            Target(
+                "step time at most 1.3x joint training",
+                UCI_DATASET,
+                "CGGM",
+                "step_time_vs_joint",
+                "<=",
+                1.3,
+            ),
+        ),
         metrics=(
             "accuracy",
             "f1_macro",

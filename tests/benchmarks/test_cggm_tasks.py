@@ -36,6 +36,8 @@ def test_cggm_tasks_record_every_method(tmp_path, tiny):
     assert "grad_scale_mean" not in uci[0]["metrics"]
     report = write_report(tmp_path).read_text()
     assert "cggm-uci-balance--probes.png" in report
+    # every target names a table and methods the task records
+    assert report.count("| cggm-uci-balance |") == 5 and "not measured" not in report
     assert (tmp_path / "plots" / "cggm-uci-balance--probes.png").is_file()
     assert {"mae", "corr"} <= set(by_task["cggm-mosi-imbalance"][1]["metrics"])
     brats = {r["method"]: r["metrics"] for r in by_task["cggm-brats-seg"]}

@@ -4,7 +4,7 @@ import pytest
 
 import benchmarks.tasks  # noqa: F401
 from benchmarks import cli
-from benchmarks.registry import TASKS, Task, register_task
+from benchmarks.registry import TASKS, Target, Task, register_task
 from benchmarks.report import summarise, write_report
 from benchmarks.runner import run_tasks
 from mmcore import atomic_write
@@ -58,6 +58,37 @@ def test_run_records_everything_and_survives_a_failing_task(tmp_path, fake_tasks
     assert "| b | 2 | 0.2500 ± 0.0000 | 10 | -0.3000 ± 0.0707 |" in report
     assert "## Failed" in report and "planted failure" in report
     assert (tmp_path / "plots" / "toy-good--toy.png").stat().st_size > 1000
+
+
+def test_report_checks_each_tasks_targets(tmp_path, monkeypatch):
+    """Seed 0: a = 0.5, b = 0.25; seed 1: a = 0.6, b = 0.25 (a − b: 0.25 and 0.35)."""
+
+    def run(ctx):
+        return [
+            {"method": "a", "dataset": "toy", "metrics": {"acc": 0.5 + 0.1 * ctx.seed}},
+            {"method": "b", "dataset": "toy", "metrics": {"acc": 0.25}},
+        ]
+
+    targets = (
+        Target("a clears 0.4", "toy", "a", "acc", ">=", 0.4),
+        Target("a clears 0.5", "toy", "a", "acc", ">=", 0.5),
+        Target("a beats b by 0.4", "toy", "a", "acc", ">=", 0.4, versus="b"),
+        Target("a beats b by 0.32", "toy", "a", "acc", ">=", 0.32, versus="b"),
+        Target("b at most 0.2", ("real", "toy"), "b", "acc", "<=", 0.2),
+        Target("c exists", "toy", "c", "acc", ">", 0.0),
+    )
+    monkeypatch.setitem(TASKS, "toy-targets", Task("toy-targets", "d", run, "acc", targets=targets))
+    run_tasks(["toy-targets"], profile="quick", seeds=[0, 1], out_dir=tmp_path)
+    report = write_report(tmp_path).read_text()
+    assert "## Targets" in report
+    assert "| a clears 0.4 | a: acc | 0.5500 ± 0.0707 | >= 0.4 | met |" in report
+    assert "| >= 0.5 | met (the bound is within one std) |" in report
+    assert "| a beats b by 0.4 | a − b: acc | 0.3000 ± 0.0707 | >= 0.4 | **not met** |" in report
+    assert "0.3000 ± 0.0707 | >= 0.32 | **not met** (the bound is within one std) |" in report
+    assert "| b at most 0.2 | b: acc | 0.2500 ± 0.0000 | <= 0.2 | **not met** |" in report
+    assert "| c exists | c: acc | — | > 0 | not measured |" in report
+    with pytest.raises(ValueError, match="op must be"):
+        Target("bad", "toy", "a", "acc", "==", 0.0)
 
 
 def test_cli_list_run_report(tmp_path, fake_tasks, capsys):

@@ -18,9 +18,8 @@ def tiny(monkeypatch):
 
 
 def test_mplmm_tasks_record_every_method(tmp_path, tiny):
-    results = run_tasks(
-        ["mplmm-mosi-missing", "mplmm-uci-missing"], profile="quick", seeds=[0], out_dir=tmp_path
-    )
+    tasks = ["mplmm-mosi-missing", "mplmm-uci-missing", "mplmm-throughput"]
+    results = run_tasks(tasks, profile="quick", seeds=[0], out_dir=tmp_path)
     assert not results["failures"], results["failures"]
     mosi = [r for r in results["records"] if r["task"] == "mplmm-mosi-missing"]
     assert len({r["dataset"] for r in mosi}) == 8  # 7 cases + their average
@@ -37,6 +36,8 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     assert {"accuracy_all_cases", "accuracy_single_modality"} <= set(uci[0]["metrics"])
     report = write_report(tmp_path).read_text()
     assert "rate-sweep.png" in report
+    # every target names a table and methods the task records
+    assert sum(report.count(f"| {t} |") for t in tasks) == 7 and "not measured" not in report
     assert (tmp_path / "plots" / "mplmm-mosi-missing--rate-sweep.png").is_file()
     assert (tmp_path / "plots" / "mplmm-mosi-missing--cases.png").is_file()
 

@@ -50,8 +50,10 @@ def test_wander_tasks_record_every_method(tmp_path, tiny):
     assert 0 <= uci["Wander"]["valid_score"] <= 1
     uci_config = by_task["wander-uci-transfer"][0]["config"]
     assert uci_config["episodes"] == 2 and len(uci_config["best_epochs"]) == 2
-    write_report(tmp_path)
+    report = write_report(tmp_path).read_text()
     assert (tmp_path / "plots" / "wander-uci-transfer--tradeoff.png").is_file()
+    # every target names a table and methods the task records
+    assert report.count("| wander-uci-transfer |") == 5 and "not measured" not in report
     assert {"mae", "corr", "acc7"} <= set(by_task["wander-mosi-interaction"][0]["metrics"])
     assert [r["method"] for r in by_task["wander-food101-path"]] == ["head-only", "Wander"]
 

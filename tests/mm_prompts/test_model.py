@@ -207,6 +207,81 @@ def test_batched_transformers_equal_the_per_module_loop(m, extra):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_each_stacked_transformer_equals_a_standalone_multihead_attention_module():
+    """A member of a stack, run alone, equals a transformer of ``nn.MultiheadAttention`` layers
+    holding its weights: values and input gradients, padded source of another length."""
+    names = ("text", "audio", "vision")
+    torch.manual_seed(0)
+    config = MulTConfig(dict.fromkeys(names, 3), d=8, num_heads=2, cross_layers=2, dropout=0.0)
+    backbone = MulTBackbone(config)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 4, 8, generator=g, requires_grad=True)
+    src = torch.randn(5, 6, 8, generator=g, requires_grad=True)
+    pad = torch.zeros(5, 6, dtype=torch.bool)
+    pad[3:, 4:] = True
+    h = torch.randn(5, 4, 16, generator=g, requires_grad=True)
+    h_pad = torch.zeros(5, 4, dtype=torch.bool)
+    h_pad[:2, 3:] = True
+    cases = [(backbone.cross, n, x, src, pad) for n in backbone.cross.names]
+    cases += [(backbone.memory, n, h, None, h_pad) for n in names]
+    for stack, name, inp, source, padding in cases:
+        ours = stack.run_one(name, inp, source, padding)
+        module = stack.member(name)
+        ref = module(inp, source, padding) if source is not None else module(inp, x_padding=padding)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        leaves = [inp] if source is None else [inp, source]
+        for a, b in zip(
+            torch.autograd.grad(ours.square().sum(), leaves),
+            torch.autograd.grad(ref.square().sum(), leaves),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_parameters_keep_one_state_dict_entry_per_transformer():
+    model, data = build()
+    backbone = model.backbone
+    state = backbone.state_dict()
+    assert not any(".stack." in k for k in state)
+    assert state["cross.text_from_audio.blocks.0.attn.in_proj_weight"].shape == (24, 8)
+    assert state["memory.vision.norm.weight"].shape == (16,)
+    # one tensor per parameter name of a transformer, not one per transformer and name
+    per_transformer = len(list(backbone.cross.member("audio_from_text").parameters()))
+    assert len(list(backbone.cross.parameters())) == per_transformer
+    assert len([k for k in state if k.startswith("cross.")]) == 6 * per_transformer
+    fresh = MulTBackbone(
+        MulTConfig(
+            backbone.config.input_dims,
+            d=8,
+            num_heads=2,
+            cross_layers=1,
+            memory_layers=1,
+            dropout=0.0,
+        )
+    )
+    fresh.load_state_dict(state)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(data), backbone(data))
+    partial = {k: v for k, v in state.items() if k != "cross.audio_from_text.norm.bias"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*cross\.audio_from_text\.norm\.bias"):
+        fresh.load_state_dict(partial)
+    before = fresh.cross.member("audio_from_text").norm.bias.clone()
+    report = fresh.load_state_dict(
+        {
+            **partial,
+            "cross.audio_from_text.norm.weight": state["cross.audio_from_text.norm.weight"] * 2,
+        },
+        strict=False,
+    )
+    assert report.missing_keys == ["cross.audio_from_text.norm.bias"]
+    assert torch.equal(fresh.cross.member("audio_from_text").norm.bias, before)
+    assert torch.equal(
+        fresh.cross.member("audio_from_text").norm.weight,
+        2 * state["cross.audio_from_text.norm.weight"],
+    )
+
+
 def test_auto_batches_only_small_calls_of_one_length(monkeypatch):
     from mm_prompts import backbone as module
 

@@ -8,12 +8,14 @@ through the branch's self-attention "memory" transformer, whose last position is
 ``nn.MultiheadAttention`` (fused ``scaled_dot_product_attention`` kernels); padding masks are
 respected; there is no causal mask.
 
-When every modality's sequence has the same length (aligned data, vectors) and the calls are
-small (``batched="auto"``: at most 2,048 tokens per transformer), the ``M (M − 1)`` cross-modal
-transformers run as one batched computation, and the ``M`` memory transformers as another: each
-parameter is stacked over the transformers (the per-pair modules keep their own parameters and
-state-dict names) and every layer is a handful of batched calls instead of one set of calls per
-transformer. Tested equal, values and gradients, to the per-transformer loop.
+The ``M (M − 1)`` cross-modal transformers are stored as one stack, and the ``M`` memory
+transformers as another: each parameter is one tensor with a leading axis over the transformers
+(the state dict still lists every transformer under its own name, ``cross.text_from_audio.…``,
+and loads that layout). When every modality's sequence has the same length (aligned data,
+vectors) and the calls are small (``batched="auto"``: at most 2,048 tokens per transformer),
+each stack runs as one batched computation, every layer a handful of batched calls; otherwise
+the transformers run one after the other on their slices of the stack. Tested equal, values
+and gradients, to each other and to transformers of ``nn.MultiheadAttention`` layers.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ class _Block(nn.Module):
 
 
 class _Transformer(nn.Module):
+    """A (cross-)attention transformer of ``nn.MultiheadAttention`` blocks.
+
+    The layout of one member of a :class:`_TransformerStack` (which runs the same maths
+    batched); as a module, the reference that tests hold the stack to.
+    """
+
     def __init__(self, dim: int, heads: int, layers: int, dropout: float) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(layers))
@@ -106,19 +114,132 @@ class _Transformer(nn.Module):
         return self.norm(x)
 
 
-def _stacked_parameters(transformers: Sequence[_Transformer]) -> dict[str, Tensor]:
-    """Every parameter of identically shaped transformers, stacked: name → ``[P, ...]``."""
-    per_module = [dict(t.named_parameters()) for t in transformers]
-    return {name: torch.stack([p[name] for p in per_module]) for name in per_module[0]}
+class _TransformerStack(nn.Module):
+    """``P`` identically shaped transformers whose parameters are stored stacked, ``[P, ...]``.
+
+    ``stack`` is a :class:`_Transformer` whose every parameter has a leading axis over the
+    members (in ``names`` order): :func:`_batched_transformer` runs all members in one set of
+    batched calls, and :meth:`run_one` runs one of them. One tensor per parameter name instead
+    of one per member: the optimiser, the gradient accumulation and the per-step stacking of
+    ``P`` separate modules cost more than the arithmetic on small models. The state dict keeps
+    one entry per member (``<name>.blocks.0.attn.in_proj_weight``), as separate modules have.
+    """
+
+    def __init__(self, names: Sequence[str], dim: int, heads: int, layers: int, dropout: float):
+        super().__init__()
+        self.names = tuple(names)
+        members = [_Transformer(dim, heads, layers, dropout) for _ in self.names]
+        self.stack = members[0]
+        for path, _ in list(self.stack.named_parameters()):
+            owner, leaf = _owner(self.stack, path)
+            value = torch.stack([m.get_parameter(path).detach() for m in members])
+            setattr(owner, leaf, nn.Parameter(value))
+        self.register_state_dict_post_hook(_unstack_state)
+        self.register_load_state_dict_pre_hook(_stack_state)
+
+    def parameters_by_name(self) -> dict[str, Tensor]:
+        """Stacked parameters, ``[P, ...]``, by their name inside one transformer."""
+        return dict(self.stack.named_parameters())
+
+    def run_all(self, x: Tensor, src: Tensor | None, key_padding: Tensor | None) -> Tensor:
+        """Every member at once (:func:`_batched_transformer`): ``[P, B, T, d]``."""
+        return _batched_transformer(self.stack, self.parameters_by_name(), x, src, key_padding)
+
+    def run_one(
+        self, name: str, x: Tensor, src: Tensor | None, key_padding: Tensor | None
+    ) -> Tensor:
+        """Member ``name`` on ``x`` ``[B, T, d]`` (``src`` ``[B, S, d]``, padding ``[B, S]``)."""
+        i = self.names.index(name)
+        params = {k: v[i : i + 1] for k, v in self.parameters_by_name().items()}
+        return _batched_transformer(
+            self.stack,
+            params,
+            x.unsqueeze(0),
+            None if src is None else src.unsqueeze(0),
+            None if key_padding is None else key_padding.unsqueeze(0),
+        ).squeeze(0)
+
+    @torch.no_grad()
+    def member(self, name: str) -> _Transformer:
+        """A standalone :class:`_Transformer` (``nn.MultiheadAttention``), ``name``'s weights."""
+        block = self.stack.blocks[0]
+        out = _Transformer(
+            block.ln_q.normalized_shape[0],
+            block.attn.num_heads,
+            len(self.stack.blocks),
+            block.attn.dropout,
+        )
+        out.to(self.stack.norm.weight)  # the stack's device and dtype
+        out.load_state_dict(
+            {k: v[self.names.index(name)] for k, v in self.parameters_by_name().items()}
+        )
+        return out.train(self.training)
+
+
+def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding the parameter at dotted ``path``, and its attribute name."""
+    owner_path, _, leaf = path.rpartition(".")
+    return (module.get_submodule(owner_path) if owner_path else module), leaf
+
+
+def _unstack_state(module: _TransformerStack, state: dict, prefix: str, _metadata) -> None:
+    """State-dict post-hook: ``stack.<param>`` ``[P, ...]`` → one ``<name>.<param>`` per member.
+
+    Member by member, as a ``ModuleDict`` of separate transformers lists them.
+    """
+    stacked = {
+        key[len(prefix + "stack.") :]: state.pop(key)
+        for key in [k for k in state if k.startswith(prefix + "stack.")]
+    }
+    for i, name in enumerate(module.names):
+        for param, value in stacked.items():
+            state[f"{prefix}{name}.{param}"] = value[i]
+
+
+def _stack_state(
+    module: _TransformerStack,
+    state: dict,
+    prefix: str,
+    _metadata,
+    _strict: bool,
+    missing_keys: list[str],
+    *_args,
+) -> None:
+    """Load-state-dict pre-hook: every member's ``<name>.<param>`` → ``stack.<param>``.
+
+    A member missing from ``state`` keeps its current weights and is reported by its own key,
+    as with separate modules.
+    """
+    for param, current in module.parameters_by_name().items():
+        keys = [f"{prefix}{name}.{param}" for name in module.names]
+        if not any(k in state for k in keys):
+            continue  # reported missing by the standard loading, under the stacked name
+        values = []
+        for i, key in enumerate(keys):
+            if key in state:
+                values.append(state.pop(key))
+            else:
+                missing_keys.append(key)
+                values.append(current[i].detach())
+        given = next(
+            state_value
+            for key, state_value in zip(keys, values, strict=True)
+            if key not in missing_keys
+        )
+        state[f"{prefix}stack.{param}"] = torch.stack([v.to(given) for v in values])
 
 
 def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """LayerNorm of ``x`` ``[P, B, T, d]`` with per-transformer affine ``[P, d]``."""
+    if x.shape[0] == 1:  # one transformer: the fused affine
+        return F.layer_norm(x, x.shape[-1:], weight[0], bias[0])
     return F.layer_norm(x, x.shape[-1:]) * weight[:, None, None] + bias[:, None, None]
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``x`` ``[P, B, T, i]`` through per-transformer weights ``[P, o, i]``, biases ``[P, o]``."""
+    if x.shape[0] == 1:  # one transformer: a plain linear layer
+        return F.linear(x, weight[0], bias[0])
     p, b, t, _ = x.shape
     out = torch.baddbmm(bias.unsqueeze(1), x.reshape(p, b * t, -1), weight.transpose(1, 2))
     return out.view(p, b, t, -1)
@@ -195,8 +316,8 @@ def _last_step(out: Tensor, pad: Tensor | None) -> Tensor:
 
 
 # above this many tokens per transformer call (B·T) the loop's separate GEMMs beat the batched
-# ones on CPU (measured: 0.5× the loop's training step at 64 tokens, 0.93× at 1,280, 1.06× at
-# 3,200; 1.3× slower in eval at 3,200)
+# ones on CPU (measured, batched / loop time: 0.45 of a training step at 64 tokens, 0.91 at
+# 1,280, 1.04 at 3,200; 1.11 in eval at 3,200)
 _BATCHED_MAX_TOKENS = 2048
 
 
@@ -215,21 +336,14 @@ class MulTBackbone(nn.Module):
         self.proj = nn.ModuleDict(
             {k: nn.Conv1d(dim, d, kernel_size=1, bias=False) for k, dim in c.input_dims.items()}
         )
-        self.cross = nn.ModuleDict(
-            {
-                f"{b}_from_{s}": _Transformer(d, c.num_heads, c.cross_layers, c.dropout)
-                for b in self.modalities
-                for s in self.modalities
-                if s != b
-            }
-        )
+        # branch b attends to source s: "b_from_s", in branch order (the order of the
+        # batched path's stack)
+        pairs = [f"{b}_from_{s}" for b in self.modalities for s in self.modalities if s != b]
+        self.cross = _TransformerStack(pairs, d, c.num_heads, c.cross_layers, c.dropout)
         memory_dim = (m - 1) * d
         heads = c.num_heads if memory_dim % c.num_heads == 0 else 1
-        self.memory = nn.ModuleDict(
-            {
-                b: _Transformer(memory_dim, heads, c.memory_layers, c.dropout)
-                for b in self.modalities
-            }
+        self.memory = _TransformerStack(
+            self.modalities, memory_dim, heads, c.memory_layers, c.dropout
         )
         fused = m * memory_dim
         self.proj1, self.proj2 = nn.Linear(fused, fused), nn.Linear(fused, fused)
@@ -281,7 +395,7 @@ class MulTBackbone(nn.Module):
         readouts = []
         for b in self.modalities:
             parts = [
-                self.cross[f"{b}_from_{s}"](z[b], z[s], padding.get(s))
+                self.cross.run_one(f"{b}_from_{s}", z[b], z[s], padding.get(s))
                 for s in self.modalities
                 if s != b
             ]
@@ -289,7 +403,7 @@ class MulTBackbone(nn.Module):
             h, pad = _append_tokens(
                 h, padding.get(b), None if extra_tokens is None else extra_tokens[b]
             )
-            readouts.append(_last_step(self.memory[b](h, x_padding=pad), pad))
+            readouts.append(_last_step(self.memory.run_one(b, h, None, pad), pad))
         return self._head(torch.cat(readouts, dim=-1))
 
     def _forward_batched(
@@ -305,11 +419,8 @@ class MulTBackbone(nn.Module):
         no_pad = torch.zeros(batch, length, dtype=torch.bool, device=first.device)
         pads = [padding.get(k) if padding.get(k) is not None else no_pad for k in mods]
         padded = any(padding.get(k) is not None for k in mods)
-        pairs = [(b, s) for b in range(m) for s in range(m) if s != b]  # the per-branch order
-        cross = [self.cross[f"{mods[b]}_from_{mods[s]}"] for b, s in pairs]
-        out = _batched_transformer(
-            cross[0],
-            _stacked_parameters(cross),
+        pairs = [(b, s) for b in range(m) for s in range(m) if s != b]  # the stack's order
+        out = self.cross.run_all(
             torch.stack([z[mods[b]] for b, _ in pairs]),
             torch.stack([z[mods[s]] for _, s in pairs]),
             torch.stack([pads[s] for _, s in pairs]) if padded else None,
@@ -317,8 +428,7 @@ class MulTBackbone(nn.Module):
         h = out.view(m, m - 1, batch, length, -1).permute(0, 2, 3, 1, 4).flatten(3)
         extra = None if extra_tokens is None else torch.stack([extra_tokens[k] for k in mods])
         h, pad = _append_tokens(h, torch.stack(pads) if padded else None, extra)  # [M, B, T', ·]
-        memory = [self.memory[k] for k in mods]
-        out = _batched_transformer(memory[0], _stacked_parameters(memory), h, None, pad)
+        out = self.memory.run_all(h, None, pad)
         readouts = _last_step(out, pad)  # [M, B, (M-1) d]
         return self._head(readouts.transpose(0, 1).flatten(1))  # branches in order
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,20 +153,6 @@ class StackedClassifiers(nn.Module):
         return clf
 
 
-class _CaptureHook:
-    """Forward hook keeping an encoder's detached output for the classifiers.
-
-    A class, not a closure, so a model carrying the hooks can be pickled (``torch.save``) and
-    ``copy.deepcopy`` binds the copy's hooks to a copy of the modulator.
-    """
-
-    def __init__(self, cggm: CGGM, modality: str) -> None:
-        self.cggm, self.modality = cggm, modality
-
-    def __call__(self, _module: nn.Module, _args: tuple, output: Any) -> None:
-        self.cggm._captured[self.modality] = encoder_features(output).detach()
-
-
 class CGGM:
     """Classifier-guided gradient modulation (Guo et al., NeurIPS 2024, arXiv 2411.01409).
 
@@ -257,7 +244,9 @@ class CGGM:
         self._batch: ModalityBatch | None = None
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         for name, enc in self.encoders.items():
-            self._handles.append(enc.register_forward_hook(_CaptureHook(self, name)))
+            # a partial of a bound method, not a closure: a model carrying it can be pickled, and
+            # a deep copy of the model binds it to a copy of the modulator
+            self._handles.append(enc.register_forward_hook(functools.partial(self._capture, name)))
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
@@ -377,6 +366,9 @@ class CGGM:
     def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = {}
         self._batch = find_modality_batch(args, kwargs)
+
+    def _capture(self, modality: str, _module: nn.Module, _args: tuple, output: Any) -> None:
+        self._captured[modality] = encoder_features(output).detach()
 
     def remove(self) -> None:
         """Remove the hooks from the model."""

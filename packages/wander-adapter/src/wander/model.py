@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -143,7 +144,9 @@ class Wander(nn.Module):
         self._batch: ModalityBatch | None = None
         self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]
         for m, module in self._targets.items():
-            self._handles.append(module.register_forward_hook(_CaptureHook(self, m)))
+            # a partial of a bound method, not a closure: a deep copy of the wrapped model binds
+            # its hooks to the copy, and torch.save can pickle them
+            self._handles.append(module.register_forward_hook(functools.partial(self._capture, m)))
         if cfg.output == "fused":
             self._handles.append(self._consumer.register_forward_hook(self._fuse_output))
         else:
@@ -225,6 +228,10 @@ class Wander(nn.Module):
     def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured.clear()
         self._batch = None if self._disabled else find_modality_batch(args, kwargs)
+
+    def _capture(self, modality: str, _module: nn.Module, _args: tuple, output: Any) -> None:
+        if not self._disabled:
+            self._captured[modality] = encoder_features(output)
 
     def _padding_masks(self) -> dict[str, Tensor | None]:
         masks: dict[str, Tensor | None] = {}
@@ -389,21 +396,6 @@ class Wander(nn.Module):
                 stacklevel=2,
             )
         return wander
-
-
-class _CaptureHook:
-    """Forward hook keeping a target module's output for the adapter.
-
-    A class, not a closure: ``copy.deepcopy`` of the wrapped model then binds the copy's hooks
-    to the copy (a closure would keep feeding the original), and ``torch.save`` can pickle it.
-    """
-
-    def __init__(self, wander: Wander, modality: str) -> None:
-        self.wander, self.modality = wander, modality
-
-    def __call__(self, _module: nn.Module, _args: tuple, output: Any) -> None:
-        if not self.wander._disabled:
-            self.wander._captured[self.modality] = encoder_features(output)
 
 
 def _call(model: nn.Module, example: Any) -> Any:

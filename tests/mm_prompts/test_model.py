@@ -176,6 +176,24 @@ def test_shorter_sequences_equal_the_padded_ones():
         torch.testing.assert_close(model.forward_per_sample(short), model(padded))
 
 
+def test_a_modality_the_batch_lacks_is_missing_for_every_sample():
+    model, data = build()
+    model.eval()
+    without = ModalityBatch(
+        {m: data[m] for m in ("text", "vision")},
+        data.target,
+        presence={m: data.presence[m] for m in ("text", "vision") if m in data.presence},
+    )
+    marked = data.with_missing("audio")
+    keep = data.is_present("text") | data.is_present("vision")  # cases with something left
+    with torch.no_grad():
+        expected = model(marked.select(keep))
+        torch.testing.assert_close(model(without.select(keep)), expected)
+        torch.testing.assert_close(model.forward_per_sample(without.select(keep)), expected)
+    with pytest.raises(ValueError, match="none of the modalities"):
+        model(ModalityBatch({"depth": data["text"]}))
+
+
 @pytest.mark.parametrize("m", [2, 3, 4])
 @pytest.mark.parametrize("extra", [False, True])
 def test_batched_transformers_equal_the_per_module_loop(m, extra):

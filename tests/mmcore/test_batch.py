@@ -154,6 +154,10 @@ def test_to_casts_floating_inputs_only():
     assert out["x"].dtype == torch.float64
     assert out["ids"].dtype == torch.long
     assert out.presence["x"].dtype == torch.bool
+    # a dtype first, as Tensor.to takes it
+    assert batch.to(torch.float64)["x"].dtype == torch.float64
+    with pytest.raises(TypeError, match="two dtypes"):
+        batch.to(torch.float64, torch.float16)
 
 
 def test_collate_pads_variable_length_sequences():

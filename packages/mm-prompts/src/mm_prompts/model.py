@@ -144,9 +144,24 @@ class MPLMM(nn.Module):
 
         The prompts have one row per position of the lengths given at construction; a shorter
         sequence is the same as that sequence padded and masked (tested), a longer one is an
-        error.
+        error. A modality the batch lacks altogether is missing for every sample (zeros,
+        marked absent), as if each sample's case left it out.
         """
         inputs, masks, padded = dict(batch.inputs), dict(batch.padding_masks), False
+        absent = [m for m in self.modalities if m not in batch]
+        if absent:
+            if len(absent) == len(self.modalities):
+                raise ValueError(
+                    f"MPLMM: the batch has none of the modalities {list(self.modalities)} "
+                    f"(it has {list(batch.modalities)})."
+                )
+            like = next(batch[m] for m in self.modalities if m in batch)
+            dims = self.backbone.config.input_dims
+            presence = dict(batch.presence)
+            for m in absent:
+                inputs[m] = like.new_zeros(like.shape[0], self.seq_lens[m], dims[m])
+                presence[m] = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+            batch = batch.replace(inputs=inputs, presence=presence)
         for m in self.modalities:
             x, length = batch[m], self.seq_lens[m]
             if x.ndim != 3 or x.shape[1] > length:

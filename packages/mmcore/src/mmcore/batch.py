@@ -259,7 +259,14 @@ class ModalityBatch:
         dtype: torch.dtype | None = None,
         non_blocking: bool = False,
     ) -> ModalityBatch:
-        """Move every tensor to ``device``; ``dtype`` applies to floating inputs only."""
+        """Move every tensor to ``device``; ``dtype`` applies to floating inputs only.
+
+        As with ``Tensor.to``, a dtype may come first: ``batch.to(torch.float64)``.
+        """
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("ModalityBatch.to: two dtypes given; pass a device and a dtype.")
+            device, dtype = None, device
 
         def move(t: Tensor, cast: bool) -> Tensor:
             return t.to(

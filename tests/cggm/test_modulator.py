@@ -364,6 +364,10 @@ def test_bad_configuration_raises():
         CGGM(model, encoder_modules={"a": "encoders.m9", "b": "encoders.m1"}, num_outputs=3)
     with pytest.raises(ValueError, match=">= 2 modalities"):
         CGGM(model, encoder_modules={"a": "encoders.m0"}, num_outputs=3)
+    with pytest.raises(ValueError, match="'a' and 'b' name the same module"):
+        CGGM(model, encoder_modules={"a": "encoders.m0", "b": "encoders.m0"}, num_outputs=3)
+    with pytest.raises(ValueError, match=r"\['a', 'b'\] hold parameters in common"):
+        CGGM(model, encoder_modules={"a": "encoders.m0", "b": "encoders.m0.net"}, num_outputs=3)
     cggm = CGGM(model, task="classification", num_outputs=4)
     model(batch)
     with pytest.raises(ValueError, match="head's final weight has 3 outputs but num_outputs=4"):

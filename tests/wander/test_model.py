@@ -134,6 +134,13 @@ def test_wrong_names_raise_with_suggestions(base_model, batch):
         Wander(base_model, (4, 2), example_input=batch)
     with pytest.raises(TypeError, match="ranks must be a WanderConfig, a mapping"):
         Wander(base_model, 4, example_input=batch)
+    with pytest.raises(ValueError, match="'text' and 'audio' name the same module"):
+        Wander(
+            base_model,
+            RANKS,
+            example_input=batch,
+            target_modules={"text": "encoders.text", "audio": "encoders.text"},
+        )
     with pytest.raises(ValueError, match="already wrapped by Wander"):
         Wander(Wander(base_model, RANKS, example_input=batch), RANKS, example_input=batch)
 

@@ -22,6 +22,7 @@ from cggm.functional import (
 from mmcore import (
     ModalityBatch,
     ModulePathError,
+    check_distinct_modules,
     contract_encoder_paths,
     encoder_features,
     find_modality_batch,
@@ -43,6 +44,18 @@ def _final_weight(module: nn.Module) -> nn.Parameter:
             "head weight of the direction term; pass head_module= or set lam=0."
         )
     return layers[-1].weight
+
+
+def _shared_parameters(encoders: Mapping[str, nn.Module]) -> list[str]:
+    """The modalities whose encoders share a parameter with an earlier modality's (and it)."""
+    owner: dict[int, str] = {}
+    shared: list[str] = []
+    for m, enc in encoders.items():
+        for p in enc.parameters():
+            first = owner.setdefault(id(p), m)
+            if first != m:
+                shared += [x for x in (first, m) if x not in shared]
+    return shared
 
 
 def _as_matrix(weight: Tensor) -> Tensor:
@@ -209,6 +222,14 @@ class CGGM:
             raise ValueError(f"CGGM balances >= 2 modalities, got {list(paths)}.")
         self.modalities = tuple(paths)
         self.encoders = {m: self._resolve(model, p, "encoder_modules") for m, p in paths.items()}
+        check_distinct_modules(self.encoders, "CGGM encoder_modules")
+        shared = _shared_parameters(self.encoders)
+        if shared:
+            raise ValueError(
+                f"CGGM encoder_modules: {shared} hold parameters in common (one encoder inside "
+                "another, or shared weights); each modality's gradients are scaled by its own "
+                "factor, so name each modality's own part, without the shared parameters."
+            )
         self._encoder_params = {m: list(enc.parameters()) for m, enc in self.encoders.items()}
         self.head_weight = _final_weight(self._resolve(model, head_module or "head", "head_module"))
         head_width = self.head_weight.shape[1]

@@ -10,6 +10,7 @@ from mmcore.batch import ModalityBatch, ModalityKind, collate_modalities
 from mmcore.contract import (
     ModulePathError,
     MultimodalModel,
+    check_distinct_modules,
     check_multimodal_model,
     contract_encoder_paths,
     encoder_features,
@@ -28,6 +29,7 @@ __all__ = [
     "ModulePathError",
     "MultimodalModel",
     "atomic_write",
+    "check_distinct_modules",
     "check_multimodal_model",
     "collate_modalities",
     "contract_encoder_paths",

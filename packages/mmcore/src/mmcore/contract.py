@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,6 +24,7 @@ from mmcore.batch import ModalityBatch
 __all__ = [
     "ModulePathError",
     "MultimodalModel",
+    "check_distinct_modules",
     "check_multimodal_model",
     "encoder_features",
     "find_modality_batch",
@@ -117,6 +119,23 @@ def contract_encoder_paths(model: nn.Module, alternative: str) -> dict[str, str]
             f"{alternative}."
         )
     return {m: f"encoders.{m}" for m in encoders}
+
+
+def check_distinct_modules(modules: Mapping[str, nn.Module], field: str) -> None:
+    """Raise ``ValueError`` when two modalities name the same module.
+
+    Hooks on a module shared by two modalities would see both modalities' calls and keep the
+    last, so both would get one modality's features (and a modulator would scale the shared
+    parameters twice): each modality needs a module of its own.
+    """
+    owner: dict[int, str] = {}
+    for m, module in modules.items():
+        first = owner.setdefault(id(module), m)
+        if first != m:
+            raise ValueError(
+                f"{field}: modalities '{first}' and '{m}' name the same module; each modality "
+                "needs its own module, called once per forward pass on that modality's input."
+            )
 
 
 def encoder_features(output: Any) -> Tensor:

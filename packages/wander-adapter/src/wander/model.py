@@ -19,6 +19,7 @@ from mmcore import (
     ModalityBatch,
     ModulePathError,
     atomic_write,
+    check_distinct_modules,
     contract_encoder_paths,
     encoder_features,
     find_modality_batch,
@@ -99,6 +100,7 @@ class Wander(nn.Module):
         self._targets = {
             m: self._resolve(model, path, "target_modules", cfg) for m, path in targets.items()
         }
+        check_distinct_modules(self._targets, "Wander target_modules")
         consumer_path = cfg.fusion_module or "fusion"
         self._consumer = self._resolve(model, consumer_path, "fusion_module", cfg)
         if cfg.modules_to_save is None:

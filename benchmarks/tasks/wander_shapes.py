@@ -1,4 +1,7 @@
-"""Which Wander shape ``wander-uci-transfer`` reports under 5 % of the backbone.
+"""Choices behind ``wander-uci-transfer``, made on seeds its report does not use.
+
+``wander-uci-shapes``: which Wander shape it reports under 5 % of the backbone.
+``wander-uci-lr``: each method's learning rate.
 
 Wander's parameters are mostly its down-projections (``hidden × r`` per modality) and its
 feature factors (``(r + 1) × D`` per modality), so under 5 % of the backbone the bottleneck
@@ -70,5 +73,44 @@ register_task(
         primary_metric="valid_score",
         profiles=(),
         metrics=("valid_score", "accuracy", "trainable_params", "trainable_pct_of_backbone"),
+    )
+)
+
+
+#: the learning rates ``wander-uci-lr`` tries for every method
+LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
+#: the methods it tunes: the baselines, LoRA at r=2, and the two Wander rows the targets are
+#: about
+LR_METHODS = {"lora_ranks": ("LoRA (peft)",), "wander_variants": ("Wander", "Wander (r=4, tiled)")}
+
+
+def run_lr(ctx: RunContext) -> list[dict]:
+    """Every method at every rate in :data:`LEARNING_RATES`: one table per method.
+
+    Each table's rows are the rates (``dataset``: the method, ``method``: ``"lr …"``), so the
+    report's paired column compares a method's rates on the same draws.
+    """
+    chosen = {key: {k: UCI_SETTINGS[key][k] for k in names} for key, names in LR_METHODS.items()}
+    records = []
+    for lr in LEARNING_RATES:
+        settings = {**UCI_SETTINGS, **chosen, "lr": dict.fromkeys(UCI_SETTINGS["lr"], lr)}
+        for record in transfer_uci(ctx, settings, DRAWS, time_steps=False):
+            records.append({**record, "dataset": record["method"], "method": f"lr {lr:g}"})
+    return records
+
+
+register_task(
+    Task(
+        name="wander-uci-lr",
+        description=(
+            "Each method of wander-uci-transfer (LoRA at r=2, Wander and its sub-5% shape) at "
+            "learning rates 1e-3 to 3e-2 (2 draws per seed): validation and test accuracy, one "
+            "table per method. In no profile: run it on seeds the report does not use, and "
+            "pick each method's rate by validation accuracy."
+        ),
+        run=run_lr,
+        primary_metric="valid_score",
+        profiles=(),
+        metrics=("valid_score", "accuracy"),
     )
 )

@@ -71,6 +71,21 @@ def test_shape_sweep_runs_only_when_named_and_every_shape_is_under_five_percent(
     assert s["wander_variants"]["Wander (r=4, tiled)"] in ws.SHAPES.values()
 
 
+def test_lr_sweep_runs_only_when_named_and_gives_one_table_per_method(tmp_path, tiny, monkeypatch):
+    assert "wander-uci-lr" not in _resolve_tasks(None, "quick") + _resolve_tasks(None, "full")
+    monkeypatch.setattr(ws, "LEARNING_RATES", (1e-3, 1e-2))
+    monkeypatch.setattr(ws, "DRAWS", 1)
+    results = run_tasks(["wander-uci-lr"], profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    tables = {}
+    for r in results["records"]:
+        tables.setdefault(r["dataset"], []).append((r["method"], r["config"]["lr"]))
+    expected = ["head-only", "full fine-tuning", "LoRA (peft)", "Houlsby adapter", "Wander"]
+    assert list(tables) == [*expected, "Wander (r=4, tiled)"]
+    for rows in tables.values():
+        assert rows == [("lr 0.001", 1e-3), ("lr 0.01", 1e-2)]
+
+
 def test_average_episodes_means_each_methods_metrics_over_the_draws():
     def record(method, acc, epoch):
         return {

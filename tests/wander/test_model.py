@@ -222,6 +222,11 @@ def test_save_load_round_trip(tmp_path, base_model, batch, fused_dim):
     assert loaded.load_report == {"missing_keys": [], "unexpected_keys": []}
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), expected)
+    # an adapter saved from a model with other modalities is a clear error, not a KeyError
+    other = ModalityBatch({m: batch[m] for m in ("text", "audio")})
+    two = LateFusionModel.from_batch(other, out_dim=1, width=8, num_heads=2, dropout=0.0)
+    with pytest.raises(ValueError, match=r"sizes are for modalities \['audio', 'text', 'vision'\]"):
+        Wander.from_pretrained(two, tmp_path)
 
 
 def test_deep_copy_and_pickle_give_independent_working_models(base_model, batch):

@@ -117,6 +117,12 @@ class Wander(nn.Module):
                     "modalities' feature sizes and sequence lengths."
                 )
             self._read_sizes(cfg, example_input)
+        if set(cfg.hidden_dims) != set(self._targets) or set(cfg.seq_lens) != set(self._targets):
+            raise ValueError(
+                f"Wander: the adapter's sizes are for modalities {sorted(cfg.hidden_dims)} but "
+                f"the model's target modules are for {sorted(self._targets)} (an adapter saved "
+                "from another model?); name the same modalities in target_modules."
+            )
         if cfg.output == "fused":
             if cfg.fused_dim is not None and cfg.out_dim % cfg.fused_dim:
                 raise ValueError(

@@ -20,7 +20,12 @@ from __future__ import annotations
 import functools
 
 from benchmarks.registry import RunContext, Task, register_task
-from benchmarks.tasks.wander_transfer import UCI_SETTINGS, plot_tradeoff, transfer_uci
+from benchmarks.tasks.wander_transfer import (
+    UCI_SETTINGS,
+    plot_tradeoff,
+    pretrain_uci,
+    transfer_uci,
+)
 
 
 def _ranks(bottleneck: int, feature: int = 1) -> dict[str, int]:
@@ -91,10 +96,11 @@ def run_lr(ctx: RunContext) -> list[dict]:
     report's paired column compares a method's rates on the same draws.
     """
     chosen = {key: {k: UCI_SETTINGS[key][k] for k in names} for key, names in LR_METHODS.items()}
+    base = pretrain_uci(ctx, UCI_SETTINGS)  # the rates share one pretrained backbone
     records = []
     for lr in LEARNING_RATES:
         settings = {**UCI_SETTINGS, **chosen, "lr": dict.fromkeys(UCI_SETTINGS["lr"], lr)}
-        for record in transfer_uci(ctx, settings, DRAWS, time_steps=False):
+        for record in transfer_uci(ctx, settings, DRAWS, time_steps=False, base=base):
             records.append({**record, "dataset": record["method"], "method": f"lr {lr:g}"})
     return records
 

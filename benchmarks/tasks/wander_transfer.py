@@ -253,19 +253,11 @@ def run_uci(ctx: RunContext) -> list[dict]:
     return transfer_uci(ctx, s, s["episodes"][ctx.profile], time_steps=True)
 
 
-def transfer_uci(ctx: RunContext, s: dict, episodes: int, *, time_steps: bool) -> list[dict]:
-    """``s``'s methods from a backbone pretrained on digits 0–4, adapted to digits 5–9.
-
-    Each method's metrics, and its step time (``time_steps``: timed on each draw's batch, so
-    a burst of load on this shared machine moves one of ``episodes`` timings), are averaged
-    over ``episodes`` draws of the labelled samples.
-    """
+def pretrain_uci(ctx: RunContext, s: dict) -> LateFusionModel:
+    """The late-fusion backbone of ``s``'s size, trained on digits 0–4 (seeded by ``ctx``)."""
     splits = uci_splits(ctx)
-    source, target = range(0, 5), range(5, 10)
+    source = range(0, 5)
     src_train = select_classes(splits["train"], source)
-    src_valid = select_classes(splits["valid"], source)
-    valid = select_classes(splits["valid"], target)
-    test = select_classes(splits["test"], target)
     ctx.progress("pretraining on digits 0-4")
     torch.manual_seed(ctx.seed)
     base = LateFusionModel.from_batch(
@@ -274,12 +266,36 @@ def transfer_uci(ctx: RunContext, s: dict, episodes: int, *, time_steps: bool) -
     fit(
         base,
         src_train,
-        src_valid,
+        select_classes(splits["valid"], source),
         loss_fn=F.cross_entropy,
         score_fn=accuracy,
         epochs=s["pretrain_epochs"][ctx.profile],
         seed=ctx.seed,
     )
+    return base
+
+
+def transfer_uci(
+    ctx: RunContext,
+    s: dict,
+    episodes: int,
+    *,
+    time_steps: bool,
+    base: LateFusionModel | None = None,
+) -> list[dict]:
+    """``s``'s methods from a backbone pretrained on digits 0–4, adapted to digits 5–9.
+
+    Each method's metrics, and its step time (``time_steps``: timed on each draw's batch, so
+    a burst of load on this shared machine moves one of ``episodes`` timings), are averaged
+    over ``episodes`` draws of the labelled samples. ``base``: the :func:`pretrain_uci`
+    backbone when the caller already has it (it is copied, never changed).
+    """
+    splits = uci_splits(ctx)
+    target = range(5, 10)
+    valid = select_classes(splits["valid"], target)
+    test = select_classes(splits["test"], target)
+    if base is None:
+        base = pretrain_uci(ctx, s)
     settings = {**s, "pretrain_epochs": s["pretrain_epochs"][ctx.profile], "episodes": episodes}
     results = []
     for episode in range(episodes):

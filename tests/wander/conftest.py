@@ -40,3 +40,35 @@ class PlainModel(nn.Module):
         a, _ = self.audio_net(audio)  # [B, T, 8]
         mixed = self.mixer(torch.cat([t, a], dim=-1))  # [B, T, 16]
         return self.classifier(mixed[:, 0])
+
+
+class _Meet(nn.Module):
+    """Where the modalities' layer outputs meet: returns them as they are."""
+
+    def forward(self, text, audio):
+        return text, audio
+
+
+class LayerwiseModel(nn.Module):
+    """Two transformer towers run layer by layer, meeting after every layer (``meet.<l>``)."""
+
+    def __init__(self, layers=2, d=8):
+        super().__init__()
+        self.text_in, self.audio_in = nn.Linear(6, d), nn.Linear(3, d)
+        self.text_layers, self.audio_layers = (
+            nn.ModuleList(
+                nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+                for _ in range(layers)
+            )
+            for _ in range(2)
+        )
+        self.meet = nn.ModuleList(_Meet() for _ in range(layers))
+        self.head = nn.Linear(2 * d, 1)
+
+    def forward(self, batch):
+        text, audio = self.text_in(batch["text"]), self.audio_in(batch["audio"])
+        for text_layer, audio_layer, meet in zip(
+            self.text_layers, self.audio_layers, self.meet, strict=True
+        ):
+            text, audio = meet(text_layer(text), audio_layer(audio))
+        return self.head(torch.cat([text.mean(1), audio.mean(1)], dim=-1))

@@ -9,7 +9,7 @@ from mmcore import ModalityBatch
 from tests.helpers import tiny_bert
 from wander import Wander, WanderConfig, WanderTargetError
 
-from .conftest import PlainModel, make_batch
+from .conftest import LayerwiseModel, PlainModel, make_batch
 
 RANKS = {"bottleneck": 4, "feature": 2, "token": 3}
 
@@ -96,6 +96,72 @@ def test_non_contract_model_by_module_names():
     wander(text, audio).sum().backward()
     assert all(p.grad.abs().sum() > 0 for p in wander.adapter.parameters())
     assert model.classifier.weight.grad is not None and model.text_net[0].weight.grad is None
+
+
+def _layer_adapter(model, batch, layer, **options):
+    return Wander(
+        model,
+        RANKS,
+        example_input=batch,
+        output="residual",
+        target_modules={"text": f"text_layers.{layer}", "audio": f"audio_layers.{layer}"},
+        fusion_module=f"meet.{layer}",
+        **options,
+    )
+
+
+def test_residual_adapters_after_every_layer(tmp_path):
+    """One residual adapter per layer of one model: identity, gradients, save/load, unwrap."""
+    batch = make_batch({"text": 6, "audio": 3}, {"text": 7, "audio": 4})
+    torch.manual_seed(0)
+    model = LayerwiseModel().eval()
+    frozen_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(batch)
+    # the head is saved (and trained) with the first adapter only
+    adapters = [_layer_adapter(model, batch, 0)]
+    adapters.append(_layer_adapter(model, batch, 1, modules_to_save=[]))
+    with torch.no_grad():
+        torch.testing.assert_close(adapters[-1](batch), base)
+    # wrapping again kept the head trainable: the first adapter saves it
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "head.weight",
+        "head.bias",
+    ]
+    adapter_params = [p for w in adapters for p in w.adapter.parameters()]
+    trainable = [p for p in model.parameters() if p.requires_grad] + adapter_params
+    adapters[-1](batch).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_params)
+    assert model.text_layers[0].linear1.weight.grad is None
+
+    opt = torch.optim.Adam(trainable, lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        (adapters[-1](batch).squeeze(-1) - batch.target).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        expected = adapters[-1](batch)
+        with adapters[0].disable_adapter():  # the second layer's adapter alone
+            second_only = adapters[-1](batch)
+    assert not torch.allclose(expected, second_only)
+    for i, wander in enumerate(adapters):
+        wander.save_pretrained(tmp_path / f"layer{i}")
+
+    fresh = LayerwiseModel().eval()
+    fresh.load_state_dict(frozen_state)  # the same frozen towers, the untrained head
+    loaded = [Wander.from_pretrained(fresh, tmp_path / f"layer{i}") for i in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[-1](batch), expected)
+    with pytest.raises(RuntimeError, match="unwrap them first"):
+        loaded[0].unwrap()
+    for wander in reversed(loaded):  # the last added first
+        wander.unwrap()
+    assert all(p.requires_grad for p in fresh.parameters())
+    with torch.no_grad():  # hooks gone: the base model with the loaded head
+        fresh_base = fresh(batch)
+        fresh.load_state_dict(frozen_state)
+        torch.testing.assert_close(fresh(batch), base)
+    assert not torch.allclose(fresh_base, base)
 
 
 def test_residual_mode_on_non_contract_model_needs_direct_consumer():

@@ -143,7 +143,16 @@ class Wander(nn.Module):
         self.adapter.to(**_adapter_placement(model))
 
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        model.requires_grad_(False)
+        # adapters already on this model (one per layer) keep their saved modules trainable
+        kept = {
+            id(p)
+            for other in _adapters_on(model)
+            for path in other.config.modules_to_save or []
+            for p in resolve_module(model, path).parameters()
+        }
+        for p in model.parameters():
+            if id(p) not in kept:
+                p.requires_grad_(False)
         for path in cfg.modules_to_save:
             resolve_module(model, path).requires_grad_(True)
 
@@ -337,7 +346,19 @@ class Wander(nn.Module):
         )
 
     def unwrap(self) -> nn.Module:
-        """Remove the adapter: hooks gone, ``requires_grad`` flags restored; returns the base."""
+        """Remove the adapter: hooks gone, ``requires_grad`` flags restored; returns the base.
+
+        With several adapters on one model, unwrap the last one added first: each restores the
+        flags it found when it was added.
+        """
+        on_model = _adapters_on(self.base_model)
+        later = on_model[on_model.index(self) + 1 :] if self in on_model else []
+        if later:
+            raise RuntimeError(
+                f"Wander.unwrap: {len(later)} adapter(s) were added to this model after this "
+                "one; unwrap them first (the last added first), since each restores the "
+                "requires_grad flags it found."
+            )
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -404,6 +425,16 @@ class Wander(nn.Module):
                 stacklevel=2,
             )
         return wander
+
+
+def _adapters_on(model: nn.Module) -> list[Wander]:
+    """The :class:`Wander` adapters whose hooks are on ``model`` (in the order they were added)."""
+    adapters = []
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, Wander) and owner.base_model is model:
+            adapters.append(owner)
+    return adapters
 
 
 def _call(model: nn.Module, example: Any) -> Any:

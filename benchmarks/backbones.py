@@ -69,7 +69,7 @@ class SequenceEncoder(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Encode ``x`` ``[B, T, in_dim]``; ``padding_mask`` ``[B, T]`` is True on padding."""
         h = self.proj(x.transpose(1, 2)).transpose(1, 2)  # [B, T, d_model]
-        h = h * self.scale + sinusoidal_positions(h.shape[1], h.shape[2], h.device)
+        h = h * self.scale + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
         h = self.transformer(h, src_key_padding_mask=padding_mask)
         return self.norm(h)
 

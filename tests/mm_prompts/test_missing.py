@@ -51,6 +51,37 @@ def test_apply_case_and_simulation():
     )
 
 
+def test_simulation_on_a_batch_that_already_lacks_modalities():
+    # text missing in the first half: those samples can only lose audio or vision
+    n = 4000
+    partial = batch(n).with_missing("text", torch.arange(n) < n // 2)
+    g = torch.Generator().manual_seed(0)
+    sim, cases = simulate_missing(partial, 1.0, generator=g)
+    presence = torch.stack([sim.is_present(m) for m in MODS], 1)
+    torch.testing.assert_close(case_from_presence(presence), cases)  # the cases it returns
+    first, second = cases[: n // 2], cases[n // 2 :]
+    assert not presence[: n // 2, 0].any()  # a missing modality never comes back
+    # {audio, vision} (6) loses one of them, uniformly: {audio} (2) or {vision} (4)
+    assert set(first.tolist()) == {2, 4}
+    assert (first == 2).float().mean().item() == pytest.approx(0.5, abs=0.04)
+    # complete samples draw among all six incomplete cases
+    assert set(second.tolist()) == set(range(1, 7))
+    # a sample with one modality left keeps it
+    single = apply_case(batch(4), torch.tensor([1, 2, 4, 3]))
+    again, kept = simulate_missing(single, 1.0, generator=g)
+    assert kept[:3].tolist() == [1, 2, 4] and kept[3].item() in (1, 2)  # {text, audio}: one
+    assert again.is_present("text").tolist() == [True, False, False, kept[3].item() == 1]
+
+
+def test_complete_batches_draw_the_released_protocol_exactly():
+    # the draw the benchmarks' figures come from: rate test, then a uniform incomplete case
+    g = torch.Generator().manual_seed(3)
+    _, cases = simulate_missing(batch(50), 0.7, generator=torch.Generator().manual_seed(3))
+    drop = torch.rand(50, generator=g) < 0.7
+    pick = torch.tensor(all_cases(3, include_complete=False))[torch.randint(6, (50,), generator=g)]
+    assert cases.tolist() == torch.where(drop, pick, torch.tensor(7)).tolist()
+
+
 def test_bad_cases_raise():
     with pytest.raises(ValueError, match=r"invalid missing cases \[0, 8\]"):
         presence_from_case(torch.tensor([0, 3, 8]), 3)
@@ -60,3 +91,6 @@ def test_bad_cases_raise():
         simulate_missing(batch(), 1.5)
     with pytest.raises(ValueError, match=r"expected shape \(6,\)"):
         apply_case(batch(), torch.tensor([1, 2]))
+    no_text = batch(3).with_missing("text", torch.tensor([False, True, False]))
+    with pytest.raises(ValueError, match=r"samples \[1\] would have no modality present"):
+        apply_case(no_text, torch.tensor([1, 1, 3]))  # text only, for a sample without text

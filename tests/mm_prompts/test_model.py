@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -34,13 +36,21 @@ def test_every_case_in_one_mixed_batch_matches_a_per_sample_loop(m):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 
-def test_prompts_take_the_backbones_dtype():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_prompts_take_the_backbones_dtype(dtype):
     model, data = build()
-    model = MPLMM(model.backbone.double(), model.seq_lens, prompt_length=4)
-    assert {p.dtype for p in model.parameters()} == {torch.float64}
-    data = data.replace(inputs={m: x.double() for m, x in data.inputs.items()})
-    out = model(data)
-    assert out.dtype == torch.float64
+    model.eval()
+    with torch.no_grad():
+        expected = model(data)
+    state = model.state_dict()
+    model = MPLMM(copy.deepcopy(model.backbone).to(dtype), model.seq_lens, prompt_length=4)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    model.load_state_dict(state)  # the same weights, cast
+    model.eval()
+    out = model(data.to(dtype))  # half precision: every step stays in it (positions included)
+    assert out.dtype == dtype
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
     out.pow(2).mean().backward()
     assert model.type_prompts["text"].grad.abs().sum() > 0
 

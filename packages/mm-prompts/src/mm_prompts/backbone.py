@@ -104,11 +104,13 @@ class _Transformer(nn.Module):
         src_padding: Tensor | None = None,
         x_padding: Tensor | None = None,
     ) -> Tensor:
-        x = x * self.scale + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
+        x = x * self.scale + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
         if src is None:
             src_padding = x_padding
         else:
-            src = src * self.scale + sinusoidal_positions(src.shape[1], src.shape[2], src.device)
+            src = src * self.scale + sinusoidal_positions(
+                src.shape[1], src.shape[2], src.device, src.dtype
+            )
         for block in self.blocks:
             x = block(x, x if src is None else src, src_padding)
         return self.norm(x)
@@ -258,9 +260,9 @@ def _batched_transformer(
     ``[P, B, S]``, ``True`` on padding.
     """
     n, b, t, d = x.shape
-    x = x * template.scale + sinusoidal_positions(t, d, x.device)
+    x = x * template.scale + sinusoidal_positions(t, d, x.device, x.dtype)
     if src is not None:
-        src = src * template.scale + sinusoidal_positions(src.shape[2], d, src.device)
+        src = src * template.scale + sinusoidal_positions(src.shape[2], d, src.device, src.dtype)
     keep = None if key_padding is None else ~key_padding.reshape(n * b, 1, 1, -1)
     training = template.training
     for i, block in enumerate(template.blocks):

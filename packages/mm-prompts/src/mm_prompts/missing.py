@@ -94,8 +94,9 @@ def apply_case(
 ) -> ModalityBatch:
     """Mark modalities missing per sample according to case bitmasks (order: ``batch.modalities``).
 
-    ``fill`` is written into the dropped features (``None`` keeps them; models that read the
-    presence masks ignore them either way).
+    A modality already missing in ``batch`` stays missing; a sample left with no modality
+    present is an error. ``fill`` is written into the dropped features (``None`` keeps them;
+    models that read the presence masks ignore them either way).
     """
     cases = torch.as_tensor(cases)
     if cases.ndim == 0:
@@ -103,6 +104,13 @@ def apply_case(
     if cases.shape != (batch.batch_size,):
         raise ValueError(f"cases: expected shape ({batch.batch_size},), got {tuple(cases.shape)}.")
     presence = presence_from_case(cases, len(batch.modalities)).to(batch.device)
+    empty = ~(presence & _presence(batch)).any(dim=1)
+    if empty.any():
+        rows = torch.nonzero(empty).reshape(-1).tolist()
+        raise ValueError(
+            f"apply_case: samples {rows[:10]} would have no modality present (the case keeps "
+            "only modalities these samples already lack)."
+        )
     for i, m in enumerate(batch.modalities):
         if not presence[:, i].all():
             batch = batch.with_missing(m, ~presence[:, i], fill=fill)
@@ -119,17 +127,44 @@ def simulate_missing(
     """With probability ``rate`` a sample gets an incomplete case drawn uniformly, else complete.
 
     This is the released protocol (``drop_rate``): at ``rate = 0.7`` with three modalities every
-    incomplete case has probability 0.7 / 6. Returns the batch with presence masks set and the
-    cases ``[B]``.
+    incomplete case has probability 0.7 / 6. A sample that already lacks modalities gets, with
+    probability ``rate``, one of the non-empty proper subsets of the modalities it has, drawn
+    uniformly (none when it has one). Returns the batch with presence masks set and each
+    sample's case ``[B]``: the modalities present in the returned batch.
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be in [0, 1], got {rate}.")
     m = len(batch.modalities)
     if m < 2:
         raise ValueError("simulating missing modalities needs >= 2 modalities.")
-    incomplete = torch.tensor(all_cases(m, include_complete=False))
-    b = batch.batch_size
+    b, full = batch.batch_size, (1 << m) - 1
+    present = case_from_presence(_presence(batch).cpu())
     drop = torch.rand(b, generator=generator) < rate
-    pick = incomplete[torch.randint(len(incomplete), (b,), generator=generator)]
-    cases = torch.where(drop, pick, torch.full((b,), (1 << m) - 1))
+    if bool((present == full).all()):
+        incomplete = torch.tensor(all_cases(m, include_complete=False))
+        pick = incomplete[torch.randint(len(incomplete), (b,), generator=generator)]
+    else:
+        pick = _proper_subsets(present, m, generator)
+    cases = torch.where(drop, pick, present)
     return apply_case(batch, cases, fill=fill), cases
+
+
+def _presence(batch: ModalityBatch) -> Tensor:
+    """Bool ``[B, M]``: which modalities each sample of ``batch`` has."""
+    return torch.stack([batch.is_present(m) for m in batch.modalities], dim=1)
+
+
+def _proper_subsets(cases: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+    """Per sample, a non-empty proper subset of ``cases`` ``[B]`` drawn uniformly.
+
+    A single-modality case has none and is returned as it is.
+    """
+    candidates = torch.arange(1, 1 << m)  # [C]
+    inside = (candidates[None] & ~cases[:, None]) == 0
+    valid = inside & (candidates[None] != cases[:, None])  # [B, C]
+    count = valid.sum(dim=1)
+    u = torch.rand(len(cases), generator=generator)
+    k = (u * count).long().clamp_max((count - 1).clamp_min(0))  # the k-th valid candidate
+    position = (valid.cumsum(dim=1) == (k + 1)[:, None]) & valid
+    chosen = candidates[position.long().argmax(dim=1)]
+    return torch.where(count > 0, chosen, cases)

@@ -53,9 +53,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
 
 
 def sinusoidal_positions(
-    length: int, dim: int, device: torch.device | str | None = None
+    length: int,
+    dim: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``[length, dim]`` sinusoidal position table (Vaswani et al., 2017)."""
+    """``[length, dim]`` sinusoidal position table (Vaswani et al., 2017).
+
+    Computed in float32 and returned in ``dtype`` (default float32): pass the dtype of the
+    sequence it is added to, or a half-precision sequence is promoted to float32.
+    """
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
     freq = torch.exp(
         torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
@@ -63,7 +70,7 @@ def sinusoidal_positions(
     table = torch.zeros(length, dim, device=device)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
-    return table
+    return table if dtype is None else table.to(dtype)
 
 
 def trainable_dtype(model_dtype: torch.dtype) -> torch.dtype:

@@ -111,6 +111,11 @@ def test_bad_input_raises_clear_error(kwargs, error, match):
 def test_unknown_modality_lookup_lists_modalities():
     with pytest.raises(KeyError, match=r"'video' is not in the batch .*'text'"):
         make_batch()["video"]
+    # samples are selected, not indexed, and a batch is not iterated sample by sample
+    with pytest.raises(TypeError, match=r"takes a modality name, got int.*batch.select"):
+        make_batch()[0]
+    with pytest.raises(TypeError, match=r"not iterable: loop over batch.modalities"):
+        list(make_batch())
 
 
 def test_with_missing_marks_and_zero_fills():

@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from torch import Tensor
@@ -195,6 +195,11 @@ class ModalityBatch:
         return self.batch_size
 
     def __getitem__(self, modality: str) -> Tensor:
+        if not isinstance(modality, str):
+            raise TypeError(
+                f"ModalityBatch[...] takes a modality name, got {type(modality).__name__}; "
+                "select samples with batch.select(index)."
+            )
         try:
             return self.inputs[modality]
         except KeyError:
@@ -204,6 +209,13 @@ class ModalityBatch:
 
     def __contains__(self, modality: object) -> bool:
         return modality in self.inputs
+
+    def __iter__(self) -> NoReturn:
+        # without this, Python iterates through __getitem__(0), (1), ... and fails on a name
+        raise TypeError(
+            "a ModalityBatch is not iterable: loop over batch.modalities (names) or "
+            "batch.split(size) (sub-batches)."
+        )
 
     def kind(self, modality: str) -> ModalityKind:
         """``"sequence"``, ``"vector"``, ``"tokens"`` or ``"spatial"``, from the tensor layout."""

@@ -37,6 +37,7 @@ rate applied (one fixed draw per seed); the lower bound's backbone is selected o
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from pathlib import Path
 
@@ -50,7 +51,15 @@ from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
-from benchmarks.training import accuracy, count_parameters, fit, predict
+from benchmarks.training import (
+    accuracy,
+    count_parameters,
+    fit,
+    make_optimizer,
+    median_times,
+    predict,
+    train_step,
+)
 from mm_prompts import (
     MPLMM,
     MulTBackbone,
@@ -513,7 +522,7 @@ def run_throughput(ctx: RunContext) -> list[dict]:
             _time(stage_loop, repeats),
         ),
     }
-    records = []
+    records = _training_step_records(ctx)
     for what, (vectorised, loop) in timings.items():
         records.append(
             {
@@ -542,6 +551,51 @@ def run_throughput(ctx: RunContext) -> list[dict]:
             }
         )
     return records
+
+
+TRAINING_STEP = "training step (mplmm-mosi-missing's sizes, dropout 0.1)"
+
+
+@torch.enable_grad()
+def _training_step_records(ctx: RunContext) -> list[dict]:
+    """MPLMM's training step with the backbone's CPU dropout against torch's, same run.
+
+    The sizes of the ``mplmm-mosi-missing`` task (d = 16, 3 + 3 layers, T = 20, batch 64,
+    missing rate 0.7); ``backbone.fast_dropout`` switches between
+    :func:`mm_prompts.backbone.dropout_fast` and ``F.dropout`` with the fused attention
+    kernel's dropout. Interleaved rounds (:func:`median_times`).
+    """
+    s = MOSI_SETTINGS
+    dims, length = {"text": 300, "audio": 5, "vision": 20}, s["seq_len"]
+    g = torch.Generator().manual_seed(ctx.seed)
+    batch = ModalityBatch(
+        {m: torch.randn(64, length, d, generator=g) for m, d in dims.items()},
+        target=torch.randn(64, generator=g),
+    )
+    config = MulTConfig(
+        dims, d=s["d"], num_heads=s["heads"], cross_layers=s["layers"], memory_layers=s["layers"]
+    )
+    steps = {}
+    for name, fast in (("fast CPU dropout", True), ("torch dropout", False)):
+        torch.manual_seed(ctx.seed)
+        model = MPLMM(MulTBackbone(config), dict.fromkeys(dims, length), prompt_length=8)
+        model.backbone.fast_dropout = fast
+        training = _MissingTraining(model, s["train_rate"], ctx.seed).train()
+        optimiser = make_optimizer(training, lr=1e-3)
+        steps[name] = functools.partial(train_step, training, optimiser, batch, _l1)
+    seconds = median_times(steps, rounds=7, calls=5 if ctx.profile == "quick" else 10)
+    return [
+        {
+            "method": name,
+            "dataset": TRAINING_STEP,
+            "metrics": {
+                "ms_per_step": 1000 * t,
+                "step_time_vs_torch_dropout": t / seconds["torch dropout"],
+            },
+            "config": {"batch": 64, "threads": torch.get_num_threads()},
+        }
+        for name, t in seconds.items()
+    ]
 
 
 register_task(
@@ -648,11 +702,18 @@ register_task(
         description=(
             "MPLMM throughput at batch 64, MOSI-aligned shapes, mixed missing cases, eval mode, "
             "the released backbone size (d=30, 5+5 layers): whole forward and missing-case stage, "
-            "vectorised vs. a per-sample loop, same run (the released code: ~83 samples/s here)."
+            "vectorised vs. a per-sample loop, same run (the released code: ~83 samples/s here); "
+            "and a training step with the backbone's CPU dropout against torch's."
         ),
         run=run_throughput,
         primary_metric="samples_per_s",
-        metrics=("samples_per_s", "speedup_vs_per_sample_loop", "trainable_pct_of_backbone"),
+        metrics=(
+            "samples_per_s",
+            "speedup_vs_per_sample_loop",
+            "trainable_pct_of_backbone",
+            "ms_per_step",
+            "step_time_vs_torch_dropout",
+        ),
         targets=(
             Target(
                 "missing-case stage at least 10x the per-sample loop",

@@ -4,9 +4,9 @@ Per modality a bias-free 1×1 ``Conv1d`` projects the input to ``d``. For every 
 (branch ``b``, source ``s``) a cross-modal transformer lets ``b`` attend to ``s``; each branch's
 ``M − 1`` cross-modal outputs are concatenated on the feature axis (width ``(M − 1) d``) and run
 through the branch's self-attention "memory" transformer, whose last position is read out. The
-``M`` readouts are concatenated and go through MulT's residual MLP head. Attention is PyTorch's
-``nn.MultiheadAttention`` (fused ``scaled_dot_product_attention`` kernels); padding masks are
-respected; there is no causal mask.
+``M`` readouts are concatenated and go through MulT's residual MLP head. Attention is
+``nn.MultiheadAttention``'s (fused ``scaled_dot_product_attention`` kernels where no dropout is
+drawn); padding masks are respected; there is no causal mask.
 
 The ``M (M − 1)`` cross-modal transformers are stored as one stack, and the ``M`` memory
 transformers as another: each parameter is one tensor with a leading axis over the transformers
@@ -16,6 +16,10 @@ vectors) and the calls are small (``batched="auto"``: at most 2,048 tokens per t
 each stack runs as one batched computation, every layer a handful of batched calls; otherwise
 the transformers run one after the other on their slices of the stack. Tested equal, values
 and gradients, to each other and to transformers of ``nn.MultiheadAttention`` layers.
+
+In training on CPU, dropout masks are drawn four elements per 64-bit draw of torch's generator
+(:func:`dropout_fast`); torch's ``bernoulli_`` masks took a third of a training step.
+``backbone.fast_dropout = False`` restores them (and the fused kernel's attention dropout).
 """
 
 from __future__ import annotations
@@ -143,12 +147,27 @@ class _TransformerStack(nn.Module):
         """Stacked parameters, ``[P, ...]``, by their name inside one transformer."""
         return dict(self.stack.named_parameters())
 
-    def run_all(self, x: Tensor, src: Tensor | None, key_padding: Tensor | None) -> Tensor:
+    def run_all(
+        self,
+        x: Tensor,
+        src: Tensor | None,
+        key_padding: Tensor | None,
+        *,
+        fast_dropout: bool = True,
+    ) -> Tensor:
         """Every member at once (:func:`_batched_transformer`): ``[P, B, T, d]``."""
-        return _batched_transformer(self.stack, self.parameters_by_name(), x, src, key_padding)
+        return _batched_transformer(
+            self.stack, self.parameters_by_name(), x, src, key_padding, fast_dropout
+        )
 
     def run_one(
-        self, name: str, x: Tensor, src: Tensor | None, key_padding: Tensor | None
+        self,
+        name: str,
+        x: Tensor,
+        src: Tensor | None,
+        key_padding: Tensor | None,
+        *,
+        fast_dropout: bool = True,
     ) -> Tensor:
         """Member ``name`` on ``x`` ``[B, T, d]`` (``src`` ``[B, S, d]``, padding ``[B, S]``)."""
         i = self.names.index(name)
@@ -159,6 +178,7 @@ class _TransformerStack(nn.Module):
             x.unsqueeze(0),
             None if src is None else src.unsqueeze(0),
             None if key_padding is None else key_padding.unsqueeze(0),
+            fast_dropout,
         ).squeeze(0)
 
     @torch.no_grad()
@@ -253,12 +273,15 @@ def _batched_transformer(
     x: Tensor,
     src: Tensor | None,
     key_padding: Tensor | None,
+    fast_dropout: bool = True,
 ) -> Tensor:
     """``P`` transformers shaped like ``template`` at once: ``x`` ``[P, B, T, d]`` → same shape.
 
     ``src`` ``[P, B, S, d]`` (``None``: self-attention on the current ``x``); ``key_padding``
-    ``[P, B, S]``, ``True`` on padding.
+    ``[P, B, S]``, ``True`` on padding. ``fast_dropout``: :func:`dropout_fast` (else
+    ``F.dropout`` and the fused kernel's own dropout).
     """
+    drop = dropout_fast if fast_dropout else F.dropout
     n, b, t, d = x.shape
     x = x * template.scale + sinusoidal_positions(t, d, x.device, x.dtype)
     if src is not None:
@@ -275,16 +298,74 @@ def _batched_transformer(
             _linear(inp, wt, bs).reshape(n * b, inp.shape[2], heads, d // heads).transpose(1, 2)
             for inp, wt, bs in zip((q, kv, kv), in_w, in_b, strict=True)
         )
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+        attn = _attention(q, k, v, keep, dropout, fast_dropout)
         attn = attn.transpose(1, 2).reshape(n, b, t, d)
         x = x + _linear(attn, w["attn.out_proj.weight"], w["attn.out_proj.bias"])
         h = _linear(
             _layer_norm(x, w["ln_ff.weight"], w["ln_ff.bias"]), w["ff.0.weight"], w["ff.0.bias"]
         )
-        h = F.dropout(torch.relu(h), block.ff[2].p, training)
-        h = F.dropout(_linear(h, w["ff.3.weight"], w["ff.3.bias"]), block.ff[4].p, training)
+        h = drop(torch.relu(h), block.ff[2].p, training)
+        h = drop(_linear(h, w["ff.3.weight"], w["ff.3.bias"]), block.ff[4].p, training)
         x = x + h
     return _layer_norm(x, params["norm.weight"], params["norm.bias"])
+
+
+# 15 random bits per element: the drop probability is rounded to a multiple of 2^-15
+_MASK_BITS = 15
+
+
+def dropout_fast(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout(x, p, training)``, with a faster mask on CPU.
+
+    PyTorch draws a CPU dropout mask with one call of its serial Mersenne Twister per element
+    (``bernoulli_``; pytorch/pytorch#138199), which took a third of a training step of the
+    MOSI-sized backbone. Here each 64-bit draw of the same generator gives four elements 15
+    random bits each (keep when they are at least ``round(p · 2^15)``), so ``p`` is rounded to
+    a multiple of 2^-15 (0.1 → 0.100006) and the kept values are scaled by exactly
+    ``1 / (1 − p_rounded)``: the expectation is ``x``. ``torch.manual_seed`` and
+    ``torch.random.fork_rng`` govern it as they do ``F.dropout``. Other devices use
+    ``F.dropout``.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+        return F.dropout(x, p, training)
+    threshold = round(p * (1 << _MASK_BITS))
+    if threshold == 0:
+        return x
+    scale = (1 << _MASK_BITS) / ((1 << _MASK_BITS) - threshold)
+    keep = _random_bits(x.shape) >= threshold
+    return x * (keep.to(x.dtype) * scale)  # one mask, reused by the backward
+
+
+def _random_bits(shape: torch.Size) -> Tensor:
+    """``int16`` ``shape`` of uniform values in ``[0, 2^15)``: four per 64-bit draw."""
+    n = math.prod(shape)
+    # random_() on int64 fills [0, 2^63): every 16-bit chunk is uniform once its top bit
+    # (always 0 in the highest chunk) is masked off
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+    return words.view(torch.int16)[:n].view(shape).bitwise_and_((1 << _MASK_BITS) - 1)
+
+
+def _attention(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout: float, fast_dropout: bool = True
+) -> Tensor:
+    """Scaled dot-product attention of ``[N, H, T, d]`` queries on ``[N, H, S, d]`` keys/values.
+
+    ``keep`` ``[N, 1, 1, S]``: ``False`` on padded keys (a row with no key left gives 0, as
+    ``F.scaled_dot_product_attention`` does). With dropout on CPU (and ``fast_dropout``) the
+    attention weights go through :func:`dropout_fast` (the fused kernel would draw them with
+    ``bernoulli_``); otherwise the fused kernel runs.
+    """
+    if dropout == 0.0 or q.device.type != "cpu" or not fast_dropout:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+    scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    if keep is not None:  # no key at all: -inf everywhere gives NaN, the fused kernel 0
+        weights = weights.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
+    return dropout_fast(weights, dropout) @ v
 
 
 def zero_padding(x: Tensor, padding: Tensor | None) -> Tensor:
@@ -354,6 +435,8 @@ class MulTBackbone(nn.Module):
         # sequences of one length: "auto" batches the transformers while their calls are small
         # (B·T <= _BATCHED_MAX_TOKENS), True always, False never (the per-module loop)
         self.batched: bool | str = "auto"
+        # dropout masks drawn four per 64-bit draw on CPU (dropout_fast); False: torch's own
+        self.fast_dropout = True
 
     def project(self, batch: ModalityBatch) -> dict[str, Tensor]:
         """Input projections: modality → ``[B, T_m, d]``."""
@@ -397,7 +480,9 @@ class MulTBackbone(nn.Module):
         readouts = []
         for b in self.modalities:
             parts = [
-                self.cross.run_one(f"{b}_from_{s}", z[b], z[s], padding.get(s))
+                self.cross.run_one(
+                    f"{b}_from_{s}", z[b], z[s], padding.get(s), fast_dropout=self.fast_dropout
+                )
                 for s in self.modalities
                 if s != b
             ]
@@ -405,7 +490,8 @@ class MulTBackbone(nn.Module):
             h, pad = _append_tokens(
                 h, padding.get(b), None if extra_tokens is None else extra_tokens[b]
             )
-            readouts.append(_last_step(self.memory.run_one(b, h, None, pad), pad))
+            out = self.memory.run_one(b, h, None, pad, fast_dropout=self.fast_dropout)
+            readouts.append(_last_step(out, pad))
         return self._head(torch.cat(readouts, dim=-1))
 
     def _forward_batched(
@@ -426,17 +512,20 @@ class MulTBackbone(nn.Module):
             torch.stack([z[mods[b]] for b, _ in pairs]),
             torch.stack([z[mods[s]] for _, s in pairs]),
             torch.stack([pads[s] for _, s in pairs]) if padded else None,
+            fast_dropout=self.fast_dropout,
         )  # [M (M-1), B, T, d]
         h = out.view(m, m - 1, batch, length, -1).permute(0, 2, 3, 1, 4).flatten(3)
         extra = None if extra_tokens is None else torch.stack([extra_tokens[k] for k in mods])
         h, pad = _append_tokens(h, torch.stack(pads) if padded else None, extra)  # [M, B, T', ·]
-        out = self.memory.run_all(h, None, pad)
+        out = self.memory.run_all(h, None, pad, fast_dropout=self.fast_dropout)
         readouts = _last_step(out, pad)  # [M, B, (M-1) d]
         return self._head(readouts.transpose(0, 1).flatten(1))  # branches in order
 
     def _head(self, x: Tensor) -> Tensor:
         """MulT's residual MLP head on the concatenated readouts ``[B, M (M − 1) d]``."""
-        return self.out(x + self.proj2(self.dropout(torch.relu(self.proj1(x)))))
+        drop = dropout_fast if self.fast_dropout else F.dropout
+        h = drop(torch.relu(self.proj1(x)), self.dropout.p, self.training)
+        return self.out(x + self.proj2(h))
 
     def forward(self, batch: ModalityBatch) -> Tensor:
         """``[B, out_dim]`` from complete inputs (missing ones are used as they are)."""

@@ -83,3 +83,15 @@ def test_fast_dropout_false_uses_torchs_dropout(monkeypatch):
     model.batched = False  # the per-transformer path passes the switch on too
     model(batch)
     assert not calls
+
+
+def test_backbone_compiles_in_training_mode():
+    # the int64 -> int16 view of the fast masks cannot be traced: compiled code uses F.dropout
+    dims = {"text": 6, "audio": 3}
+    torch.manual_seed(0)
+    model = MulTBackbone(MulTConfig(dims, d=8, num_heads=2, dropout=0.3)).train()
+    batch = ModalityBatch({m: torch.randn(5, 4, d) for m, d in dims.items()})
+    out = torch.compile(model, backend="aot_eager")(batch)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

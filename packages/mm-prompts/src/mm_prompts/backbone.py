@@ -323,12 +323,12 @@ def dropout_fast(x: Tensor, p: float, training: bool = True) -> Tensor:
     random bits each (keep when they are at least ``round(p · 2^15)``), so ``p`` is rounded to
     a multiple of 2^-15 (0.1 → 0.100006) and the kept values are scaled by exactly
     ``1 / (1 − p_rounded)``: the expectation is ``x``. ``torch.manual_seed`` and
-    ``torch.random.fork_rng`` govern it as they do ``F.dropout``. Other devices use
-    ``F.dropout``.
+    ``torch.random.fork_rng`` govern it as they do ``F.dropout``. Other devices, and code
+    being compiled (``torch.compile`` draws its own masks), use ``F.dropout``.
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+    if x.device.type != "cpu" or not 0.0 < p < 1.0 or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
     threshold = round(p * (1 << _MASK_BITS))
     if threshold == 0:
@@ -357,7 +357,8 @@ def _attention(
     attention weights go through :func:`dropout_fast` (the fused kernel would draw them with
     ``bernoulli_``); otherwise the fused kernel runs.
     """
-    if dropout == 0.0 or q.device.type != "cpu" or not fast_dropout:
+    fused = dropout == 0.0 or q.device.type != "cpu" or not fast_dropout
+    if fused or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
     scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
     if keep is not None:

@@ -94,16 +94,23 @@ def resolve_module(root: nn.Module, path: str) -> nn.Module:
     try:
         return root.get_submodule(path)
     except AttributeError:
-        names = [n for n, _ in root.named_modules() if n]
-        close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
-        if not close:  # fall back to the names that share the last component
-            leaf = path.rsplit(".", 1)[-1]
-            close = [n for n in names if n.rsplit(".", 1)[-1] == leaf][:5]
+        close = closest_module_names(root, path)
         hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+        count = sum(1 for n, _ in root.named_modules() if n)
         raise ModulePathError(
             f"{type(root).__name__} has no submodule '{path}'.{hint} "
-            f"({len(names)} submodules; list them with `[n for n, _ in model.named_modules()]`.)"
+            f"({count} submodules; list them with `[n for n, _ in model.named_modules()]`.)"
         ) from None
+
+
+def closest_module_names(root: nn.Module, path: str, n: int = 5) -> list[str]:
+    """Up to ``n`` submodule names of ``root`` closest to ``path`` (by spelling, else by leaf)."""
+    names = [name for name, _ in root.named_modules() if name]
+    close = difflib.get_close_matches(path, names, n=n, cutoff=0.5)
+    if not close:  # fall back to the names that share the last component
+        leaf = path.rsplit(".", 1)[-1]
+        close = [name for name in names if name.rsplit(".", 1)[-1] == leaf][:n]
+    return close
 
 
 def contract_encoder_paths(model: nn.Module, alternative: str) -> dict[str, str]:

@@ -17,10 +17,12 @@ __version__ = "0.1.0"
 
 from wander.config import WanderConfig
 from wander.functional import dense_fusion, fusion_product
+from wander.inspect import TargetReport, inspect_targets
 from wander.layer import WanderFusion
 from wander.model import Wander, WanderTargetError
 
 __all__ = [
+    "TargetReport",
     "Wander",
     "WanderConfig",
     "WanderFusion",
@@ -28,4 +30,5 @@ __all__ = [
     "__version__",
     "dense_fusion",
     "fusion_product",
+    "inspect_targets",
 ]

@@ -207,7 +207,7 @@ class Wander(nn.Module):
         was_training = self.base_model.training
         self.base_model.eval()
         try:
-            _call(self.base_model, example_input)
+            call_model(self.base_model, example_input)
         finally:
             self.base_model.train(was_training)
             for h in handles:
@@ -437,7 +437,8 @@ def _adapters_on(model: nn.Module) -> list[Wander]:
     return adapters
 
 
-def _call(model: nn.Module, example: Any) -> Any:
+def call_model(model: nn.Module, example: Any) -> Any:
+    """``model`` on one example input: a tuple of arguments, a dict of keywords, or one value."""
     if isinstance(example, tuple):
         return model(*example)
     if isinstance(example, dict):

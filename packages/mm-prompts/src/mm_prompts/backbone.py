@@ -334,16 +334,16 @@ def dropout_fast(x: Tensor, p: float, training: bool = True) -> Tensor:
     if threshold == 0:
         return x
     scale = (1 << _MASK_BITS) / ((1 << _MASK_BITS) - threshold)
-    keep = _random_bits(x.shape) >= threshold
+    keep = _random_bits(x.shape, x.device) >= threshold
     return x * (keep.to(x.dtype) * scale)  # one mask, reused by the backward
 
 
-def _random_bits(shape: torch.Size) -> Tensor:
+def _random_bits(shape: torch.Size, device: torch.device) -> Tensor:
     """``int16`` ``shape`` of uniform values in ``[0, 2^15)``: four per 64-bit draw."""
     n = math.prod(shape)
     # random_() on int64 fills [0, 2^63): every 16-bit chunk is uniform once its top bit
     # (always 0 in the highest chunk) is masked off
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
     return words.view(torch.int16)[:n].view(shape).bitwise_and_((1 << _MASK_BITS) - 1)
 
 

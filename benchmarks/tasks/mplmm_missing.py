@@ -211,6 +211,9 @@ AVERAGE = "average over the 7 cases"
 MOSI_AVERAGE = (f"MOSI-format, {AVERAGE}", f"CMU-MOSI, {AVERAGE}")
 UCI_CASES = "uci-mfeat, 63 missing cases"
 
+#: CMU-MOSI's aligned feature sizes (GloVe text, COVAREP audio, Facet vision)
+MOSI_DIMS = {"text": 300, "audio": 5, "vision": 20}
+
 MOSI_SETTINGS = {
     "n": {"quick": (500, 100, 300), "full": (1284, 229, 686)},
     "seq_len": 20,
@@ -487,10 +490,7 @@ def _time(fn, repeats: int) -> float:
 def run_throughput(ctx: RunContext) -> list[dict]:
     """Samples/s at batch 64, MOSI-aligned shapes, mixed cases, eval mode."""
     torch.manual_seed(ctx.seed)
-    dims, lens = (
-        {"text": 300, "audio": 5, "vision": 20},
-        dict.fromkeys(("text", "audio", "vision"), 50),
-    )
+    dims, lens = MOSI_DIMS, dict.fromkeys(MOSI_DIMS, 50)
     # the released configuration: d = 30, 5 heads, 5 cross-modal and 5 memory layers
     backbone = MulTBackbone(
         MulTConfig(dims, out_dim=1, d=30, num_heads=5, cross_layers=5, memory_layers=5)
@@ -566,7 +566,7 @@ def _training_step_records(ctx: RunContext) -> list[dict]:
     kernel's dropout. Interleaved rounds (:func:`median_times`).
     """
     s = MOSI_SETTINGS
-    dims, length = {"text": 300, "audio": 5, "vision": 20}, s["seq_len"]
+    dims, length = MOSI_DIMS, s["seq_len"]
     g = torch.Generator().manual_seed(ctx.seed)
     batch = ModalityBatch(
         {m: torch.randn(64, length, d, generator=g) for m, d in dims.items()},

@@ -19,7 +19,14 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from mmcore import ModalityBatch, masked_mean, run_encoder, sinusoidal_positions
+from mmcore import (
+    FastDropout,
+    ModalityBatch,
+    PointwiseConv1d,
+    masked_mean,
+    run_encoder,
+    sinusoidal_positions,
+)
 
 __all__ = [
     "ConcatPoolFusion",
@@ -53,7 +60,7 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}.")
-        self.proj = nn.Conv1d(in_dim, d_model, kernel_size=1, bias=False)
+        self.proj = PointwiseConv1d(in_dim, d_model, bias=False)
         layer = nn.TransformerEncoderLayer(
             d_model,
             num_heads,
@@ -62,6 +69,10 @@ class SequenceEncoder(nn.Module):
             batch_first=True,
             norm_first=True,
         )
+        # the layer's three dropout modules draw their masks four per 64-bit draw on CPU
+        # (attention dropout runs inside nn.MultiheadAttention, with torch's masks)
+        for name in ("dropout", "dropout1", "dropout2"):
+            setattr(layer, name, FastDropout(dropout))
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.scale = math.sqrt(d_model)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from benchmarks.backbones import LateFusionModel, SequenceEncoder
-from mmcore import ModalityBatch, MultimodalModel, check_multimodal_model
+from mmcore import FastDropout, ModalityBatch, MultimodalModel, check_multimodal_model
 from tests.helpers import tiny_bert
 
 
@@ -72,3 +72,14 @@ def test_transformers_text_encoder_in_the_backbone(tmp_path):
     model.fusion.modalities = ("text", "audio")
     model.head = torch.nn.Linear(16, 1)
     assert model(batch).shape == (2, 1)
+
+
+def test_sequence_encoder_draws_fast_dropout_masks_in_training_only():
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(6, d_model=8, num_layers=2, num_heads=2, dropout=0.3)
+    layers = list(encoder.transformer.layers)
+    assert all(isinstance(layer.dropout1, FastDropout) for layer in layers)
+    x = torch.randn(3, 7, 6)
+    assert not torch.allclose(encoder(x), encoder(x))
+    encoder.eval()
+    torch.testing.assert_close(encoder(x), encoder(x))

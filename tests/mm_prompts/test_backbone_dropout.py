@@ -1,44 +1,11 @@
-"""The backbone's CPU dropout and the attention path it needs."""
+"""The backbone's CPU dropout (mmcore.dropout_fast) and the attention path it needs."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from mm_prompts import MulTBackbone, MulTConfig
 from mm_prompts import backbone as mult
 from mmcore import ModalityBatch
-
-
-def test_dropout_drops_at_the_rate_and_keeps_the_expectation():
-    torch.manual_seed(0)
-    x = torch.rand(200, 500) + 1.0  # no zeros of its own
-    out = mult.dropout_fast(x, 0.1)
-    dropped = out == 0
-    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.003)
-    scale = 32768 / (32768 - 3277)  # p rounded to a multiple of 2^-15
-    torch.testing.assert_close(out[~dropped], x[~dropped] * scale)
-    # the mean over many masks is x
-    ratios = torch.stack([mult.dropout_fast(x[:4], 0.3) / x[:4] for _ in range(1000)])
-    assert ratios.mean().item() == pytest.approx(1.0, abs=0.003)  # 2e6 draws: std 0.0005
-    # every 16-bit chunk of the draws is used: no position is dropped more often than others
-    by_position = torch.stack([mult.dropout_fast(torch.ones(8), 0.5) == 0 for _ in range(4000)])
-    assert by_position.float().mean(0).sub(0.5).abs().max() < 0.04
-
-
-def test_dropout_is_seeded_by_torch_and_its_gradient_is_the_mask():
-    x = torch.randn(64, 33, requires_grad=True)
-    torch.manual_seed(3)
-    a = mult.dropout_fast(x, 0.2)
-    torch.manual_seed(3)
-    b = mult.dropout_fast(x, 0.2)
-    torch.testing.assert_close(a, b)
-    assert not torch.equal(a, mult.dropout_fast(x, 0.2))  # the generator moved on
-    a.sum().backward()
-    torch.testing.assert_close(x.grad, a.detach() / x.detach())
-    # off in eval, at p = 0, and at a p that rounds to 0; p = 1 drops everything
-    assert mult.dropout_fast(x, 0.2, training=False) is x
-    assert mult.dropout_fast(x, 0.0) is x and mult.dropout_fast(x, 1e-6) is x
-    assert (mult.dropout_fast(x, 1.0) == 0).all()
 
 
 def test_attention_path_with_dropout_equals_the_fused_kernel_without_it(monkeypatch):

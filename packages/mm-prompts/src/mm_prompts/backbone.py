@@ -1,6 +1,7 @@
 """A MulT-style backbone for any number of modalities (Tsai et al., ACL 2019).
 
-Per modality a bias-free 1×1 ``Conv1d`` projects the input to ``d``. For every ordered pair
+Per modality a bias-free 1×1 ``Conv1d`` (computed as a matrix product:
+:class:`mmcore.PointwiseConv1d`) projects the input to ``d``. For every ordered pair
 (branch ``b``, source ``s``) a cross-modal transformer lets ``b`` attend to ``s``; each branch's
 ``M − 1`` cross-modal outputs are concatenated on the feature axis (width ``(M − 1) d``) and run
 through the branch's self-attention "memory" transformer, whose last position is read out. The
@@ -18,7 +19,8 @@ the transformers run one after the other on their slices of the stack. Tested eq
 and gradients, to each other and to transformers of ``nn.MultiheadAttention`` layers.
 
 In training on CPU, dropout masks are drawn four elements per 64-bit draw of torch's generator
-(:func:`dropout_fast`); torch's ``bernoulli_`` masks took a third of a training step.
+(:func:`mmcore.layers.dropout_fast`); torch's ``bernoulli_`` masks took a third of a
+training step.
 ``backbone.fast_dropout = False`` restores them (and the fused kernel's attention dropout).
 """
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmcore import ModalityBatch, sinusoidal_positions
+from mmcore import ModalityBatch, PointwiseConv1d, dropout_fast, sinusoidal_positions
 
 __all__ = ["MulTBackbone", "MulTConfig", "zero_padding"]
 
@@ -310,43 +312,6 @@ def _batched_transformer(
     return _layer_norm(x, params["norm.weight"], params["norm.bias"])
 
 
-# 15 random bits per element: the drop probability is rounded to a multiple of 2^-15
-_MASK_BITS = 15
-
-
-def dropout_fast(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """``F.dropout(x, p, training)``, with a faster mask on CPU.
-
-    PyTorch draws a CPU dropout mask with one call of its serial Mersenne Twister per element
-    (``bernoulli_``; pytorch/pytorch#138199), which took a third of a training step of the
-    MOSI-sized backbone. Here each 64-bit draw of the same generator gives four elements 15
-    random bits each (keep when they are at least ``round(p · 2^15)``), so ``p`` is rounded to
-    a multiple of 2^-15 (0.1 → 0.100006) and the kept values are scaled by exactly
-    ``1 / (1 − p_rounded)``: the expectation is ``x``. ``torch.manual_seed`` and
-    ``torch.random.fork_rng`` govern it as they do ``F.dropout``. Other devices, and code
-    being compiled (``torch.compile`` draws its own masks), use ``F.dropout``.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0 or torch.compiler.is_compiling():
-        return F.dropout(x, p, training)
-    threshold = round(p * (1 << _MASK_BITS))
-    if threshold == 0:
-        return x
-    scale = (1 << _MASK_BITS) / ((1 << _MASK_BITS) - threshold)
-    keep = _random_bits(x.shape, x.device) >= threshold
-    return x * (keep.to(x.dtype) * scale)  # one mask, reused by the backward
-
-
-def _random_bits(shape: torch.Size, device: torch.device) -> Tensor:
-    """``int16`` ``shape`` of uniform values in ``[0, 2^15)``: four per 64-bit draw."""
-    n = math.prod(shape)
-    # random_() on int64 fills [0, 2^63): every 16-bit chunk is uniform once its top bit
-    # (always 0 in the highest chunk) is masked off
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
-    return words.view(torch.int16)[:n].view(shape).bitwise_and_((1 << _MASK_BITS) - 1)
-
-
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout: float, fast_dropout: bool = True
 ) -> Tensor:
@@ -418,7 +383,7 @@ class MulTBackbone(nn.Module):
         self.modalities = tuple(config.input_dims)
         m, d, c = len(self.modalities), config.d, config
         self.proj = nn.ModuleDict(
-            {k: nn.Conv1d(dim, d, kernel_size=1, bias=False) for k, dim in c.input_dims.items()}
+            {k: PointwiseConv1d(dim, d, bias=False) for k, dim in c.input_dims.items()}
         )
         # branch b attends to source s: "b_from_s", in branch order (the order of the
         # batched path's stack)

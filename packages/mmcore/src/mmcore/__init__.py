@@ -3,7 +3,8 @@
 * :class:`ModalityBatch` — named modality tensors with presence and padding masks;
 * the model contract (:class:`MultimodalModel`, :func:`resolve_module`, :func:`run_encoder`);
 * :mod:`mmcore.metrics` — MSA, classification, IEMOCAP and BraTS metrics;
-* small utilities (:func:`seed_everything`, :func:`atomic_write`).
+* small utilities (:func:`seed_everything`, :func:`atomic_write`) and layers for
+  MulT-style backbones (:class:`PointwiseConv1d`, :func:`dropout_fast`, :class:`FastDropout`).
 """
 
 from mmcore.batch import ModalityBatch, ModalityKind, collate_modalities
@@ -20,21 +21,25 @@ from mmcore.contract import (
     resolve_module,
     run_encoder,
 )
+from mmcore.layers import FastDropout, PointwiseConv1d, dropout_fast
 from mmcore.utils import atomic_write, seed_everything, sinusoidal_positions, trainable_dtype
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FastDropout",
     "ModalityBatch",
     "ModalityKind",
     "ModulePathError",
     "MultimodalModel",
+    "PointwiseConv1d",
     "atomic_write",
     "check_distinct_modules",
     "check_multimodal_model",
     "closest_module_names",
     "collate_modalities",
     "contract_encoder_paths",
+    "dropout_fast",
     "encoder_features",
     "find_modality_batch",
     "masked_mean",

@@ -143,6 +143,11 @@ class CASP:
         rep = captured[-1]
         return pred, rep.flatten(1) if rep.ndim > 2 else rep
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the adapted model's parameters (each batch is moved there)."""
+        return next(iter(self.model.parameters()), torch.empty(0)).device
+
     def _optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.params, lr=self.config.lr)
 
@@ -170,12 +175,16 @@ class CASP:
 
     @torch.no_grad()
     def predict(self, data: ModalityBatch, batch_size: int = 256) -> Tensor:
-        """Predictions on ``data`` (eval mode): ``[N]`` regression, ``[N, C]`` probabilities."""
+        """Predictions on ``data`` (eval mode): ``[N]`` regression, ``[N, C]`` probabilities.
+
+        ``data`` may live on another device than the model (e.g. a large unlabeled set in CPU
+        memory): each batch is moved to the model's, and the predictions come back on ``data``'s.
+        """
         was_training = self.model.training
         self.model.eval()
-        outs = [self.model(b) for b in data.split(batch_size)]
+        outs = [self.model(b.to(self.device)) for b in data.split(batch_size)]
         self.model.train(was_training)
-        out = torch.cat(outs)
+        out = torch.cat(outs).to(data.device)
         if self.config.task == "classification":
             return out.softmax(dim=-1)
         return _scores(out)
@@ -232,6 +241,7 @@ class CASP:
             for batch in data.split(cfg.batch_size, shuffle=True, generator=generator):
                 if len(batch) < 2:
                     continue
+                batch = batch.to(self.device)
                 loss, rep = self.contrastive_loss(batch, rng.choice(data.modalities))
                 variance = F.normalize(rep.detach(), dim=1).var(dim=0).mean().item()
                 if variance < cfg.collapse_threshold:
@@ -291,6 +301,7 @@ class CASP:
         for _ in range(cfg.epochs_pl):
             losses = []
             for batch in labelled.split(cfg.batch_size, shuffle=True, generator=generator):
+                batch = batch.to(self.device)
                 pred = self.model(batch)
                 if cfg.task == "classification":
                     loss = F.cross_entropy(pred, batch.target)  # soft targets: mean probabilities
@@ -315,6 +326,7 @@ class CASP:
         if episodic:
             self.model.load_state_dict(self._source_state)
         batch = batch.replace(target=None)
+        on_model = batch.to(self.device)
         optimizer = self._online_optimizer(episodic)
         offset = 0 if episodic else len(self.report.contrastive_losses)
         rng = random.Random(self.config.seed + offset)
@@ -322,7 +334,7 @@ class CASP:
         for _ in range(steps):
             if len(batch) < 2:
                 break
-            loss, _ = self.contrastive_loss(batch, rng.choice(batch.modalities))
+            loss, _ = self.contrastive_loss(on_model, rng.choice(batch.modalities))
             self._step(optimizer, loss)
             self.report.contrastive_losses.append(loss.item())
         return self.predict(batch)

@@ -31,7 +31,8 @@ rate applied (one fixed draw per seed); the lower bound's backbone is selected o
   training-set mean is 0 and modality substitution coincides with the lower bound there.)
 * ``mplmm-throughput``: samples/s of the whole forward pass and of the missing-case stage
   (generation + prompts) at batch 64 with MOSI-aligned shapes and mixed cases, in eval mode, each
-  as a ratio to a per-sample loop of the same computation, measured in the same run.
+  as a ratio to a per-sample loop of the same computation, measured in the same run; and a
+  training step as shipped against torch's dropout and against ``nn.Conv1d`` projections.
 """
 
 from __future__ import annotations
@@ -554,16 +555,22 @@ def run_throughput(ctx: RunContext) -> list[dict]:
 
 
 TRAINING_STEP = "training step (mplmm-mosi-missing's sizes, dropout 0.1)"
+#: the training-step variants: as shipped, torch's dropout, torch's 1x1 convolutions
+SHIPPED = "fast CPU dropout"
+TORCH_DROPOUT = "torch dropout"
+CONV1D_PROJECTIONS = "fast CPU dropout, nn.Conv1d projections"
 
 
 @torch.enable_grad()
 def _training_step_records(ctx: RunContext) -> list[dict]:
-    """MPLMM's training step with the backbone's CPU dropout against torch's, same run.
+    """MPLMM's training step as shipped against torch's dropout and ``nn.Conv1d`` projections.
 
     The sizes of the ``mplmm-mosi-missing`` task (d = 16, 3 + 3 layers, T = 20, batch 64,
-    missing rate 0.7); ``backbone.fast_dropout`` switches between
-    :func:`mm_prompts.backbone.dropout_fast` and ``F.dropout`` with the fused attention
-    kernel's dropout. Interleaved rounds (:func:`median_times`).
+    missing rate 0.7). As shipped: :func:`mmcore.dropout_fast` masks and the input projections
+    computed as matrix products (:class:`mmcore.PointwiseConv1d`). ``backbone.fast_dropout =
+    False`` gives ``F.dropout`` with the fused attention kernel's dropout; the third variant
+    puts ``nn.Conv1d`` modules with the same weights in the projections' place. Interleaved
+    rounds (:func:`median_times`), same run.
     """
     s = MOSI_SETTINGS
     dims, length = MOSI_DIMS, s["seq_len"]
@@ -576,10 +583,16 @@ def _training_step_records(ctx: RunContext) -> list[dict]:
         dims, d=s["d"], num_heads=s["heads"], cross_layers=s["layers"], memory_layers=s["layers"]
     )
     steps = {}
-    for name, fast in (("fast CPU dropout", True), ("torch dropout", False)):
+    for name in (SHIPPED, TORCH_DROPOUT, CONV1D_PROJECTIONS):
         torch.manual_seed(ctx.seed)
-        model = MPLMM(MulTBackbone(config), dict.fromkeys(dims, length), prompt_length=8)
-        model.backbone.fast_dropout = fast
+        backbone = MulTBackbone(config)
+        backbone.fast_dropout = name != TORCH_DROPOUT
+        if name == CONV1D_PROJECTIONS:
+            for m, proj in backbone.proj.items():
+                conv = torch.nn.Conv1d(proj.in_channels, proj.out_channels, 1, bias=False)
+                conv.load_state_dict(proj.state_dict())
+                backbone.proj[m] = conv
+        model = MPLMM(backbone, dict.fromkeys(dims, length), prompt_length=8)
         training = _MissingTraining(model, s["train_rate"], ctx.seed).train()
         optimiser = make_optimizer(training, lr=1e-3)
         steps[name] = functools.partial(train_step, training, optimiser, batch, _l1)
@@ -590,7 +603,8 @@ def _training_step_records(ctx: RunContext) -> list[dict]:
             "dataset": TRAINING_STEP,
             "metrics": {
                 "ms_per_step": 1000 * t,
-                "step_time_vs_torch_dropout": t / seconds["torch dropout"],
+                "step_time_vs_shipped": t / seconds[SHIPPED],
+                "step_time_vs_torch_dropout": t / seconds[TORCH_DROPOUT],
             },
             "config": {"batch": 64, "threads": torch.get_num_threads()},
         }
@@ -703,7 +717,8 @@ register_task(
             "MPLMM throughput at batch 64, MOSI-aligned shapes, mixed missing cases, eval mode, "
             "the released backbone size (d=30, 5+5 layers): whole forward and missing-case stage, "
             "vectorised vs. a per-sample loop, same run (the released code: ~83 samples/s here); "
-            "and a training step with the backbone's CPU dropout against torch's."
+            "and a training step as shipped (fast CPU dropout masks, 1x1 projections as matrix "
+            "products) against torch's dropout and against nn.Conv1d projections."
         ),
         run=run_throughput,
         primary_metric="samples_per_s",
@@ -712,6 +727,7 @@ register_task(
             "speedup_vs_per_sample_loop",
             "trainable_pct_of_backbone",
             "ms_per_step",
+            "step_time_vs_shipped",
             "step_time_vs_torch_dropout",
         ),
         targets=(

@@ -32,6 +32,12 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     assert len(case_rows) == 7
     assert {r["config"]["case"] for r in case_rows} == set(range(1, 8))
     assert "sweep_acc2_non0@0.5" not in average[mt.CASE_MODELS]
+    steps = {
+        r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == mt.TRAINING_STEP
+    }
+    assert list(steps) == [mt.SHIPPED, mt.TORCH_DROPOUT, mt.CONV1D_PROJECTIONS]
+    assert steps[mt.SHIPPED]["step_time_vs_shipped"] == 1.0
+    assert all(m["ms_per_step"] > 0 for m in steps.values())
     uci = [r for r in results["records"] if r["task"] == "mplmm-uci-missing"]
     assert {"accuracy_all_cases", "accuracy_single_modality"} <= set(uci[0]["metrics"])
     report = write_report(tmp_path).read_text()

@@ -11,12 +11,17 @@ Example:
     >>> wander.print_trainable_parameters()  # doctest: +SKIP
     >>> wander.save_pretrained("adapter/")  # doctest: +SKIP
     >>> again = Wander.from_pretrained(fresh_base_model, "adapter/")  # doctest: +SKIP
+
+``inject_wander(model, ranks=...)`` is the low-level path: it adds the adapter to the model in
+place (a submodule of it) and returns the model itself; ``get_wander(model)`` gives the
+``Wander`` behind it.
 """
 
 __version__ = "0.1.0"
 
 from wander.config import WanderConfig
 from wander.functional import dense_fusion, fusion_product
+from wander.inject import get_wander, inject_wander
 from wander.inspect import TargetReport, inspect_targets
 from wander.layer import WanderFusion
 from wander.model import Wander, WanderTargetError
@@ -30,5 +35,7 @@ __all__ = [
     "__version__",
     "dense_fusion",
     "fusion_product",
+    "get_wander",
+    "inject_wander",
     "inspect_targets",
 ]

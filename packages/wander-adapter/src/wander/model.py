@@ -143,13 +143,13 @@ class Wander(nn.Module):
         self.adapter.to(**_adapter_placement(model))
 
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        # adapters already on this model (one per layer) keep their saved modules trainable
-        kept = {
-            id(p)
-            for other in _adapters_on(model)
-            for path in other.config.modules_to_save or []
-            for p in resolve_module(model, path).parameters()
-        }
+        # adapters already on this model (one per layer) keep their saved modules trainable, and
+        # their own weights where they were injected into the model
+        kept = set()
+        for other in adapters_on(model):
+            kept.update(id(p) for p in other.adapter.parameters())
+            for path in other.config.modules_to_save or []:
+                kept.update(id(p) for p in resolve_module(model, path).parameters())
         for p in model.parameters():
             if id(p) not in kept:
                 p.requires_grad_(False)
@@ -157,6 +157,7 @@ class Wander(nn.Module):
             resolve_module(model, path).requires_grad_(True)
 
         self._disabled = False
+        self.adapter_name: str | None = None  # set by inject_wander
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
         self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]
@@ -333,7 +334,9 @@ class Wander(nn.Module):
 
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts of the base model plus the adapter."""
-        params = list(self.base_model.parameters()) + list(self.adapter.parameters())
+        # by identity: an injected adapter is also among the base model's parameters
+        params = {id(p): p for p in [*self.base_model.parameters(), *self.adapter.parameters()]}
+        params = list(params.values())
         total = sum(p.numel() for p in params)
         return sum(p.numel() for p in params if p.requires_grad), total
 
@@ -345,13 +348,37 @@ class Wander(nn.Module):
             f"trainable%: {100 * trainable / total:.4f}"
         )
 
+    def inject(self, adapter_name: str = "wander") -> nn.Module:
+        """Register the adapter as ``base_model.<adapter_name>``; returns the base model.
+
+        See :func:`wander.inject_wander`, the usual way to call it.
+        """
+        if self.adapter_name is not None:
+            raise RuntimeError(
+                f"Wander.inject: this adapter is already injected as '{self.adapter_name}'."
+            )
+        if not adapter_name.isidentifier():
+            raise ValueError(
+                f"Wander.inject: adapter_name={adapter_name!r} must be a Python identifier "
+                "(it becomes an attribute of the model)."
+            )
+        if hasattr(self.base_model, adapter_name):
+            raise ValueError(
+                f"Wander.inject: the model already has an attribute '{adapter_name}'; choose "
+                "another adapter_name (one per adapter, e.g. 'wander_layer0')."
+            )
+        self.base_model.add_module(adapter_name, self.adapter)
+        self.adapter_name = adapter_name
+        return self.base_model
+
     def unwrap(self) -> nn.Module:
         """Remove the adapter: hooks gone, ``requires_grad`` flags restored; returns the base.
 
-        With several adapters on one model, unwrap the last one added first: each restores the
-        flags it found when it was added.
+        An injected adapter is also removed from the model's submodules. With several adapters
+        on one model, unwrap the last one added first: each restores the flags it found when it
+        was added.
         """
-        on_model = _adapters_on(self.base_model)
+        on_model = adapters_on(self.base_model)
         later = on_model[on_model.index(self) + 1 :] if self in on_model else []
         if later:
             raise RuntimeError(
@@ -362,6 +389,9 @@ class Wander(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.adapter_name is not None:
+            delattr(self.base_model, self.adapter_name)
+            self.adapter_name = None
         for name, p in self.base_model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, True))
         return self.base_model
@@ -427,7 +457,7 @@ class Wander(nn.Module):
         return wander
 
 
-def _adapters_on(model: nn.Module) -> list[Wander]:
+def adapters_on(model: nn.Module) -> list[Wander]:
     """The :class:`Wander` adapters whose hooks are on ``model`` (in the order they were added)."""
     adapters = []
     for hook in model._forward_pre_hooks.values():

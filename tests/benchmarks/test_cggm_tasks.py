@@ -81,6 +81,7 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
         "OGM-GE",
         "CGGM",
         "CGGM (λ=0, 64-unit classifiers)",
+        cb.LEAN_CGGM,
     }
 
 

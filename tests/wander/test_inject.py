@@ -152,3 +152,31 @@ def test_bad_injections_raise_and_leave_the_model_as_it_was(tmp_path, base_model
         get_wander(model)
     with pytest.raises(RuntimeError, match="already injected as 'first'"):
         get_wander(model, "first").inject("second")
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch):
+        return self.inner(batch)
+
+
+def test_wrapping_a_model_keeps_adapters_injected_into_its_submodules_trainable(base_model, batch):
+    inject_wander(base_model, RANKS, example_input=batch)
+    outer = _Outer(base_model)
+    second = Wander(
+        outer,
+        RANKS,
+        example_input=batch,
+        output="residual",
+        target_modules={m: f"inner.encoders.{m}" for m in ("text", "audio", "vision")},
+        fusion_module="inner.fusion",
+        modules_to_save=[],
+    )
+    trainable = {n.split(".")[1] for n, p in outer.named_parameters() if p.requires_grad}
+    assert trainable == {"wander", "head"}
+    second(batch).sum().backward()
+    assert all(p.grad is not None for p in base_model.wander.parameters())
+    assert all(p.grad is not None for p in second.adapter.parameters())

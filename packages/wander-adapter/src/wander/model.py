@@ -143,13 +143,13 @@ class Wander(nn.Module):
         self.adapter.to(**_adapter_placement(model))
 
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        # adapters already on this model (one per layer) keep their saved modules trainable, and
-        # their own weights where they were injected into the model
+        # adapters already on this model or its submodules (one per layer) keep their saved
+        # modules trainable, and their own weights where they were injected into the model
         kept = set()
-        for other in adapters_on(model):
+        for other in (a for module in model.modules() for a in adapters_on(module)):
             kept.update(id(p) for p in other.adapter.parameters())
             for path in other.config.modules_to_save or []:
-                kept.update(id(p) for p in resolve_module(model, path).parameters())
+                kept.update(id(p) for p in resolve_module(other.base_model, path).parameters())
         for p in model.parameters():
             if id(p) not in kept:
                 p.requires_grad_(False)

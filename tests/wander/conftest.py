@@ -14,6 +14,16 @@ def make_batch(dims=None, lens=None, b=4, seed=0):
     return ModalityBatch(inputs, target=torch.randn(b, generator=g))
 
 
+def train_steps(model, batch, steps=3):
+    """Adam on ``model``'s trainable parameters (a ``Wander`` wrapper or a bare model with an
+    injected adapter: the same loop), squared error on ``batch``."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(batch).squeeze(-1) - batch.target).pow(2).mean().backward()
+        opt.step()
+
+
 @pytest.fixture
 def batch():
     return make_batch()

@@ -8,18 +8,9 @@ import torch
 from benchmarks.backbones import LateFusionModel
 from wander import Wander, WanderFusion, get_wander, inject_wander
 
-from .conftest import LayerwiseModel, make_batch
+from .conftest import LayerwiseModel, make_batch, train_steps
 
 RANKS = {"bottleneck": 4, "feature": 2, "token": 3}
-
-
-def train_bare(model, batch, steps=3):
-    """A loop written for the bare model: its own parameters, its own call."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(steps):
-        opt.zero_grad()
-        (model(batch).squeeze(-1) - batch.target).pow(2).mean().backward()
-        opt.step()
 
 
 def test_inject_returns_the_model_with_the_adapter_as_a_submodule(base_model, batch):
@@ -48,7 +39,7 @@ def test_inject_returns_the_model_with_the_adapter_as_a_submodule(base_model, ba
         assert p.grad is not None and p.grad.abs().sum() > 0, n
     assert all(p.grad is None for p in model.encoders.parameters())
     model.zero_grad()
-    train_bare(model, batch)
+    train_steps(model, batch)
     with torch.no_grad():
         assert not torch.allclose(model(batch), base)
         trained = model(batch)
@@ -61,7 +52,7 @@ def test_inject_returns_the_model_with_the_adapter_as_a_submodule(base_model, ba
 
 def test_state_dict_and_save_pretrained_round_trips(tmp_path, base_model, batch):
     model = inject_wander(base_model, RANKS, example_input=batch, cp_mode="true")
-    train_bare(model, batch)
+    train_steps(model, batch)
     with torch.no_grad():
         expected = model(batch)
     get_wander(model).save_pretrained(tmp_path)
@@ -104,7 +95,7 @@ def test_adapters_injected_after_every_layer_train_through_the_models_parameters
     assert {n.split(".")[0] for n in trainable} == {"head", "wander_layer0", "wander_layer1"}
     with torch.no_grad():
         torch.testing.assert_close(model(batch), base)
-    train_bare(model, batch)
+    train_steps(model, batch)
     for layer in range(2):
         adapter = getattr(model, f"wander_layer{layer}")
         assert all(torch.isfinite(p).all() for p in adapter.parameters())
@@ -124,7 +115,7 @@ def test_adapters_injected_after_every_layer_train_through_the_models_parameters
 
 def test_a_deep_copy_of_an_injected_model_runs_its_own_adapter(base_model, batch):
     model = inject_wander(base_model, RANKS, example_input=batch)
-    train_bare(model, batch)
+    train_steps(model, batch)
     with torch.no_grad():
         expected = model(batch)
         copied = copy.deepcopy(model)

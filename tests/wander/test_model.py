@@ -9,17 +9,9 @@ from mmcore import ModalityBatch
 from tests.helpers import tiny_bert
 from wander import Wander, WanderConfig, WanderTargetError
 
-from .conftest import LayerwiseModel, PlainModel, make_batch
+from .conftest import LayerwiseModel, PlainModel, make_batch, train_steps
 
 RANKS = {"bottleneck": 4, "feature": 2, "token": 3}
-
-
-def train_steps(wander, batch, steps=3):
-    opt = torch.optim.Adam([p for p in wander.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(steps):
-        opt.zero_grad()
-        (wander(batch).squeeze(-1) - batch.target).pow(2).mean().backward()
-        opt.step()
 
 
 @pytest.mark.parametrize("output", ["fused", "residual"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import benchmarks.tasks  # noqa: F401  (registers the tasks)
 from benchmarks.registry import PROFILES, TASKS
 from benchmarks.report import write_report
-from benchmarks.runner import run_tasks
+from benchmarks.runner import load_results, run_tasks
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
@@ -46,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the registered tasks")
     run = sub.add_parser("run", help="run tasks and write results.json, report.md and plots")
     run.add_argument("--task", action="append", help="task to run (repeatable; default: all)")
-    run.add_argument("--profile", choices=PROFILES, default="quick")
-    run.add_argument(
-        "--seeds", type=parse_seeds, default=[0, 1, 2], help="comma list (default 0,1,2)"
-    )
+    run.add_argument("--profile", choices=PROFILES, default=None, help="default: quick")
+    run.add_argument("--seeds", type=parse_seeds, default=None, help="comma list (default 0,1,2)")
     run.add_argument("--data-root", type=Path, default=None, help="folder with real data sets")
     run.add_argument("--out", type=Path, default=None, help="run folder (default: timestamped)")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="go on with an interrupted run: its tasks, seeds, profile and data root; only "
+        "the task seeds it did not finish run (failed ones again)",
+    )
     report = sub.add_parser("report", help="rewrite report.md and plots from results.json")
     report.add_argument("run_dir", type=Path)
     return parser
@@ -71,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as err:
             raise SystemExit(str(err)) from None
         return 0
+    if args.resume is not None:
+        return _resume(args)
+    args.profile = args.profile or "quick"
+    args.seeds = args.seeds or [0, 1, 2]
     tasks = _resolve_tasks(args.task, args.profile)
     if args.data_root is not None and not args.data_root.is_dir():
         raise SystemExit(f"--data-root {args.data_root} is not a folder.")
@@ -78,6 +88,40 @@ def main(argv: list[str] | None = None) -> int:
     results = run_tasks(
         tasks, profile=args.profile, seeds=args.seeds, out_dir=out, data_root=args.data_root
     )
+    return _finish(out, results)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``run --resume RUN_DIR``: the run's own tasks, seeds, profile and data root."""
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("task", "profile", "seeds", "data_root", "out")
+        if getattr(args, name) is not None
+    ]
+    if given:
+        raise SystemExit(
+            f"--resume takes the run's own settings from its results.json; drop {given}."
+        )
+    try:
+        meta = load_results(args.resume)["meta"]
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    unknown = [t for t in meta["tasks"] if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"--resume: the run's tasks {unknown} are no longer registered.")
+    data_root = Path(meta["data_root"]) if meta.get("data_root") else None
+    results = run_tasks(
+        meta["tasks"],
+        profile=meta["profile"],
+        seeds=meta["seeds"],
+        out_dir=args.resume,
+        data_root=data_root,
+        resume=True,
+    )
+    return _finish(args.resume, results)
+
+
+def _finish(out: Path, results: dict) -> int:
     report = write_report(out)
     print(f"report: {report}")
     if results["failures"]:

@@ -145,3 +145,78 @@ def test_uci_task_runs_end_to_end(tmp_path, monkeypatch):
     assert accs["all six"] > 0.8  # two epochs already learn the digits from all six views
     report = write_report(tmp_path).read_text()
     assert "### uci-mfeat" in report and "| mor only | 1 |" in report
+
+
+def test_an_interrupted_run_resumes_with_only_what_it_lacks(tmp_path, monkeypatch):
+    calls = []
+    state = {"interrupt": True, "fail": True}
+
+    def steady(ctx):
+        calls.append(("steady", ctx.seed))
+        return [{"method": "a", "dataset": "toy", "metrics": {"acc": 0.5 + 0.1 * ctx.seed}}]
+
+    def flaky(ctx):  # fails on seed 1 in the first run only
+        calls.append(("flaky", ctx.seed))
+        if ctx.seed == 1 and state["fail"]:
+            raise RuntimeError("transient")
+        return [{"method": "a", "dataset": "toy", "metrics": {"acc": 0.1}}]
+
+    def killed(ctx):  # the run is interrupted here (Ctrl-C, the machine going away)
+        calls.append(("killed", ctx.seed))
+        if ctx.seed == 1 and state["interrupt"]:
+            raise KeyboardInterrupt
+        return [{"method": "a", "dataset": "toy", "metrics": {"acc": 0.2}}]
+
+    for name, fn in (("toy-steady", steady), ("toy-flaky", flaky), ("toy-killed", killed)):
+        monkeypatch.setitem(TASKS, name, Task(name, "d", fn, "acc"))
+    names = ["toy-steady", "toy-flaky", "toy-killed", "toy-later"]
+    monkeypatch.setitem(TASKS, "toy-later", Task("toy-later", "d", steady, "acc"))
+    with pytest.raises(KeyboardInterrupt):
+        run_tasks(names, profile="quick", seeds=[0, 1], out_dir=tmp_path)
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(map(tuple, first["meta"]["completed"])) == [
+        ("toy-flaky", 0),
+        ("toy-killed", 0),
+        ("toy-steady", 0),
+        ("toy-steady", 1),
+    ]
+    assert [(f["task"], f["seed"]) for f in first["failures"]] == [("toy-flaky", 1)]
+
+    calls.clear()
+    state.update(interrupt=False, fail=False)
+    assert cli.main(["run", "--resume", str(tmp_path)]) == 0
+    assert calls == [("flaky", 1), ("killed", 1), ("steady", 0), ("steady", 1)]  # toy-later
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["failures"] == []
+    pairs = [(r["task"], r["seed"]) for r in results["records"]]
+    assert sorted(pairs) == sorted({(t, s) for t in names for s in (0, 1)})  # each once
+    assert len(results["meta"]["resumed"]) == 1 and "finished" in results["meta"]
+    assert (
+        results["meta"]["task_seconds"]["toy-steady"] == first["meta"]["task_seconds"]["toy-steady"]
+    )
+    assert "| a | 2 |" in (tmp_path / "report.md").read_text()
+
+    calls.clear()  # a finished run has nothing left to do
+    assert cli.main(["run", "--resume", str(tmp_path)]) == 0
+    assert calls == []
+
+
+def test_resume_refuses_other_settings_and_folders_without_a_run(tmp_path, fake_tasks):
+    run_tasks(["toy-good"], profile="quick", seeds=[0], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="cannot resume a run of profile 'quick'"):
+        run_tasks(["toy-good"], profile="full", seeds=[0], out_dir=tmp_path, resume=True)
+    with pytest.raises(SystemExit, match=r"drop \['--seeds'\]"):
+        cli.main(["run", "--resume", str(tmp_path), "--seeds", "0,1"])
+    with pytest.raises(SystemExit, match=r"results\.json not found"):
+        cli.main(["run", "--resume", str(tmp_path / "nothing")])
+
+
+def test_resume_reads_runs_written_before_completed_pairs_were_kept(tmp_path, fake_tasks):
+    run_tasks(["toy-good"], profile="quick", seeds=[0, 1], out_dir=tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    del results["meta"]["completed"]
+    results["records"] = [r for r in results["records"] if r["seed"] == 0]
+    with atomic_write(tmp_path / "results.json") as f:
+        json.dump(results, f)
+    resumed = run_tasks(["toy-good"], profile="quick", seeds=[0, 1], out_dir=tmp_path, resume=True)
+    assert [r["seed"] for r in resumed["records"]] == [0, 0, 1, 1]

@@ -431,3 +431,42 @@ def test_stacked_classifiers_round_trip_and_lookup_before_the_first_step():
     cggm.step(batch.target)
     with pytest.raises(KeyError, match=r"modalities: \['m0', 'm1'\]"):
         cggm.classifier("text")
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
+    outputs = 3 if task == "classification" else 1
+    torch.manual_seed(0)
+    stacked = StackedClassifiers(("a", "b", "c"), 5, 7, outputs).double()
+    for p in stacked.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    if task == "classification":
+        target = torch.randint(0, 3, (6,))
+
+        def loss_of(logits):
+            return sum(F.cross_entropy(logits[i], target) for i in range(3))
+    else:
+        target = torch.randn(6, dtype=torch.float64)
+
+        def loss_of(logits):
+            return sum(F.l1_loss(logits[i].reshape(-1), target) for i in range(3))
+
+    loss_of(stacked(x)).backward()
+    expected = {n: p.grad.clone() for n, p in stacked.named_parameters()}
+    stacked.zero_grad(set_to_none=True)
+    cggm = CGGM.__new__(CGGM)  # only _logit_grads is used: it reads the config
+    cggm.config = CGGMConfig(task=task, num_outputs=outputs)
+    logits = stacked.forward_backward(x, lambda z: cggm._logit_grads(target, z))
+    torch.testing.assert_close(logits, stacked(x))
+    for n, p in stacked.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], msg=n)
+
+
+def test_out_of_range_class_targets_are_a_clear_error():
+    batch = vector_batch(2)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3)
+    model(batch)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\); got values from 0 to 5"):
+        cggm.step(torch.tensor([0, 5] * 8))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -153,6 +153,31 @@ class StackedClassifiers(nn.Module):
             )
         hidden = torch.baddbmm(self.bias1.unsqueeze(1), features, self.weight1.transpose(1, 2))
         return torch.baddbmm(self.bias2.unsqueeze(1), hidden.relu(), self.weight2.transpose(1, 2))
+
+    @torch.no_grad()
+    def forward_backward(self, features: Tensor, grad_logits: Callable[[Tensor], Tensor]) -> Tensor:
+        """Logits ``[M, N, C]``, with every parameter's ``.grad`` set (replaced), without autograd.
+
+        ``grad_logits(logits)`` is the gradient of the loss with respect to the logits. The MLP's
+        backward is four batched matrix products and two sums: on small models, recording and
+        replaying an autograd graph for it cost more than the arithmetic (``cggm-step-overhead``
+        measures the step). Tested equal to autograd through :meth:`forward`.
+        """
+        pre = torch.baddbmm(self.bias1.unsqueeze(1), features, self.weight1.transpose(1, 2))
+        hidden = pre.relu()
+        logits = torch.baddbmm(self.bias2.unsqueeze(1), hidden, self.weight2.transpose(1, 2))
+        grad_out = grad_logits(logits)  # [M, N, C]
+        grad_pre = torch.bmm(grad_out, self.weight2).mul_(pre > 0)  # ReLU's backward
+        grads = (
+            torch.bmm(grad_pre.transpose(1, 2), features),
+            grad_pre.sum(dim=1),
+            torch.bmm(grad_out.transpose(1, 2), hidden),
+            grad_out.sum(dim=1),
+        )
+        params = (self.weight1, self.bias1, self.weight2, self.bias2)
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
+        return logits
 
     @torch.no_grad()
     def unstack(self, modality: str) -> ModalityClassifier:
@@ -342,22 +367,46 @@ class CGGM:
         return self.classifiers[modality]
 
     def _stacked_logits(self, feats: Mapping[str, Tensor]) -> Tensor:
-        """Every modality's classifier as one batched MLP: logits ``[M, B, C]``.
+        """Every modality's classifier on feature maps as one batched per-pixel MLP.
 
-        Feature maps give ``[M, B, C, *spatial]`` (the same MLP at every pixel).
+        Logits ``[M, B, C, *spatial]``.
         """
-        if len(self.classifiers.feature_shape) > 2:  # [M, B, d, *spatial]
-            x = torch.stack([feats[m] for m in self.modalities])
-            n_mod, b, d, spatial = x.shape[0], x.shape[1], x.shape[2], x.shape[3:]
-            logits = self.classifiers(x.movedim(2, -1).reshape(n_mod, -1, d))
-            return logits.view(n_mod, b, *spatial, -1).movedim(-1, 2)
+        x = torch.stack([feats[m] for m in self.modalities])  # [M, B, d, *spatial]
+        n_mod, b, d, spatial = x.shape[0], x.shape[1], x.shape[2], x.shape[3:]
+        logits = self.classifiers(x.movedim(2, -1).reshape(n_mod, -1, d))
+        return logits.view(n_mod, b, *spatial, -1).movedim(-1, 2)
+
+    def _stacked_inputs(self, feats: Mapping[str, Tensor]) -> Tensor:
+        """Vector features ``[M, B, d]`` (sequences mean-pooled over their real steps)."""
         xs = []
         for m in self.modalities:
             f = feats[m]
             if f.ndim == 3:
                 f = masked_mean(f, self._padding_mask(m))
             xs.append(f)
-        return self.classifiers(torch.stack(xs))
+        return torch.stack(xs)
+
+    def _logit_grads(self, target: Tensor, logits: Tensor) -> Tensor:
+        """Gradient of ``Σ_m`` (classifier ``m``'s mean task loss) w.r.t. logits ``[M, B, C]``."""
+        if self.config.task == "regression":  # L1: sign(prediction − target) / elements
+            t = target.reshape(1, logits.shape[1], -1).to(logits.dtype)
+            if t.shape[2] != logits.shape[2]:
+                raise ValueError(
+                    f"CGGM.step: regression targets of shape {tuple(target.shape)} for "
+                    f"{logits.shape[2]} outputs per sample."
+                )
+            return torch.sign(logits - t) / target.numel()
+        classes = logits.shape[2]
+        low, high = (int(v) for v in torch.aminmax(target)) if target.numel() else (0, 0)
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"CGGM.step: class targets must lie in [0, {classes}); got values from {low} to "
+                f"{high}."
+            )
+        # cross-entropy: (softmax − one-hot) / B
+        grad = logits.softmax(dim=-1)
+        grad[:, torch.arange(len(target), device=target.device), target] -= 1
+        return grad.div_(len(target))
 
     def _padding_mask(self, modality: str) -> Tensor | None:
         batch = self._batch
@@ -439,13 +488,23 @@ class CGGM:
         cfg = self.config
         target = target.to(self.head_weight.device)
         self._check_target(target, next(iter(feats.values())).shape[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        if self._stacked:
-            logits = self._stacked_logits(feats)  # [M, B, C] or [M, B, C, *spatial]
+        loss = None
+        if self._stacked and len(self.classifiers.feature_shape) <= 2:  # vectors, sequences
+            # the sum over modalities of each classifier's mean loss, its backward by hand (it
+            # replaces the gradients: no zero_grad needed)
+            logits = self.classifiers.forward_backward(
+                self._stacked_inputs(feats), functools.partial(self._logit_grads, target)
+            )
+            total, count = batch_score_counts(
+                cfg.task, logits, target, cfg.regression_score, stacked=True
+            )
+            total, count = total.cpu(), count.cpu()
+        elif self._stacked:  # feature maps: autograd through the per-pixel MLP and the resize
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self._stacked_logits(feats)  # [M, B, C, *spatial]
             n_mod = len(self.modalities)
-            if cfg.task == "segmentation" and logits.shape[3:] != target.shape[1:]:
+            if logits.shape[3:] != target.shape[1:]:
                 logits = self._resize(logits.flatten(0, 1), target).unflatten(0, logits.shape[:2])
-            # the sum over modalities of each classifier's mean loss
             repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
             loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
             total, count = batch_score_counts(
@@ -453,6 +512,7 @@ class CGGM:
             )
             total, count = total.cpu(), count.cpu()
         else:
+            self.optimizer.zero_grad(set_to_none=True)
             losses, totals, counts = [], [], []
             for m in self.modalities:
                 pred = self.classifiers[m](feats[m], self._padding_mask(m))
@@ -464,7 +524,8 @@ class CGGM:
                 counts.append(c)
             loss = torch.stack(losses).sum()
             total, count = torch.stack(totals).cpu(), torch.stack(counts).cpu()
-        loss.backward()
+        if loss is not None:
+            loss.backward()
         self._batch = None  # its padding masks are used; hold no batch between steps
         self._average_classifier_grads()
         if cfg.mode == "reference" and sync and cfg.lam > 0:

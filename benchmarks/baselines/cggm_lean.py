@@ -1,13 +1,13 @@
 """CGGM's step written by hand for one case: how much of its overhead is the implementation's.
 
 ``cggm.CGGM`` serves any task, feature layout, device, dtype, AMP, gradient accumulation and
-DDP, and trains its classifiers through autograd and ``torch.optim.Adam``. On a tiny network
-the fixed cost of those calls is a large part of its overhead, so the question is how much
-of it an implementation could save. :class:`LeanCGGM` computes the same step (default mode, no
-smoothing) for classification on vector features only, with none of the checks: the stacked
-classifiers' backward written out (four batched matmuls), gradients handed to a fused Adam,
-the scores, ``B`` and the encoder-gradient scaling in a handful of calls. A test checks it
-trains exactly as ``cggm.CGGM`` does; ``cggm-step-overhead`` times it beside it.
+DDP, with the checks and bookkeeping that takes. On a tiny network the fixed cost of those calls
+could be a large part of its overhead. :class:`LeanCGGM` computes the same step (default mode,
+no smoothing) for classification on vector features only, with none of the checks: the stacked
+classifiers' backward written out (four batched matmuls), gradients handed to a fused Adam, the
+scores, ``B`` and the encoder-gradient scaling in a handful of calls. What it still costs is
+the arithmetic of the method itself. A test checks it trains exactly as ``cggm.CGGM`` does;
+``cggm-step-overhead`` times it beside it.
 """
 
 from __future__ import annotations

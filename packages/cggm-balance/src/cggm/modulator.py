@@ -94,10 +94,11 @@ class StackedClassifiers(nn.Module):
 
     The same maths as ``M`` :class:`ModalityClassifier` s on vectors (or mean-pooled sequences),
     run as one batched MLP: ``[M, N, d] → [M, N, C]`` over samples, or over pixels for feature
-    maps (the per-pixel MLP). Stacked storage means two ``baddbmm``
-    calls per forward and four tensors for the optimiser instead of ``4 M``, which on small
-    models is most of CGGM's overhead. :meth:`from_classifiers` stacks existing classifiers (so
-    a run starts from exactly their initialisation); :meth:`unstack` gives one back.
+    maps (the per-pixel MLP). Stacked storage means two ``baddbmm`` calls per forward and four
+    tensors for the optimiser instead of ``4 M``, which on small models is most of CGGM's
+    overhead; :meth:`forward_backward` also takes the backward by hand. :meth:`from_classifiers`
+    stacks existing classifiers (so a run starts from exactly their initialisation);
+    :meth:`unstack` gives one back.
     """
 
     def __init__(

@@ -65,6 +65,9 @@ ENCODER_SCALE_CONTROLS = {"joint, encoder grads × ρ(M−1)/M (ρ=3)": 3.0}
 #: CGGM's step written by hand for classification on vector features (the same maths, tested):
 #: what its overhead would cost without autograd, the optimiser wrapper's and the checks' calls.
 LEAN_CGGM = "CGGM, hand-written lean step"
+#: CGGM with its classifiers' backward through autograd (``hand_backward = False``): what the
+#: hand-written backward of the stacked classifiers saves
+AUTOGRAD_CGGM = "CGGM (classifiers through autograd)"
 
 #: The probe-reference row: each modality's encoder trained alone on the same data.
 UNIMODAL_REFERENCE = "unimodal encoders (probe reference)"
@@ -75,8 +78,8 @@ def modulation(
 ) -> tuple[CGGM | OGMGE | LeanCGGM | None, Callable | None, Callable | None]:
     """The modulator of ``method`` on ``model``, with :func:`fit`'s two hooks for it.
 
-    ``method``: ``"joint"``, ``"OGM-GE"``, ``"CGGM"``, :data:`LEAN_CGGM`, a key of
-    :data:`CGGM_VARIANTS` or of :data:`ENCODER_SCALE_CONTROLS`; returns
+    ``method``: ``"joint"``, ``"OGM-GE"``, ``"CGGM"``, :data:`AUTOGRAD_CGGM`, :data:`LEAN_CGGM`,
+    a key of :data:`CGGM_VARIANTS` or of :data:`ENCODER_SCALE_CONTROLS`; returns
     ``(modulator, extra_loss, after_backward)`` (all ``None`` for joint training; only
     ``after_backward`` for the controls).
     """
@@ -103,10 +106,11 @@ def modulation(
             **{k: cggm_options[k] for k in ("rho", "lam", "cls_lr")},
         )
         return lean, lean.direction_loss, lambda batch: lean.step(batch.target)
-    if method != "CGGM" and method not in CGGM_VARIANTS:
+    if method not in ("CGGM", AUTOGRAD_CGGM) and method not in CGGM_VARIANTS:
         raise ValueError(f"unknown method {method!r}.")
     options = {**cggm_options, **CGGM_VARIANTS.get(method, {})}
     cggm = CGGM(model, task=task, num_outputs=num_outputs, **options)
+    cggm.hand_backward = method != AUTOGRAD_CGGM
     return cggm, cggm.direction_loss, lambda batch: cggm.step(batch.target)
 
 

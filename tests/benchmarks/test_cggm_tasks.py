@@ -80,6 +80,7 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
         "joint",
         "OGM-GE",
         "CGGM",
+        cb.AUTOGRAD_CGGM,
         "CGGM (λ=0, 64-unit classifiers)",
         cb.LEAN_CGGM,
     }

@@ -287,6 +287,9 @@ class CGGM:
         self._counts = torch.zeros(m)
         self._pending: Tensor | None = None  # reference mode: last step's L_gm, graph kept
         self._direction: Tensor | None = None  # default mode: Σ_m B_m W_m/‖W_m‖ of this step
+        #: stacked classifiers of vectors or sequences take their backward by hand
+        #: (StackedClassifiers.forward_backward); False: through autograd, the reference
+        self.hand_backward = True
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
@@ -490,7 +493,8 @@ class CGGM:
         target = target.to(self.head_weight.device)
         self._check_target(target, next(iter(feats.values())).shape[0])
         loss = None
-        if self._stacked and len(self.classifiers.feature_shape) <= 2:  # vectors, sequences
+        maps = self._stacked and len(self.classifiers.feature_shape) > 2
+        if self._stacked and self.hand_backward and not maps:  # vectors, pooled sequences
             # the sum over modalities of each classifier's mean loss, its backward by hand (it
             # replaces the gradients: no zero_grad needed)
             logits = self.classifiers.forward_backward(
@@ -500,11 +504,14 @@ class CGGM:
                 cfg.task, logits, target, cfg.regression_score, stacked=True
             )
             total, count = total.cpu(), count.cpu()
-        elif self._stacked:  # feature maps: autograd through the per-pixel MLP and the resize
+        elif self._stacked:  # autograd (feature maps: through the per-pixel MLP and the resize)
             self.optimizer.zero_grad(set_to_none=True)
-            logits = self._stacked_logits(feats)  # [M, B, C, *spatial]
+            if maps:
+                logits = self._stacked_logits(feats)  # [M, B, C, *spatial]
+            else:
+                logits = self.classifiers(self._stacked_inputs(feats))  # [M, B, C]
             n_mod = len(self.modalities)
-            if logits.shape[3:] != target.shape[1:]:
+            if maps and logits.shape[3:] != target.shape[1:]:
                 logits = self._resize(logits.flatten(0, 1), target).unflatten(0, logits.shape[:2])
             repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
             loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)

@@ -506,3 +506,70 @@ def test_out_of_range_class_targets_are_a_clear_error():
     model(batch)
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\); got values from 0 to 5"):
         cggm.step(torch.tensor([0, 5] * 8))
+
+
+class RecurrentModel(nn.Module):
+    """Not the mmcore contract: a GRU audio encoder (returns ``(outputs, h_n)``), own names."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_net = nn.Linear(6, 8)
+        self.audio_gru = nn.GRU(3, 5, batch_first=True)
+        self.classifier = nn.Linear(13, 3)
+
+    def forward(self, batch):
+        text = self.text_net(batch["text"])  # [B, 8]
+        _, h_n = self.audio_gru(batch["audio"])  # [1, B, 5]
+        return self.classifier(torch.cat([text, h_n[-1]], dim=-1))
+
+
+def _last_state_of_recurrent_encoders(modality, output):
+    return output[1][-1] if isinstance(output, tuple) else output
+
+
+def test_feature_fn_chooses_what_the_classifiers_see():
+    g = torch.Generator().manual_seed(0)
+    batch = ModalityBatch(
+        {"text": torch.randn(8, 6, generator=g), "audio": torch.randn(8, 4, 3, generator=g)},
+        target=torch.randint(0, 3, (8,), generator=g),
+    )
+    paths = {"text": "text_net", "audio": "audio_gru"}
+    runs = {}
+    for name, fn in (("default", None), ("last state", _last_state_of_recurrent_encoders)):
+        torch.manual_seed(0)
+        model = RecurrentModel()
+        cggm = CGGM(
+            model,
+            encoder_modules=paths,
+            head_module="classifier",
+            num_outputs=3,
+            lam=0.0,
+            classifier_hidden=4,
+            feature_fn=fn,
+        )
+        F.cross_entropy(model(batch), batch.target).backward()
+        cggm.step(batch.target)
+        runs[name] = {m: cggm.classifier(m) for m in paths}
+        assert cggm._captured == {}  # nothing held between steps
+    # both see 5 audio features (mean over the GRU's outputs, or its last state)...
+    assert runs["last state"]["audio"].feature_shape == (5,)
+    # ...but not the same ones: the same initial classifier moved differently
+    assert not torch.allclose(
+        runs["default"]["audio"].net[0].weight, runs["last state"]["audio"].net[0].weight
+    )
+    torch.testing.assert_close(
+        runs["default"]["text"].net[0].weight, runs["last state"]["text"].net[0].weight
+    )
+    model = RecurrentModel()
+    CGGM(
+        model,
+        encoder_modules=paths,
+        head_module="classifier",
+        num_outputs=3,
+        lam=0.0,
+        feature_fn=lambda m, out: out if m == "text" else None,
+    )
+    with pytest.raises(TypeError, match="feature_fn returned a NoneType for modality 'audio'"):
+        model(batch)
+    with pytest.raises(TypeError, match="feature_fn must be callable"):
+        CGGM(model, encoder_modules=paths, head_module="classifier", feature_fn="h_n")

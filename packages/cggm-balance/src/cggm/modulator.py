@@ -211,6 +211,11 @@ class CGGM:
             (default ``"head"``).
         classifiers: optional modality → classifier module (default: :class:`ModalityClassifier`
             built on the first step from the captured feature shapes).
+        feature_fn: ``feature_fn(modality, output)`` turns an encoder module's raw output into
+            the features its classifier sees (``[B, d]``, ``[B, T, d]`` or ``[B, C, *spatial]``),
+            e.g. a recurrent encoder's last hidden state or a text encoder's first token.
+            Default: :func:`mmcore.encoder_features` (the tensor, a ``transformers`` output's
+            ``last_hidden_state``, or a tuple's first item). Its output is detached.
 
     Example (the user's loop; ``CGGM`` is no trainer)::
 
@@ -234,8 +239,15 @@ class CGGM:
         encoder_modules: Mapping[str, str] | None = None,
         head_module: str | None = None,
         classifiers: Mapping[str, nn.Module] | None = None,
+        feature_fn: Callable[[str, Any], Tensor] | None = None,
         **config_kwargs: Any,
     ) -> None:
+        if feature_fn is not None and not callable(feature_fn):
+            raise TypeError(
+                f"CGGM feature_fn must be callable (modality, encoder output) -> Tensor, got a "
+                f"{type(feature_fn).__name__}."
+            )
+        self.feature_fn = feature_fn
         if config is not None and config_kwargs:
             raise ValueError("pass either config= or its fields as keyword arguments, not both.")
         self.config = config or CGGMConfig(**config_kwargs)
@@ -386,7 +398,7 @@ class CGGM:
         for m in self.modalities:
             f = feats[m]
             if f.ndim == 3:
-                f = masked_mean(f, self._padding_mask(m))
+                f = masked_mean(f, self._padding_mask(m, f))
             xs.append(f)
         return torch.stack(xs)
 
@@ -412,9 +424,14 @@ class CGGM:
         grad[:, torch.arange(len(target), device=target.device), target] -= 1
         return grad.div_(len(target))
 
-    def _padding_mask(self, modality: str) -> Tensor | None:
+    def _padding_mask(self, modality: str, features: Tensor) -> Tensor | None:
+        """The batch's padding mask of ``modality`` where it fits ``features`` ``[B, T, d]``."""
         batch = self._batch
-        return batch.padding_mask(modality) if batch is not None and modality in batch else None
+        if batch is None or modality not in batch or features.ndim != 3:
+            return None
+        mask = batch.padding_mask(modality)
+        # an encoder (or feature_fn) that changed the length: the batch's mask no longer fits
+        return mask if mask is not None and mask.shape == features.shape[:2] else None
 
     def _build_default_classifiers(self, feature_shapes: Mapping[str, tuple[int, ...]]) -> None:
         w = self.head_weight
@@ -442,7 +459,16 @@ class CGGM:
         self._batch = find_modality_batch(args, kwargs)
 
     def _capture(self, modality: str, _module: nn.Module, _args: tuple, output: Any) -> None:
-        self._captured[modality] = encoder_features(output).detach()
+        if self.feature_fn is None:
+            self._captured[modality] = encoder_features(output).detach()
+            return
+        features = self.feature_fn(modality, output)
+        if not isinstance(features, Tensor):
+            raise TypeError(
+                f"CGGM feature_fn returned a {type(features).__name__} for modality "
+                f"'{modality}'; it must return the features as a Tensor."
+            )
+        self._captured[modality] = features.detach()
 
     def remove(self) -> None:
         """Remove the hooks from the model."""
@@ -523,7 +549,7 @@ class CGGM:
             self.optimizer.zero_grad(set_to_none=True)
             losses, totals, counts = [], [], []
             for m in self.modalities:
-                pred = self.classifiers[m](feats[m], self._padding_mask(m))
+                pred = self.classifiers[m](feats[m], self._padding_mask(m, feats[m]))
                 if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
                     pred = self._resize(pred, target)
                 losses.append(self._task_loss(pred, target))

@@ -71,7 +71,7 @@ from mm_prompts import (
     simulate_missing,
 )
 from mmcore import ModalityBatch
-from mmcore.metrics import classification_metrics, msa_regression_metrics
+from mmcore.metrics import msa_regression_metrics
 
 METHODS = (
     "lower bound",
@@ -440,7 +440,9 @@ def run_uci(ctx: RunContext) -> list[dict]:
         cases = all_cases(len(modalities))
         logits = predict_cases(model, test, cases)  # [cases, N, classes]
         scores = {
-            case: classification_metrics(logits[i], test.target)["accuracy"]
+            # the count over N: sklearn's accuracy_score exactly, without its per-call cost
+            # (63 cases x 5 methods per seed)
+            case: int((logits[i].argmax(dim=-1) == test.target).sum()) / len(test.target)
             for i, case in enumerate(cases)
         }
         single = [1 << i for i in range(len(modalities))]

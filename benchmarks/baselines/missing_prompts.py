@@ -47,7 +47,11 @@ class MissingAwarePrompts(nn.Module):
     def forward(self, batch: ModalityBatch) -> Tensor:
         """Outputs ``[B, out_dim]`` for a batch that may mix every missing case."""
         presence = torch.stack([batch.is_present(m) for m in self.modalities], dim=1)
-        prompts = self.prompts[case_from_presence(presence.to(self.prompts.device))]
+        cases = case_from_presence(presence.to(self.prompts.device))
+        # index_select, not self.prompts[cases]: the indexing's backward (index_put_ with
+        # accumulate) sums repeated cases in a thread-dependent order on CPU, so two runs of
+        # the same seed differed in their last bits; index_select's backward is deterministic
+        prompts = self.prompts.index_select(0, cases)
         tokens = {b: prompts[:, i] for i, b in enumerate(self.modalities)}  # [B, L, (M-1) d]
         padding = {m: batch.padding_mask(m) for m in self.modalities}
         return self.backbone.forward_projected(self.backbone.project(batch), padding, tokens)

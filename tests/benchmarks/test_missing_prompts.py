@@ -62,3 +62,25 @@ def test_bad_input_raises():
     nothing = batch.with_missing("text").with_missing("audio").with_missing("vision")
     with pytest.raises(ValueError, match="every modality missing"):
         model(nothing)
+
+
+def test_prompt_gradients_are_the_same_run_after_run():
+    """Many samples share a case; their prompt gradients must sum in a fixed order (the
+    indexing backward of ``prompts[cases]`` did not, on two CPU threads)."""
+    torch.manual_seed(0)
+    dims = {"text": 5, "audio": 3, "vision": 4}
+    backbone = MulTBackbone(
+        MulTConfig(dims, out_dim=1, d=16, num_heads=2, cross_layers=1, memory_layers=1, dropout=0.0)
+    )
+    model = MissingAwarePrompts(backbone, prompt_length=8).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = ModalityBatch({m: torch.randn(512, 2, d, generator=g) for m, d in dims.items()})
+    batch = apply_case(batch, torch.randint(1, 8, (512,), generator=g))
+
+    def prompt_grad():
+        model.zero_grad(set_to_none=True)
+        model(batch).square().sum().backward()
+        return model.prompts.grad.clone()
+
+    first = prompt_grad()
+    assert all(torch.equal(first, prompt_grad()) for _ in range(10))

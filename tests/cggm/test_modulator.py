@@ -184,12 +184,9 @@ def _segmentation_batch():
     )
 
 
-@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
-def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
-    """The default classifiers run as one batched MLP; a per-modality loop gives the same run.
-
-    Segmentation uses encoders at half resolution, so the classifiers' logits are resized.
-    """
+def _train_three_steps(task, configure=lambda cggm: None):
+    """Three modulated SGD steps on a small ``task`` model: ``(B history, classifiers' state
+    per modality, model state)``. ``configure(cggm)`` runs before the first step."""
     if task == "classification":
         batch, out, loss_fn = vector_batch(4), 3, F.cross_entropy
     elif task == "segmentation":
@@ -200,39 +197,48 @@ def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
         def loss_fn(p, y):
             return F.l1_loss(p.squeeze(-1), y)
 
-    runs = []
-    for stacked in (True, False):
-        if not stacked:
-            monkeypatch.setattr(CGGM, "_can_stack", lambda self, classifiers: False)
-        torch.manual_seed(0)
-        if task == "classification":
-            model = make_model(batch, out)
-        elif task == "segmentation":
-            model = SegModel(stride=2)
-        else:
-            model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
-        cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        history = []
-        for _ in range(3):
-            opt.zero_grad()
-            (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
-            history.append(cggm.step(batch.target))
-            assert cggm._stacked is stacked
-            opt.step()
-        per_modality = {
-            f"{m}.{k}": v
-            for m in cggm.modalities
-            for k, v in cggm.classifier(m).state_dict().items()
-        }
-        runs.append((history, per_modality, model.state_dict()))
-    (h1, c1, m1), (h2, c2, m2) = runs
+    torch.manual_seed(0)
+    if task == "classification":
+        model = make_model(batch, out)
+    elif task == "segmentation":
+        model = SegModel(stride=2)
+    else:
+        model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
+    cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1)
+    configure(cggm)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = []
+    for _ in range(3):
+        opt.zero_grad()
+        (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
+        history.append(cggm.step(batch.target))
+        opt.step()
+    per_modality = {
+        f"{m}.{k}": v for m in cggm.modalities for k, v in cggm.classifier(m).state_dict().items()
+    }
+    return cggm, history, per_modality, model.state_dict()
+
+
+def _assert_same_runs(first, second):
+    (_, h1, c1, m1), (_, h2, c2, m2) = first, second
     for a, b in zip(h1, h2, strict=True):
         assert a == pytest.approx(b, abs=1e-6)
-    for k in c1:
-        torch.testing.assert_close(c1[k], c2[k])
-    for k in m1:
-        torch.testing.assert_close(m1[k], m2[k])
+    for state1, state2 in ((c1, c2), (m1, m2)):
+        for k in state1:
+            torch.testing.assert_close(state1[k], state2[k], msg=k)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
+    """The default classifiers run as one batched MLP; a per-modality loop gives the same run.
+
+    Segmentation uses encoders at half resolution, so the classifiers' logits are resized.
+    """
+    stacked = _train_three_steps(task)
+    monkeypatch.setattr(CGGM, "_can_stack", lambda self, classifiers: False)
+    loop = _train_three_steps(task)
+    assert stacked[0]._stacked and not loop[0]._stacked
+    _assert_same_runs(stacked, loop)
 
 
 class SegModel(nn.Module):
@@ -466,37 +472,13 @@ def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_hand_written_classifier_backward_trains_as_autograd_does(task):
     """``hand_backward=False`` (autograd through the stacked MLP) gives the same run."""
-    if task == "classification":
-        batch, out, loss_fn = vector_batch(4), 3, F.cross_entropy
-    else:
-        batch, out = _padded_regression_batch(), 1
 
-        def loss_fn(p, y):
-            return F.l1_loss(p.squeeze(-1), y)
+    def through_autograd(cggm):
+        cggm.hand_backward = False
 
-    runs = []
-    for hand in (True, False):
-        torch.manual_seed(0)
-        if task == "classification":
-            model = make_model(batch, out)
-        else:
-            model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
-        cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1)
-        cggm.hand_backward = hand
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        history = []
-        for _ in range(3):
-            opt.zero_grad()
-            (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
-            history.append(cggm.step(batch.target))
-            opt.step()
-        runs.append((history, cggm.classifiers.state_dict(), model.state_dict()))
-    (h1, c1, m1), (h2, c2, m2) = runs
-    for a, b in zip(h1, h2, strict=True):
-        assert a == pytest.approx(b, abs=1e-6)
-    for state1, state2 in ((c1, c2), (m1, m2)):
-        for k in state1:
-            torch.testing.assert_close(state1[k], state2[k], msg=k)
+    by_hand = _train_three_steps(task)
+    assert by_hand[0]._stacked and by_hand[0].hand_backward  # the path under test ran
+    _assert_same_runs(by_hand, _train_three_steps(task, through_autograd))
 
 
 def test_out_of_range_class_targets_are_a_clear_error():

@@ -413,7 +413,8 @@ class CGGM:
                 )
             return torch.sign(logits - t) / target.numel()
         classes = logits.shape[2]
-        low, high = (int(v) for v in torch.aminmax(target)) if target.numel() else (0, 0)
+        # one device-to-host copy for both bounds
+        low, high = torch.stack(torch.aminmax(target)).tolist() if target.numel() else (0, 0)
         if low < 0 or high >= classes:
             raise ValueError(
                 f"CGGM.step: class targets must lie in [0, {classes}); got values from {low} to "

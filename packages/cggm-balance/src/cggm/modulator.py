@@ -520,32 +520,31 @@ class CGGM:
         target = target.to(self.head_weight.device)
         self._check_target(target, next(iter(feats.values())).shape[0])
         loss = None
-        maps = self._stacked and len(self.classifiers.feature_shape) > 2
-        if self._stacked and self.hand_backward and not maps:  # vectors, pooled sequences
-            # the sum over modalities of each classifier's mean loss, its backward by hand (it
-            # replaces the gradients: no zero_grad needed)
-            logits = self.classifiers.forward_backward(
-                self._stacked_inputs(feats), functools.partial(self._logit_grads, target)
-            )
+        if self._stacked:
+            maps = len(self.classifiers.feature_shape) > 2
+            if self.hand_backward and not maps:  # vectors, pooled sequences
+                # the sum over modalities of each classifier's mean loss, its backward by hand
+                # (it replaces the gradients: no zero_grad needed)
+                logits = self.classifiers.forward_backward(
+                    self._stacked_inputs(feats), functools.partial(self._logit_grads, target)
+                )
+            else:  # autograd (feature maps: through the per-pixel MLP and the resize)
+                self.optimizer.zero_grad(set_to_none=True)
+                if maps:
+                    logits = self._stacked_logits(feats)  # [M, B, C, *spatial]
+                else:
+                    logits = self.classifiers(self._stacked_inputs(feats))  # [M, B, C]
+                n_mod = len(self.modalities)
+                if maps and logits.shape[3:] != target.shape[1:]:
+                    logits = self._resize(logits.flatten(0, 1), target).unflatten(
+                        0, logits.shape[:2]
+                    )
+                repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
+                loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
+                logits = logits.detach()
             total, count = batch_score_counts(
                 cfg.task, logits, target, cfg.regression_score, stacked=True
             )
-            total, count = total.cpu(), count.cpu()
-        elif self._stacked:  # autograd (feature maps: through the per-pixel MLP and the resize)
-            self.optimizer.zero_grad(set_to_none=True)
-            if maps:
-                logits = self._stacked_logits(feats)  # [M, B, C, *spatial]
-            else:
-                logits = self.classifiers(self._stacked_inputs(feats))  # [M, B, C]
-            n_mod = len(self.modalities)
-            if maps and logits.shape[3:] != target.shape[1:]:
-                logits = self._resize(logits.flatten(0, 1), target).unflatten(0, logits.shape[:2])
-            repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
-            loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
-            total, count = batch_score_counts(
-                cfg.task, logits.detach(), target, cfg.regression_score, stacked=True
-            )
-            total, count = total.cpu(), count.cpu()
         else:
             self.optimizer.zero_grad(set_to_none=True)
             losses, totals, counts = [], [], []
@@ -558,7 +557,8 @@ class CGGM:
                 totals.append(t)
                 counts.append(c)
             loss = torch.stack(losses).sum()
-            total, count = torch.stack(totals).cpu(), torch.stack(counts).cpu()
+            total, count = torch.stack(totals), torch.stack(counts)
+        total, count = total.cpu(), count.cpu()
         if loss is not None:
             loss.backward()
         self._batch = None  # its padding masks are used; hold no batch between steps

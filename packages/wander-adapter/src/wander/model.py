@@ -335,8 +335,8 @@ class Wander(nn.Module):
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts of the base model plus the adapter."""
         # by identity: an injected adapter is also among the base model's parameters
-        params = {id(p): p for p in [*self.base_model.parameters(), *self.adapter.parameters()]}
-        params = list(params.values())
+        both = [*self.base_model.parameters(), *self.adapter.parameters()]
+        params = list({id(p): p for p in both}.values())
         total = sum(p.numel() for p in params)
         return sum(p.numel() for p in params if p.requires_grad), total
 

@@ -39,6 +39,13 @@ lint: $(STAMP) ## ruff check + format check
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 
+.PHONY: typecheck
+typecheck: $(STAMP) ## mypy on the published packages (each ships py.typed)
+	$(UV) run --frozen mypy
+
+.PHONY: all
+all: lint typecheck test ## lint, typecheck and test: what CI runs
+
 .PHONY: format
 format: $(STAMP) ## Format and auto-fix with ruff
 	$(UV) run --frozen ruff format .
@@ -56,4 +63,4 @@ bench: $(STAMP) ## Run the quick benchmark profile on the embedded data; writes 
 
 .PHONY: clean
 clean: ## Remove build outputs
-	rm -rf dist .pytest_cache .ruff_cache
+	rm -rf dist .pytest_cache .ruff_cache .mypy_cache

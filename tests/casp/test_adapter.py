@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -129,10 +131,17 @@ def test_reference_flags_reproduce_the_released_behaviour():
         return -float((pred - labels).abs().mean())
 
     leak = CASP(model(), **{**FAST, "select_by": "target_validation"})
-    with pytest.raises(ValueError, match="needs validation= and score_fn="):
+    with pytest.raises(ValueError, match="needs validation="):
         leak.adapt(target)
+    with pytest.raises(ValueError, match="with its target set"):
+        leak.adapt(target, validation=data(seed=6).replace(target=None), score_fn=score)
     leak.adapt(target, validation=data(seed=6), score_fn=score)
     assert seen and torch.equal(seen[0], data(seed=6).target)  # it reads labels: opt-in only
+    # a score that is never a number keeps the weights each stage started from
+    nan = CASP(model(), **{**FAST, "select_by": "target_validation"})
+    before = copy.deepcopy(nan.model.state_dict())
+    nan.adapt(target, validation=data(seed=6), score_fn=lambda _p, _t: float("nan"))
+    assert all(torch.equal(before[k], v) for k, v in nan.model.state_dict().items())
 
 
 def test_collapse_guard_stops_and_reports():

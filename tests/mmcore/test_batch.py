@@ -193,6 +193,9 @@ def test_collate_works_with_dataloader_and_rejects_bad_samples():
         collate_modalities([{"inputs": {"a": torch.ones(2)}}, {"inputs": {"a": torch.ones(3)}}])
     with pytest.raises(TypeError, match="sample 0"):
         collate_modalities([torch.ones(2)])
+    one = ModalityBatch({"a": torch.ones(1, 2)})
+    with pytest.raises(TypeError, match="mix ModalityBatch and mapping"):
+        collate_modalities([one, {"inputs": {"a": torch.ones(2)}}])
 
 
 def test_batches_pickle_for_dataloader_workers():

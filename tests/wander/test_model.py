@@ -276,6 +276,7 @@ def test_save_load_round_trip(tmp_path, base_model, batch, fused_dim):
     fresh = LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2, dropout=0.0)
     fresh.encoders.load_state_dict(base_model.encoders.state_dict())
     fresh.eval()
+    assert wander.load_report is None  # built, not loaded
     loaded = Wander.from_pretrained(fresh, tmp_path)
     assert loaded.load_report == {"missing_keys": [], "unexpected_keys": []}
     with torch.no_grad():

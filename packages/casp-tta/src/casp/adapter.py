@@ -7,7 +7,7 @@ import random
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ _NORMS = (
 
 def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The affine parameters of every normalisation layer of ``model``."""
-    params = []
+    params: list[nn.Parameter] = []
     for module in model.modules():
         if isinstance(module, _NORMS):
             params.extend(p for p in (module.weight, module.bias) if p is not None)
@@ -220,8 +220,8 @@ class CASP:
             )
         if data.batch_size == 0:
             raise ValueError("CASP.adapt needs at least one unlabeled target sample, got none.")
-        if cfg.select_by == "target_validation" and (validation is None or score_fn is None):
-            raise ValueError("select_by='target_validation' needs validation= and score_fn=.")
+        if cfg.select_by == "target_validation":
+            _Best.check(validation, score_fn)
         data = data.replace(target=None)  # no target label is read
         report = self.report = AdaptationReport()
         rng = random.Random(cfg.seed)
@@ -302,11 +302,11 @@ class CASP:
             losses = []
             for batch in labelled.split(cfg.batch_size, shuffle=True, generator=generator):
                 batch = batch.to(self.device)
-                pred = self.model(batch)
+                pred, target = self.model(batch), cast(Tensor, batch.target)  # the pseudo-labels
                 if cfg.task == "classification":
-                    loss = F.cross_entropy(pred, batch.target)  # soft targets: mean probabilities
+                    loss = F.cross_entropy(pred, target)  # soft targets: mean probabilities
                 else:
-                    loss = F.l1_loss(_scores(pred), batch.target)
+                    loss = F.l1_loss(_scores(pred), target)
                 self._step(optimizer, loss)
                 losses.append(loss.item())
             self.report.pseudo_label_losses.append(sum(losses) / max(len(losses), 1))
@@ -360,13 +360,28 @@ def _scores(out: Tensor) -> Tensor:
 class _Best:
     """The released code's epoch selection by labelled target-validation score (opt-in only)."""
 
-    def __init__(self, casp: CASP, validation: ModalityBatch, score_fn: Callable) -> None:
-        self.casp, self.validation, self.score_fn = casp, validation, score_fn
-        self.best, self.state = -float("inf"), None
+    def __init__(
+        self, casp: CASP, validation: ModalityBatch | None, score_fn: Callable | None
+    ) -> None:
+        self.validation, self.score_fn = self.check(validation, score_fn)
+        self.casp, self.target = casp, self.validation.target
+        self.best, self.state = -float("inf"), copy.deepcopy(casp.model.state_dict())
         self.update()
 
+    @staticmethod
+    def check(
+        validation: ModalityBatch | None, score_fn: Callable | None
+    ) -> tuple[ModalityBatch, Callable]:
+        """``validation`` and ``score_fn``, or a clear error when either is missing."""
+        if validation is None or score_fn is None or validation.target is None:
+            raise ValueError(
+                "select_by='target_validation' needs validation= (a labelled target batch, with "
+                "its target set) and score_fn=."
+            )
+        return validation, score_fn
+
     def update(self) -> None:
-        score = self.score_fn(self.casp.predict(self.validation), self.validation.target)
+        score = self.score_fn(self.casp.predict(self.validation), self.target)
         if score > self.best:
             self.best, self.state = score, copy.deepcopy(self.casp.model.state_dict())
         self.casp.model.train()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from mmcore import (
 __all__ = ["CGGM", "ModalityClassifier", "StackedClassifiers"]
 
 
-def _final_weight(module: nn.Module) -> nn.Parameter:
+def _final_weight(module: nn.Module) -> Tensor:
     layers = [
         m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
     ]
@@ -80,6 +80,10 @@ class ModalityClassifier(nn.Module):
         d = feature_shape[0] if len(feature_shape) != 2 else feature_shape[1]
         self.net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
 
+    def layers(self) -> tuple[nn.Linear, nn.Linear]:
+        """The MLP's two linear layers, inner then outer."""
+        return cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
+
     def forward(self, features: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Logits ``[B, C]`` (or ``[B, C, *spatial]`` for feature maps)."""
         if len(self.feature_shape) > 2:  # channels first: the MLP acts on every position
@@ -124,15 +128,15 @@ class StackedClassifiers(nn.Module):
         cls, classifiers: Mapping[str, ModalityClassifier], modalities: tuple[str, ...]
     ) -> StackedClassifiers:
         """Stack ``classifiers[m]`` for ``m`` in ``modalities`` (same feature shapes)."""
-        first = classifiers[modalities[0]].net
+        inner, outer = classifiers[modalities[0]].layers()
         out = cls(
             modalities,
-            first[0].in_features,
-            first[0].out_features,
-            first[2].out_features,
+            inner.in_features,
+            inner.out_features,
+            outer.out_features,
             classifiers[modalities[0]].feature_shape,
         )
-        out.to(device=first[0].weight.device, dtype=first[0].weight.dtype)
+        out.to(device=inner.weight.device, dtype=inner.weight.dtype)
         for name, layer, attr in (
             ("weight1", 0, "weight"),
             ("bias1", 0, "bias"),
@@ -186,9 +190,11 @@ class StackedClassifiers(nn.Module):
         i = self.modalities.index(modality)
         clf = ModalityClassifier(self.feature_shape, self.weight1.shape[1], self.bias2.shape[1])
         clf.to(device=self.weight1.device, dtype=self.weight1.dtype)
-        for layer, weight, bias in ((0, self.weight1, self.bias1), (2, self.weight2, self.bias2)):
-            clf.net[layer].weight.copy_(weight[i])
-            clf.net[layer].bias.copy_(bias[i])
+        for layer, weight, bias in zip(
+            clf.layers(), (self.weight1, self.weight2), (self.bias1, self.bias2), strict=True
+        ):
+            layer.weight.copy_(weight[i])
+            layer.bias.copy_(bias[i])
         return clf
 
 
@@ -278,8 +284,11 @@ class CGGM:
                 f"({head_width}); the direction term compares the classifiers' final weights "
                 "with the head's, so it needs lam=0 (or classifier_hidden=None)."
             )
-        self.classifiers: nn.ModuleDict | None = None
+        #: modality → classifier (an ``nn.ModuleDict``), or the default ones stacked
+        #: (:class:`StackedClassifiers`); ``None`` until the first :meth:`step` builds them
+        self.classifiers: nn.ModuleDict | StackedClassifiers | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self._classifier_heads: Tensor | list[Tensor] = []
         if classifiers is not None:
             if self.config.classifier_hidden is not None:
                 raise ValueError(
@@ -331,33 +340,37 @@ class CGGM:
                         f"the head's is {tuple(self.head_weight.shape)}; the direction term "
                         "compares them, so they must match (or set lam=0)."
                     )
-        self._stacked = stack and self._can_stack(classifiers)
+        defaults = {m: c for m, c in classifiers.items() if isinstance(c, ModalityClassifier)}
+        self._stacked = stack and len(defaults) == len(classifiers) and self._can_stack(defaults)
+        installed: nn.ModuleDict | StackedClassifiers
         if self._stacked:
-            self.classifiers = StackedClassifiers.from_classifiers(classifiers, self.modalities)
+            installed = StackedClassifiers.from_classifiers(defaults, self.modalities)
             # the classifiers' final weights, [M, C, F]: the direction term needs them each step
-            self._classifier_heads = self.classifiers.weight2
+            self._classifier_heads = installed.weight2
         else:
-            self.classifiers = classifiers
+            installed = classifiers
             self._classifier_heads = [_final_weight(classifiers[m]) for m in self.modalities]
+        self.classifiers = installed
         if dist.is_available() and dist.is_initialized():
-            for p in self.classifiers.parameters():  # every rank starts from rank 0's classifiers
+            for p in installed.parameters():  # every rank starts from rank 0's classifiers
                 dist.broadcast(p.data, src=0)
         # fused (one kernel for all classifiers) where the device has it: the per-tensor loop
         # dominated the step overhead on small models
-        params = list(self.classifiers.parameters())
+        params = list(installed.parameters())
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         self.optimizer = torch.optim.Adam(
             params,
             lr=self.config.cls_lr,
             weight_decay=self.config.cls_weight_decay,
-            **({"fused": True} if fused else {"foreach": True}),
+            fused=True if fused else None,
+            foreach=None if fused else True,
         )
 
-    def _can_stack(self, classifiers: Mapping[str, nn.Module]) -> bool:
+    def _can_stack(self, classifiers: Mapping[str, ModalityClassifier]) -> bool:
         """Whether the classifiers can be stored as one batched MLP.
 
-        They can when all are default ones whose inputs are vectors/sequences of one size, or
-        feature maps of one shape.
+        They can when all are default ones (not subclasses) whose inputs are vectors/sequences
+        of one size, or feature maps of one shape.
         """
         clfs = [classifiers[m] for m in self.modalities]
         if any(type(c) is not ModalityClassifier for c in clfs):
@@ -365,8 +378,15 @@ class CGGM:
         maps = {len(c.feature_shape) > 2 for c in clfs}
         if len(maps) != 1 or (maps == {True} and len({c.feature_shape for c in clfs}) != 1):
             return False
-        shapes = {(c.net[0].weight.shape, c.net[2].weight.shape) for c in clfs}
-        return len(shapes) == 1 and all(c.net[0].bias is not None for c in clfs)
+        shapes = {tuple(layer.weight.shape for layer in c.layers()) for c in clfs}
+        biased = all(layer.bias is not None for c in clfs for layer in c.layers())
+        return len(shapes) == 1 and biased
+
+    def _installed(self) -> tuple[nn.ModuleDict | StackedClassifiers, torch.optim.Optimizer]:
+        """The classifiers and their optimiser (built by the first :meth:`step`)."""
+        if self.classifiers is None or self.optimizer is None:
+            raise RuntimeError("CGGM: the classifiers are built on the first step() call.")
+        return self.classifiers, self.optimizer
 
     def classifier(self, modality: str) -> nn.Module:
         """``modality``'s auxiliary classifier as a standalone module.
@@ -374,22 +394,21 @@ class CGGM:
         The default classifiers of one feature size are stored stacked
         (:class:`StackedClassifiers`); for those this is a copy of the current weights.
         """
-        if self.classifiers is None:
-            raise RuntimeError("CGGM: the classifiers are built on the first step() call.")
+        classifiers, _ = self._installed()
         if modality not in self.modalities:
             raise KeyError(f"CGGM: no modality {modality!r}; modalities: {list(self.modalities)}.")
-        if isinstance(self.classifiers, StackedClassifiers):
-            return self.classifiers.unstack(modality)
-        return self.classifiers[modality]
+        if isinstance(classifiers, StackedClassifiers):
+            return classifiers.unstack(modality)
+        return classifiers[modality]
 
-    def _stacked_logits(self, feats: Mapping[str, Tensor]) -> Tensor:
+    def _stacked_logits(self, stack: StackedClassifiers, feats: Mapping[str, Tensor]) -> Tensor:
         """Every modality's classifier on feature maps as one batched per-pixel MLP.
 
         Logits ``[M, B, C, *spatial]``.
         """
         x = torch.stack([feats[m] for m in self.modalities])  # [M, B, d, *spatial]
         n_mod, b, d, spatial = x.shape[0], x.shape[1], x.shape[2], x.shape[3:]
-        logits = self.classifiers(x.movedim(2, -1).reshape(n_mod, -1, d))
+        logits = stack(x.movedim(2, -1).reshape(n_mod, -1, d))
         return logits.view(n_mod, b, *spatial, -1).movedim(-1, 2)
 
     def _stacked_inputs(self, feats: Mapping[str, Tensor]) -> Tensor:
@@ -514,26 +533,27 @@ class CGGM:
         feats, self._captured = self._captured, {}
         if self.classifiers is None:
             self._build_default_classifiers({m: tuple(f.shape[1:]) for m, f in feats.items()})
-        dtype = next(self.classifiers.parameters()).dtype
+        classifiers, optimizer = self._installed()
+        dtype = next(classifiers.parameters()).dtype
         feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)
         self._check_target(target, next(iter(feats.values())).shape[0])
         loss = None
-        if self._stacked:
-            maps = len(self.classifiers.feature_shape) > 2
+        if isinstance(classifiers, StackedClassifiers):
+            maps = len(classifiers.feature_shape) > 2
             if self.hand_backward and not maps:  # vectors, pooled sequences
                 # the sum over modalities of each classifier's mean loss, its backward by hand
                 # (it replaces the gradients: no zero_grad needed)
-                logits = self.classifiers.forward_backward(
+                logits = classifiers.forward_backward(
                     self._stacked_inputs(feats), functools.partial(self._logit_grads, target)
                 )
             else:  # autograd (feature maps: through the per-pixel MLP and the resize)
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 if maps:
-                    logits = self._stacked_logits(feats)  # [M, B, C, *spatial]
+                    logits = self._stacked_logits(classifiers, feats)  # [M, B, C, *spatial]
                 else:
-                    logits = self.classifiers(self._stacked_inputs(feats))  # [M, B, C]
+                    logits = classifiers(self._stacked_inputs(feats))  # [M, B, C]
                 n_mod = len(self.modalities)
                 if maps and logits.shape[3:] != target.shape[1:]:
                     logits = self._resize(logits.flatten(0, 1), target).unflatten(
@@ -546,18 +566,18 @@ class CGGM:
                 cfg.task, logits, target, cfg.regression_score, stacked=True
             )
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            losses, totals, counts = [], [], []
+            optimizer.zero_grad(set_to_none=True)
+            losses, unit_totals, unit_counts = [], [], []
             for m in self.modalities:
-                pred = self.classifiers[m](feats[m], self._padding_mask(m, feats[m]))
+                pred = classifiers[m](feats[m], self._padding_mask(m, feats[m]))
                 if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
                     pred = self._resize(pred, target)
                 losses.append(self._task_loss(pred, target))
                 t, c = batch_score_counts(cfg.task, pred.detach(), target, cfg.regression_score)
-                totals.append(t)
-                counts.append(c)
+                unit_totals.append(t)
+                unit_counts.append(c)
             loss = torch.stack(losses).sum()
-            total, count = torch.stack(totals), torch.stack(counts)
+            total, count = torch.stack(unit_totals), torch.stack(unit_counts)
         total, count = total.cpu(), count.cpu()
         if loss is not None:
             loss.backward()
@@ -566,11 +586,11 @@ class CGGM:
         if cfg.mode == "reference" and sync and cfg.lam > 0:
             heads = (
                 self._classifier_heads.clone()
-                if self._stacked
+                if isinstance(self._classifier_heads, Tensor)
                 else [w.clone() for w in self._classifier_heads]
             )
             w_fusion = self.head_weight.clone()
-        self.optimizer.step()
+        optimizer.step()
         self._direction = None  # the classifiers moved (and B may change below)
         self._totals += total
         self._counts += count
@@ -637,7 +657,7 @@ class CGGM:
         if not (dist.is_available() and dist.is_initialized()):
             return
         world = dist.get_world_size()
-        for p in self.classifiers.parameters():
+        for p in self._installed()[0].parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= world
@@ -666,8 +686,9 @@ class CGGM:
                         "state has classifier weights but no feature shapes to build them."
                     )
                 self._build_default_classifiers(state["feature_shapes"])
-            self.classifiers.load_state_dict(state["classifiers"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            classifiers, optimizer = self._installed()
+            classifiers.load_state_dict(state["classifiers"])
+            optimizer.load_state_dict(state["optimizer"])
         self.prev_scores = state["prev_scores"].clone()
         self.ema_scores = None if state["ema_scores"] is None else state["ema_scores"].clone()
         self.coefficients = None if state["coefficients"] is None else state["coefficients"].clone()

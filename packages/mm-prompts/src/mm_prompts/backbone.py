@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +187,7 @@ class _TransformerStack(nn.Module):
     @torch.no_grad()
     def member(self, name: str) -> _Transformer:
         """A standalone :class:`_Transformer` (``nn.MultiheadAttention``), ``name``'s weights."""
-        block = self.stack.blocks[0]
+        block = cast(_Block, self.stack.blocks[0])
         out = _Transformer(
             block.ln_q.normalized_shape[0],
             block.attn.num_heads,
@@ -290,7 +291,7 @@ def _batched_transformer(
         src = src * template.scale + sinusoidal_positions(src.shape[2], d, src.device, src.dtype)
     keep = None if key_padding is None else ~key_padding.reshape(n * b, 1, 1, -1)
     training = template.training
-    for i, block in enumerate(template.blocks):
+    for i, block in enumerate(cast(Sequence[_Block], template.blocks)):
         w = {k[len(f"blocks.{i}.") :]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
         heads, dropout = block.attn.num_heads, block.attn.dropout if training else 0.0
         kv = _layer_norm(x if src is None else src, w["ln_kv.weight"], w["ln_kv.bias"])
@@ -306,8 +307,9 @@ def _batched_transformer(
         h = _linear(
             _layer_norm(x, w["ln_ff.weight"], w["ln_ff.bias"]), w["ff.0.weight"], w["ff.0.bias"]
         )
-        h = drop(torch.relu(h), block.ff[2].p, training)
-        h = drop(_linear(h, w["ff.3.weight"], w["ff.3.bias"]), block.ff[4].p, training)
+        relu_dropout, out_dropout = (cast(nn.Dropout, block.ff[j]).p for j in (2, 4))
+        h = drop(torch.relu(h), relu_dropout, training)
+        h = drop(_linear(h, w["ff.3.weight"], w["ff.3.bias"]), out_dropout, training)
         x = x + h
     return _layer_norm(x, params["norm.weight"], params["norm.bias"])
 
@@ -471,7 +473,7 @@ class MulTBackbone(nn.Module):
         first = z[mods[0]]
         batch, length = first.shape[:2]
         no_pad = torch.zeros(batch, length, dtype=torch.bool, device=first.device)
-        pads = [padding.get(k) if padding.get(k) is not None else no_pad for k in mods]
+        pads = [p if (p := padding.get(k)) is not None else no_pad for k in mods]
         padded = any(padding.get(k) is not None for k in mods)
         pairs = [(b, s) for b in range(m) for s in range(m) if s != b]  # the stack's order
         out = self.cross.run_all(

@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, cast
 
 import torch
 from torch import Tensor
@@ -248,7 +248,7 @@ class ModalityBatch:
     # ------------------------------------------------------------------ transforms
     def replace(self, **changes: Any) -> ModalityBatch:
         """A new batch with some fields replaced (``inputs``, ``target``, ``presence``, ...)."""
-        fields = {
+        fields: dict[str, Any] = {
             "inputs": self.inputs,
             "target": self.target,
             "presence": self.presence,
@@ -443,24 +443,30 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
     """
     if not samples:
         raise ValueError("collate_modalities: empty list of samples.")
-    if all(isinstance(s, ModalityBatch) for s in samples):
-        return ModalityBatch.concat(samples)  # type: ignore[arg-type]
+    batches = [s for s in samples if isinstance(s, ModalityBatch)]
+    if len(batches) == len(samples):
+        return ModalityBatch.concat(batches)
+    if batches:
+        raise TypeError(
+            "collate_modalities: the samples mix ModalityBatch and mapping items; give one kind."
+        )
     for i, s in enumerate(samples):
         if not isinstance(s, Mapping) or "inputs" not in s:
             raise TypeError(
                 f"collate_modalities: sample {i} is {type(s).__name__}; expected a ModalityBatch "
                 "or a mapping with an 'inputs' key."
             )
-    names = list(samples[0]["inputs"])
+    mappings = cast(Sequence[Mapping[str, Any]], samples)
+    names = list(mappings[0]["inputs"])
     inputs: dict[str, Tensor] = {}
     padding: dict[str, Tensor] = {}
     for m in names:
         try:
-            tensors = [torch.as_tensor(s["inputs"][m]) for s in samples]
+            tensors = [torch.as_tensor(s["inputs"][m]) for s in mappings]
         except KeyError:
             raise ValueError(f"collate_modalities: a sample lacks modality '{m}'.") from None
         inputs[m], pad = _pad_stack(m, tensors)
-        given = [s.get("padding_masks", {}).get(m) for s in samples]
+        given = [s.get("padding_masks", {}).get(m) for s in mappings]
         if any(g is not None for g in given):
             width = inputs[m].shape[1]
             rows = []
@@ -473,13 +479,13 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
             padding[m] = pad
     presence = {}
     for m in names:
-        flags = [s.get("presence", {}).get(m, True) for s in samples]
+        flags = [s.get("presence", {}).get(m, True) for s in mappings]
         if not all(flags):
             presence[m] = torch.tensor([bool(f) for f in flags])
     target = None
-    if samples[0].get("target") is not None:
-        target = torch.stack([torch.as_tensor(s["target"]) for s in samples])
-    ids = [s.get("sample_id") for s in samples]
+    if mappings[0].get("target") is not None:
+        target = torch.stack([torch.as_tensor(s["target"]) for s in mappings])
+    ids = [s.get("sample_id") for s in mappings]
     return ModalityBatch(
         inputs,
         target,

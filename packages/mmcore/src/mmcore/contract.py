@@ -172,7 +172,7 @@ def _is_transformers_model(module: nn.Module) -> bool:
 
 
 @lru_cache(maxsize=256)
-def _accepts_padding_mask(cls: type) -> bool:
+def _accepts_padding_mask(cls: type[nn.Module]) -> bool:
     try:
         return "padding_mask" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
@@ -188,12 +188,12 @@ def run_encoder(encoder: nn.Module, x: Tensor, padding_mask: Tensor | None = Non
     * Any other module is called as ``encoder(x)``.
     """
     if _is_transformers_model(encoder):
-        key = encoder.main_input_name if not x.is_floating_point() else "inputs_embeds"
+        key = str(encoder.main_input_name) if not x.is_floating_point() else "inputs_embeds"
         kwargs: dict[str, Tensor] = {key: x}
         if padding_mask is not None:
             kwargs["attention_mask"] = (~padding_mask).long()
         return encoder_features(encoder(**kwargs))
-    if padding_mask is not None and _accepts_padding_mask(type(encoder)):
+    if padding_mask is not None and _accepts_padding_mask(type(encoder)):  # type: ignore[arg-type]
         return encoder_features(encoder(x, padding_mask=padding_mask))
     return encoder_features(encoder(x))
 

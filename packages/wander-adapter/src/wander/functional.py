@@ -85,8 +85,11 @@ def fusion_product_sets(
     h = torch.stack([_pad_stack(group, t_max) for group in hs])  # [S, M, B, T, r]
     q = torch.stack([_pad_stack(group, t_max) for group in token_factors])  # [S, M, R_t, T, T']
     p = torch.stack([torch.stack(list(group)) for group in feature_factors])  # [S, M, R_d, r, D]
-    has_weights = weights is not None and all(w is not None for w in weights)
-    w = torch.stack(list(weights)) if has_weights else None
+    w = (
+        torch.stack(list(weights))
+        if weights is not None and all(w is not None for w in weights)
+        else None
+    )
     return fusion_product_stacked(h, q, p, w, cp_mode)
 
 
@@ -114,8 +117,6 @@ def fusion_product_stacked(
     """
     if cp_mode not in ("true", "reference"):
         raise ValueError(f"cp_mode must be 'true' or 'reference', got {cp_mode!r}.")
-    if cp_mode == "true" and weights is None:
-        raise ValueError("cp_mode='true' needs the CP weights [R_t, R_d].")
     if not (
         h.ndim == q.ndim == p.ndim == 5
         and h.shape[:2] == q.shape[:2] == p.shape[:2]
@@ -126,15 +127,17 @@ def fusion_product_stacked(
             "fusion_product_stacked expects h [S, M, B, T, r], q [S, M, R_t, T, T'] and "
             f"p [S, M, R_d, r, D]; got {tuple(h.shape)}, {tuple(q.shape)}, {tuple(p.shape)}."
         )
-    if cp_mode == "true" and weights.shape != (h.shape[0], q.shape[2], p.shape[2]):
-        raise ValueError(
-            f"fusion_product_stacked expects weights [S, R_t, R_d] = "
-            f"{[h.shape[0], q.shape[2], p.shape[2]]}; got {list(weights.shape)}."
-        )
     if cp_mode == "reference":
         # factors summed before the product: the rank-one case of the same computation
         q, p = q.sum(2, keepdim=True), p.sum(2, keepdim=True)
         weights = h.new_ones(h.shape[0], 1, 1)
+    elif weights is None:
+        raise ValueError("cp_mode='true' needs the CP weights [R_t, R_d].")
+    elif weights.shape != (h.shape[0], q.shape[2], p.shape[2]):
+        raise ValueError(
+            f"fusion_product_stacked expects weights [S, R_t, R_d] = "
+            f"{[h.shape[0], q.shape[2], p.shape[2]]}; got {list(weights.shape)}."
+        )
     # one dtype throughout, autocast off: under AMP the bottleneck features arrive in half
     # precision and the factors in float32; the product over modalities runs in float32 then
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in (h, q, p, weights)))
@@ -298,6 +301,8 @@ def dense_fusion(
         qs = [q.sum(0, keepdims=True) for q in qs]
         ps = [p.sum(0, keepdims=True) for p in ps]
         lam = np.ones((1, 1))
+    elif weights is None:
+        raise ValueError("cp_mode='true' needs the CP weights [R_t, R_d].")
     else:
         lam = weights.detach().double().cpu().numpy()
     r_t, r_d = lam.shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -108,13 +109,14 @@ class WanderFusion(nn.Module):
         for m in self.modalities:
             if cfg.init == "reference":
                 # the released code: default Linear init, P ~ N(0, 1), Q = 0 (dead, see docs)
-                self.down[m].reset_parameters()
+                cast(nn.Linear, self.down[m]).reset_parameters()
                 nn.init.normal_(self.feature_factors[m], 0.0, 1.0)
                 nn.init.zeros_(self.token_factors[m])
             else:
                 d_m, t_m = self.hidden_dims[m], self.seq_lens[m]
-                nn.init.normal_(self.down[m].weight, 0.0, 1.0 / math.sqrt(d_m))
-                nn.init.zeros_(self.down[m].bias)
+                down = cast(nn.Linear, self.down[m])
+                nn.init.normal_(down.weight, 0.0, 1.0 / math.sqrt(d_m))
+                nn.init.zeros_(down.bias)
                 t_std = 1.0 / math.sqrt(t_m * t_sum)
                 d_std = 1.0 / math.sqrt(r_in * _GELU_SECOND_MOMENT * d_sum)
                 if cfg.bias_augment:
@@ -151,7 +153,7 @@ class WanderFusion(nn.Module):
         """
         params: dict[str, Tensor] = {}
         for m in self.modalities:
-            down = self.down[m]
+            down = cast(nn.Linear, self.down[m])
             params[f"down.{m}.weight"], params[f"down.{m}.bias"] = down.weight, down.bias
             params[f"token_factors.{m}"] = self.token_factors[m]
             params[f"feature_factors.{m}"] = self.feature_factors[m]
@@ -166,7 +168,7 @@ class WanderFusion(nn.Module):
 
     def _anchors(self, names: Iterable[str]) -> dict[str, Tensor]:
         """The frozen initial copy of each named parameter."""
-        return {name: self._buffers[_anchor_name(name)] for name in names}
+        return {name: cast(Tensor, self._buffers[_anchor_name(name)]) for name in names}
 
     # ------------------------------------------------------------------ forward
     def _checked(self, m: str, x: Tensor) -> Tensor:
@@ -224,7 +226,7 @@ class WanderFusion(nn.Module):
             h = torch.baddbmm(bias, x.flatten(1, 2), weight.transpose(1, 2))  # [M, B T, S r]
             h = F.gelu(h).view(n_mod, b, t_max, n_sets, r)
         else:
-            h = []
+            parts = []
             for i, (m, x) in enumerate(zip(self.modalities, xs, strict=True)):
                 if keep is not None:
                     x = x.masked_fill(~keep[i, :, : x.shape[1], None], 0.0)
@@ -233,8 +235,8 @@ class WanderFusion(nn.Module):
                 weight = torch.cat([p[f"down.{m}.weight"] for p in param_sets])  # [S r, D_m]
                 bias = torch.cat([p[f"down.{m}.bias"] for p in param_sets])
                 part = F.gelu(F.linear(x, weight, bias)).unflatten(-1, (n_sets, r))
-                h.append(pad_tokens(part, t_max, dim=1))
-            h = torch.stack(h)  # [M, B, T, S, r]
+                parts.append(pad_tokens(part, t_max, dim=1))
+            h = torch.stack(parts)  # [M, B, T, S, r]
         if self.config.bias_augment:
             h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
         if keep is not None:
@@ -319,8 +321,9 @@ class WanderFusion(nn.Module):
             xs, masks, [params, self._anchors(params)], None if inputs_need_grad else 1
         )
         if isinstance(out, dict):
-            return {m: self.output_dropout(scale * (out[m] - anchor[m])) for m in out}
-        return self.output_dropout(scale * (out - anchor))
+            anchors = cast(dict[str, Tensor], anchor)
+            return {m: self.output_dropout(scale * (out[m] - anchors[m])) for m in out}
+        return self.output_dropout(scale * (out - cast(Tensor, anchor)))
 
     def raw_output(
         self, xs: Mapping[str, Tensor], padding_masks: Mapping[str, Tensor | None] | None = None

@@ -8,7 +8,7 @@ import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file
@@ -71,6 +71,10 @@ class Wander(nn.Module):
         >>> loss = criterion(wander(batch), batch.target)  # doctest: +SKIP
     """
 
+    #: what :meth:`from_pretrained` found: ``{"missing_keys": [...], "unexpected_keys": [...]}``
+    #: (``None`` for an adapter that was not loaded)
+    load_report: dict[str, list[str]] | None = None
+
     def __init__(
         self,
         model: nn.Module,
@@ -124,6 +128,11 @@ class Wander(nn.Module):
                 "from another model?); name the same modalities in target_modules."
             )
         if cfg.output == "fused":
+            if cfg.out_dim is None:
+                raise ValueError(
+                    "Wander: output='fused' needs out_dim, the fusion module's output size (read "
+                    "from example_input when it is given)."
+                )
             if cfg.fused_dim is not None and cfg.out_dim % cfg.fused_dim:
                 raise ValueError(
                     f"Wander: fused_dim={cfg.fused_dim} must divide the fusion module's output "
@@ -145,7 +154,7 @@ class Wander(nn.Module):
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         # adapters already on this model or its submodules (one per layer) keep their saved
         # modules trainable, and their own weights where they were injected into the model
-        kept = set()
+        kept: set[int] = set()
         for other in (a for module in model.modules() for a in adapters_on(module)):
             kept.update(id(p) for p in other.adapter.parameters())
             for path in other.config.modules_to_save or []:
@@ -276,7 +285,7 @@ class Wander(nn.Module):
     def _fuse_output(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
         if self._disabled:
             return output
-        fused = self._adapter_output()  # [B, T', D]
+        fused = cast(Tensor, self._adapter_output())  # [B, T', D]
         if not isinstance(output, Tensor):
             raise TypeError(f"Wander: fusion module output {_describe(output)} is not a tensor.")
         if fused.shape[-1] != output.shape[-1]:  # fused_dim: tiled to the output size
@@ -291,7 +300,7 @@ class Wander(nn.Module):
         if self._disabled:
             return None
         originals = dict(self._captured)
-        deltas = self._adapter_output()
+        deltas = cast(dict[str, Tensor], self._adapter_output())
         replaced: set[str] = set()
 
         def swap(obj: Any) -> Any:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +207,7 @@ def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(owner_path) if owner_path else module), leaf
 
 
-def _unstack_state(module: _TransformerStack, state: dict, prefix: str, _metadata) -> None:
+def _unstack_state(module: _TransformerStack, state: dict, prefix: str, _metadata: Any) -> None:
     """State-dict post-hook: ``stack.<param>`` ``[P, ...]`` → one ``<name>.<param>`` per member.
 
     Member by member, as a ``ModuleDict`` of separate transformers lists them.
@@ -225,10 +225,10 @@ def _stack_state(
     module: _TransformerStack,
     state: dict,
     prefix: str,
-    _metadata,
+    _metadata: Any,
     _strict: bool,
     missing_keys: list[str],
-    *_args,
+    *_args: Any,
 ) -> None:
     """Load-state-dict pre-hook: every member's ``<name>.<param>`` → ``stack.<param>``.
 

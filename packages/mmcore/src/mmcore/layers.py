@@ -23,7 +23,12 @@ class PointwiseConv1d(nn.Conv1d):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None
+        self,
+        in_channels: int,
+        out_channels: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size=1, bias=bias, device=device, dtype=dtype

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -171,7 +171,7 @@ class _CPFusion(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, q: Tensor, p: Tensor, w: Tensor, trainable: int) -> Tensor:
+    def forward(ctx: Any, h: Tensor, q: Tensor, p: Tensor, w: Tensor, trainable: int) -> Tensor:
         h_t, q_flat, p_flat, g, z, prod, out = _fusion_parts(h, q, p, w)
         # the backward needs the trainable sets' slices only (views, no copies); the
         # intermediates flattened over (set, modality) hold them in their first n rows. The
@@ -183,7 +183,7 @@ class _CPFusion(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         h, q, p, w, *parts = ctx.saved_tensors
         n_sets, k = h.shape[0], ctx.trainable
         h, q, p, w = h[:k], q[:k], p[:k], w[:k]
@@ -198,7 +198,15 @@ class _CPFusion(torch.autograd.Function):
         return *grads, None
 
     @staticmethod
-    def _input_grads(ctx, grad_out, h, q, p, w, parts) -> list[Tensor | None]:
+    def _input_grads(
+        ctx: Any,
+        grad_out: Tensor,
+        h: Tensor,
+        q: Tensor,
+        p: Tensor,
+        w: Tensor,
+        parts: Sequence[Tensor],
+    ) -> list[Tensor | None]:
         """Gradients of ``h, q, p, w`` for the sets they hold (the trainable ones)."""
         h_t, q_flat, p_flat, g, z, prod = parts
         s, m, b, t, r = h.shape

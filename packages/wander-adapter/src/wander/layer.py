@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import cast
 
 import torch
@@ -363,5 +363,7 @@ def _anchor_name(param_name: str) -> str:
     return "anchor__" + param_name.replace(".", "__")
 
 
-def _apply(out: Tensor | dict[str, Tensor], fn) -> Tensor | dict[str, Tensor]:
+def _apply(
+    out: Tensor | dict[str, Tensor], fn: Callable[[Tensor], Tensor]
+) -> Tensor | dict[str, Tensor]:
     return {m: fn(v) for m, v in out.items()} if isinstance(out, dict) else fn(out)

@@ -32,7 +32,9 @@ _SIMS_EDGES = {
 }
 
 
-def _flat_pair(y_pred, y, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _flat_pair(
+    y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray, name: str
+) -> tuple[np.ndarray, np.ndarray]:
     p = to_numpy(y_pred).astype(np.float64).reshape(-1)
     t = to_numpy(y).astype(np.float64).reshape(-1)
     if p.shape != t.shape:

@@ -40,7 +40,7 @@ lint: $(STAMP) ## ruff check + format check
 	$(UV) run --frozen ruff format --check .
 
 .PHONY: typecheck
-typecheck: $(STAMP) ## mypy on the published packages (each ships py.typed)
+typecheck: $(STAMP) ## mypy on the packages (each ships py.typed) and the benchmark harness
 	$(UV) run --frozen mypy
 
 .PHONY: all

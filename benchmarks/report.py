@@ -79,7 +79,9 @@ def _metric_order(task_name: str, methods: dict[str, list[dict]]) -> list[str]:
     )
 
 
-def _plot(task_name: str, dataset: str, methods: dict[str, list[dict]], metric: str, path: Path):
+def _plot(
+    task_name: str, dataset: str, methods: dict[str, list[dict]], metric: str, path: Path
+) -> None:
     plt = pyplot()
 
     # rows without the metric (reference rows of other metrics) get no empty bar
@@ -105,7 +107,7 @@ def _plot(task_name: str, dataset: str, methods: dict[str, list[dict]], metric: 
     save_figure(fig, path)
 
 
-def pyplot():
+def pyplot() -> Any:
     """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
     import matplotlib
 
@@ -115,7 +117,7 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically, then close it."""
     import matplotlib.pyplot as plt
 

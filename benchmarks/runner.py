@@ -8,6 +8,7 @@ still run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -87,6 +88,11 @@ def _completed(results: dict[str, Any]) -> set[tuple[str, int]]:
     return {(r["task"], r["seed"]) for r in results["records"]}
 
 
+def _show_status(bar: tqdm, seed: int, status: str) -> None:
+    """A task's progress line: the seed and what it is doing."""
+    bar.set_postfix_str(f"seed {seed}: {status}")
+
+
 def run_tasks(
     task_names: Sequence[str],
     *,
@@ -134,9 +140,7 @@ def run_tasks(
                 profile=profile,
                 data_root=data_root,
                 work_dir=out_dir / "work" / name,
-                progress=lambda status, bar=bar, seed=seed: bar.set_postfix_str(
-                    f"seed {seed}: {status}"
-                ),
+                progress=functools.partial(_show_status, bar, seed),
             )
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
             try:

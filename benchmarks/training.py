@@ -79,7 +79,7 @@ def fit(
         if epoch_steps:
             epoch_step_seconds.append((time.perf_counter() - start) / epoch_steps)
         steps += epoch_steps
-        score = score_fn(predict(model, valid), valid.target)
+        score = score_fn(predict(model, valid), valid.require_target())
         if score > best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
@@ -97,16 +97,16 @@ def make_optimizer(
         raise ValueError("the model has no trainable parameters to optimise.")
     # fused: one kernel for every parameter (CPU and CUDA); the per-tensor loop costs more
     # than a tiny model's forward pass
-    fast = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
+    fused = True if all(p.device.type in ("cpu", "cuda") for p in params) else None
     if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **fast)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, fused=fused)
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
 
 
 def train_step(
-    model: nn.Module,
+    model: nn.Module | Callable[[ModalityBatch], Tensor],
     optimiser: torch.optim.Optimizer,
     batch: ModalityBatch,
     loss_fn: LossFn,
@@ -115,7 +115,7 @@ def train_step(
 ) -> None:
     """One step of :func:`fit`: forward, loss (+ ``extra_loss()``), backward, hook, update."""
     optimiser.zero_grad(set_to_none=True)
-    loss = loss_fn(model(batch), batch.target)
+    loss = loss_fn(model(batch), batch.require_target())
     if extra_loss is not None:
         loss = loss + extra_loss()
     loss.backward()

@@ -12,7 +12,7 @@ the arithmetic of the method itself. A test checks it trains exactly as ``cggm.C
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,17 +32,18 @@ class LeanCGGM:
     def __init__(
         self, model: nn.Module, *, num_outputs: int, rho: float, lam: float, cls_lr: float
     ) -> None:
-        self.modalities = tuple(model.encoders)
+        encoders, head = cast(nn.ModuleDict, model.encoders), cast(nn.Module, model.head)
+        self.modalities = tuple(encoders)
         self.rho, self.lam, self.cls_lr, self.num_outputs = rho, lam, cls_lr, num_outputs
-        self.head_weight = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1].weight
-        self._encoder_params = {m: list(model.encoders[m].parameters()) for m in self.modalities}
+        self.head_weight = [m for m in head.modules() if isinstance(m, nn.Linear)][-1].weight
+        self._encoder_params = {m: list(encoders[m].parameters()) for m in self.modalities}
         self._captured: dict[str, Tensor] = {}
-        self.params: list[Tensor] | None = None  # [W1 (M, F, d), b1 (M, F), W2 (M, C, F), b2]
+        self.params: list[Tensor] = []  # [W1 (M, F, d), b1 (M, F), W2 (M, C, F), b2]
         self.prev_scores = torch.zeros(len(self.modalities))
         self.coefficients: Tensor | None = None
-        self._direction: Tensor | None = None
+        self._direction = self.head_weight.new_zeros(self.head_weight.numel())
         for m in self.modalities:
-            model.encoders[m].register_forward_hook(self._capture_hook(m))
+            encoders[m].register_forward_hook(self._capture_hook(m))
 
     def _capture_hook(self, modality: str) -> Any:
         def capture(_module: nn.Module, _args: tuple, output: Tensor) -> None:
@@ -75,7 +76,7 @@ class LeanCGGM:
             raise ValueError(
                 f"LeanCGGM handles vector features [B, d] only; got {tuple(x.shape[1:])}."
             )
-        if self.params is None:
+        if not self.params:
             self._build(x.shape[2])
         w1, b1, w2, b2 = self.params
         pre = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2))  # [M, B, F]

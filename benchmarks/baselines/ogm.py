@@ -16,7 +16,8 @@ per-tensor gradient scale (OGM-GE issue #26); the noise term is what survives it
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,18 +34,20 @@ class OGMGE:
         if not isinstance(getattr(model, "head", None), nn.Linear):
             raise TypeError("OGM-GE needs a linear head over the concatenated modality features.")
         self.model, self.alpha, self.noise = model, alpha, noise
-        self.modalities = tuple(model.encoders)
+        self.head = cast(nn.Linear, model.head)  # checked above
+        self.encoders = cast(nn.ModuleDict, model.encoders)
+        self.modalities = tuple(self.encoders)
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
         self.coefficients: dict[str, float] = {}
         model.register_forward_pre_hook(self._on_call, with_kwargs=True)
         for m in self.modalities:
-            model.encoders[m].register_forward_hook(self._capture(m))
+            self.encoders[m].register_forward_hook(self._capture(m))
 
     def _on_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._batch = find_modality_batch(args, kwargs)
 
-    def _capture(self, m: str):
+    def _capture(self, m: str) -> Callable[[nn.Module, tuple, Any], None]:
         def hook(_module: nn.Module, _args: tuple, out: Any) -> None:
             self._captured[m] = encoder_features(out).detach()
 
@@ -53,7 +56,7 @@ class OGMGE:
     @torch.no_grad()
     def step(self, target: Tensor) -> dict[str, float]:
         """Scale (and perturb) the encoders' gradients; call after backward, before the step."""
-        head = self.model.head
+        head = self.head
         pooled = [
             masked_mean(self._captured[m], self._batch.padding_mask(m) if self._batch else None)
             for m in self.modalities
@@ -70,7 +73,7 @@ class OGMGE:
             ratio = float(s[i] / others.clamp_min(1e-8))
             coeff = 1 - math.tanh(self.alpha * ratio) if ratio > 1 else 1.0
             self.coefficients[m] = coeff
-            for p in self.model.encoders[m].parameters():
+            for p in self.encoders[m].parameters():
                 if p.grad is None:
                     continue
                 p.grad.mul_(coeff)

@@ -6,6 +6,8 @@ after every encoder.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -53,9 +55,10 @@ def add_houlsby_adapters(model: nn.Module, dims: dict[str, int], bottleneck: int
     Everything but the adapters and the head is frozen; ``dims[m]`` is encoder ``m``'s output size.
     """
     model.requires_grad_(False)
-    for m, encoder in list(model.encoders.items()):
-        model.encoders[m] = _EncoderWithAdapter(encoder, HoulsbyAdapter(dims[m], bottleneck))
-    model.head.requires_grad_(True)
+    encoders = cast(nn.ModuleDict, model.encoders)
+    for m, encoder in list(encoders.items()):
+        encoders[m] = _EncoderWithAdapter(encoder, HoulsbyAdapter(dims[m], bottleneck))
+    cast(nn.Module, model.head).requires_grad_(True)
     return model
 
 

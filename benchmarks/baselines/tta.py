@@ -90,8 +90,8 @@ class SelfTraining(Tent):
         """Supervised loss on the pseudo-labels carried in ``batch.target``."""
         out = self.model(batch)
         if self.task == "classification":
-            return F.cross_entropy(out, batch.target)
-        return F.l1_loss(out.reshape(-1), batch.target)
+            return F.cross_entropy(out, batch.require_target())
+        return F.l1_loss(out.reshape(-1), batch.require_target())
 
     def adapt(self, data: ModalityBatch) -> None:
         """Label every target sample with the source model's prediction, then train on them."""

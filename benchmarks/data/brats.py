@@ -99,7 +99,7 @@ def load_brats_slices(
     {0, 1, 2, 3} (ET remapped 4 → 3). The slices with the most tumour are taken, so the
     selection is deterministic.
     """
-    images = {m: [] for m in BRATS_MODALITIES}
+    images: dict[str, list[torch.Tensor]] = {m: [] for m in BRATS_MODALITIES}
     labels, ids = [], []
     for case in cases:
         data = _load_case(case)
@@ -168,9 +168,9 @@ def write_brats_case(
         img = base[m]
         for label, offset in zip((1, 2, 4), contrast[m], strict=True):
             img = img + offset * (seg == label)
-        img = np.where(brain, img, 0.0).astype(np.float32) * 100
+        volume = np.where(brain, img, 0.0).astype(np.float32) * 100
         fname = f"{name}_{m}.nii.gz" if style == "brats2021" else f"{name}-{names[m]}.nii.gz"
-        nib.save(nib.Nifti1Image(img, affine), case / fname)
+        nib.save(nib.Nifti1Image(volume, affine), case / fname)
     if style == "brats2023":
         seg = np.where(seg == 4, 3, seg).astype(np.uint8)
         nib.save(nib.Nifti1Image(seg, affine), case / f"{name}-seg.nii.gz")

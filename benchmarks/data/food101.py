@@ -130,7 +130,7 @@ def _pixels(paths: list[Path], size: int) -> torch.Tensor:
     arrays = []
     for p in paths:
         with Image.open(p) as img:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [N, 3, H, W]
     return (x - 0.5) / 0.5  # ViT's default normalisation

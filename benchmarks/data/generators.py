@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -364,7 +364,7 @@ def write_shift_pair(
     fmt: Literal["mult", "mmsa"] = "mult",
     shift: float = 1.0,
     structure: PlantedStructure | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[Path, Path]:
     """Write a source/target pair with the same feature dimensions and label mapping.
 
@@ -373,7 +373,7 @@ def write_shift_pair(
     """
     base = structure or PlantedStructure()
     structure = PlantedStructure(**{**base.__dict__, "shift": shift})
-    writer = write_mult_pickle if fmt == "mult" else write_mmsa_pickle
+    writer: Callable[..., Path] = write_mult_pickle if fmt == "mult" else write_mmsa_pickle
     name = f"{dataset}_data.pkl" if fmt == "mult" else "aligned_50.pkl"
     if fmt == "mmsa" and not kwargs.get("aligned", True):
         name = "unaligned_50.pkl" if dataset != "sims" else "unaligned_39.pkl"

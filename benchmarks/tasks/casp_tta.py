@@ -17,6 +17,8 @@ Adaptation throughput (samples/s) is reported as a ratio to Tent, measured in th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.common import uci_splits
 from benchmarks.training import accuracy, add_ratio_column, fit
-from casp import CASP
+from casp import CASP, AdaptationReport
 from mmcore import ModalityBatch
 from mmcore.metrics import classification_metrics, msa_regression_metrics
 
@@ -37,25 +39,31 @@ METHODS = ("source-only", "Tent", "self-training", "CASP stage 1 only", "CASP")
 
 def _adapt(
     method: str, source: torch.nn.Module, target: ModalityBatch, task: str, s: dict, seed: int
-):
+) -> tuple[Callable[[ModalityBatch], torch.Tensor], float, AdaptationReport | None]:
     """Adapt a copy of ``source`` on unlabeled ``target``.
 
     Returns ``(predict fn, seconds, CASP's report or None)``.
     """
     start = time.perf_counter()
     report = None
+    model: torch.nn.Module
     if method == "source-only":
         model = source
-    elif method == "Tent":
-        model = Tent(source, task, lr=s["lr"], batch_size=s["batch_size"], seed=seed)
-        model.adapt(target)
-        model = model.model
-    elif method == "self-training":
-        model = SelfTraining(
-            source, task, lr=s["lr"], batch_size=s["batch_size"], epochs=s["epochs_pl"], seed=seed
+    elif method in ("Tent", "self-training"):
+        baseline = (
+            Tent(source, task, lr=s["lr"], batch_size=s["batch_size"], seed=seed)
+            if method == "Tent"
+            else SelfTraining(
+                source,
+                task,
+                lr=s["lr"],
+                batch_size=s["batch_size"],
+                epochs=s["epochs_pl"],
+                seed=seed,
+            )
         )
-        model.adapt(target)
-        model = model.model
+        baseline.adapt(target)
+        model = baseline.model
     else:
         casp = CASP(
             source,
@@ -80,7 +88,9 @@ def _adapt(
     return predict, seconds, report
 
 
-def pseudo_label_quality(report, adapt_on: ModalityBatch, task: str) -> dict:
+def pseudo_label_quality(
+    report: AdaptationReport | None, adapt_on: ModalityBatch, task: str
+) -> dict:
     """Accuracy (classification) or MAE (regression) of CASP's kept pseudo-labels.
 
     Read against ``adapt_on``'s labels, which the adaptation never saw; empty for methods
@@ -95,7 +105,16 @@ def pseudo_label_quality(report, adapt_on: ModalityBatch, task: str) -> dict:
     return {"pseudo_label_mae_kept": (report.pseudo_labels - truth).abs().mean().item()}
 
 
-def _compare(ctx, source, adapt_on, test, task, s, dataset, metrics_fn) -> list[dict]:
+def _compare(
+    ctx: RunContext,
+    source: torch.nn.Module,
+    adapt_on: ModalityBatch,
+    test: ModalityBatch,
+    task: str,
+    s: dict,
+    dataset: str,
+    metrics_fn: Callable[[torch.Tensor, torch.Tensor], dict],
+) -> list[dict]:
     records = []
     for method in METHODS:
         ctx.progress(f"{dataset}: {method}")
@@ -106,7 +125,7 @@ def _compare(ctx, source, adapt_on, test, task, s, dataset, metrics_fn) -> list[
                 "method": method,
                 "dataset": dataset,
                 "metrics": {
-                    **metrics_fn(predict(test), test.target),
+                    **metrics_fn(predict(test), test.require_target()),
                     "adapt_samples_per_s": None
                     if method == "source-only"
                     else len(adapt_on) / seconds,
@@ -118,7 +137,7 @@ def _compare(ctx, source, adapt_on, test, task, s, dataset, metrics_fn) -> list[
     return add_ratio_column(records, "Tent", "adapt_samples_per_s", "throughput_vs_tent")
 
 
-MOSI_SETTINGS = {
+MOSI_SETTINGS: dict[str, Any] = {
     "shifts": (0.0, 0.5, 1.0, 2.0),
     # a large test split: with 200 test samples one sample moved Acc-2 by 0.5 point, the size
     # of the no-shift tolerance
@@ -135,7 +154,7 @@ MOSI_SETTINGS = {
 }
 
 
-def _msa(pred, target):
+def _msa(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     return msa_regression_metrics(pred.reshape(-1), target)
 
 
@@ -185,7 +204,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
     return records
 
 
-UCI_SETTINGS = {
+UCI_SETTINGS: dict[str, Any] = {
     "severities": (0, 1, 2, 3),
     "width": 32,
     "hidden": 64,

@@ -19,12 +19,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
-from torch import Tensor
+from torch import Tensor, nn
 
 from benchmarks.backbones import LateFusionModel
 from benchmarks.baselines.cggm_lean import LeanCGGM
@@ -48,7 +49,7 @@ from mmcore import ModalityBatch, masked_mean
 from mmcore.metrics import classification_metrics, msa_regression_metrics
 
 #: Method names beyond "joint", "OGM-GE" and "CGGM", with the CGGM options they override.
-CGGM_VARIANTS = {
+CGGM_VARIANTS: dict[str, Any] = {
     "CGGM (reference mode)": {"mode": "reference"},
     # the direction term needs classifiers as wide as the head's input; without it they can be
     # small, which is most of CGGM's cost on wide models (cggm-step-overhead)
@@ -86,8 +87,9 @@ def modulation(
     if method == "joint":
         return None, None, None
     if method in ENCODER_SCALE_CONTROLS:
-        params = list(model.encoders.parameters())
-        n_mod = len(model.encoders)
+        encoders = cast(nn.ModuleDict, model.encoders)
+        params = list(encoders.parameters())
+        n_mod = len(encoders)
         scale = ENCODER_SCALE_CONTROLS[method] * (n_mod - 1) / n_mod
 
         def scale_encoder_grads(_batch: ModalityBatch) -> None:
@@ -98,20 +100,20 @@ def modulation(
         return None, None, scale_encoder_grads
     if method == "OGM-GE":
         modulator = OGMGE(model)
-        return modulator, None, lambda batch: modulator.step(batch.target)
+        return modulator, None, lambda batch: modulator.step(batch.require_target())
     if method == LEAN_CGGM:
         lean = LeanCGGM(
             model,
             num_outputs=num_outputs,
             **{k: cggm_options[k] for k in ("rho", "lam", "cls_lr")},
         )
-        return lean, lean.direction_loss, lambda batch: lean.step(batch.target)
+        return lean, lean.direction_loss, lambda batch: lean.step(batch.require_target())
     if method not in ("CGGM", AUTOGRAD_CGGM) and method not in CGGM_VARIANTS:
         raise ValueError(f"unknown method {method!r}.")
     options = {**cggm_options, **CGGM_VARIANTS.get(method, {})}
     cggm = CGGM(model, task=task, num_outputs=num_outputs, **options)
     cggm.hand_backward = method != AUTOGRAD_CGGM
-    return cggm, cggm.direction_loss, lambda batch: cggm.step(batch.target)
+    return cggm, cggm.direction_loss, lambda batch: cggm.step(batch.require_target())
 
 
 def train_modulated(
@@ -140,11 +142,13 @@ def train_modulated(
         model, method, task=task, num_outputs=num_outputs, cggm_options=cggm_options or {}
     )
     coefficients: list[list[float]] = []
-    if isinstance(modulator, CGGM) and modulator.config.rho is not None:
-        step = after_backward
+    cggm = modulator if isinstance(modulator, CGGM) else None
+    if cggm is not None and cggm.config.rho is not None:
 
         def after_backward(batch: ModalityBatch) -> None:
-            coefficients.append(list(step(batch).values()))
+            factors = cggm.step(batch.require_target())  # B_m: fit syncs every step
+            if factors is not None:
+                coefficients.append(list(factors.values()))
 
     result = fit(
         model,
@@ -161,13 +165,13 @@ def train_modulated(
         after_backward=after_backward,
         optimizer=optimizer,
     )
-    if isinstance(modulator, CGGM):
-        modulator.remove()
-    if not coefficients:
+    if cggm is not None:
+        cggm.remove()
+    if cggm is None or cggm.config.rho is None or not coefficients:
         return result.best_epoch, {}
-    factors = modulator.config.rho * torch.tensor(coefficients)
+    factors = cggm.config.rho * torch.tensor(coefficients)
     steps_per_epoch = -(-len(train) // batch_size)
-    return result.best_epoch, scale_summary(factors, modulator.modalities, steps_per_epoch)
+    return result.best_epoch, scale_summary(factors, cggm.modalities, steps_per_epoch)
 
 
 def scale_summary(
@@ -274,12 +278,14 @@ def probe_accuracies(model: LateFusionModel, train: ModalityBatch, test: Modalit
             out[f"probe_{m}"] = float("nan")  # the run diverged (reference mode's unbounded B)
             continue
         mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
-        clf = LogisticRegression(max_iter=2000).fit((x_tr - mean) / std, train.target.numpy())
-        out[f"probe_{m}"] = float(clf.score((x_te - mean) / std, test.target.numpy()))
+        clf = LogisticRegression(max_iter=2000).fit(
+            (x_tr - mean) / std, train.require_target().numpy()
+        )
+        out[f"probe_{m}"] = float(clf.score((x_te - mean) / std, test.require_target().numpy()))
     return out
 
 
-UCI_SETTINGS = {
+UCI_SETTINGS: dict[str, Any] = {
     "train_fraction": 0.2,
     "width": 16,
     "hidden": 64,
@@ -306,7 +312,7 @@ UCI_DATASET = f"uci-mfeat ({int(100 * UCI_SETTINGS['train_fraction'])}% of train
 def _subsample(batch: ModalityBatch, fraction: float, seed: int) -> ModalityBatch:
     generator = torch.Generator().manual_seed(seed)
     keep = []
-    for c in batch.target.unique():
+    for c in batch.require_target().unique():
         idx = torch.nonzero(batch.target == c).squeeze(1)
         keep.append(
             idx[torch.randperm(len(idx), generator=generator)[: max(1, int(fraction * len(idx)))]]
@@ -350,7 +356,9 @@ def run_uci(ctx: RunContext) -> list[dict]:
         ctx.progress(method)
         model = make_model()
         best_epoch, scales = train_model(model, method)
-        metrics = classification_metrics(predict(model, splits["test"]), splits["test"].target)
+        metrics = classification_metrics(
+            predict(model, splits["test"]), splits["test"].require_target()
+        )
         probes = probe_accuracies(model, splits["train"], splits["test"])
         records.append(
             {
@@ -435,7 +443,7 @@ def plot_probes(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
     return [("Linear-probe accuracy of each modality's encoder", path)]
 
 
-MOSI_SETTINGS = {
+MOSI_SETTINGS: dict[str, Any] = {
     "n": {"quick": (400, 100, 200), "full": (1284, 229, 686)},
     "seq_len": 20,
     "imbalance": 4.0,
@@ -468,10 +476,10 @@ def run_mosi(ctx: RunContext) -> list[dict]:
         data = load_mult_pickle(path)
         dataset = f"MOSI-format, {s['dominant']} dominant (imbalance {s['imbalance']})"
 
-    def l1(pred, target):
+    def l1(pred: Tensor, target: Tensor) -> Tensor:
         return F.l1_loss(pred.squeeze(-1), target)
 
-    def neg_mae(pred, target):
+    def neg_mae(pred: Tensor, target: Tensor) -> float:
         return -float((pred.squeeze(-1) - target).abs().mean())
 
     def make_model() -> LateFusionModel:
@@ -505,7 +513,10 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             {
                 "method": method,
                 "dataset": dataset,
-                "metrics": {**msa_regression_metrics(pred, data["test"].target), **scales},
+                "metrics": {
+                    **msa_regression_metrics(pred, data["test"].require_target()),
+                    **scales,
+                },
                 "config": {
                     "best_epoch": best_epoch,
                     **{k: v for k, v in s.items() if k not in ("n", "epochs")},
@@ -615,7 +626,7 @@ register_task(
 )
 
 
-BRATS_SETTINGS = {
+BRATS_SETTINGS: dict[str, Any] = {
     "cases": {"quick": (10, 4), "full": (40, 12)},
     "shape": (32, 32, 12),
     "slices_per_case": 4,
@@ -668,7 +679,7 @@ def run_brats(ctx: RunContext) -> list[dict]:
     cut = max(1, len(order) // 5)
     train, valid = train_all.select(order[cut:]), train_all.select(order[:cut])
 
-    def mean_dice(logits, target):
+    def mean_dice(logits: Tensor, target: Tensor) -> float:
         return brats_dice(logits.max(dim=1).indices, target, "remapped", ignore_empty=False)[
             "dice_mean"
         ]
@@ -703,7 +714,7 @@ def run_brats(ctx: RunContext) -> list[dict]:
                 "method": method,
                 "dataset": name,
                 "metrics": {
-                    **brats_dice(pred, test.target, "remapped", ignore_empty=False),
+                    **brats_dice(pred, test.require_target(), "remapped", ignore_empty=False),
                     **scales,
                 },
                 "config": {

@@ -61,7 +61,7 @@ def run(ctx: RunContext) -> list[dict]:
         ctx.progress(name)
         batch = next(iter(train.split(batch_size)))
 
-        def make_model(width=width, hidden=hidden) -> LateFusionModel:
+        def make_model(width: int = width, hidden: int = hidden) -> LateFusionModel:
             torch.manual_seed(ctx.seed)
             return LateFusionModel.from_batch(train, 10, width=width, hidden=hidden, head="linear")
 

@@ -40,11 +40,14 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from benchmarks.baselines.missing_prompts import MissingAwarePrompts
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
@@ -107,7 +110,14 @@ def _substitute(batch: ModalityBatch, means: dict[str, torch.Tensor]) -> Modalit
     return batch.replace(inputs=inputs)
 
 
-def _train_backbone(ctx, data, out_dim, s, loss_fn, score_fn) -> MulTBackbone:
+def _train_backbone(
+    ctx: RunContext,
+    data: dict[str, ModalityBatch],
+    out_dim: int,
+    s: dict[str, Any],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    score_fn: Callable[[Tensor, Tensor], float],
+) -> MulTBackbone:
     """A backbone sized from ``data``, trained on ``data`` as given (pretraining budget)."""
     dims = {m: data["train"][m].shape[2] for m in data["train"].modalities}
     config = MulTConfig(
@@ -133,7 +143,13 @@ def _train_backbone(ctx, data, out_dim, s, loss_fn, score_fn) -> MulTBackbone:
 
 
 def train_case_models(
-    ctx, data, out_dim, s, loss_fn, score_fn, complete: MulTBackbone | None = None
+    ctx: RunContext,
+    data: dict[str, ModalityBatch],
+    out_dim: int,
+    s: dict[str, Any],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    score_fn: Callable[[Tensor, Tensor], float],
+    complete: MulTBackbone | None = None,
 ) -> dict[int, MulTBackbone]:
     """One backbone per missing case, trained and selected on data in that case only.
 
@@ -153,7 +169,14 @@ def train_case_models(
     return models
 
 
-def train_methods(ctx, data, out_dim, s, loss_fn, score_fn) -> dict[str, torch.nn.Module]:
+def train_methods(
+    ctx: RunContext,
+    data: dict[str, ModalityBatch],
+    out_dim: int,
+    s: dict[str, Any],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    score_fn: Callable[[Tensor, Tensor], float],
+) -> dict[str, torch.nn.Module]:
     """Pretrain a backbone sized from ``data`` on complete data; derive every method."""
     ctx.progress("pretraining the backbone (complete data)")
     backbone = _train_backbone(ctx, data, out_dim, s, loss_fn, score_fn)
@@ -195,7 +218,8 @@ def train_methods(ctx, data, out_dim, s, loss_fn, score_fn) -> dict[str, torch.n
 
 def trainable_pct(model: torch.nn.Module) -> float:
     """Trainable parameters as % of the (frozen) backbone's parameter count."""
-    return 100 * count_parameters(model, trainable_only=True) / count_parameters(model.backbone)
+    backbone = cast(torch.nn.Module, model.backbone)
+    return 100 * count_parameters(model, trainable_only=True) / count_parameters(backbone)
 
 
 class _Substituting(torch.nn.Module):
@@ -215,7 +239,7 @@ UCI_CASES = "uci-mfeat, 63 missing cases"
 #: CMU-MOSI's aligned feature sizes (GloVe text, COVAREP audio, Facet vision)
 MOSI_DIMS = {"text": 300, "audio": 5, "vision": 20}
 
-MOSI_SETTINGS = {
+MOSI_SETTINGS: dict[str, Any] = {
     "n": {"quick": (500, 100, 300), "full": (1284, 229, 686)},
     "seq_len": 20,
     # the modalities' latents are correlated, as in real sentiment data (one sentiment behind
@@ -239,11 +263,11 @@ MOSI_SETTINGS = {
 }
 
 
-def _l1(pred, target):
+def _l1(pred: Tensor, target: Tensor) -> Tensor:
     return F.l1_loss(pred.squeeze(-1), target)
 
 
-def _neg_mae(pred, target):
+def _neg_mae(pred: Tensor, target: Tensor) -> float:
     return -float((pred.squeeze(-1) - target).abs().mean())
 
 
@@ -271,19 +295,20 @@ def run_mosi(ctx: RunContext) -> list[dict]:
         name = "MOSI-format"
     models = train_methods(ctx, data, 1, s, _l1, _neg_mae)
     test, modalities = data["test"], data["test"].modalities
+    labels = test.require_target()
     records = []
     for method, model in models.items():
         ctx.progress(f"evaluating {method}")
         cases = all_cases(len(modalities))
         outputs = predict_cases(model, test, cases).squeeze(-1)  # [cases, N]
         case_records, average = _per_case_records(
-            method, name, modalities, dict(zip(cases, outputs, strict=True)), test.target
+            method, name, modalities, dict(zip(cases, outputs, strict=True)), labels
         )
         records += case_records
         g = torch.Generator().manual_seed(1000 + ctx.seed)
         for rate in s["test_rates"]:
             batch, _ = simulate_missing(test, rate, generator=g)
-            swept = msa_regression_metrics(predict(model, batch).squeeze(-1), test.target)
+            swept = msa_regression_metrics(predict(model, batch).squeeze(-1), labels)
             average[f"sweep_acc2_non0@{rate}"] = swept["acc2_non0"]
             average[f"sweep_mae@{rate}"] = swept["mae"]
         if hasattr(model, "backbone"):  # the prompt methods: a frozen backbone + their parts
@@ -298,13 +323,13 @@ def run_mosi(ctx: RunContext) -> list[dict]:
         )
     if s["case_models"]:
         case_models = train_case_models(
-            ctx, data, 1, s, _l1, _neg_mae, complete=models["lower bound"]
+            ctx, data, 1, s, _l1, _neg_mae, complete=cast(MulTBackbone, models["lower bound"])
         )
         preds = {
             case: predict(model, apply_case(test, case)).squeeze(-1)
             for case, model in sorted(case_models.items())
         }
-        case_records, average = _per_case_records(CASE_MODELS, name, modalities, preds, test.target)
+        case_records, average = _per_case_records(CASE_MODELS, name, modalities, preds, labels)
         records += case_records
         records.append(
             {
@@ -410,7 +435,7 @@ def plot_mosi(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
     return plot_cases(records, plot_dir) + plot_rate_sweep(records, plot_dir)
 
 
-UCI_SETTINGS = {
+UCI_SETTINGS: dict[str, Any] = {
     "d": 16,
     "heads": 2,
     "layers": 1,
@@ -434,6 +459,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
     data = {k: _as_sequences(v) for k, v in raw.items()}  # vectors as length-1 sequences
     models = train_methods(ctx, data, 10, s, F.cross_entropy, accuracy)
     test, modalities = data["test"], data["test"].modalities
+    labels = test.require_target()
     records = []
     for method, model in models.items():
         ctx.progress(f"evaluating {method}")
@@ -442,7 +468,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
         scores = {
             # the count over N: sklearn's accuracy_score exactly, without its per-call cost
             # (63 cases x 5 methods per seed)
-            case: int((logits[i].argmax(dim=-1) == test.target).sum()) / len(test.target)
+            case: int((logits[i].argmax(dim=-1) == labels).sum()) / len(labels)
             for i, case in enumerate(cases)
         }
         single = [1 << i for i in range(len(modalities))]
@@ -481,7 +507,7 @@ def predict_cases(model: torch.nn.Module, data: ModalityBatch, cases: list[int])
     return outputs.view(len(cases), n, *outputs.shape[1:])
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
@@ -507,10 +533,10 @@ def run_throughput(ctx: RunContext) -> list[dict]:
     presence = model.presence(batch)
     repeats = 3 if ctx.profile == "quick" else 10
 
-    def stage(b, p):
+    def stage(b: ModalityBatch, p: Tensor) -> tuple[object, object]:
         return model.generate(b, p), model.type_tokens(p)
 
-    def stage_loop():
+    def stage_loop() -> None:
         for i in range(64):
             one = batch.select([i])
             stage(one, presence[i : i + 1])
@@ -591,6 +617,7 @@ def _training_step_records(ctx: RunContext) -> list[dict]:
         backbone.fast_dropout = name != TORCH_DROPOUT
         if name == CONV1D_PROJECTIONS:
             for m, proj in backbone.proj.items():
+                proj = cast(torch.nn.Conv1d, proj)
                 conv = torch.nn.Conv1d(proj.in_channels, proj.out_channels, 1, bias=False)
                 conv.load_state_dict(proj.state_dict())
                 backbone.proj[m] = conv

@@ -41,7 +41,7 @@ def run(ctx: RunContext) -> list[dict]:
             epochs=EPOCHS[ctx.profile],
             seed=ctx.seed,
         )
-        metrics = classification_metrics(predict(model, test), test.target)
+        metrics = classification_metrics(predict(model, test), test.require_target())
         records.append(
             {
                 "method": method,

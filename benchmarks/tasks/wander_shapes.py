@@ -18,6 +18,7 @@ validation accuracy, so the choice is not tuned on the reported test figures::
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.wander_transfer import (
@@ -36,7 +37,7 @@ _HIDDEN = {"target_layer": "net.2"}  # read each encoder's hidden layer, as "Wan
 
 #: Every shape under 5 % of the backbone (head included). "tiled D": one D-feature fused token
 #: tiled over the head's 192-feature input; otherwise the token has 192 features.
-SHAPES = {
+SHAPES: dict[str, Any] = {
     "Wander (r=2)": {**_HIDDEN, "ranks": _ranks(2)},
     "Wander (r=2, R_d=2)": {**_HIDDEN, "ranks": _ranks(2, feature=2)},
     "Wander (r=3)": {**_HIDDEN, "ranks": _ranks(3)},
@@ -50,7 +51,7 @@ SHAPES = {
     "Wander (encoder outputs, r=16, tiled 32)": {"ranks": _ranks(16), "fused_dim": 32},
 }
 
-SETTINGS = {
+SETTINGS: dict[str, Any] = {
     **UCI_SETTINGS,
     "lora_ranks": {"LoRA (peft)": 2},
     "wander_variants": SHAPES,

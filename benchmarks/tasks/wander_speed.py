@@ -9,6 +9,10 @@ are checked equal first; timings are the median over interleaved rounds, same pr
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -17,7 +21,7 @@ from benchmarks.training import median_times
 from wander.functional import fusion_product_stacked
 
 # (S sets, M modalities, B batch, T tokens, r bottleneck (+1), R_t, T', R_d, D)
-SHAPES = {
+SHAPES: dict[str, Any] = {
     "UCI transfer adapter (M=6, T=1, r=7, R=1, D=192)": (2, 6, 25, 1, 7, 1, 1, 1, 192),
     "MOSI adapter (M=3, T=20, r=9, R=2, T'=4, D=16)": (2, 3, 32, 20, 9, 2, 4, 2, 16),
     "wider (M=3, B=64, T=50, r=17, R=4, T'=8, D=64)": (2, 3, 64, 50, 17, 4, 8, 4, 64),
@@ -34,6 +38,11 @@ def einsum_fusion(h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> Tensor:
     return torch.einsum("sbjkud,sjk->sbud", first, w)
 
 
+def _step(fusion: Callable[..., Tensor], args: list[Tensor]) -> None:
+    """One forward and backward of ``fusion`` on ``args`` (h, q, p, w)."""
+    fusion(*args).square().sum().backward()
+
+
 def run(ctx: RunContext) -> list[dict]:
     """Forward + backward time of both paths on each shape."""
     g = torch.Generator().manual_seed(ctx.seed)
@@ -43,15 +52,13 @@ def run(ctx: RunContext) -> list[dict]:
         shapes = [(s, m, b, t, r), (s, m, rt, t, t_out), (s, m, rd, r, d), (s, rt, rd)]
         args = [torch.randn(*shape, generator=g).requires_grad_() for shape in shapes]
         exact = [a.detach().double() for a in args]  # float32 sums of this size round apart
-        torch.testing.assert_close(fusion_product_stacked(*exact), einsum_fusion(*exact))
-
-        def step(fn, args=args):
-            fn(*args).square().sum().backward()
+        h, q, p, w = exact
+        torch.testing.assert_close(fusion_product_stacked(h, q, p, w), einsum_fusion(h, q, p, w))
 
         times = median_times(
             {
-                "autograd einsums": lambda step=step: step(einsum_fusion),
-                "fused kernel": lambda step=step: step(fusion_product_stacked),
+                "autograd einsums": functools.partial(_step, einsum_fusion, args),
+                "fused kernel": functools.partial(_step, fusion_product_stacked, args),
             },
             rounds=5 if ctx.profile == "quick" else 15,
             calls=40,

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,18 +68,18 @@ def select_classes(
 ) -> ModalityBatch:
     """Samples of ``classes`` (relabelled from 0), optionally ``shots`` per class."""
     generator = torch.Generator().manual_seed(seed)
-    keep = []
+    keep, labels = [], batch.require_target()
     for c in classes:
-        idx = torch.nonzero(batch.target == c).squeeze(1)
+        idx = torch.nonzero(labels == c).squeeze(1)
         if shots is not None:
             idx = idx[torch.randperm(len(idx), generator=generator)[:shots]]
         keep.append(idx)
     subset = batch.select(torch.cat(keep))
-    return subset.replace(target=subset.target - classes.start)
+    return subset.replace(target=subset.require_target() - classes.start)
 
 
 def build_method(
-    method: str, base: nn.Module, example: ModalityBatch, settings: dict, seed: int
+    method: str, base: LateFusionModel, example: ModalityBatch, settings: dict, seed: int
 ) -> nn.Module:
     """A fresh copy of the pretrained ``base`` prepared for ``method`` (head re-initialised)."""
     model = copy.deepcopy(base)
@@ -108,7 +109,7 @@ def build_method(
 
 def compare_methods(
     ctx: RunContext,
-    base: nn.Module,
+    base: LateFusionModel,
     train: ModalityBatch,
     valid: ModalityBatch,
     test: ModalityBatch,
@@ -126,7 +127,7 @@ def compare_methods(
     head-only's to its record.
     """
     backbone_params = count_parameters(base)
-    records = []
+    records: list[dict[str, Any]] = []
     for method in methods(settings):
         ctx.progress(f"{dataset}: {method}")
         model = build_method(method, base, train, settings, ctx.seed)
@@ -169,7 +170,7 @@ def compare_methods(
 
 
 def step_times(
-    base: nn.Module,
+    base: LateFusionModel,
     train: ModalityBatch,
     settings: dict,
     loss_fn: Callable,
@@ -199,7 +200,7 @@ UCI_DATASET = "uci-mfeat 0-4 → 5-9"
 #: the Wander variant under 5% of the backbone, which the issue's targets are about
 SUB_5_PERCENT = "Wander (r=4, tiled)"
 
-UCI_SETTINGS = {
+UCI_SETTINGS: dict[str, Any] = {
     "shots": 5,
     # few-shot draws per seed (episode 0 uses the seed itself): with 25 labelled samples the
     # draw moves accuracy by about a point, so each seed's figure is the mean over episodes
@@ -335,7 +336,7 @@ def average_episodes(episodes: list[list[dict]]) -> list[dict]:
     return averaged
 
 
-MOSI_SETTINGS = {
+MOSI_SETTINGS: dict[str, Any] = {
     "n_pretrain": {"quick": (600, 150, 150), "full": (2000, 400, 400)},
     "n_target": {"quick": (200, 150, 300), "full": (400, 400, 686)},
     "seq_len": 20,
@@ -437,7 +438,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
 # head the backbone is additive across modalities (per-modality encoders, concatenation, one
 # linear map) and no per-modality adaptation (LoRA, Houlsby, full fine-tuning of the encoders)
 # can represent z_a * z_b: only a cross-modal fusion adapter can
-_MOSI_HEADS = {
+_MOSI_HEADS: dict[str, Any] = {
     "mlp": "MOSI-format, planted interaction",
     "linear": "MOSI-format, planted interaction, additive backbone (linear head)",
 }
@@ -570,7 +571,7 @@ register_task(
 )
 
 
-FOOD_SETTINGS = {
+FOOD_SETTINGS: dict[str, Any] = {
     "classes": ("apple_pie", "breakfast_burrito", "caesar_salad", "donuts"),
     "n_per_class": {"quick": (12, 6), "full": (40, 20)},
     "max_text_len": 16,
@@ -602,9 +603,8 @@ def food101_features(ctx: RunContext) -> dict[str, ModalityBatch]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     s = FOOD_SETTINGS
-    real = ctx.data_root / "UPMC-Food101" if ctx.data_root else None
-    if real is not None and real.is_dir():
-        root = real
+    if ctx.data_root is not None and (ctx.data_root / "UPMC-Food101").is_dir():
+        root = ctx.data_root / "UPMC-Food101"
         image_enc, text_enc = (
             ctx.data_root / "encoders" / "vit",
             ctx.data_root / "encoders" / "bert",
@@ -635,7 +635,7 @@ def run_food(ctx: RunContext) -> list[dict]:
     order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(ctx.seed))
     cut = max(len(order) // 5, 1)  # no official valid split: hold out 20% of train
     train, valid = train_all.select(order[cut:]), train_all.select(order[:cut])
-    n_classes = int(train_all.target.max()) + 1
+    n_classes = int(train_all.require_target().max()) + 1
     torch.manual_seed(ctx.seed)
     base = LateFusionModel.from_batch(train, n_classes, width=s["width"], num_layers=1, num_heads=2)
     ctx.progress("training the fusion backbone")
@@ -671,7 +671,7 @@ def run_food(ctx: RunContext) -> list[dict]:
                 if not (ctx.data_root and (ctx.data_root / "UPMC-Food101").is_dir())
                 else "UPMC-Food101",
                 "metrics": {
-                    **classification_metrics(predict(model, test), test.target),
+                    **classification_metrics(predict(model, test), test.require_target()),
                     "trainable_params": trainable,
                     "ms_per_step": 1000 * result.seconds_per_step,
                 },

@@ -32,6 +32,9 @@ def test_basic_accessors():
     assert batch.padding_mask("audio") is None
     assert batch.padding_mask("text").shape == (4, 6)
     assert "text" in batch and "video" not in batch
+    assert batch.require_target() is batch.target
+    with pytest.raises(ValueError, match="has no target"):
+        batch.replace(target=None).require_target()
 
 
 def test_token_ids_are_a_sequence_kind():

@@ -7,7 +7,7 @@ import random
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -302,7 +302,7 @@ class CASP:
             losses = []
             for batch in labelled.split(cfg.batch_size, shuffle=True, generator=generator):
                 batch = batch.to(self.device)
-                pred, target = self.model(batch), cast(Tensor, batch.target)  # the pseudo-labels
+                pred, target = self.model(batch), batch.require_target()  # the pseudo-labels
                 if cfg.task == "classification":
                     loss = F.cross_entropy(pred, target)  # soft targets: mean probabilities
                 else:

@@ -217,6 +217,19 @@ class ModalityBatch:
             "batch.split(size) (sub-batches)."
         )
 
+    def require_target(self) -> Tensor:
+        """``target``, or a clear ``ValueError`` when the batch has none.
+
+        For code that needs labels (a loss, a metric): typed as a ``Tensor``, not ``Tensor |
+        None``, and failing where the labels are missing rather than deep inside a loss.
+        """
+        if self.target is None:
+            raise ValueError(
+                f"{self!r} has no target; this step needs labels (pass target= when building the "
+                "batch, or use batch.replace(target=...))."
+            )
+        return self.target
+
     def kind(self, modality: str) -> ModalityKind:
         """``"sequence"``, ``"vector"``, ``"tokens"`` or ``"spatial"``, from the tensor layout."""
         return _modality_kind(self[modality])

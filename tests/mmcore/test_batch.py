@@ -184,6 +184,13 @@ def test_collate_pads_variable_length_sequences():
     assert batch["a"][0, 3:].abs().sum() == 0
     assert batch.is_present("v").tolist() == [True, False]
     assert batch.target.tolist() == [1.0, 2.0]
+    # a sample's own padding (e.g. a tokenizer's) is kept, and the collate padding added to it
+    samples[1]["padding_masks"] = {"a": [False, False, False, False, True]}
+    batch = collate_modalities(samples)
+    assert batch.padding_mask("a").tolist() == [[False] * 3 + [True] * 2, [False] * 4 + [True]]
+    samples[1]["padding_masks"] = {"a": [False, True]}
+    with pytest.raises(ValueError, match="sample 1's padding mask for 'a' has shape"):
+        collate_modalities(samples)
     assert batch.sample_ids == [0, 1]
 
 

@@ -67,10 +67,12 @@ class CASPConfig:
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau}.")
         for name in ("epochs_ca", "snapshot_every", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        if not isinstance(self.epochs_pl, int) or self.epochs_pl < 0:
+        if not _is_int(self.epochs_pl) or self.epochs_pl < 0:
             raise ValueError(f"epochs_pl must be an integer >= 0, got {self.epochs_pl!r}.")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}.")
         if self.snapshot_every > self.epochs_ca:
@@ -80,7 +82,19 @@ class CASPConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(
+                f"clip must be > 0 or None (no clipping), got {self.clip}: a norm of 0 would "
+                "zero every gradient."
+            )
+        if not self.collapse_threshold >= 0:
+            raise ValueError(f"collapse_threshold must be >= 0, got {self.collapse_threshold}.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return dataclasses.asdict(self)
+
+
+def _is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` would pass as 1 otherwise)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -68,7 +68,7 @@ class CGGMConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
-        if not isinstance(self.num_outputs, int) or self.num_outputs < 1:
+        if not _is_int(self.num_outputs) or self.num_outputs < 1:
             raise ValueError(f"num_outputs must be a positive integer, got {self.num_outputs!r}.")
         if self.task == "regression" and self.num_outputs != 1:
             raise ValueError(f"task='regression' needs num_outputs=1, got {self.num_outputs}.")
@@ -76,7 +76,7 @@ class CGGMConfig:
             raise ValueError(f"task='{self.task}' needs num_outputs >= 2 classes.")
         if self.rho is not None and not self.rho > 0:
             raise ValueError(f"rho must be > 0 or None, got {self.rho}.")
-        if self.lam < 0:
+        if not self.lam >= 0:  # NaN fails too
             raise ValueError(f"lam must be >= 0, got {self.lam}.")
         if not self.cls_lr > 0:
             raise ValueError(f"cls_lr must be > 0, got {self.cls_lr}.")
@@ -85,7 +85,7 @@ class CGGMConfig:
         if self.mode == "reference" and self.smoothing:
             raise ValueError("smoothing is a default-mode safeguard; mode='reference' has none.")
         if self.classifier_hidden is not None and (
-            not isinstance(self.classifier_hidden, int) or self.classifier_hidden < 1
+            not _is_int(self.classifier_hidden) or self.classifier_hidden < 1
         ):
             raise ValueError(
                 f"classifier_hidden must be a positive integer or None, got "
@@ -97,3 +97,8 @@ class CGGMConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return dataclasses.asdict(self)
+
+
+def _is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` would pass as 1 otherwise)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -483,9 +483,17 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
         if any(g is not None for g in given):
             width = inputs[m].shape[1]
             rows = []
-            for g, t in zip(given, tensors, strict=True):
+            for i, (g, t) in enumerate(zip(given, tensors, strict=True)):
                 row = torch.ones(width, dtype=torch.bool)
-                row[: t.shape[0]] = False if g is None else torch.as_tensor(g, dtype=torch.bool)
+                mask = torch.zeros(t.shape[0], dtype=torch.bool)
+                if g is not None:
+                    mask = torch.as_tensor(g, dtype=torch.bool)
+                    if mask.shape != (t.shape[0],):
+                        raise ValueError(
+                            f"collate_modalities: sample {i}'s padding mask for '{m}' has shape "
+                            f"{tuple(mask.shape)}; its sequence has {t.shape[0]} steps."
+                        )
+                row[: t.shape[0]] = mask
                 rows.append(row)
             pad = torch.stack(rows)
         if pad is not None:

@@ -119,7 +119,9 @@ class WanderConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         for name in ("num_fused_tokens", "fused_dim", "out_dim"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
@@ -137,7 +139,9 @@ class WanderConfig:
                     f"got {self.target_modules!r}."
                 )
             self.target_modules = dict(self.target_modules)
-        if self.modules_to_save is not None:
+        if isinstance(self.modules_to_save, str):  # one name, not its characters
+            self.modules_to_save = [self.modules_to_save]
+        elif self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 
     @property

@@ -83,7 +83,7 @@ class Wander(nn.Module):
         example_input: Any = None,
         target_modules: Mapping[str, str] | None = None,
         fusion_module: str | None = None,
-        modules_to_save: Sequence[str] | None = None,
+        modules_to_save: str | Sequence[str] | None = None,
         **config: Any,
     ) -> None:
         super().__init__()
@@ -96,7 +96,7 @@ class Wander(nn.Module):
             ranks,
             target_modules=dict(target_modules) if target_modules is not None else None,
             fusion_module=fusion_module,
-            modules_to_save=list(modules_to_save) if modules_to_save is not None else None,
+            modules_to_save=modules_to_save,  # WanderConfig copies it (one name may be a str)
             **config,
         )
         self.base_model = model

@@ -1,0 +1,132 @@
+"""Models that Wander cannot adapt as asked: each is a clear error at wrap or call time."""
+
+import pytest
+import torch
+from torch import nn
+
+from wander import Wander
+
+RANKS = (4, 2, 2)
+TARGETS = {"text": "text_net", "audio": "audio_net"}
+
+
+class TwoTowers(nn.Module):
+    """``forward(text, audio)``; what the towers and the mixer do is set per test."""
+
+    def __init__(self, use_audio=True, text_out=None, mix_first=False):
+        super().__init__()
+        self.text_net, self.audio_net = nn.Linear(6, 8), nn.Linear(3, 8)
+        self.mixer, self.classifier = nn.Identity(), nn.Linear(8, 2)
+        self.use_audio, self.text_out, self.mix_first = use_audio, text_out, mix_first
+
+    def forward(self, text, audio):
+        if self.mix_first:  # the "fusion" runs before the encoders
+            self.mixer(torch.zeros(text.shape[0], 1, 8))
+        t = self.text_net(text)
+        if self.text_out is not None:
+            t = self.text_out(t)
+        feats = [t, self.audio_net(audio)] if self.use_audio else [t]
+        mixed = torch.cat([f[:, :1] for f in feats], dim=1)  # [B, M, 8]
+        mixed = self.mixer(mixed)
+        return self.classifier(mixed[:, 0] if isinstance(mixed, torch.Tensor) else mixed[0][:, 0])
+
+
+def example():
+    return torch.randn(2, 5, 6), torch.randn(2, 4, 3)
+
+
+class Unsqueeze(nn.Module):
+    def forward(self, x):
+        return x.unsqueeze(-1)
+
+
+CASES = [
+    (
+        {"use_audio": False},
+        {},
+        ValueError,
+        r"never called the target modules of \['audio'\]",
+    ),
+    (
+        {},
+        {"target_modules": {"text": "text_net.weight", "audio": "audio_net"}},
+        ValueError,
+        "text_net.weight",
+    ),
+    (
+        {},
+        {"fusion_module": "mixer", "num_fused_tokens": 3},
+        ValueError,
+        "outputs 2 tokens, fewer",
+    ),
+]
+
+
+def wrap(model_kwargs, wander_kwargs):
+    options = {
+        "target_modules": TARGETS,
+        "fusion_module": "mixer",
+        "num_fused_tokens": 1,
+        **wander_kwargs,
+    }
+    return Wander(TwoTowers(**model_kwargs), RANKS, example_input=example(), **options)
+
+
+@pytest.mark.parametrize(("model_kwargs", "wander_kwargs", "error", "match"), CASES)
+def test_wrap_time_errors(model_kwargs, wander_kwargs, error, match):
+    with pytest.raises(error, match=match):
+        wrap(model_kwargs, wander_kwargs)
+
+
+def test_target_output_of_the_wrong_rank():
+    model = TwoTowers(text_out=lambda t: t.squeeze(-1))
+    model.text_net = nn.Sequential(nn.Linear(6, 8), Unsqueeze())  # [B, T, 8, 1]: not features
+    with pytest.raises(ValueError, match=r"target module of 'text' outputs shape \(2, 5, 8, 1\)"):
+        Wander(model, RANKS, example_input=example(), target_modules=TARGETS, fusion_module="mixer")
+
+
+def test_fused_output_needs_a_tensor_from_the_fusion_module():
+    class TupleMixer(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    model = TwoTowers()
+    model.mixer = TupleMixer()
+    with pytest.raises(ValueError, match="adds the fused tokens to the fusion module's output"):
+        Wander(model, RANKS, example_input=example(), target_modules=TARGETS, fusion_module="mixer")
+
+
+def test_fusion_module_called_before_the_encoders():
+    with pytest.raises(RuntimeError, match="ran before the target modules"):
+        wrap({"mix_first": True}, {})(*example())
+
+
+def test_keyword_example_input():
+    class Keywords(TwoTowers):
+        def forward(self, *, text, audio):
+            return super().forward(text, audio)
+
+    text, audio = example()
+    wander = Wander(
+        Keywords(),
+        RANKS,
+        example_input={"text": text, "audio": audio},
+        target_modules=TARGETS,
+        fusion_module="mixer",
+        modules_to_save="classifier",  # one name
+        num_fused_tokens=1,
+    )
+    assert wander(text=text, audio=audio).shape == (2, 2)
+    assert wander.base_model.classifier.weight.requires_grad
+    assert not wander.base_model.text_net.weight.requires_grad
+
+
+def test_loading_into_a_model_whose_saved_module_differs_in_shape(tmp_path):
+    wander = wrap({}, {"modules_to_save": ["classifier"]})
+    wander.save_pretrained(tmp_path)
+    other = TwoTowers()
+    other.classifier = nn.Linear(8, 3)  # three classes instead of two
+    with pytest.raises(
+        ValueError, match=r"'base_model.classifier.bias' has shape \(2,\) in .* but \(3,\)"
+    ):
+        Wander.from_pretrained(other, tmp_path)

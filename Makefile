@@ -44,7 +44,33 @@ typecheck: $(STAMP) ## mypy on the packages (each ships py.typed) and the benchm
 	$(UV) run --frozen mypy
 
 .PHONY: all
-all: lint typecheck test ## lint, typecheck and test: what CI runs
+all: lint typecheck test test-oldest ## lint, typecheck, test and test-oldest: what CI runs
+
+# The lowest versions each package declares (torch 2.2 for mmcore, wander, cggm and casp; 2.5
+# for mm-prompts), resolved by uv's lowest-direct strategy into throwaway environments. Test
+# tools are pinned to versions of their time (transformers 4.46 is the last for torch < 2.6).
+# Warnings are not errors there: old releases warn about their own code.
+OLDEST := .venv-oldest
+OLDEST_TOOLS := "pytest==8.3.3" "transformers==4.46.3" "matplotlib==3.8.4" "pillow==10.4.0" "nibabel==5.2.1"
+OLDEST_PYTEST := -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::SyntaxWarning \
+	-W "ignore:Lazy modules are a new feature:UserWarning"
+
+.PHONY: test-oldest
+test-oldest: | $(UV) ## The packages' tests on the oldest dependency versions they declare
+	rm -rf $(OLDEST)-torch22 $(OLDEST)-torch25
+	$(UV) venv -q --python $(PYTHON) $(OLDEST)-torch22
+	$(UV) pip install -q --python $(OLDEST)-torch22/bin/python --resolution lowest-direct \
+		-e "packages/mmcore[segmentation]" -e packages/wander-adapter -e packages/cggm-balance \
+		-e packages/casp-tta $(OLDEST_TOOLS)
+	@# mm-prompts (torch >= 2.5) only so that the harness imports; its tests run below
+	$(UV) pip install -q --python $(OLDEST)-torch22/bin/python --no-deps -e packages/mm-prompts
+	$(OLDEST)-torch22/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(OLDEST)-torch22/bin/python $(OLDEST_PYTEST) tests/mmcore tests/wander tests/cggm tests/casp
+	$(UV) venv -q --python $(PYTHON) $(OLDEST)-torch25
+	$(UV) pip install -q --python $(OLDEST)-torch25/bin/python --resolution lowest-direct \
+		-e packages/mmcore -e packages/mm-prompts $(OLDEST_TOOLS)
+	$(OLDEST)-torch25/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(OLDEST)-torch25/bin/python $(OLDEST_PYTEST) tests/mm_prompts
 
 .PHONY: format
 format: $(STAMP) ## Format and auto-fix with ruff
@@ -63,4 +89,4 @@ bench: $(STAMP) ## Run the quick benchmark profile on the embedded data; writes 
 
 .PHONY: clean
 clean: ## Remove build outputs
-	rm -rf dist .pytest_cache .ruff_cache .mypy_cache
+	rm -rf dist .pytest_cache .ruff_cache .mypy_cache $(OLDEST)-torch22 $(OLDEST)-torch25

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmcore import ModalityBatch
+from mmcore import ModalityBatch, fused_optimizer
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -97,11 +97,12 @@ def make_optimizer(
         raise ValueError("the model has no trainable parameters to optimise.")
     # fused: one kernel for every parameter (CPU and CUDA); the per-tensor loop costs more
     # than a tiny model's forward pass
-    fused = True if all(p.device.type in ("cpu", "cuda") for p in params) else None
     if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        return fused_optimizer(torch.optim.AdamW, params, lr=lr, weight_decay=weight_decay)
     if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, fused=fused)
+        return fused_optimizer(
+            torch.optim.SGD, params, lr=lr, momentum=0.9, weight_decay=weight_decay
+        )
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
 
 

@@ -73,7 +73,10 @@ def test_stable_pseudo_labels_have_the_lowest_error_under_a_mosi_shift(tmp_path)
     weaker than in classification. Measured on seeds 0-5 at batches 16, 24 and 32, the stablest
     30% had a lower pseudo-label MAE than all samples in 15 of 18 runs and than the least
     stable 30% in 17 of 18. The exceptions were seed 4 (about equal everywhere) and seed 0 at
-    batch 32.
+    batch 32. The margins below depend on the torch build (kernels round differently, so the
+    source models differ): stable vs all and vs least stable, 0.074 and 0.134 with torch 2.15,
+    0.050 and 0.066 with torch 2.2 and 2.4; a selection that ignored stability would give
+    about 0 for both.
     """
     lens = dict.fromkeys(("text", "audio", "vision"), 8)
     runs = []
@@ -95,5 +98,5 @@ def test_stable_pseudo_labels_have_the_lowest_error_under_a_mosi_shift(tmp_path)
         )
         runs.append(selections(source, tgt["train"], "regression", seed, batch_size=24))
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
-    assert mean["stable"] <= mean["all"] - 0.05, runs
-    assert mean["stable"] <= mean["unstable"] - 0.1, runs
+    assert mean["stable"] <= mean["all"] - 0.03, runs
+    assert mean["stable"] <= mean["unstable"] - 0.05, runs

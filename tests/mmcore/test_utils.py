@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from mmcore import sinusoidal_positions
+from mmcore import fused_optimizer, is_compiling, sinusoidal_positions
 
 
 def test_sinusoidal_positions_values_and_dtype():
@@ -20,3 +20,29 @@ def test_sinusoidal_positions_values_and_dtype():
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half, table.to(torch.bfloat16))
     assert (torch.zeros(6, 4, dtype=torch.bfloat16) + half).dtype == torch.bfloat16
+
+
+def test_fused_optimizer_uses_one_kernel_where_it_can():
+    cpu = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    opt = fused_optimizer(torch.optim.AdamW, iter(cpu), lr=1e-2)  # an iterator is read once
+    assert len(opt.param_groups[0]["params"]) == 2 and opt.defaults["lr"] == 1e-2
+    if torch.__version__ >= "2.4":  # fused CPU kernels
+        assert opt.defaults["fused"] and not opt.defaults["foreach"]
+    else:
+        assert opt.defaults["foreach"] and not opt.defaults["fused"]
+    # no fused kernel on this device: the foreach one, and the optimiser still steps
+    meta = [torch.nn.Parameter(torch.randn(3, device="meta"))]
+    assert fused_optimizer(torch.optim.Adam, meta).defaults["foreach"]
+    before = cpu[0].detach().clone()
+    cpu[0].grad = torch.ones(3)
+    opt.step()
+    assert not torch.equal(before, cpu[0])
+
+
+def test_is_compiling_inside_and_outside_torch_compile():
+    def probe(x):
+        return x + 1 if is_compiling() else x - 1
+
+    x = torch.zeros(2)
+    assert probe(x).tolist() == [-1.0, -1.0]
+    assert torch.compile(probe, backend="eager")(x).tolist() == [1.0, 1.0]

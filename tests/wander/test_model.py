@@ -315,6 +315,8 @@ def test_deep_copy_and_pickle_give_independent_working_models(base_model, batch)
 
 @pytest.mark.parametrize("output", ["fused", "residual"])
 def test_torch_compile_gives_the_eager_outputs_and_gradients(base_model, batch, output):
+    if output == "residual" and torch.__version__ < "2.4":
+        pytest.skip("dynamo before torch 2.4 fails on the residual hooks (internal error)")
     """Dynamo traces the hooks and the hand-written fusion backward (``aot_eager``: the graph
     capture without code generation, so no C++ compiler is needed)."""
     wander = Wander(base_model, RANKS, example_input=batch, output=output)

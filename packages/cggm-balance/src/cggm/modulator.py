@@ -26,6 +26,7 @@ from mmcore import (
     contract_encoder_paths,
     encoder_features,
     find_modality_batch,
+    fused_optimizer,
     masked_mean,
     resolve_module,
     trainable_dtype,
@@ -354,16 +355,13 @@ class CGGM:
         if dist.is_available() and dist.is_initialized():
             for p in installed.parameters():  # every rank starts from rank 0's classifiers
                 dist.broadcast(p.data, src=0)
-        # fused (one kernel for all classifiers) where the device has it: the per-tensor loop
-        # dominated the step overhead on small models
-        params = list(installed.parameters())
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        self.optimizer = torch.optim.Adam(
-            params,
+        # fused (one kernel for all classifiers) where torch and the device have it: the
+        # per-tensor loop dominated the step overhead on small models
+        self.optimizer = fused_optimizer(
+            torch.optim.Adam,
+            installed.parameters(),
             lr=self.config.cls_lr,
             weight_decay=self.config.cls_weight_decay,
-            fused=True if fused else None,
-            foreach=None if fused else True,
         )
 
     def _can_stack(self, classifiers: Mapping[str, ModalityClassifier]) -> bool:

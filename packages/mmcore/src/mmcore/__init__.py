@@ -22,7 +22,14 @@ from mmcore.contract import (
     run_encoder,
 )
 from mmcore.layers import FastDropout, PointwiseConv1d, dropout_fast
-from mmcore.utils import atomic_write, seed_everything, sinusoidal_positions, trainable_dtype
+from mmcore.utils import (
+    atomic_write,
+    fused_optimizer,
+    is_compiling,
+    seed_everything,
+    sinusoidal_positions,
+    trainable_dtype,
+)
 
 __version__ = "0.1.0"
 
@@ -42,6 +49,8 @@ __all__ = [
     "dropout_fast",
     "encoder_features",
     "find_modality_batch",
+    "fused_optimizer",
+    "is_compiling",
     "masked_mean",
     "resolve_module",
     "run_encoder",

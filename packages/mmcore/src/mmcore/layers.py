@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmcore.utils import is_compiling
+
 __all__ = ["FastDropout", "PointwiseConv1d", "dropout_fast"]
 
 
@@ -62,7 +64,7 @@ def dropout_fast(x: Tensor, p: float, training: bool = True) -> Tensor:
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0 or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or not 0.0 < p < 1.0 or is_compiling():
         return F.dropout(x, p, training)
     threshold = round(p * (1 << _MASK_BITS))
     if threshold == 0:

@@ -15,7 +15,7 @@ import difflib
 import inspect
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard
 
 from torch import Tensor, nn
 
@@ -34,9 +34,13 @@ __all__ = [
 ]
 
 
-@runtime_checkable
 class MultimodalModel(Protocol):
-    """A model of the shape "per-modality encoders → fusion → head".
+    """A model of the shape "per-modality encoders → fusion → head" (for type annotations).
+
+    Check a model at run time with :func:`is_multimodal_model` or
+    :func:`check_multimodal_model`, not ``isinstance``: from Python 3.12 ``isinstance`` looks
+    protocol attributes up statically, so it never sees the submodules that ``nn.Module`` keeps
+    in ``_modules``, and it would be ``False`` for every model.
 
     Attributes:
         encoders: ``nn.ModuleDict`` keyed by modality name; ``encoders[m]`` maps the modality's
@@ -56,8 +60,24 @@ class MultimodalModel(Protocol):
     def __call__(self, batch: ModalityBatch) -> Any: ...  # noqa: D102
 
 
+def is_multimodal_model(model: object) -> TypeGuard[MultimodalModel]:
+    """Whether ``model`` follows the contract (see :func:`check_multimodal_model` for why not)."""
+    return not _contract_problems(model)
+
+
 def check_multimodal_model(model: object) -> None:
     """Raise a :class:`TypeError` naming what ``model`` lacks to follow the contract."""
+    problems = _contract_problems(model)
+    if problems:
+        raise TypeError(
+            f"{type(model).__name__} does not follow the mmcore model contract "
+            "(encoders → fusion → head): "
+            + "; ".join(problems)
+            + ". Name the modules explicitly instead (dotted paths)."
+        )
+
+
+def _contract_problems(model: object) -> list[str]:
     problems = []
     if not isinstance(model, nn.Module):
         problems.append(f"it is a {type(model).__name__}, not a torch.nn.Module")
@@ -70,13 +90,7 @@ def check_multimodal_model(model: object) -> None:
     for part in ("fusion", "head"):
         if not isinstance(getattr(model, part, None), nn.Module):
             problems.append(f"`{part}` must be an nn.Module (missing or not a module)")
-    if problems:
-        raise TypeError(
-            f"{type(model).__name__} does not follow the mmcore model contract "
-            "(encoders → fusion → head): "
-            + "; ".join(problems)
-            + ". Name the modules explicitly instead (dotted paths)."
-        )
+    return problems
 
 
 class ModulePathError(LookupError, ValueError):

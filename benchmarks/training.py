@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from mmcore import ModalityBatch, fused_optimizer
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: validation score of predictions against targets, higher is better
+ScoreFn = Callable[[Tensor, Tensor], float]
 
 
 @dataclass
@@ -47,7 +49,7 @@ def fit(
     valid: ModalityBatch,
     *,
     loss_fn: LossFn,
-    score_fn: Callable[[Tensor, Tensor], float],
+    score_fn: ScoreFn,
     epochs: int,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,

@@ -56,6 +56,8 @@ from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
 from benchmarks.training import (
+    LossFn,
+    ScoreFn,
     accuracy,
     count_parameters,
     fit,
@@ -102,6 +104,10 @@ class _MissingTraining(torch.nn.Module):
         return self.model(batch)
 
 
+#: a data set's splits by name ("train", "valid", "test")
+Splits = dict[str, ModalityBatch]
+
+
 def _substitute(batch: ModalityBatch, means: dict[str, torch.Tensor]) -> ModalityBatch:
     inputs = dict(batch.inputs)
     for m, mean in means.items():
@@ -112,11 +118,11 @@ def _substitute(batch: ModalityBatch, means: dict[str, torch.Tensor]) -> Modalit
 
 def _train_backbone(
     ctx: RunContext,
-    data: dict[str, ModalityBatch],
+    data: Splits,
     out_dim: int,
     s: dict[str, Any],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    score_fn: Callable[[Tensor, Tensor], float],
+    loss_fn: LossFn,
+    score_fn: ScoreFn,
 ) -> MulTBackbone:
     """A backbone sized from ``data``, trained on ``data`` as given (pretraining budget)."""
     dims = {m: data["train"][m].shape[2] for m in data["train"].modalities}
@@ -144,11 +150,11 @@ def _train_backbone(
 
 def train_case_models(
     ctx: RunContext,
-    data: dict[str, ModalityBatch],
+    data: Splits,
     out_dim: int,
     s: dict[str, Any],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    score_fn: Callable[[Tensor, Tensor], float],
+    loss_fn: LossFn,
+    score_fn: ScoreFn,
     complete: MulTBackbone | None = None,
 ) -> dict[int, MulTBackbone]:
     """One backbone per missing case, trained and selected on data in that case only.
@@ -171,11 +177,11 @@ def train_case_models(
 
 def train_methods(
     ctx: RunContext,
-    data: dict[str, ModalityBatch],
+    data: Splits,
     out_dim: int,
     s: dict[str, Any],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    score_fn: Callable[[Tensor, Tensor], float],
+    loss_fn: LossFn,
+    score_fn: ScoreFn,
 ) -> dict[str, torch.nn.Module]:
     """Pretrain a backbone sized from ``data`` on complete data; derive every method."""
     ctx.progress("pretraining the backbone (complete data)")

@@ -364,7 +364,7 @@ class _Best:
         self, casp: CASP, validation: ModalityBatch | None, score_fn: Callable | None
     ) -> None:
         self.validation, self.score_fn = self.check(validation, score_fn)
-        self.casp, self.target = casp, self.validation.target
+        self.casp, self.target = casp, self.validation.require_target()
         self.best, self.state = -float("inf"), copy.deepcopy(casp.model.state_dict())
         self.update()
 

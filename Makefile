@@ -52,7 +52,7 @@ all: lint typecheck test test-oldest ## lint, typecheck, test and test-oldest: w
 # Warnings are not errors there: old releases warn about their own code.
 OLDEST := .venv-oldest
 OLDEST_TOOLS := "pytest==8.3.3" "transformers==4.46.3" "matplotlib==3.8.4" "pillow==10.4.0" "nibabel==5.2.1"
-OLDEST_PYTEST := -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::SyntaxWarning \
+OLDEST_PYTEST := -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 	-W "ignore:Lazy modules are a new feature:UserWarning"
 
 .PHONY: test-oldest

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from cggm.modulator import ModalityClassifier, StackedClassifiers
+from mmcore import fused_optimizer
 
 __all__ = ["LeanCGGM"]
 
@@ -58,7 +59,7 @@ class LeanCGGM:
             self.modalities,
         )
         self.params = [p.detach().clone() for p in stacked.parameters()]
-        self.optimizer = torch.optim.Adam(self.params, lr=self.cls_lr, fused=True)
+        self.optimizer = fused_optimizer(torch.optim.Adam, self.params, lr=self.cls_lr)
 
     def direction_loss(self) -> Tensor:
         """``λ · L_gm`` from the head's current weight and the last ``B``."""

@@ -7,7 +7,7 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -115,9 +115,17 @@ def fused_optimizer(
 
 def is_compiling() -> bool:
     """Whether the calling code is being traced by ``torch.compile`` (any torch from 2.2)."""
+    return bool(_COMPILE_CHECK())
+
+
+def _compile_check() -> Callable[[], bool]:
     check = getattr(torch.compiler, "is_compiling", None)  # public from torch 2.3
     if check is None:
         from torch import _dynamo
 
         check = _dynamo.is_compiling
-    return bool(check())
+    return check
+
+
+# looked up once: is_compiling runs on the dropout's hot path (and dynamo traces no caches)
+_COMPILE_CHECK = _compile_check()

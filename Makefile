@@ -34,6 +34,10 @@ install: $(STAMP) ## Install every package and the dev tools into .venv (uv sync
 test: $(STAMP) ## Run the test suite
 	$(UV) run --frozen pytest -q
 
+.PHONY: test-cuda
+test-cuda: $(STAMP) ## Run tests/cuda: each package on a CUDA GPU beside the CPU (skipped without one)
+	$(UV) run --frozen pytest -q tests/cuda
+
 .PHONY: lint
 lint: $(STAMP) ## ruff check + format check
 	$(UV) run --frozen ruff check .

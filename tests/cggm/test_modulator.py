@@ -310,6 +310,18 @@ def test_amp_grad_scaler_unscale_first():
     scaler.update()
 
 
+def test_model_moved_after_the_classifiers_were_built():
+    batch = vector_batch(2)
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, lam=0.0)
+    F.cross_entropy(model(batch), batch.target).backward()
+    cggm.step(batch.target)
+    cggm._installed()[0].to("meta")  # as if the model alone had moved to another device
+    model(batch)
+    with pytest.raises(RuntimeError, match="features are on cpu but the classifiers on meta"):
+        cggm.step(batch.target)
+
+
 def test_state_round_trip_resumes_exactly():
     batches = [vector_batch(3, seed=s) for s in range(4)]
 

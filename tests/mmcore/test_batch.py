@@ -94,6 +94,22 @@ def test_token_ids_are_a_sequence_kind():
             ValueError,
             "padding masks apply only",
         ),
+        (  # masks index the inputs: another device is an error here, not in a later kernel
+            {
+                "inputs": {"a": torch.zeros(3, 2)},
+                "presence": {"a": torch.ones(3, dtype=torch.bool, device="meta")},
+            },
+            ValueError,
+            r"presence mask of modality 'a' is on meta but the inputs are on cpu",
+        ),
+        (
+            {
+                "inputs": {"a": torch.zeros(3, 5, 2)},
+                "padding_masks": {"a": torch.zeros(3, 5, dtype=torch.bool, device="meta")},
+            },
+            ValueError,
+            r"padding mask of modality 'a' is on meta but the inputs are on cpu",
+        ),
         (
             {"inputs": {"a": torch.zeros(3, 2)}, "target": torch.zeros(2)},
             ValueError,

@@ -130,3 +130,14 @@ def test_loading_into_a_model_whose_saved_module_differs_in_shape(tmp_path):
         ValueError, match=r"'base_model.classifier.bias' has shape \(2,\) in .* but \(3,\)"
     ):
         Wander.from_pretrained(other, tmp_path)
+
+
+def test_base_model_moved_without_its_wrapper():
+    """The adapter is not a submodule of the base model, so ``base_model.to()`` leaves it
+    behind; the next call says so instead of failing inside a kernel."""
+    wander = wrap({}, {})
+    wander.adapter.to("meta")  # as if the base model alone had moved to another device
+    with pytest.raises(
+        RuntimeError, match=r"features are on cpu but the adapter is on meta.*wander\.to\(device\)"
+    ):
+        wander(*example())

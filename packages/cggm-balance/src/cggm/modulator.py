@@ -532,7 +532,14 @@ class CGGM:
         if self.classifiers is None:
             self._build_default_classifiers({m: tuple(f.shape[1:]) for m, f in feats.items()})
         classifiers, optimizer = self._installed()
-        dtype = next(classifiers.parameters()).dtype
+        first = next(classifiers.parameters())
+        dtype, device = first.dtype, next(iter(feats.values())).device
+        if first.device != device:
+            raise RuntimeError(
+                f"CGGM.step: the encoders' features are on {device} but the classifiers on "
+                f"{first.device}: the model moved after CGGM built them. Move the model before "
+                "its first modulated step (or build a new CGGM and load_state_dict the old one's)."
+            )
         feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)

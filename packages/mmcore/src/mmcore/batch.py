@@ -39,6 +39,15 @@ ModalityKind = Literal["sequence", "vector", "tokens", "spatial"]
 __all__ = ["ModalityBatch", "ModalityKind", "collate_modalities"]
 
 
+def _check_same_device(what: str, mask: Tensor, device: torch.device | None) -> None:
+    """Masks index the inputs: one on another device would fail later, far from its cause."""
+    if mask.device != device:
+        raise ValueError(
+            f"{what} is on {mask.device} but the inputs are on {device}; "
+            "move the batch with .to(device)."
+        )
+
+
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
@@ -134,6 +143,7 @@ class ModalityBatch:
                     f"presence mask of modality '{name}': expected shape ({batch_size},), "
                     f"found {_shape(mask)}."
                 )
+            _check_same_device(f"presence mask of modality '{name}'", mask, device)
 
         for name, mask in self.padding_masks.items():
             self._check_known(name, "padding_masks")
@@ -154,6 +164,7 @@ class ModalityBatch:
                     f"padding mask of modality '{name}': expected shape {expected}, "
                     f"found {_shape(mask)}."
                 )
+            _check_same_device(f"padding mask of modality '{name}'", mask, device)
 
         if self.target is not None:
             if not isinstance(self.target, Tensor):
@@ -442,7 +453,9 @@ def _pad_stack(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]
     lengths = torch.tensor([t.shape[0] for t in tensors])
     if is_sequence and bool((lengths != lengths[0]).any()):
         padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
-        return padded, torch.arange(padded.shape[1])[None, :] >= lengths[:, None]
+        return padded, (torch.arange(padded.shape[1])[None, :] >= lengths[:, None]).to(
+            padded.device
+        )
     return torch.stack(tensors), None
 
 
@@ -484,10 +497,10 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
             width = inputs[m].shape[1]
             rows = []
             for i, (g, t) in enumerate(zip(given, tensors, strict=True)):
-                row = torch.ones(width, dtype=torch.bool)
-                mask = torch.zeros(t.shape[0], dtype=torch.bool)
+                row = torch.ones(width, dtype=torch.bool, device=t.device)
+                mask = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
                 if g is not None:
-                    mask = torch.as_tensor(g, dtype=torch.bool)
+                    mask = torch.as_tensor(g, dtype=torch.bool, device=t.device)
                     if mask.shape != (t.shape[0],):
                         raise ValueError(
                             f"collate_modalities: sample {i}'s padding mask for '{m}' has shape "
@@ -502,7 +515,7 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
     for m in names:
         flags = [s.get("presence", {}).get(m, True) for s in mappings]
         if not all(flags):
-            presence[m] = torch.tensor([bool(f) for f in flags])
+            presence[m] = torch.tensor([bool(f) for f in flags], device=inputs[m].device)
     target = None
     if mappings[0].get("target") is not None:
         target = torch.stack([torch.as_tensor(s["target"]) for s in mappings])

@@ -300,6 +300,8 @@ def dense_fusion(
 
     Reconstructs the full weight ``W`` of shape ``(T_1 r, …, T_M r, T' D)`` from its CP
     factors with ``tensorly.cp_to_tensor`` and contracts it with every sample's ``vec(H_m)``.
+    The work runs in float64 on the CPU; the result comes back on the inputs' device, in their
+    dtype.
     """
     import tensorly as tl
 
@@ -333,4 +335,4 @@ def dense_fusion(
         for h in hs:
             acc = np.tensordot(h[b].detach().double().cpu().numpy().reshape(-1), acc, axes=(0, 0))
         result.append(acc.reshape(t_out, d_out))
-    return torch.from_numpy(np.stack(result))
+    return torch.from_numpy(np.stack(result)).to(device=hs[0].device, dtype=hs[0].dtype)

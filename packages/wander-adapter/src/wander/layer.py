@@ -186,6 +186,15 @@ class WanderFusion(nn.Module):
                 f"built for at most {self.seq_lens[m]} (token factors are per position); pad or "
                 "truncate, or rebuild the adapter with a longer example."
             )
+        device = self.token_factors[m].device
+        if x.device != device:
+            # typically the base model was moved without its wrapper: the adapter is not one of
+            # the base model's submodules, so base_model.to() leaves it where it was
+            raise RuntimeError(
+                f"Wander: modality '{m}' features are on {x.device} but the adapter is on "
+                f"{device}. Move the wrapper (wander.to(device)), not the base model alone; an "
+                "adapter added with inject_wander moves with its model."
+            )
         return x
 
     def _bottlenecks(

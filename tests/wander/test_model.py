@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
 from benchmarks.backbones import LateFusionModel
 from mmcore import ModalityBatch
@@ -100,6 +101,52 @@ def _layer_adapter(model, batch, layer, **options):
         fusion_module=f"meet.{layer}",
         **options,
     )
+
+
+class _CheckpointedLayers(LayerwiseModel):
+    """``LayerwiseModel`` with each tower layer under ``torch.utils.checkpoint`` (as large
+    models are fine-tuned): the recomputation in the backward calls the hooked modules again."""
+
+    use_reentrant = False
+
+    def forward(self, batch):
+        text, audio = self.text_in(batch["text"]), self.audio_in(batch["audio"])
+        for text_layer, audio_layer, meet in zip(
+            self.text_layers, self.audio_layers, self.meet, strict=True
+        ):
+            if torch.is_grad_enabled():
+                text, audio = (
+                    checkpoint(layer, x, use_reentrant=self.use_reentrant)
+                    for layer, x in ((text_layer, text), (audio_layer, audio))
+                )
+            else:
+                text, audio = text_layer(text), audio_layer(audio)
+            text, audio = meet(text, audio)
+        return self.head(torch.cat([text.mean(1), audio.mean(1)], dim=-1))
+
+
+# reentrant checkpoints warn on the frozen first layer, whose input needs no gradient
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True")
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
+    batch = make_batch({"text": 6, "audio": 3}, {"text": 7, "audio": 4})
+    torch.manual_seed(0)
+    plain = LayerwiseModel().eval()
+    checkpointed = _CheckpointedLayers().eval()
+    checkpointed.use_reentrant = use_reentrant
+    checkpointed.load_state_dict(plain.state_dict())
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        adapters = [_layer_adapter(model, batch, layer) for layer in (0, 1)]
+        with torch.no_grad():  # away from the identity init, so every gradient is informative
+            for p in (p for w in adapters for p in w.adapter.parameters()):
+                p.add_(0.1 * torch.randn_like(p))
+        (adapters[-1](batch).squeeze(-1) - batch.target).pow(2).mean().backward()
+        grads.append([p.grad for w in adapters for p in w.adapter.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert a is not None and a.abs().sum() > 0
+        torch.testing.assert_close(b, a)
 
 
 def test_residual_adapters_after_every_layer(tmp_path):

@@ -257,15 +257,21 @@ class SegModel(nn.Module):
         return self.head(self.fusion(torch.cat(feats, dim=1)))
 
 
-def test_segmentation():
-    batch = _segmentation_batch()
-    model = SegModel()
+def segmentation_steps(device="cpu"):
+    """Two modulated segmentation steps on ``device``: ``(model, cggm)`` after checking B."""
+    batch = _segmentation_batch().to(device)
+    model = SegModel().to(device)
     cggm = CGGM(model, task="segmentation", num_outputs=3, lam=0.1)
     for _ in range(2):
         model.zero_grad()
         (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
         b = cggm.step(batch.target)
     assert len(b) == 3 and all(0 <= v < 1 for v in b.values())
+    return model, cggm
+
+
+def test_segmentation():
+    model, cggm = segmentation_steps()
     # a per-pixel MLP: its final [C, F] weight is the 1x1 head conv's [C, F, 1, 1]
     head = model.head.weight
     assert cggm.classifier("t1").net[-1].weight.shape == head.shape[:2]
@@ -314,25 +320,26 @@ def test_model_moved_after_the_classifiers_were_built():
     batch = vector_batch(2)
     model = make_model(batch)
     cggm = CGGM(model, task="classification", num_outputs=3, lam=0.0)
-    F.cross_entropy(model(batch), batch.target).backward()
-    cggm.step(batch.target)
+    modulated_steps(cggm, model, [batch])
     cggm._installed()[0].to("meta")  # as if the model alone had moved to another device
     model(batch)
     with pytest.raises(RuntimeError, match="features are on cpu but the classifiers on meta"):
         cggm.step(batch.target)
 
 
+def modulated_steps(cggm, model, batches):
+    """One modulated backward per batch (no optimiser step): the B of each."""
+    out = []
+    for batch in batches:
+        model.zero_grad()
+        (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
+        out.append(cggm.step(batch.target))
+    return out
+
+
 def test_state_round_trip_resumes_exactly():
     batches = [vector_batch(3, seed=s) for s in range(4)]
-
-    def run(cggm, model, items):
-        out = []
-        for batch in items:
-            model.zero_grad()
-            (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
-            out.append(cggm.step(batch.target))
-        return out
-
+    run = modulated_steps
     model = make_model(batches[0])
     cggm = CGGM(model, task="classification", num_outputs=3, smoothing=0.5)
     run(cggm, model, batches[:2])

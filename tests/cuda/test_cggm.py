@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from cggm import CGGM
-from tests.cggm.test_modulator import SegModel, _segmentation_batch, grads, make_model, vector_batch
+from tests.cggm.test_modulator import (
+    grads,
+    make_model,
+    modulated_steps,
+    segmentation_steps,
+    vector_batch,
+)
 
 from .conftest import CUDA
 
@@ -76,15 +82,7 @@ def test_float16_autocast_with_a_grad_scaler():
 
 def test_state_saved_on_the_gpu_resumes_on_the_cpu():
     batches = [vector_batch(3, seed=s) for s in range(4)]
-
-    def run(cggm, model, items):
-        out = []
-        for batch in items:
-            model.zero_grad()
-            (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
-            out.append(cggm.step(batch.target))
-        return out
-
+    run = modulated_steps
     model = make_model(batches[0])
     twin = copy.deepcopy(model)
     cggm = CGGM(model.to(CUDA), task="classification", num_outputs=3, smoothing=0.5)
@@ -100,11 +98,6 @@ def test_state_saved_on_the_gpu_resumes_on_the_cpu():
 
 
 def test_segmentation_on_the_gpu():
-    batch = _segmentation_batch().to(CUDA)
-    model = SegModel().to(CUDA)
-    cggm = CGGM(model, task="segmentation", num_outputs=3, lam=0.1)
-    for _ in range(2):
-        model.zero_grad()
-        (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
-        b = cggm.step(batch.target)
-    assert len(b) == 3 and all(0 <= v < 1 for v in b.values())
+    _, cggm = segmentation_steps(CUDA)
+    classifiers = [cggm.classifier(m) for m in cggm.modalities]
+    assert {p.device.type for c in classifiers for p in c.parameters()} == {"cuda"}

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from benchmarks.backbones import LateFusionModel
-from mmcore import ModalityBatch
-from tests.helpers import tiny_bert
-from tests.wander.conftest import make_batch, train_steps
+from tests.wander.conftest import bert_text_model, make_batch, train_steps
+from tests.wander.test_model import assert_compiled_matches_eager
 from wander import Wander, dense_fusion, fusion_product, get_wander, inject_wander
 from wander.functional import fusion_product_stacked
 
@@ -147,18 +146,7 @@ def test_fused_kernel_on_the_gpu(cp_mode):
 
 def test_transformers_text_encoder_on_the_gpu(tmp_path):
     pytest.importorskip("transformers")
-    batch = ModalityBatch(
-        {"text": torch.randint(0, 30, (3, 6)), "audio": torch.randn(3, 4, 3)},
-        target=torch.randn(3),
-        padding_masks={"text": torch.tensor([[False] * 6, [False] * 4 + [True] * 2, [False] * 6])},
-    )
-    model = LateFusionModel.from_batch(
-        ModalityBatch({"audio": batch["audio"]}), 1, width=8, num_heads=2, dropout=0.0
-    )
-    model.encoders["text"] = tiny_bert(tmp_path, vocab_size=30, hidden=8, max_len=10)
-    model.fusion.modalities = ("text", "audio")
-    model.head = torch.nn.Linear(16, 1)
-    cpu_model = model.eval()
+    cpu_model, batch = bert_text_model(tmp_path)
     gpu_model = copy.deepcopy(cpu_model).to(CUDA)
     torch.manual_seed(2)
     cpu = Wander(cpu_model, RANKS, example_input=batch)
@@ -178,13 +166,4 @@ def test_inductor_compiles_the_adapter_on_the_gpu(output):
     _, gpu_base = base_pair(make_batch())
     wander = Wander(gpu_base, RANKS, example_input=batch, output=output)
     train_steps(wander, batch)
-    trainable = [p for p in wander.parameters() if p.requires_grad]
-
-    def run(model):
-        out = model(batch)
-        return out, torch.autograd.grad(out.square().sum(), trainable)
-
-    (eager, eager_grads), (compiled, compiled_grads) = run(wander), run(torch.compile(wander))
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-    for a, b in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_compiled_matches_eager(wander, batch, tolerance=1e-4)

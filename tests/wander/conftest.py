@@ -4,6 +4,7 @@ from torch import nn
 
 from benchmarks.backbones import LateFusionModel
 from mmcore import ModalityBatch
+from tests.helpers import tiny_bert
 
 
 def make_batch(dims=None, lens=None, b=4, seed=0):
@@ -12,6 +13,23 @@ def make_batch(dims=None, lens=None, b=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     inputs = {m: torch.randn(b, lens[m], d, generator=g) for m, d in dims.items()}
     return ModalityBatch(inputs, target=torch.randn(b, generator=g))
+
+
+def bert_text_model(folder):
+    """A late-fusion model whose text encoder is a tiny random ``BertModel`` (saved to and
+    loaded from ``folder``) beside a transformer audio encoder, and a batch with padded text."""
+    batch = ModalityBatch(
+        {"text": torch.randint(0, 30, (3, 6)), "audio": torch.randn(3, 4, 3)},
+        target=torch.randn(3),
+        padding_masks={"text": torch.tensor([[False] * 6, [False] * 4 + [True] * 2, [False] * 6])},
+    )
+    model = LateFusionModel.from_batch(
+        ModalityBatch({"audio": batch["audio"]}), 1, width=8, num_heads=2, dropout=0.0
+    )
+    model.encoders["text"] = tiny_bert(folder, vocab_size=30, hidden=8, max_len=10)
+    model.fusion.modalities = ("text", "audio")
+    model.head = nn.Linear(16, 1)
+    return model.eval(), batch
 
 
 def train_steps(model, batch, steps=3):

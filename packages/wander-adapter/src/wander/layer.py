@@ -171,8 +171,8 @@ class WanderFusion(nn.Module):
         return {name: cast(Tensor, self._buffers[_anchor_name(name)]) for name in names}
 
     # ------------------------------------------------------------------ forward
-    def _checked(self, m: str, x: Tensor) -> Tensor:
-        """``x`` as ``[B, T, D_m]``, after checking its size and length against the adapter."""
+    def _checked(self, m: str, x: Tensor, device: torch.device) -> Tensor:
+        """``x`` as ``[B, T, D_m]``, after checking its size, length and device."""
         if x.ndim == 2:
             x = x.unsqueeze(1)
         if x.ndim != 3 or x.shape[-1] != self.hidden_dims[m]:
@@ -186,7 +186,6 @@ class WanderFusion(nn.Module):
                 f"built for at most {self.seq_lens[m]} (token factors are per position); pad or "
                 "truncate, or rebuild the adapter with a longer example."
             )
-        device = self.token_factors[m].device
         if x.device != device:
             # typically the base model was moved without its wrapper: the adapter is not one of
             # the base model's submodules, so base_model.to() leaves it where it was
@@ -265,8 +264,8 @@ class WanderFusion(nn.Module):
         the initial weights together). ``trainable_sets``: see
         :func:`~wander.functional.fusion_product_stacked`.
         """
-        dtype = self.feature_factors[self.modalities[0]].dtype
-        inputs = [self._checked(m, xs[m]).to(dtype) for m in self.modalities]
+        first = self.feature_factors[self.modalities[0]]
+        inputs = [self._checked(m, xs[m], first.device).to(first.dtype) for m in self.modalities]
         t_lens = [x.shape[1] for x in inputs]
         t_max = max(t_lens)
         h = self._bottlenecks(inputs, [masks.get(m) for m in self.modalities], param_sets)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mm_prompts import MPLMM, MulTBackbone, MulTConfig, simulate_missing
+from mm_prompts import backbone as mult
 from tests.mm_prompts.test_model import build, padded_copy
 
 from .conftest import CUDA
@@ -35,6 +36,22 @@ def test_padding_on_the_gpu_changes_nothing_even_as_inf():
             torch.testing.assert_close(
                 gpu_model.forward_per_sample(batch).cpu(), expected, rtol=1e-4, atol=1e-5
             )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_gives_zeros_where_a_row_has_no_key(dtype):
+    """A fully padded key sequence: 0 from every fused GPU kernel, as on the CPU (no NaN)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 4, 8, generator=g) for _ in range(3))
+    keep = torch.ones(3, 1, 1, 4, dtype=torch.bool)
+    keep[1, ..., 2:] = False  # padded keys
+    keep[2] = False  # no key at all
+    expected = mult._attention(q, k, v, keep, 0.0)
+    assert torch.equal(expected[2], torch.zeros_like(expected[2]))
+    on_gpu = (x.to(CUDA, dtype) for x in (q, k, v))
+    out = mult._attention(*on_gpu, keep.to(CUDA), 0.0)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_training_on_the_gpu_with_dropout_and_simulated_missingness():

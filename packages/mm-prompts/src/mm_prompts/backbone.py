@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmcore import ModalityBatch, PointwiseConv1d, dropout_fast, sinusoidal_positions
+from mmcore import ModalityBatch, PointwiseConv1d, dropout_fast, is_compiling, sinusoidal_positions
 
 __all__ = ["MulTBackbone", "MulTConfig", "zero_padding"]
 
@@ -325,7 +325,7 @@ def _attention(
     ``bernoulli_``); otherwise the fused kernel runs.
     """
     fused = dropout == 0.0 or q.device.type != "cpu" or not fast_dropout
-    if fused or torch.compiler.is_compiling():
+    if fused or is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
     scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
     if keep is not None:

@@ -3,8 +3,9 @@
 * ``cggm-uci-balance`` (real data): the late-fusion backbone trained from scratch on a small
   fraction of UCI mfeat (six modalities of very different strength). Besides test accuracy, each
   modality's linear-probe accuracy on its frozen encoder after training shows the imbalance CGGM
-  exists to fix; the last row trains each modality's encoder alone on the same data, the
-  probes' ceiling. CGGM rows also report what its gradient factors ``ρ B_m`` did
+  exists to fix; the last rows train each modality's encoder alone on the same data (the
+  probes' ceiling) and fit a linear head on those encoders together (the unimodal ensemble:
+  what balanced encoders could give). CGGM rows also report what its gradient factors ``ρ B_m`` did
   (:func:`scale_summary`), and a control scales every encoder's gradients by their mean.
 * ``cggm-mosi-imbalance`` (generated MOSI-format pickles): regression with one dominant modality
   (imbalance knob), joint training vs. CGGM; MSA metrics (OGM-GE is classification-only).
@@ -72,6 +73,10 @@ AUTOGRAD_CGGM = "CGGM (classifiers through autograd)"
 
 #: The probe-reference row: each modality's encoder trained alone on the same data.
 UNIMODAL_REFERENCE = "unimodal encoders (probe reference)"
+#: Those encoders together: a linear head on their concatenated frozen features, fitted on the
+#: same training data (the unimodal ensemble of the modality-imbalance literature). What every
+#: encoder at its best alone gives, without the joint training that CGGM balances.
+UNIMODAL_ENSEMBLE = "unimodal encoders + linear head (ensemble reference)"
 
 
 def modulation(
@@ -265,6 +270,33 @@ def add_step_times(
     return add_ratio_column(records, "joint", "ms_per_step", "step_time_vs_joint")
 
 
+def _standardised(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Features standardised with the training set's mean and std."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def ensemble_metrics(
+    encoders: dict[str, LateFusionModel], train: ModalityBatch, test: ModalityBatch
+) -> dict[str, float]:
+    """Test metrics of a linear head on the concatenated frozen features of ``encoders``.
+
+    ``encoders`` maps each modality to its model trained alone; the head is a logistic
+    regression fitted on ``train``.
+    """
+    feats = {}
+    for name, split in (("train", train), ("test", test)):
+        parts = []
+        for m, model in encoders.items():
+            model.eval()
+            with torch.no_grad():
+                parts.append(masked_mean(model.encode(split)[m], split.padding_mask(m)).numpy())
+        feats[name] = np.concatenate(parts, axis=1)
+    x_tr, x_te = _standardised(feats["train"], feats["test"])
+    clf = LogisticRegression(max_iter=3000).fit(x_tr, train.require_target().numpy())
+    return classification_metrics(torch.from_numpy(clf.predict(x_te)), test.require_target())
+
+
 @torch.no_grad()
 def probe_accuracies(model: LateFusionModel, train: ModalityBatch, test: ModalityBatch) -> dict:
     """Linear-probe test accuracy of each modality's frozen encoder features."""
@@ -277,11 +309,9 @@ def probe_accuracies(model: LateFusionModel, train: ModalityBatch, test: Modalit
         if not (np.isfinite(x_tr).all() and np.isfinite(x_te).all()):
             out[f"probe_{m}"] = float("nan")  # the run diverged (reference mode's unbounded B)
             continue
-        mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
-        clf = LogisticRegression(max_iter=2000).fit(
-            (x_tr - mean) / std, train.require_target().numpy()
-        )
-        out[f"probe_{m}"] = float(clf.score((x_te - mean) / std, test.require_target().numpy()))
+        x_tr, x_te = _standardised(x_tr, x_te)
+        clf = LogisticRegression(max_iter=2000).fit(x_tr, train.require_target().numpy())
+        out[f"probe_{m}"] = float(clf.score(x_te, test.require_target().numpy()))
     return out
 
 
@@ -384,7 +414,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
         num_outputs=10,
     )
     # what each encoder learns with no other modality to compete with: the probes' ceiling
-    probes = {}
+    probes, alone = {}, {}
     for m in train.modalities:
         ctx.progress(f"{m} alone")
         torch.manual_seed(ctx.seed)
@@ -393,7 +423,11 @@ def run_uci(ctx: RunContext) -> list[dict]:
         )
         train_model(model, "joint")
         probes |= probe_accuracies(model, splits["train"], splits["test"])
+        alone[m] = model
     records.append({"method": UNIMODAL_REFERENCE, "dataset": dataset, "metrics": probes})
+    # and together: the same training data fit a linear head on their features
+    ensemble = ensemble_metrics(alone, train, splits["test"])
+    records.append({"method": UNIMODAL_ENSEMBLE, "dataset": dataset, "metrics": ensemble})
     return records
 
 
@@ -536,7 +570,8 @@ register_task(
             "UCI mfeat (real, 6 modalities of very different strength) from scratch on 20% of "
             "the training split: joint training vs. OGM-GE (generalised to M modalities) vs. CGGM; "
             "test accuracy and each modality's linear-probe accuracy on its frozen encoder, beside "
-            "the probes of encoders trained alone on the same data (the ceiling). grad_scale_*: "
+            "the probes of encoders trained alone on the same data (the ceiling) and a linear "
+            "head fitted on those encoders together (the unimodal ensemble). grad_scale_*: "
             "CGGM's encoder-gradient factors rho*B_m, their mean, their spread within a step "
             "and the spread of their per-modality averages over training and over the first "
             "epoch; the 'joint, encoder "

@@ -1,10 +1,13 @@
 """The CGGM benchmark tasks run end to end (tiny budgets) and record every method."""
 
 import pytest
+import torch
 
+from benchmarks.backbones import LateFusionModel
 from benchmarks.report import write_report
 from benchmarks.runner import run_tasks
 from benchmarks.tasks import cggm_balance as cb
+from mmcore import ModalityBatch
 
 
 @pytest.fixture
@@ -26,10 +29,15 @@ def test_cggm_tasks_record_every_method(tmp_path, tiny):
     for r in results["records"]:
         by_task.setdefault(r["task"], []).append(r)
     uci = by_task["cggm-uci-balance"]
-    assert [r["method"] for r in uci] == [*cb.UCI_SETTINGS["methods"], cb.UNIMODAL_REFERENCE]
+    assert [r["method"] for r in uci] == [
+        *cb.UCI_SETTINGS["methods"],
+        cb.UNIMODAL_REFERENCE,
+        cb.UNIMODAL_ENSEMBLE,
+    ]
     probes = {f"probe_{m}" for m in ("fou", "fac", "kar", "pix", "zer", "mor")}
     assert probes <= set(uci[0]["metrics"])
-    assert set(uci[-1]["metrics"]) == probes  # the reference row has nothing but probes
+    assert set(uci[-2]["metrics"]) == probes  # the reference row has nothing but probes
+    assert set(uci[-1]["metrics"]) == {"accuracy", "f1_weighted", "f1_macro"}
     cggm = next(r["metrics"] for r in uci if r["method"] == "CGGM")
     # six modalities: the factors rho * B_m average rho * 5 / 6
     assert cggm["grad_scale_mean"] == pytest.approx(cb.UCI_SETTINGS["cggm"]["rho"] * 5 / 6)
@@ -133,3 +141,25 @@ def test_scale_summary_separates_step_noise_from_a_lasting_difference():
     summary = cb.scale_summary(early, ("a", "b"), steps_per_epoch=2)
     assert summary["grad_scale_first_epoch_range"] == pytest.approx(0.8)
     assert summary["grad_scale_modality_range"] == pytest.approx(0.08)
+
+
+def test_the_ensemble_reference_combines_what_each_encoder_knows():
+    """Each modality carries one bit of a 4-class label: either encoder alone can reach about
+    half the test samples, the linear head on both nearly all."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    bits = torch.randint(0, 2, (n, 2), generator=g)
+    inputs = {
+        m: (2.0 * bits[:, i : i + 1] - 1) + 0.3 * torch.randn(n, 3, generator=g)
+        for i, m in enumerate(("a", "b"))
+    }
+    data = ModalityBatch(inputs, target=2 * bits[:, 0] + bits[:, 1])
+    train, test = data.select(slice(0, 300)), data.select(slice(300, n))
+    torch.manual_seed(0)
+    encoders = {  # untrained: random features that keep each modality's bit
+        m: LateFusionModel.from_batch(train, 4, modalities=(m,), width=16, head="linear")
+        for m in ("a", "b")
+    }
+    both = cb.ensemble_metrics(encoders, train, test)["accuracy"]
+    alone = [cb.ensemble_metrics({m: e}, train, test)["accuracy"] for m, e in encoders.items()]
+    assert both > 0.95 and max(alone) < 0.6

@@ -75,8 +75,8 @@ AUTOGRAD_CGGM = "CGGM (classifiers through autograd)"
 UNIMODAL_REFERENCE = "unimodal encoders (probe reference)"
 #: Those encoders together: a linear head on their concatenated frozen features, fitted on the
 #: same training data (close to the uni-modal ensemble of Du et al., ICML 2023, which averages
-#: the unimodal models' predictions). What every
-#: encoder at its best alone gives, without the joint training that CGGM balances.
+#: the unimodal models' predictions). What every encoder at its best alone gives, without the
+#: joint training that CGGM balances.
 UNIMODAL_ENSEMBLE = "unimodal encoders + linear head (ensemble reference)"
 
 

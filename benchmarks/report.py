@@ -88,14 +88,18 @@ def _plot(
     summaries = {m: summarise([r["metrics"].get(metric) for r in methods[m]]) for m in methods}
     names = [m for m, stat in summaries.items() if stat[2]]
     stats = [summaries[m] for m in names]
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.4))
+    # long method names wrap, so the bars keep most of the width
+    labels = [textwrap.fill(name, width=34) for name in names]
+    rows = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(6.5, 0.3 * rows + 0.15 * len(names) + 1.4))
     y = np.arange(len(names))
     ax.barh(y, [s[0] for s in stats], xerr=[s[1] for s in stats], color="#4C72B0", capsize=3)
-    ax.set_yticks(y, names)
+    ax.set_yticks(y, labels)
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (mean ± std over seeds)")
-    # long dataset names (sizes, shapes) wrap instead of running off the figure
-    ax.set_title(textwrap.fill(f"{task_name} — {dataset}", width=60), fontsize=10)
+    # over the whole figure, not the axes (which long labels push right); long dataset names
+    # (sizes, shapes) wrap instead of running off it
+    fig.suptitle(textwrap.fill(f"{task_name} — {dataset}", width=70), fontsize=10)
     finite = [s[0] - s[1] for s in stats if s[2]]
     if finite and min(finite) > 0:
         ax.set_xlim(

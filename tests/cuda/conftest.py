@@ -1,6 +1,6 @@
 """The packages on a CUDA device. CI has none, so every test here is skipped there.
 
-On a GPU machine: ``uv run pytest tests/cuda`` (or ``pytest -m cuda``). Each test runs the same
+On a GPU machine: ``make test-cuda`` (or ``pytest -m cuda``). Each test runs the same
 work on the CPU and on the GPU and compares them, or checks what only a GPU has (fused kernels,
 CUDA autocast and gradient scaling, inductor code generation).
 """

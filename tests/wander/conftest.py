@@ -98,5 +98,9 @@ class LayerwiseModel(nn.Module):
         for text_layer, audio_layer, meet in zip(
             self.text_layers, self.audio_layers, self.meet, strict=True
         ):
-            text, audio = meet(text_layer(text), audio_layer(audio))
+            text, audio = meet(self.run_layer(text_layer, text), self.run_layer(audio_layer, audio))
         return self.head(torch.cat([text.mean(1), audio.mean(1)], dim=-1))
+
+    def run_layer(self, layer, x):
+        """One tower layer on ``x`` (subclasses change how it is called)."""
+        return layer(x)

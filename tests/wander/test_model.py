@@ -108,20 +108,10 @@ class _CheckpointedLayers(LayerwiseModel):
 
     use_reentrant = False
 
-    def forward(self, batch):
-        text, audio = self.text_in(batch["text"]), self.audio_in(batch["audio"])
-        for text_layer, audio_layer, meet in zip(
-            self.text_layers, self.audio_layers, self.meet, strict=True
-        ):
-            if torch.is_grad_enabled():
-                text, audio = (
-                    checkpoint(layer, x, use_reentrant=self.use_reentrant)
-                    for layer, x in ((text_layer, text), (audio_layer, audio))
-                )
-            else:
-                text, audio = text_layer(text), audio_layer(audio)
-            text, audio = meet(text, audio)
-        return self.head(torch.cat([text.mean(1), audio.mean(1)], dim=-1))
+    def run_layer(self, layer, x):
+        if not torch.is_grad_enabled():
+            return layer(x)
+        return checkpoint(layer, x, use_reentrant=self.use_reentrant)
 
 
 # reentrant checkpoints warn on the frozen first layer, whose input needs no gradient

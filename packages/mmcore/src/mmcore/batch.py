@@ -453,9 +453,8 @@ def _pad_stack(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]
     lengths = torch.tensor([t.shape[0] for t in tensors])
     if is_sequence and bool((lengths != lengths[0]).any()):
         padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
-        return padded, (torch.arange(padded.shape[1])[None, :] >= lengths[:, None]).to(
-            padded.device
-        )
+        steps = torch.arange(padded.shape[1], device=padded.device)
+        return padded, steps[None, :] >= lengths.to(padded.device)[:, None]
     return torch.stack(tensors), None
 
 

@@ -210,6 +210,39 @@ def test_collate_pads_variable_length_sequences():
     assert batch.sample_ids == [0, 1]
 
 
+def test_concat_pads_sequences_of_different_lengths():
+    # a Dataset returning one-sample batches of their own lengths: collate pads them
+    short = ModalityBatch(
+        {"a": torch.ones(1, 3, 2), "ids": torch.ones(1, 2, dtype=torch.long), "v": torch.ones(1, 4)}
+    )
+    long = ModalityBatch(
+        {
+            "a": torch.ones(2, 5, 2),
+            "ids": torch.ones(2, 2, dtype=torch.long),
+            "v": torch.ones(2, 4),
+        },
+        padding_masks={"a": torch.tensor([[False] * 4 + [True], [False] * 5])},
+    )
+    batch = collate_modalities([short, long])
+    assert batch["a"].shape == (3, 5, 2)
+    assert batch["a"][0, 3:].abs().sum() == 0
+    assert batch.padding_mask("a").tolist() == [
+        [False] * 3 + [True] * 2,
+        [False] * 4 + [True],
+        [False] * 5,
+    ]
+    assert batch.padding_mask("ids") is None and batch.padding_mask("v") is None
+    # equal lengths, no masks: plain concatenation
+    same = ModalityBatch.concat([long, long])
+    assert torch.equal(same.padding_mask("a"), torch.cat([long.padding_mask("a")] * 2))
+    with pytest.raises(ValueError, match=r"modality 'a' has shape \(1, 3, 2\) in batch 0 and "):
+        ModalityBatch.concat(
+            [short, short.replace(inputs={**short.inputs, "a": torch.ones(1, 3, 4)})]
+        )
+    with pytest.raises(ValueError, match=r"modality 'v'.*shapes differ"):
+        ModalityBatch.concat([short, short.replace(inputs={**short.inputs, "v": torch.ones(1, 5)})])
+
+
 def test_collate_works_with_dataloader_and_rejects_bad_samples():
     data = [{"inputs": {"a": torch.full((2,), float(i))}, "target": i} for i in range(5)]
     loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate_modalities)

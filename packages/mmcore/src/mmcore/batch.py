@@ -400,7 +400,13 @@ class ModalityBatch:
 
     @classmethod
     def concat(cls, batches: Sequence[ModalityBatch]) -> ModalityBatch:
-        """Concatenate batches with the same modalities along the batch dimension."""
+        """Concatenate batches with the same modalities along the batch dimension.
+
+        Sequences (``[B, T, D]``) and token ids (``[B, T]``) of different lengths are
+        right-padded with zeros to the longest, and their padding masks mark the added steps,
+        as :func:`collate_modalities` does for single samples (so a ``Dataset`` may return a
+        one-sample batch per item). Any other difference of shape is a ``ValueError``.
+        """
         if not batches:
             raise ValueError("concat() needs at least one batch.")
         names = batches[0].modalities
@@ -409,19 +415,13 @@ class ModalityBatch:
                 raise ValueError(
                     f"batch {i} has modalities {list(b.modalities)}, expected {list(names)}."
                 )
-        inputs = {m: torch.cat([b[m] for b in batches]) for m in names}
+        inputs, padding = {}, {}
+        for m in names:
+            inputs[m], mask = _concat_modality(m, batches)
+            if mask is not None:
+                padding[m] = mask
         presence_names = {m for b in batches for m in b.presence}
         presence = {m: torch.cat([b.is_present(m) for b in batches]) for m in presence_names}
-        padding = {}
-        for m in {m for b in batches for m in b.padding_masks}:
-            padding[m] = torch.cat(
-                [
-                    b.padding_masks.get(
-                        m, torch.zeros(b[m].shape[:2], dtype=torch.bool, device=b[m].device)
-                    )
-                    for b in batches
-                ]
-            )
         targets = [b.target for b in batches]
         if all(t is None for t in targets):
             target = None
@@ -434,6 +434,42 @@ class ModalityBatch:
         if all(i is not None for i in ids_list):
             ids = [x for i in ids_list for x in i]  # type: ignore[union-attr]
         return cls(inputs, target, presence=presence, padding_masks=padding, sample_ids=ids)
+
+
+def _concat_modality(name: str, batches: Sequence[ModalityBatch]) -> tuple[Tensor, Tensor | None]:
+    """One modality of ``batches`` concatenated, with its padding mask (``None``: no padding).
+
+    Sequences and token ids shorter than the longest are right-padded with zeros.
+    """
+    xs = [b[name] for b in batches]
+    first = xs[0]
+    is_sequence = _modality_kind(first) in ("sequence", "tokens")
+    for i, x in enumerate(xs[1:], start=1):
+        same = x.ndim == first.ndim and (
+            x.shape[2:] == first.shape[2:] if is_sequence else x.shape[1:] == first.shape[1:]
+        )
+        if not same or _modality_kind(x) != _modality_kind(first):
+            what = "only the time axis of a sequence may differ" if is_sequence else "shapes differ"
+            raise ValueError(
+                f"concat(): modality '{name}' has shape {_shape(first)} in batch 0 and "
+                f"{_shape(x)} in batch {i}; {what}."
+            )
+    if not is_sequence:
+        return torch.cat(xs), None
+    length = max(x.shape[1] for x in xs)
+    if all(x.shape[1] == length for x in xs) and not any(name in b.padding_masks for b in batches):
+        return torch.cat(xs), None
+    masks = []
+    for b, x in zip(batches, xs, strict=True):
+        mask = b.padding_mask(name)
+        if mask is None:
+            mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        extra = length - x.shape[1]
+        masks.append(torch.nn.functional.pad(mask, (0, extra), value=True))
+    padded = [
+        torch.nn.functional.pad(x, (0, 0) * (x.ndim - 2) + (0, length - x.shape[1])) for x in xs
+    ]
+    return torch.cat(padded), torch.cat(masks)
 
 
 def _pad_stack(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -461,7 +497,8 @@ def _pad_stack(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]
 def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> ModalityBatch:
     """``collate_fn`` for :class:`torch.utils.data.DataLoader`.
 
-    Each sample is either a :class:`ModalityBatch` (concatenated) or a mapping with keys
+    Each sample is either a :class:`ModalityBatch` (concatenated by :meth:`ModalityBatch.concat`,
+    which pads sequences to the longest) or a mapping with keys
     ``"inputs"`` (modality → unbatched tensor, e.g. ``[T, D]``), and optionally ``"target"``,
     ``"sample_id"``, ``"presence"`` (modality → bool) and ``"padding_masks"`` (modality → ``[T]``).
     Sequences of different lengths are right-padded with zeros and get padding masks.

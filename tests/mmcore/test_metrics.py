@@ -103,6 +103,22 @@ def test_classification_metrics_by_hand():
     with pytest.raises(ValueError, match="y_pred has 2 samples"):
         classification_metrics(logits[:2], y)
 
+    # whole-number float labels are labels; anything else is a clear error, not a silent guess
+    assert classification_metrics(logits, y.float()) == m
+    with pytest.raises(ValueError, match=r"integer class labels, found values such as \[0.5\]"):
+        classification_metrics(logits, torch.tensor([0.0, 0.5, 2.0, 2.0]))
+    with pytest.raises(ValueError, match=r"labels \[-1, 3\] but y_pred has 3 classes"):
+        classification_metrics(logits, torch.tensor([0, -1, 3, 2]))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        classification_metrics(logits.masked_fill(logits == 1.0, math.nan), y)
+    metric = ClassificationMetric()
+    metric(logits, y)
+    with pytest.raises(ValueError, match="this batch has 4 classes, earlier batches 3"):
+        metric(torch.zeros(2, 4), y[:2])
+    with pytest.raises(ValueError, match="give one kind"):
+        metric(torch.tensor([0, 1]), y[:2])
+    assert metric.aggregate() == m  # the rejected batches were not buffered
+
 
 def test_iemocap_metrics_by_hand():
     labels = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1]])

@@ -22,13 +22,27 @@ IEMOCAP_EMOTIONS = ("neutral", "happy", "sad", "angry")
 
 def _labels(y_pred: np.ndarray, n: int, name: str) -> np.ndarray:
     if y_pred.ndim == 2:
+        if not np.isfinite(y_pred).all():
+            raise ValueError(f"{name}: y_pred holds NaN or infinite values.")
         return y_pred.argmax(axis=1)
     if y_pred.ndim == 1:
-        return y_pred.astype(np.int64)
+        return _integer_labels(y_pred, name, "y_pred")
     raise ValueError(
         f"{name}: y_pred must be logits/probabilities [N, C] or labels [N], found shape "
         f"{y_pred.shape} (N = {n})."
     )
+
+
+def _integer_labels(x: np.ndarray, name: str, what: str) -> np.ndarray:
+    """``x`` as int64 class labels; floats must hold whole numbers (``1.0``, not ``0.7``)."""
+    if x.dtype.kind in "iub":
+        return x.astype(np.int64)
+    if not (np.isfinite(x).all() and (x == np.round(x)).all()):
+        raise ValueError(
+            f"{name}: {what} must hold integer class labels, found values such as "
+            f"{x[~(np.isfinite(x) & (x == np.round(x)))][:3].tolist()}."
+        )
+    return x.astype(np.int64)
 
 
 def classification_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) -> dict[str, float]:
@@ -36,15 +50,27 @@ def classification_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) 
 
     Args:
         y_pred: logits or probabilities ``[N, C]`` (argmax is taken), or labels ``[N]``.
-        y: integer labels ``[N]``.
+        y: integer labels ``[N]`` (in ``[0, C)`` when ``y_pred`` is ``[N, C]``).
+
+    Raises:
+        ValueError: sizes disagree, logits hold NaN or infinite values, labels are not whole
+            numbers, or a label has no column in ``y_pred``.
     """
+    name = "classification_metrics"
     p, t = to_numpy(y_pred), to_numpy(y).reshape(-1)
     if p.shape[0] != t.shape[0]:
         raise ValueError(
-            f"classification_metrics: y_pred has {p.shape[0]} samples (shape {p.shape}), "
+            f"{name}: y_pred has {p.shape[0]} samples (shape {p.shape}), "
             f"y has {t.shape[0]} (shape {np.shape(y)})."
         )
-    p = _labels(p, t.shape[0], "classification_metrics")
+    t = _integer_labels(t, name, "y")
+    if p.ndim == 2 and t.size and (t.min() < 0 or t.max() >= p.shape[1]):
+        bad = t[(t < 0) | (t >= p.shape[1])]
+        raise ValueError(
+            f"{name}: y holds labels {sorted(set(bad.tolist()))[:5]} but y_pred has "
+            f"{p.shape[1]} classes (labels 0..{p.shape[1] - 1})."
+        )
+    p = _labels(p, t.shape[0], name)
     return {
         "accuracy": float(accuracy_score(t, p)),
         "f1_weighted": float(f1_score(t, p, average="weighted", zero_division=0)),
@@ -99,6 +125,19 @@ class ClassificationMetric(CumulativeMetric):
             raise ValueError(
                 f"ClassificationMetric: expected y_pred [N, C] or [N] with N = {y.shape[0]}, "
                 f"found shape {tuple(y_pred.shape)}."
+            )
+        if y_pred.ndim == 2 and self._preds and self._preds[0].ndim == 2:
+            width = self._preds[0].shape[1]
+            if y_pred.shape[1] != width:
+                raise ValueError(
+                    f"ClassificationMetric: this batch has {y_pred.shape[1]} classes, earlier "
+                    f"batches {width}."
+                )
+        if self._preds and y_pred.ndim != self._preds[0].ndim:
+            raise ValueError(
+                "ClassificationMetric: this batch gives "
+                f"{'logits [N, C]' if y_pred.ndim == 2 else 'labels [N]'}, earlier batches the "
+                "other; give one kind."
             )
         return y_pred.float() if y_pred.ndim == 2 else y_pred, y
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from benchmarks.backbones import LateFusionModel
 from casp import CASP, CASPConfig, norm_parameters
-from mmcore import ModalityBatch
+from mmcore import ModalityBatch, collate_modalities
 
 FAST = {"epochs_ca": 2, "snapshot_every": 1, "epochs_pl": 1, "keep_ratio": 0.5, "batch_size": 8}
 
@@ -179,8 +179,12 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(Exception, match="representation_module"):
         CASP(nn.Sequential(nn.LayerNorm(2)))
     casp = CASP(model(), **FAST)
-    with pytest.raises(TypeError, match="ModalityBatch"):
+    with pytest.raises(TypeError, match="ModalityBatch or an iterable of them"):
         casp.adapt(torch.randn(3, 2))
+    with pytest.raises(TypeError, match="the iterable yielded items of type Tensor"):
+        casp.adapt([torch.randn(3, 2)])
+    with pytest.raises(TypeError, match="the iterable yielded nothing"):
+        casp.predict([])
     with pytest.raises(ValueError, match=">= 2"):
         casp.adapt(ModalityBatch({"a": torch.randn(4, 5)}))
     with pytest.raises(ValueError, match="at least one unlabeled target sample"):
@@ -193,6 +197,26 @@ def test_bad_input_raises_clear_errors():
         CASP(model(), CASPConfig(), tau=0.1)
     with pytest.raises(ValueError, match=r"one score per sample .* outputs \(24, 3\)"):
         CASP(model(out_dim=3), **FAST).adapt(data())  # class logits under task='regression'
+
+
+def test_a_dataloader_of_batches_is_adapted_as_their_concatenation():
+    target = data()
+    loader = torch.utils.data.DataLoader(
+        [target.select([i]) for i in range(len(target))],
+        batch_size=5,
+        collate_fn=collate_modalities,
+    )
+    batches = list(loader)  # iterating a DataLoader draws from the global RNG: do it once here
+    torch.manual_seed(0)
+    from_batches = CASP(model(), **FAST)
+    report = from_batches.adapt(batches)
+    torch.manual_seed(0)
+    whole = CASP(model(), **FAST)
+    expected = whole.adapt(target)
+    assert torch.equal(report.kept_indices, expected.kept_indices)
+    assert torch.equal(report.pseudo_labels, expected.pseudo_labels)
+    assert torch.equal(from_batches.predict(loader), whole.predict(target))
+    assert len(CASP(model(), **FAST).adapt(loader).kept_indices) == len(expected.kept_indices)
 
 
 def test_both_views_in_one_forward_equal_two_forwards():

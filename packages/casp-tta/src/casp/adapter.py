@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,12 +174,16 @@ class CASP:
         return nt_xent(z1, z2, self.config.tau), z1
 
     @torch.no_grad()
-    def predict(self, data: ModalityBatch, batch_size: int = 256) -> Tensor:
+    def predict(
+        self, data: ModalityBatch | Iterable[ModalityBatch], batch_size: int = 256
+    ) -> Tensor:
         """Predictions on ``data`` (eval mode): ``[N]`` regression, ``[N, C]`` probabilities.
 
         ``data`` may live on another device than the model (e.g. a large unlabeled set in CPU
         memory): each batch is moved to the model's, and the predictions come back on ``data``'s.
+        An iterable of batches (a ``DataLoader``) is concatenated first, in its order.
         """
+        data = _in_memory(data, "CASP.predict")
         was_training = self.model.training
         self.model.eval()
         outs = [self.model(b.to(self.device)) for b in data.split(batch_size)]
@@ -197,7 +201,7 @@ class CASP:
     # ------------------------------------------------------------------ the protocols
     def adapt(
         self,
-        data: ModalityBatch,
+        data: ModalityBatch | Iterable[ModalityBatch],
         *,
         validation: ModalityBatch | None = None,
         score_fn: Callable[[Tensor, Tensor], float] | None = None,
@@ -205,14 +209,17 @@ class CASP:
     ) -> AdaptationReport:
         """The paper's offline protocol on unlabeled target data; returns a report.
 
-        ``data.target`` is never read (it is dropped first). ``validation`` (labelled target
+        ``data``: the unlabeled target set, as one ``ModalityBatch`` or an iterable of them (a
+        ``DataLoader`` with ``collate_modalities``), concatenated in memory once: the
+        pseudo-labels and stability scores follow each sample over the epochs, so the order must
+        stay fixed (``report.kept_indices`` index the concatenation). ``data.target`` is never
+        read (it is dropped first). ``validation`` (labelled target
         data) and ``score_fn(predictions, labels)`` are used only with
         ``select_by="target_validation"``, the released code's label-leaking epoch selection.
         ``progress``: a progress bar over the epochs of both stages, with the last loss.
         """
         cfg = self.config
-        if not isinstance(data, ModalityBatch):
-            raise TypeError(f"CASP.adapt takes a ModalityBatch, got {type(data).__name__}.")
+        data = _in_memory(data, "CASP.adapt")
         if len(data.modalities) < 2:
             raise ValueError(
                 f"CASP drops one modality per batch for its second view; need >= 2, got "
@@ -388,3 +395,22 @@ class _Best:
 
     def restore(self) -> None:
         self.casp.model.load_state_dict(self.state)
+
+
+def _in_memory(data: ModalityBatch | Iterable[ModalityBatch], caller: str) -> ModalityBatch:
+    """``data``, or the batches an iterable of them (e.g. a ``DataLoader``) yields, concatenated.
+
+    Sequences of different lengths are padded to the longest (``ModalityBatch.concat``).
+    """
+    if isinstance(data, ModalityBatch):
+        return data
+    if isinstance(data, Iterable) and not isinstance(data, Tensor | str | bytes | dict):
+        batches = list(data)
+        if batches and all(isinstance(b, ModalityBatch) for b in batches):
+            return ModalityBatch.concat(batches)
+        found = "nothing" if not batches else f"items of type {type(batches[0]).__name__}"
+        raise TypeError(f"{caller}: the iterable yielded {found}; expected ModalityBatch items.")
+    raise TypeError(
+        f"{caller} takes a ModalityBatch or an iterable of them (e.g. a DataLoader with "
+        f"collate_fn=collate_modalities), got {type(data).__name__}."
+    )

@@ -361,7 +361,7 @@ def test_a_modulated_model_can_be_copied_and_pickled():
     batch = vector_batch()
     model = make_model(batch)
     cggm = CGGM(model, task="classification", num_outputs=3)
-    model(batch)
+    F.cross_entropy(model(batch), batch.target).backward()
     cggm.step(batch.target)
     copied = copy.deepcopy(model)
     copied(batch)
@@ -412,6 +412,14 @@ def test_bad_configuration_raises():
         fresh_model(batch)
         with pytest.raises(ValueError, match=message):
             checked.step(target)
+    forgot = make_model(batch)
+    unscaled = CGGM(forgot, num_outputs=3)
+    forgot(batch)  # no backward: nothing to scale
+    with pytest.raises(RuntimeError, match=r"call loss.backward\(\) .* before cggm.step\(\)"):
+        unscaled.step(batch.target)
+    assert unscaled.coefficients is None  # no score moved
+    F.cross_entropy(forgot(batch), batch.target).backward()
+    assert set(unscaled.step(batch.target)) == set(batch.modalities)
     with pytest.raises(ValueError, match="classifier_hidden must be a positive integer"):
         CGGMConfig(classifier_hidden=0)
     with pytest.raises(ValueError, match=r"classifier_hidden=5 differs .* needs lam=0"):
@@ -507,7 +515,7 @@ def test_out_of_range_class_targets_are_a_clear_error():
     batch = vector_batch(2)
     model = make_model(batch)
     cggm = CGGM(model, task="classification", num_outputs=3)
-    model(batch)
+    F.cross_entropy(model(batch), batch.target).backward()
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\); got values from 0 to 5"):
         cggm.step(torch.tensor([0, 5] * 8))
 

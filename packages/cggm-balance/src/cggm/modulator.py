@@ -544,6 +544,11 @@ class CGGM:
         cfg = self.config
         target = target.to(self.head_weight.device)
         self._check_target(target, next(iter(feats.values())).shape[0])
+        if sync and cfg.rho is not None and self._no_encoder_gradients():
+            raise RuntimeError(
+                "CGGM.step: no encoder parameter has a gradient to scale; call loss.backward() "
+                "(and scaler.unscale_ under AMP) before cggm.step()."
+            )
         loss = None
         if isinstance(classifiers, StackedClassifiers):
             maps = len(classifiers.feature_shape) > 2
@@ -630,6 +635,16 @@ class CGGM:
             if grads:
                 torch._foreach_mul_(grads, factors)  # one call for every encoder's gradients
         return dict(zip(self.modalities, b.tolist(), strict=True))
+
+    def _no_encoder_gradients(self) -> bool:
+        """Trainable encoder parameters exist and none holds a gradient (a missed backward)."""
+        trainable = False
+        for params in self._encoder_params.values():
+            for p in params:
+                if p.grad is not None:
+                    return False
+                trainable = trainable or p.requires_grad
+        return trainable
 
     def _check_target(self, target: Tensor, batch_size: int) -> None:
         if target.ndim == 0 or target.shape[0] != batch_size:

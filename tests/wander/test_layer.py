@@ -115,6 +115,37 @@ def test_padding_changes_nothing_and_short_sequences_are_padding():
             torch.testing.assert_close(a[k][:, :2], c[k])
 
 
+@pytest.mark.parametrize("output", ["fused", "residual"])
+@pytest.mark.parametrize("bias_augment", [False, True])
+@pytest.mark.parametrize("shared_size", [False, True])
+def test_missing_modalities_are_never_read(output, bias_augment, shared_size):
+    dims = dict.fromkeys(("m0", "m1", "m2"), 4) if shared_size else None
+    layer, xs = build(output=output, bias_augment=bias_augment, dims=dims)
+    assert layer.stack_modalities == shared_size  # both bottleneck paths run
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # move away from the zero-output init
+    present = {"m1": torch.tensor([False, True, True, False, True, True])}
+    garbage = {**xs, "m1": xs["m1"].clone()}
+    garbage["m1"][[0, 3]] = 1e4
+    a, b, full = layer(xs, presence=present), layer(garbage, presence=present), layer(xs)
+    raw = layer.raw_output(xs, presence=present)
+    if output == "residual":
+        for m in a:
+            torch.testing.assert_close(a[m], b[m])
+            torch.testing.assert_close(a[m][1:3], full[m][1:3])  # present samples unchanged
+        assert a["m1"][[0, 3]].abs().max() == 0  # no residual for a modality it lacks
+        return
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a[[1, 2, 4, 5]], full[[1, 2, 4, 5]])
+    if not bias_augment:  # the product over modalities vanishes: the adapter adds nothing
+        assert raw[[0, 3]].abs().max() == 0
+        return
+    # the constant channel keeps the other modalities' terms: they still move the output
+    other = {**xs, "m0": torch.randn_like(xs["m0"])}
+    assert not torch.allclose(layer(other, presence=present)[0], a[0])
+
+
 def test_parameter_count_matches_the_formula():
     layer, _ = build(m=3, cp_mode="true", init="gate")
     r, rd, rt, t_out, d = 4, 2, 3, 2, 5
@@ -137,6 +168,8 @@ def test_bad_input_raises_clear_errors():
         layer(wrong)
     with pytest.raises(ValueError, match=r"no features for modalities \['m2'\]"):
         layer({k: v for k, v in xs.items() if k != "m2"})
+    with pytest.raises(ValueError, match=r"presence mask of modality 'm1' must be bool \(6,\)"):
+        layer(xs, presence={"m1": torch.ones(5, dtype=torch.bool)})
     with pytest.raises(ValueError, match=">= 2 modalities"):
         WanderFusion({"a": 3}, {"a": 2}, 4, WanderConfig())
     with pytest.raises(ValueError, match="cp_mode must be one of"):

@@ -258,6 +258,32 @@ class LinearLateFusion(torch.nn.Module):
         return self.head(self.fusion(feats).mean(dim=1))
 
 
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_the_batchs_presence_masks_reach_the_adapter(batch, output):
+    """A sample's missing modality (kept features, ``fill=None``) does not move the adapter's
+    contribution, which the linear head passes on unchanged."""
+    torch.manual_seed(0)
+    base_model = LinearLateFusion({m: x.shape[-1] for m, x in batch.inputs.items()})
+    wander = Wander(base_model, RANKS, example_input=batch, output=output, bias_augment=True)
+    train_steps(wander, batch, steps=2)
+    missing = torch.tensor([True, False, False, False])
+    kept = batch.with_missing("audio", missing, fill=None)
+    audio = batch["audio"].clone()
+    audio[0] = 2.0 - 3.0 * audio[0]  # other values, of the same scale (the base reads them)
+    other = kept.replace(inputs={**kept.inputs, "audio": audio})
+
+    def adapter_part(b):
+        with torch.no_grad():
+            with wander.disable_adapter():
+                base = wander(b)
+            return wander(b) - base
+
+    torch.testing.assert_close(adapter_part(kept), adapter_part(other))
+    assert adapter_part(kept)[0].abs().max() > 0  # the other modalities still act
+    ignored = adapter_part(batch.replace(inputs={**batch.inputs, "audio": audio}))
+    assert not torch.allclose(ignored[0], adapter_part(kept)[0])  # without the mask, it is read
+
+
 @pytest.mark.parametrize(
     ("base_dtype", "adapter_dtype"),
     [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)],

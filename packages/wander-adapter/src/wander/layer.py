@@ -36,9 +36,17 @@ class WanderFusion(nn.Module):
         config: ranks, modes and init (see :class:`~wander.config.WanderConfig`).
 
     Shapes:
-        ``forward(xs, padding_masks)`` takes ``xs[m]`` ``[B, T, D_m]`` (or ``[B, D_m]``) and
-        optional bool ``[B, T]`` masks (``True`` = padding). Returns ``[B, T', D]`` (fused) or
-        a dict of per-modality residuals shaped like ``xs[m]`` (residual).
+        ``forward(xs, padding_masks, presence)`` takes ``xs[m]`` ``[B, T, D_m]`` (or
+        ``[B, D_m]``), optional bool ``[B, T]`` masks (``True`` = padding) and optional bool
+        ``[B]`` presence masks (``False`` = the sample lacks the modality). Returns
+        ``[B, T', D]`` (fused) or a dict of per-modality residuals shaped like ``xs[m]``
+        (residual).
+
+    Missing modalities: a sample's missing modality has zero bottleneck features ``H_m`` (its
+    filled-in values are never read). With ``bias_augment`` its constant channel stays, so the
+    product keeps the other modalities' terms and the missing one contributes only its learned
+    constant factor (as TFN treats a missing modality); without it the product, and so the
+    adapter's output for that sample, is zero. Its residual (``"residual"`` mode) is zero.
     """
 
     def __init__(
@@ -201,11 +209,14 @@ class WanderFusion(nn.Module):
         xs: Sequence[Tensor],
         masks: Sequence[Tensor | None],
         param_sets: list[Mapping[str, Tensor]],
+        absent: Tensor | None = None,
     ) -> Tensor:
         """``H`` ``[S, M, B, T_max, r(+1)]`` for every parameter set and modality.
 
-        Rows past a modality's length or marked as padding are zero. One linear call per
-        modality, or a single batched call when the modalities share a hidden size.
+        Rows past a modality's length or marked as padding are zero. ``absent`` ``[M, B]``
+        (``True`` where a sample lacks the modality) zeroes that sample's features, but for the
+        constant channel. One linear call per modality, or a single batched call when the
+        modalities share a hidden size.
         """
         t_max = max(x.shape[1] for x in xs)
         n_sets, r = len(param_sets), self.config.bottleneck_dim
@@ -245,6 +256,8 @@ class WanderFusion(nn.Module):
                 part = F.gelu(F.linear(x, weight, bias)).unflatten(-1, (n_sets, r))
                 parts.append(pad_tokens(part, t_max, dim=1))
             h = torch.stack(parts)  # [M, B, T, S, r]
+        if absent is not None:
+            h = h.masked_fill(absent[:, :, None, None, None], 0.0)
         if self.config.bias_augment:
             h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
         if keep is not None:
@@ -257,6 +270,7 @@ class WanderFusion(nn.Module):
         masks: Mapping[str, Tensor | None],
         param_sets: list[Mapping[str, Tensor]],
         trainable_sets: int | None = None,
+        presence: Mapping[str, Tensor | None] | None = None,
     ) -> list[Tensor | dict[str, Tensor]]:
         """The adapter as a pure function of its parameters, for each set ``p`` (name → tensor).
 
@@ -268,7 +282,8 @@ class WanderFusion(nn.Module):
         inputs = [self._checked(m, xs[m], first.device).to(first.dtype) for m in self.modalities]
         t_lens = [x.shape[1] for x in inputs]
         t_max = max(t_lens)
-        h = self._bottlenecks(inputs, [masks.get(m) for m in self.modalities], param_sets)
+        absent = _absent(self.modalities, presence or {}, inputs[0].shape[0], first.device)
+        h = self._bottlenecks(inputs, [masks.get(m) for m in self.modalities], param_sets, absent)
         sets_by_modality = (len(param_sets), len(self.modalities))
         q = _stack(  # [S, M, R_t, T_max, T']: rows past each modality's length zero
             [
@@ -294,12 +309,14 @@ class WanderFusion(nn.Module):
                 outs.append(fused)
                 continue
             out = {}
-            for m, t in zip(self.modalities, t_lens, strict=True):
+            for i, (m, t) in enumerate(zip(self.modalities, t_lens, strict=True)):
                 u = p[f"up_tokens.{m}"][:t]  # [T, T']
                 delta = torch.einsum("bud,tu,de->bte", fused, u, p[f"up_features.{m}"])
                 mask = masks.get(m)
                 if mask is not None:
                     delta = delta.masked_fill(mask.unsqueeze(-1), 0.0)
+                if absent is not None:
+                    delta = delta.masked_fill(absent[i, :, None, None], 0.0)
                 out[m] = delta if xs[m].ndim == 3 else delta.squeeze(1)
             outs.append(out)
         return outs
@@ -308,6 +325,7 @@ class WanderFusion(nn.Module):
         self,
         xs: Mapping[str, Tensor],
         padding_masks: Mapping[str, Tensor | None] | None = None,
+        presence: Mapping[str, Tensor | None] | None = None,
     ) -> Tensor | dict[str, Tensor]:
         """The adapter's output (see the class docstring for shapes)."""
         missing = [m for m in self.modalities if m not in xs]
@@ -317,7 +335,7 @@ class WanderFusion(nn.Module):
         scale = self.config.output_scale
         params = self._current()
         if self.config.init != "centered":
-            (out,) = self._core(xs, masks, [params])
+            (out,) = self._core(xs, masks, [params], presence=presence)
             return _apply(out, lambda v: self.output_dropout(scale * v))
         # the initial weights are buffers: the anchor half carries no gradient to any parameter,
         # nor to the inputs when they need none (a frozen backbone), and the fusion's backward
@@ -326,7 +344,11 @@ class WanderFusion(nn.Module):
             xs[m].requires_grad for m in self.modalities
         )
         out, anchor = self._core(
-            xs, masks, [params, self._anchors(params)], None if inputs_need_grad else 1
+            xs,
+            masks,
+            [params, self._anchors(params)],
+            None if inputs_need_grad else 1,
+            presence,
         )
         if isinstance(out, dict):
             anchors = cast(dict[str, Tensor], anchor)
@@ -334,10 +356,13 @@ class WanderFusion(nn.Module):
         return self.output_dropout(scale * (out - cast(Tensor, anchor)))
 
     def raw_output(
-        self, xs: Mapping[str, Tensor], padding_masks: Mapping[str, Tensor | None] | None = None
+        self,
+        xs: Mapping[str, Tensor],
+        padding_masks: Mapping[str, Tensor | None] | None = None,
+        presence: Mapping[str, Tensor | None] | None = None,
     ) -> Tensor | dict[str, Tensor]:
         """The uncentred, undropped adapter output at the current weights (for diagnostics)."""
-        return self._core(xs, dict(padding_masks or {}), [self._current()])[0]
+        return self._core(xs, dict(padding_masks or {}), [self._current()], presence=presence)[0]
 
     def extra_repr(self) -> str:
         """Ranks and modes, shown by ``print(module)``."""
@@ -357,6 +382,29 @@ def _stack(tensors: list[Tensor]) -> Tensor:
 def _first_tokens(factor: Tensor, length: int) -> Tensor:
     """``factor[:, :length]`` (the factor itself when it is that long: no slice in the graph)."""
     return factor if factor.shape[1] == length else factor[:, :length]
+
+
+def _absent(
+    modalities: Sequence[str],
+    presence: Mapping[str, Tensor | None],
+    batch_size: int,
+    device: torch.device,
+) -> Tensor | None:
+    """``[M, B]`` bool, ``True`` where a sample lacks the modality; ``None`` when none does."""
+    if all(presence.get(m) is None for m in modalities):
+        return None
+    rows = []
+    for m in modalities:
+        present = presence.get(m)
+        if present is None:
+            present = torch.ones(batch_size, dtype=torch.bool, device=device)
+        elif present.dtype != torch.bool or tuple(present.shape) != (batch_size,):
+            raise ValueError(
+                f"Wander: the presence mask of modality '{m}' must be bool ({batch_size},), "
+                f"found {present.dtype} {tuple(present.shape)}."
+            )
+        rows.append(~present.to(device))
+    return torch.stack(rows)
 
 
 def _keep_rows(x: Tensor, mask: Tensor | None, t_max: int) -> Tensor:

@@ -271,6 +271,17 @@ class Wander(nn.Module):
             masks[m] = mask
         return masks
 
+    def _presence(self) -> dict[str, Tensor | None]:
+        """The batch's presence masks (``None``: present in every sample, or no batch seen)."""
+        if self._batch is None:
+            return {}
+        batch = self._batch
+        return {
+            m: batch.presence.get(m)
+            for m, x in self._captured.items()
+            if m in batch and x.shape[0] == batch.batch_size
+        }
+
     def _adapter_output(self) -> Tensor | dict[str, Tensor]:
         missing = [m for m in self._targets if m not in self._captured]
         if missing:
@@ -278,7 +289,7 @@ class Wander(nn.Module):
                 f"Wander: the fusion module ran before the target modules of {missing} produced "
                 "their outputs in this forward pass; check target_modules / fusion_module."
             )
-        out = self.adapter(self._captured, self._padding_masks())
+        out = self.adapter(self._captured, self._padding_masks(), self._presence())
         self._captured, self._batch = {}, None  # hold no tensors between calls
         return out
 

@@ -184,9 +184,10 @@ def _segmentation_batch():
     )
 
 
-def _train_three_steps(task, configure=lambda cggm: None):
+def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1):
     """Three modulated SGD steps on a small ``task`` model: ``(B history, classifiers' state
-    per modality, model state)``. ``configure(cggm)`` runs before the first step."""
+    per modality, model state)``. ``configure(cggm)`` runs before the first step; ``prepare``
+    changes the batch."""
     if task == "classification":
         batch, out, loss_fn = vector_batch(4), 3, F.cross_entropy
     elif task == "segmentation":
@@ -197,6 +198,8 @@ def _train_three_steps(task, configure=lambda cggm: None):
         def loss_fn(p, y):
             return F.l1_loss(p.squeeze(-1), y)
 
+    if prepare is not None:
+        batch = prepare(batch)
     torch.manual_seed(0)
     if task == "classification":
         model = make_model(batch, out)
@@ -206,7 +209,7 @@ def _train_three_steps(task, configure=lambda cggm: None):
         model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
     cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1)
     configure(cggm)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     history = []
     for _ in range(3):
         opt.zero_grad()
@@ -509,6 +512,77 @@ def test_hand_written_classifier_backward_trains_as_autograd_does(task):
     by_hand = _train_three_steps(task)
     assert by_hand[0]._stacked and by_hand[0].hand_backward  # the path under test ran
     _assert_same_runs(by_hand, _train_three_steps(task, through_autograd))
+
+
+def _through_autograd(cggm):
+    cggm.hand_backward = False
+
+
+def _per_modality_loop(cggm):
+    cggm._can_stack = lambda classifiers: False
+
+
+def _missing_first(batch, garbage=False):
+    """The first modality missing in every other sample (features kept, or other values)."""
+    m = batch.modalities[0]
+    missing = torch.arange(batch.batch_size) % 2 == 0
+    out = batch.with_missing(m, missing, fill=None)
+    if garbage:
+        x = out[m].clone()
+        x[missing] = 3.0 - 2.0 * x[missing]
+        out = out.replace(inputs={**out.inputs, m: x})
+    return out
+
+
+PATHS = {"by hand": lambda cggm: None, "autograd": _through_autograd, "loop": _per_modality_loop}
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_samples_lacking_a_modality_neither_train_nor_score_its_classifier(task, path):
+    """With the model held still (lr 0), what a missing modality's features hold changes
+    nothing: not its classifier's training, not the scores, not B."""
+    if task == "segmentation" and path == "by hand":
+        pytest.skip("feature maps always train through autograd")
+    configure = PATHS[path]
+    kept = _train_three_steps(task, configure, prepare=_missing_first, lr=0.0)
+    other = _train_three_steps(
+        task, configure, prepare=lambda b: _missing_first(b, garbage=True), lr=0.0
+    )
+    _assert_same_runs(kept, other)
+    plain = _train_three_steps(
+        task,
+        configure,
+        prepare=lambda b: _missing_first(b, garbage=True).replace(presence={}),
+        lr=0.0,
+    )
+    assert plain[1] != other[1]  # without the presence mask, the other values are read
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+def test_presence_masks_marking_every_sample_present_change_nothing(task):
+    def all_present(batch):
+        return batch.replace(
+            presence={m: torch.ones(batch.batch_size, dtype=torch.bool) for m in batch.modalities}
+        )
+
+    _assert_same_runs(_train_three_steps(task), _train_three_steps(task, prepare=all_present))
+
+
+def test_a_modality_missing_from_every_sample_keeps_its_score():
+    batch = vector_batch()
+    model = make_model(batch)
+    cggm = CGGM(model, task="classification", num_outputs=3, smoothing=0.5)
+    for step in range(2):
+        b = batch if step == 0 else batch.with_missing("m0", True)
+        model.zero_grad()
+        F.cross_entropy(model(b), b.target).backward()
+        coefficients = cggm.step(b.target)
+        if step == 0:
+            first = cggm.prev_scores.clone()
+    assert cggm.last_scores[0] == first[0]  # no news on m0: its score stays
+    assert cggm.prev_scores[0] == first[0]
+    assert all(torch.isfinite(torch.tensor(list(coefficients.values()))))
 
 
 def test_out_of_range_class_targets_are_a_clear_error():

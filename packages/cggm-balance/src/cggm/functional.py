@@ -24,6 +24,7 @@ def batch_score_counts(
     regression_score: str = "sign",
     *,
     stacked: bool = False,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(total, count)`` of a classifier's score on one batch, so ranks can all-reduce them.
 
@@ -32,8 +33,11 @@ def batch_score_counts(
     the mean foreground Dice over the batch (segmentation; ``count`` is 1 per sample).
     ``stacked=True`` takes every modality's predictions at once, ``[M, B, C]`` (classification),
     ``[M, B, 1]`` (regression) or ``[M, B, C, *spatial]`` (segmentation), and returns ``[M]``
-    totals and counts.
+    totals and counts. ``weights`` (``[B]``, or ``[M, B]`` stacked; 1 = counted, 0 = not, e.g.
+    a sample that lacks the modality): only the weighted samples are scored and counted.
     """
+    if weights is not None:
+        return _weighted_score_counts(task, pred, target, regression_score, stacked, weights)
     with torch.no_grad():
         n = float(target.shape[0])
         if task == "classification":
@@ -62,6 +66,38 @@ def batch_score_counts(
                 n, device=pred.device
             )
     raise ValueError(f"unknown task {task!r}")
+
+
+@torch.no_grad()
+def _weighted_score_counts(
+    task: str,
+    pred: Tensor,
+    target: Tensor,
+    regression_score: str,
+    stacked: bool,
+    weights: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`batch_score_counts` over the samples ``weights`` keeps (per-sample scores summed)."""
+    if not stacked:
+        pred, weights = pred.unsqueeze(0), weights.unsqueeze(0)
+    m, w = pred.shape[0], weights.to(torch.float32)
+    if task == "classification":
+        per_sample = (pred.argmax(dim=-1) == target).float()  # [M, B]
+    elif task == "regression":
+        p = pred.reshape(m, target.shape[0], -1).mean(dim=-1)
+        t = target.reshape(-1).to(pred.dtype)
+        if regression_score == "sign":
+            per_sample = ((p > 0) == (t > 0)).float()
+        else:
+            per_sample = -(p - t).abs().float()
+    elif task == "segmentation":
+        labels = pred.flatten(0, 1).max(dim=1).indices
+        repeated = target.repeat(m, *([1] * (target.ndim - 1)))
+        per_sample = segmentation_dice(labels, repeated, pred.shape[2]).view(m, -1).float()
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    total, count = (per_sample * w).sum(dim=1), w.sum(dim=1)
+    return (total, count) if stacked else (total[0], count[0])
 
 
 def segmentation_dice(labels: Tensor, target: Tensor, num_classes: int) -> Tensor:

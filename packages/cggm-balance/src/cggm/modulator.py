@@ -419,8 +419,15 @@ class CGGM:
             xs.append(f)
         return torch.stack(xs)
 
-    def _logit_grads(self, target: Tensor, logits: Tensor) -> Tensor:
-        """Gradient of ``Σ_m`` (classifier ``m``'s mean task loss) w.r.t. logits ``[M, B, C]``."""
+    def _logit_grads(self, target: Tensor, logits: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Gradient of ``Σ_m`` (classifier ``m``'s mean task loss) w.r.t. logits ``[M, B, C]``.
+
+        ``weights`` ``[M, B]``: each classifier's loss is the mean over its weighted samples.
+        """
+        if weights is not None:
+            per_sample = self._logit_grads(target, logits) * logits.shape[1]  # mean → sum
+            scale = weights / weights.sum(dim=1, keepdim=True).clamp_min(1)
+            return per_sample.mul_(scale.unsqueeze(-1).to(per_sample.dtype))
         if self.config.task == "regression":  # L1: sign(prediction − target) / elements
             t = target.reshape(1, logits.shape[1], -1).to(logits.dtype)
             if t.shape[2] != logits.shape[2]:
@@ -441,6 +448,31 @@ class CGGM:
         grad = logits.softmax(dim=-1)
         grad[:, torch.arange(len(target), device=target.device), target] -= 1
         return grad.div_(len(target))
+
+    def _presence_weights(self, batch_size: int, device: torch.device) -> Tensor | None:
+        """``[M, B]`` float, 0 where a sample lacks the modality (the batch's presence masks).
+
+        ``None`` when the batch marks no modality missing (then every path is the plain one),
+        and in reference mode (the released code has no missing modalities).
+        """
+        batch = self._batch
+        if batch is None or batch.batch_size != batch_size or self.config.mode == "reference":
+            return None
+        masks = [batch.presence.get(m) if m in batch else None for m in self.modalities]
+        if all(mask is None for mask in masks):
+            return None
+        full = torch.ones(batch_size, dtype=torch.bool, device=device)
+        return torch.stack([full if mask is None else mask.to(device) for mask in masks]).float()
+
+    def _per_sample_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The task loss of each sample ``[N]`` (averaged over its outputs or pixels)."""
+        n = target.shape[0]
+        if self.config.task == "regression":
+            diff = F.l1_loss(
+                pred.reshape(n, -1), target.reshape(n, -1).to(pred.dtype), reduction="none"
+            )
+            return diff.mean(dim=1)
+        return F.cross_entropy(pred, target, reduction="none").reshape(n, -1).mean(dim=1)
 
     def _padding_mask(self, modality: str, features: Tensor) -> Tensor | None:
         """The batch's padding mask of ``modality`` where it fits ``features`` ``[B, T, d]``."""
@@ -549,6 +581,7 @@ class CGGM:
                 "CGGM.step: no encoder parameter has a gradient to scale; call loss.backward() "
                 "(and scaler.unscale_ under AMP) before cggm.step()."
             )
+        weights = self._presence_weights(target.shape[0], target.device)  # [M, B] or None
         loss = None
         if isinstance(classifiers, StackedClassifiers):
             maps = len(classifiers.feature_shape) > 2
@@ -556,7 +589,8 @@ class CGGM:
                 # the sum over modalities of each classifier's mean loss, its backward by hand
                 # (it replaces the gradients: no zero_grad needed)
                 logits = classifiers.forward_backward(
-                    self._stacked_inputs(feats), functools.partial(self._logit_grads, target)
+                    self._stacked_inputs(feats),
+                    functools.partial(self._logit_grads, target, weights=weights),
                 )
             else:  # autograd (feature maps: through the per-pixel MLP and the resize)
                 optimizer.zero_grad(set_to_none=True)
@@ -570,20 +604,31 @@ class CGGM:
                         0, logits.shape[:2]
                     )
                 repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
-                loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
+                if weights is None:
+                    loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
+                else:
+                    per_sample = self._per_sample_loss(logits.flatten(0, 1), repeated)
+                    loss = _weighted_means(per_sample.view(n_mod, -1), weights).sum()
                 logits = logits.detach()
             total, count = batch_score_counts(
-                cfg.task, logits, target, cfg.regression_score, stacked=True
+                cfg.task, logits, target, cfg.regression_score, stacked=True, weights=weights
             )
         else:
             optimizer.zero_grad(set_to_none=True)
             losses, unit_totals, unit_counts = [], [], []
-            for m in self.modalities:
+            for i, m in enumerate(self.modalities):
                 pred = classifiers[m](feats[m], self._padding_mask(m, feats[m]))
                 if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
                     pred = self._resize(pred, target)
-                losses.append(self._task_loss(pred, target))
-                t, c = batch_score_counts(cfg.task, pred.detach(), target, cfg.regression_score)
+                w = None if weights is None else weights[i]
+                if w is None:
+                    losses.append(self._task_loss(pred, target))
+                else:
+                    per_sample = self._per_sample_loss(pred, target)
+                    losses.append(_weighted_means(per_sample.unsqueeze(0), w.unsqueeze(0))[0])
+                t, c = batch_score_counts(
+                    cfg.task, pred.detach(), target, cfg.regression_score, weights=w
+                )
                 unit_totals.append(t)
                 unit_counts.append(c)
             loss = torch.stack(losses).sum()
@@ -614,7 +659,8 @@ class CGGM:
             totals, counts = stats[0].cpu(), stats[1].cpu()
         self._totals.zero_()
         self._counts.zero_()
-        scores = totals / counts.clamp_min(1)
+        # a modality no sample had since the last sync: no news, its score stays where it was
+        scores = torch.where(counts > 0, totals / counts.clamp_min(1), self.prev_scores)
         self.last_scores = scores
         if cfg.smoothing and self.ema_scores is not None:
             scores = cfg.smoothing * self.ema_scores + (1 - cfg.smoothing) * scores
@@ -715,3 +761,9 @@ class CGGM:
         self._direction = None
         self._totals = state["totals"].clone()
         self._counts = state["counts"].clone()
+
+
+def _weighted_means(per_sample: Tensor, weights: Tensor) -> Tensor:
+    """``[M]``: each row's mean over the samples its weights keep (0 when it keeps none)."""
+    w = weights.to(per_sample.dtype)
+    return (per_sample * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)

@@ -53,6 +53,21 @@ def _fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _cell(records: list[dict], metric: str, values: list[float | None]) -> str:
+    """A table cell: :func:`summarise` of ``values`` (``metric``'s, or derived from it).
+
+    It notes the seeds whose ``metric`` was recorded but not finite (NaN is saved as null).
+    """
+    mean, std, n = summarise(values)
+    given = sum(metric in r["metrics"] for r in records)
+    text = _fmt(mean, std, n)
+    if 0 < n < given:
+        text += f" (n={n}; {given - n} not finite)"
+    elif n == 0 and given:
+        text = f"not finite ({given})"
+    return text
+
+
 def group_records(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[dict]]]]:
     """``task → dataset → method → records``, keeping first-seen order."""
     grouped: dict[str, dict[str, dict[str, list[dict]]]] = defaultdict(
@@ -191,7 +206,8 @@ def write_report(run_dir: Path) -> Path:
         f" {meta.get('platform')}",
         f"- command: `{meta.get('command')}`",
         "",
-        "Every cell is mean ± sample std over seeds (n = number of seeds that finished). The last"
+        "Every cell is mean ± sample std over seeds (n = number of seeds that finished; a cell"
+        " over fewer, where a seed's value was not finite, e.g. a diverged run, says so). The last"
         " column is the per-seed difference of the primary metric from the table's first method"
         " (same seed, same data), whose spread is smaller than the seeds' spread.",
         "",
@@ -216,10 +232,10 @@ def write_report(run_dir: Path) -> Path:
             lines.append("| method | n | " + " | ".join(header) + " |")
             lines.append("|---|---|" + "---|" * len(header))
             for method, recs in methods.items():
-                cells = [_fmt(*summarise([r["metrics"].get(m) for r in recs])) for m in metrics]
+                cells = [_cell(recs, m, [r["metrics"].get(m) for r in recs]) for m in metrics]
                 if paired:
                     deltas = paired_deltas(recs, methods[reference], primary)
-                    cells.append("—" if method == reference else _fmt(*summarise(deltas)))
+                    cells.append("—" if method == reference else _cell(recs, primary, deltas))
                 lines.append(f"| {method} | {len(recs)} | " + " | ".join(cells) + " |")
             lines.append("")
             if primary in metrics:

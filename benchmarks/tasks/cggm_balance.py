@@ -298,6 +298,17 @@ def ensemble_metrics(
     return classification_metrics(torch.from_numpy(clf.predict(x_te)), test.require_target())
 
 
+def held_out_metrics(logits: Tensor, target: Tensor) -> dict[str, float]:
+    """Classification metrics of ``logits``, or NaN for a run that diverged.
+
+    Non-finite logits (reference mode's unbounded B) have no honest accuracy; NaN lets the
+    report count the seeds that did not diverge (its ``n``).
+    """
+    if not torch.isfinite(logits).all():
+        return dict.fromkeys(("accuracy", "f1_weighted", "f1_macro"), float("nan"))
+    return classification_metrics(logits, target)
+
+
 @torch.no_grad()
 def probe_accuracies(model: LateFusionModel, train: ModalityBatch, test: ModalityBatch) -> dict:
     """Linear-probe test accuracy of each modality's frozen encoder features."""
@@ -387,9 +398,7 @@ def run_uci(ctx: RunContext) -> list[dict]:
         ctx.progress(method)
         model = make_model()
         best_epoch, scales = train_model(model, method)
-        metrics = classification_metrics(
-            predict(model, splits["test"]), splits["test"].require_target()
-        )
+        metrics = held_out_metrics(predict(model, splits["test"]), splits["test"].require_target())
         probes = probe_accuracies(model, splits["train"], splits["test"])
         records.append(
             {

@@ -163,3 +163,14 @@ def test_the_ensemble_reference_combines_what_each_encoder_knows():
     both = cb.ensemble_metrics(encoders, train, test)["accuracy"]
     alone = [cb.ensemble_metrics({m: e}, train, test)["accuracy"] for m, e in encoders.items()]
     assert both > 0.95 and max(alone) < 0.6
+
+
+def test_a_diverged_run_scores_nan_so_the_report_counts_only_the_others():
+    logits, target = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    from mmcore.metrics import classification_metrics
+
+    assert cb.held_out_metrics(logits, target) == classification_metrics(logits, target)
+    logits[2, 1] = float("nan")
+    metrics = cb.held_out_metrics(logits, target)
+    assert set(metrics) == {"accuracy", "f1_weighted", "f1_macro"}
+    assert all(v != v for v in metrics.values())  # NaN

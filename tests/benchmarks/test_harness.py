@@ -113,6 +113,23 @@ def test_seed_parsing_and_summary():
     assert summarise([1.0, None, 3.0]) == (2.0, pytest.approx(2**0.5), 2)
 
 
+def test_report_cells_say_when_a_seed_was_not_finite(tmp_path, monkeypatch):
+    def diverging(ctx):  # seed 2 diverges: its metrics are NaN (saved as null)
+        acc = float("nan") if ctx.seed == 2 else 0.5 + 0.1 * ctx.seed
+        return [
+            {"method": "a", "dataset": "toy", "metrics": {"acc": 0.5}},
+            {"method": "b", "dataset": "toy", "metrics": {"acc": acc, "ms": 1.0}},
+            {"method": "c", "dataset": "toy", "metrics": {"acc": float("nan")}},
+        ]
+
+    monkeypatch.setitem(TASKS, "toy-nan", Task("toy-nan", "", diverging, "acc"))
+    run_tasks(["toy-nan"], profile="quick", seeds=[0, 1, 2], out_dir=tmp_path)
+    report = write_report(tmp_path).read_text()
+    finite, paired = "0.5500 ± 0.0707 (n=2; 1 not finite)", "0.0500 ± 0.0707 (n=2; 1 not finite)"
+    assert f"| b | 3 | {finite} | 1.0000 ± 0.0000 | {paired} |" in report
+    assert "| c | 3 | not finite (3) | — | not finite (3) |" in report
+
+
 def test_registry_rejects_duplicates_and_bad_profiles():
     task = TASKS["uci-modalities"]
     with pytest.raises(ValueError, match="already registered"):

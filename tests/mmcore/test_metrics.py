@@ -135,6 +135,10 @@ def test_iemocap_metrics_by_hand():
     assert iemocap_metrics(preds, labels) == m
     with pytest.raises(ValueError, match=r"\[N, 4, 2\]"):
         iemocap_metrics(torch.zeros(3, 5), labels)
+    with pytest.raises(ValueError, match="y_pred holds NaN"):
+        iemocap_metrics(logits.masked_fill(logits == 1, math.nan), labels)
+    with pytest.raises(ValueError, match=r"y as \[N, 4\] must hold binary labels .* \[2\]"):
+        iemocap_metrics(preds, labels + labels)
 
 
 def test_cumulative_metrics_equal_functional_twins():

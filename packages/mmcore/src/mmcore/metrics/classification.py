@@ -83,8 +83,15 @@ def _iemocap_labels(x: np.ndarray, what: str) -> np.ndarray:
     if x.ndim == 2 and x.shape[1] == 8:
         x = x.reshape(n, 4, 2)
     if x.ndim == 3 and x.shape[1:] == (4, 2):
+        if not np.isfinite(x).all():
+            raise ValueError(f"iemocap_metrics: {what} holds NaN or infinite values.")
         return x.argmax(axis=2)
     if x.ndim == 2 and x.shape[1] == 4:
+        if not np.isin(x, (0, 1)).all():
+            raise ValueError(
+                f"iemocap_metrics: {what} as [N, 4] must hold binary labels (0 or 1), found "
+                f"values such as {np.unique(x[~np.isin(x, (0, 1))])[:3].tolist()}."
+            )
         return x.astype(np.int64)
     raise ValueError(
         f"iemocap_metrics: {what} must be [N, 4, 2] (logits or one-hot), [N, 8] logits or "

@@ -140,6 +140,11 @@ def test_bad_input_raises():
     wide = data.replace(inputs={**data.inputs, "audio": torch.randn(7, 4, 6)})
     with pytest.raises(ValueError, match=r"'audio' must be \[B, T, 5\]"):
         model(wide)
+    with pytest.raises(TypeError, match=r"'text' is torch.float64 but the model's weights are"):
+        model(data.to(torch.float64))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32: no error there
+        assert half(data).shape == (7, 1)
     with pytest.raises(ValueError, match="init must be"):
         MPLMM(model.backbone, model.seq_lens, init="zeros")
     with pytest.raises(ValueError, match="seq_lens must name"):

@@ -418,6 +418,12 @@ class MulTBackbone(nn.Module):
                     f"MulTBackbone: modality '{k}' must be [B, T, {dim}] sequences, got "
                     f"{tuple(x.shape)}."
                 )
+            dtype = self.proj[k].weight.dtype
+            if x.dtype != dtype and not _autocasting(x.device.type):
+                raise TypeError(
+                    f"MulTBackbone: modality '{k}' is {x.dtype} but the model's weights are "
+                    f"{dtype}; cast one to the other (batch.to({dtype}) or model.to(...))."
+                )
         return {
             k: self.proj[k](
                 zero_padding(batch[k], batch.padding_mask(k)).transpose(1, 2)
@@ -504,3 +510,13 @@ class MulTBackbone(nn.Module):
     def config_dict(self) -> dict:
         """JSON-ready config."""
         return asdict(self.config)
+
+
+def _autocasting(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (it then casts mixed dtypes)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())

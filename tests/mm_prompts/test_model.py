@@ -129,6 +129,33 @@ def test_save_load_round_trip(tmp_path):
         MPLMM.from_pretrained(tmp_path / "nope")
 
 
+def test_backbone_round_trip_and_the_two_stages(tmp_path):
+    """Pretrain and save a backbone; wrap the loaded one; save the model; the backbone inside
+    the model's folder loads on its own."""
+    model, data = build()
+    backbone = model.backbone.eval()
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # as if pretrained
+        expected = backbone(data)
+    backbone.save_pretrained(tmp_path / "backbone")
+    loaded = MulTBackbone.from_pretrained(tmp_path / "backbone").eval()
+    assert loaded.config == backbone.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data), expected, rtol=0, atol=0)
+    wrapped = MPLMM(loaded, model.seq_lens, prompt_length=4)
+    wrapped.save_pretrained(tmp_path / "mplmm")
+    inner = MulTBackbone.from_pretrained(tmp_path / "mplmm").eval()
+    for (name, a), b in zip(
+        inner.state_dict().items(), backbone.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="holds a MulTBackbone, not an MPLMM model"):
+        MPLMM.from_pretrained(tmp_path / "backbone")
+    with pytest.raises(FileNotFoundError, match=r"MulTBackbone.from_pretrained: .*config.json"):
+        MulTBackbone.from_pretrained(tmp_path / "nope")
+
+
 def test_bad_input_raises():
     model, data = build()
     all_missing = data.with_missing("text").with_missing("audio").with_missing("vision")

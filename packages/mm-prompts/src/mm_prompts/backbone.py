@@ -27,6 +27,7 @@ training step.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm_prompts.io import read_pretrained, write_pretrained
 from mmcore import ModalityBatch, PointwiseConv1d, dropout_fast, is_compiling, sinusoidal_positions
 
 __all__ = ["MulTBackbone", "MulTConfig", "zero_padding"]
@@ -510,6 +512,29 @@ class MulTBackbone(nn.Module):
     def config_dict(self) -> dict:
         """JSON-ready config."""
         return asdict(self.config)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """``config.json`` + ``model.safetensors`` (state dict, never a pickled module).
+
+        The pretraining stage's output: :meth:`from_pretrained` rebuilds it, and ``MPLMM`` wraps
+        it for the missing-modality stage.
+        """
+        write_pretrained(directory, self.state_dict(), {"backbone": self.config_dict()})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> MulTBackbone:
+        """Rebuild a backbone saved with :meth:`save_pretrained`.
+
+        A folder ``MPLMM.save_pretrained`` wrote gives the backbone inside that model.
+        """
+        config, state = read_pretrained(directory, "MulTBackbone.from_pretrained")
+        backbone = cls(MulTConfig(**config["backbone"]))
+        if "seq_lens" in config:  # an MPLMM folder: its backbone's entries
+            state = {
+                k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")
+            }
+        backbone.load_state_dict(state)
+        return backbone
 
 
 def _autocasting(device_type: str) -> bool:

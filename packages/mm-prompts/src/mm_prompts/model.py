@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from mm_prompts.backbone import MulTBackbone, MulTConfig, zero_padding
+from mm_prompts.io import read_pretrained, write_pretrained
 from mm_prompts.missing import case_from_presence
-from mmcore import ModalityBatch, atomic_write
+from mmcore import ModalityBatch
 
 __all__ = ["MPLMM"]
 
@@ -268,33 +265,28 @@ class MPLMM(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """``config.json`` + ``model.safetensors`` (state dict, never a pickled module)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_write(directory / "model.safetensors", "wb") as f:
-            f.write(safetensors_bytes(tensors, metadata={"format": "pt", "library": "mm_prompts"}))
         config = {
             "backbone": self.backbone.config_dict(),
             "seq_lens": self.seq_lens,
             "prompt_length": self.prompt_length,
             "init": self.init_mode,
         }
-        with atomic_write(directory / "config.json") as f:
-            json.dump(config, f, indent=2)
+        write_pretrained(directory, self.state_dict(), config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> MPLMM:
         """Rebuild a model saved with :meth:`save_pretrained`."""
-        directory = Path(directory)
-        for name in ("config.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"MPLMM.from_pretrained: {directory / name} not found.")
-        config = json.loads((directory / "config.json").read_text())
+        config, state = read_pretrained(directory, "MPLMM.from_pretrained")
+        if "seq_lens" not in config:
+            raise ValueError(
+                f"MPLMM.from_pretrained: {directory} holds a MulTBackbone, not an MPLMM model; "
+                "load it with MulTBackbone.from_pretrained and wrap it: MPLMM(backbone, ...)."
+            )
         model = cls(
             MulTBackbone(MulTConfig(**config["backbone"])),
             config["seq_lens"],
             prompt_length=config["prompt_length"],
             init=config["init"],
         )
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        model.load_state_dict(state)
         return model

@@ -1,0 +1,44 @@
+"""``config.json`` + ``model.safetensors`` folders: a state dict, never a pickled module."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from mmcore import atomic_write
+
+__all__ = ["read_pretrained", "write_pretrained"]
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+def write_pretrained(
+    directory: str | os.PathLike, state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
+) -> None:
+    """Write ``state_dict`` and ``config`` to ``directory`` (created), each file atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_write(directory / WEIGHTS, "wb") as f:
+        f.write(safetensors_bytes(tensors, metadata={"format": "pt", "library": "mm_prompts"}))
+    with atomic_write(directory / CONFIG) as f:
+        json.dump(config, f, indent=2)
+
+
+def read_pretrained(
+    directory: str | os.PathLike, caller: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config, state_dict)`` from a folder :func:`write_pretrained` wrote (on the CPU)."""
+    directory = Path(directory)
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{caller}: {directory / name} not found.")
+    config = json.loads((directory / CONFIG).read_text())
+    return config, load_file(str(directory / WEIGHTS))

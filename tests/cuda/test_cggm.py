@@ -30,8 +30,11 @@ def _run(model, batch, steps=3, **options):
     return history, model, cggm
 
 
-def test_gpu_run_equals_the_cpu_run():
+@pytest.mark.parametrize("missing", [False, True])
+def test_gpu_run_equals_the_cpu_run(missing):
     batch = vector_batch(4)
+    if missing:  # presence masks: each classifier trains and scores on its own samples
+        batch = batch.with_missing("m0", torch.arange(16) % 3 == 0)
     model = make_model(batch)
     cpu_history, cpu_model, _ = _run(copy.deepcopy(model), batch)
     gpu_history, gpu_model, cggm = _run(model.to(CUDA), batch.to(CUDA))

@@ -46,6 +46,20 @@ def test_a_gpu_model_trains_as_on_the_cpu(output):
         torch.testing.assert_close(gpu(on_gpu).cpu(), cpu(batch), rtol=1e-4, atol=1e-5)
 
 
+def test_presence_masks_act_on_the_gpu_as_on_the_cpu():
+    batch = make_batch().with_missing("audio", torch.tensor([True, False, True, False]))
+    on_gpu = batch.to(CUDA)
+    cpu_base, gpu_base = base_pair(batch)
+    torch.manual_seed(1)
+    cpu = Wander(cpu_base, RANKS, example_input=batch, bias_augment=True)
+    torch.manual_seed(1)
+    gpu = Wander(gpu_base, RANKS, example_input=on_gpu, bias_augment=True)
+    train_steps(cpu, batch)
+    train_steps(gpu, on_gpu)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(on_gpu).cpu(), cpu(batch), rtol=1e-4, atol=1e-5)
+
+
 def test_save_on_the_gpu_load_on_the_cpu_and_back(tmp_path):
     batch = make_batch()
     cpu_base, gpu_base = base_pair(batch)

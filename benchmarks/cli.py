@@ -1,4 +1,4 @@
-"""``python -m benchmarks {list,run,report}``."""
+"""``python -m benchmarks {list,run,report,compare}``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 import benchmarks.tasks  # noqa: F401  (registers the tasks)
+from benchmarks.compare import compare_runs, format_comparison
 from benchmarks.registry import PROFILES, TASKS
 from benchmarks.report import write_report
 from benchmarks.runner import load_results, run_tasks
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report = sub.add_parser("report", help="rewrite report.md and plots from results.json")
     report.add_argument("run_dir", type=Path)
+    compare = sub.add_parser(
+        "compare",
+        help="compare two runs' figures, timings excluded (exit code 1 when any differs)",
+    )
+    compare.add_argument("run_a", type=Path)
+    compare.add_argument("run_b", type=Path)
+    compare.add_argument(
+        "--tolerance", type=float, default=0.0, help="absolute; default 0 (bitwise equal)"
+    )
     return parser
 
 
@@ -77,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as err:
             raise SystemExit(str(err)) from None
         return 0
+    if args.command == "compare":
+        try:
+            a, b = load_results(args.run_a), load_results(args.run_b)
+            comparison = compare_runs(a, b, args.tolerance)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(str(err)) from None
+        print(format_comparison(comparison))
+        return 0 if comparison.equal else 1
     if args.resume is not None:
         return _resume(args)
     args.profile = args.profile or "quick"

@@ -4,6 +4,7 @@ import pytest
 
 import benchmarks.tasks  # noqa: F401
 from benchmarks import cli
+from benchmarks.compare import compare_runs, format_comparison, is_timing
 from benchmarks.registry import TASKS, Target, Task, register_task
 from benchmarks.report import summarise, write_report
 from benchmarks.runner import run_tasks
@@ -237,3 +238,49 @@ def test_resume_reads_runs_written_before_completed_pairs_were_kept(tmp_path, fa
         json.dump(results, f)
     resumed = run_tasks(["toy-good"], profile="quick", seeds=[0, 1], out_dir=tmp_path, resume=True)
     assert [r["seed"] for r in resumed["records"]] == [0, 0, 1, 1]
+
+
+def _results(records):
+    return {"records": [{"task": "t", "dataset": "d", **r} for r in records]}
+
+
+def test_compare_runs_finds_changed_figures_and_ignores_timings():
+    a = _results(
+        [
+            {"method": "m", "seed": 0, "metrics": {"acc": 0.5, "ms_per_step": 1.0, "f1": None}},
+            {"method": "m", "seed": 1, "metrics": {"acc": 0.7, "step_time_vs_x": 2.0}},
+            {"method": "gone", "seed": 0, "metrics": {"acc": 0.1}},
+        ]
+    )
+    b = _results(
+        [
+            {"method": "m", "seed": 0, "metrics": {"acc": 0.5, "ms_per_step": 9.0, "f1": None}},
+            {"method": "m", "seed": 1, "metrics": {"acc": 0.7 + 1e-9, "step_time_vs_x": 3.0}},
+        ]
+    )
+    exact = compare_runs(a, b)
+    assert exact.compared == {"t": 3}  # acc twice and f1; the timings are not compared
+    assert exact.differing == [(("t", "d", "m", 1), "acc", 0.7, 0.7 + 1e-9)]
+    assert exact.only_a == [("t", "d", "gone", 0)] and exact.only_b == []
+    assert not exact.equal
+    assert compare_runs(a, b, tolerance=1e-6).equal
+    text = format_comparison(exact)
+    assert "t: 3 figures compared, 1 differ" in text and "seed 1: acc 0.7 ->" in text
+    assert "1 records only in the first run" in text
+    assert is_timing("adapt_samples_per_s") and is_timing("speedup_vs_per_sample_loop")
+    assert not is_timing("accuracy") and not is_timing("trainable_pct_of_backbone")
+    with pytest.raises(ValueError, match="tolerance"):
+        compare_runs(a, b, tolerance=-1.0)
+
+
+def test_cli_compare_exit_codes(tmp_path, fake_tasks, capsys):
+    for name in ("a", "b"):
+        run_tasks(["toy-good"], profile="quick", seeds=[0, 1], out_dir=tmp_path / name)
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "in all: 8 figures compared (timings excluded), 0 differ" in capsys.readouterr().out
+    changed = json.loads((tmp_path / "b" / "results.json").read_text())
+    changed["records"][0]["metrics"]["acc"] = 0.0
+    (tmp_path / "b" / "results.json").write_text(json.dumps(changed))
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    with pytest.raises(SystemExit, match="not found"):
+        cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")])

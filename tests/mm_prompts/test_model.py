@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,6 +179,20 @@ def test_bad_input_raises():
         MPLMM(model.backbone, {"text": 3})
     with pytest.raises(ValueError, match="divisible"):
         MulTConfig({"a": 2, "b": 3}, d=7, num_heads=2)
+    for options, message in (
+        ({"input_dims": {"a": 2, "b": 3.5}}, r"input_dims must be positive integers.*'b': 3.5"),
+        ({"input_dims": {"a": 0, "b": 3}}, r"input_dims must be positive integers.*'a': 0"),
+        ({"out_dim": 0}, "out_dim must be a positive integer"),
+        ({"cross_layers": 0}, "cross_layers must be a positive integer"),
+        ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            MulTConfig(**{"input_dims": {"a": 2, "b": 3}, "d": 4, "num_heads": 2, **options})
+    assert MulTConfig({"a": np.int64(2), "b": 3}, d=4, num_heads=2).input_dims == {"a": 2, "b": 3}
+    with pytest.raises(ValueError, match="prompt_length must be a positive integer, got 0"):
+        MPLMM(model.backbone, model.seq_lens, prompt_length=0)
+    with pytest.raises(ValueError, match=r"seq_lens must be positive integers.*'audio': 0"):
+        MPLMM(model.backbone, {**model.seq_lens, "audio": 0})
 
 
 def padded_copy(data, fill):

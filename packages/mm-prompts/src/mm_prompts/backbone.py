@@ -27,6 +27,7 @@ training step.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -67,9 +68,22 @@ class MulTConfig:
     def __post_init__(self) -> None:
         if len(self.input_dims) < 2:
             raise ValueError(f"MulT needs >= 2 modalities, got {list(self.input_dims)}.")
+        bad = {m: v for m, v in self.input_dims.items() if not _positive_int(v)}
+        if bad:
+            raise ValueError(f"input_dims must be positive integers, got {bad}.")
+        for name in ("out_dim", "d", "num_heads", "cross_layers", "memory_layers"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.d % self.num_heads:
             raise ValueError(f"d={self.d} must be divisible by num_heads={self.num_heads}.")
-        self.input_dims = dict(self.input_dims)
+        self.input_dims = {m: int(v) for m, v in self.input_dims.items()}  # JSON-ready
+
+
+def _positive_int(value: object) -> bool:
+    """An integer (Python's or numpy's, not a ``bool``) of at least 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
 
 
 class _Block(nn.Module):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm_prompts.backbone import MulTBackbone, MulTConfig, zero_padding
+from mm_prompts.backbone import MulTBackbone, MulTConfig, _positive_int, zero_padding
 from mm_prompts.io import read_pretrained, write_pretrained
 from mm_prompts.missing import case_from_presence
 from mmcore import ModalityBatch
@@ -69,6 +69,11 @@ class MPLMM(nn.Module):
             )
         self.backbone = backbone
         self.modalities = mods
+        bad = {m: v for m, v in seq_lens.items() if not _positive_int(v)}
+        if bad:
+            raise ValueError(f"seq_lens must be positive integers, got {bad}.")
+        if not _positive_int(prompt_length):
+            raise ValueError(f"prompt_length must be a positive integer, got {prompt_length!r}.")
         self.seq_lens = {m: int(seq_lens[m]) for m in mods}
         self.prompt_length, self.init_mode = prompt_length, init
         d, lp, width = backbone.config.d, prompt_length, (len(mods) - 1) * backbone.config.d

@@ -36,68 +36,38 @@ def batch_score_counts(
     totals and counts. ``weights`` (``[B]``, or ``[M, B]`` stacked; 1 = counted, 0 = not, e.g.
     a sample that lacks the modality): only the weighted samples are scored and counted.
     """
-    if weights is not None:
-        return _weighted_score_counts(task, pred, target, regression_score, stacked, weights)
     with torch.no_grad():
-        n = float(target.shape[0])
-        if task == "classification":
-            correct = (pred.argmax(dim=-1) == target).sum(dim=-1).float()
-            return correct, torch.full_like(correct, n)
-        if task == "regression":
-            p = pred.reshape(pred.shape[0], -1) if stacked else pred.reshape(-1)
-            t = target.reshape(-1).to(pred.dtype)
-            if regression_score == "sign":
-                total = ((p > 0) == (t > 0)).sum(dim=-1).float()
-            else:
-                total = -(p - t).abs().sum(dim=-1)
-            return total, torch.full_like(total, n)
-        if task == "segmentation":
-            # max().indices, not argmax(): the same first-maximum index, but argmax over a
-            # non-last axis is ~20x slower on CPU (it dominated the segmentation step)
-            if stacked:  # [M, B, C, *spatial]
-                m = pred.shape[0]
-                labels = pred.flatten(0, 1).max(dim=1).indices
-                repeated = target.repeat(m, *([1] * (target.ndim - 1)))
-                dice = segmentation_dice(labels, repeated, pred.shape[2]).view(m, -1)
-                total = dice.sum(dim=1)
-                return total, torch.full_like(total, n)
-            labels = pred.max(dim=1).indices
-            return segmentation_dice(labels, target, pred.shape[1]).sum(), torch.tensor(
-                n, device=pred.device
-            )
-    raise ValueError(f"unknown task {task!r}")
+        if not stacked:  # one classifier: a stack of one
+            pred = pred.unsqueeze(0)
+            weights = None if weights is None else weights.unsqueeze(0)
+        per_sample = _per_sample_scores(task, pred, target, regression_score)  # [M, B]
+        if weights is None:
+            total = per_sample.sum(dim=1)
+            count = torch.full_like(total, float(target.shape[0]))
+        else:
+            w = weights.to(per_sample.dtype)
+            total, count = (per_sample * w).sum(dim=1), w.sum(dim=1)
+        return (total, count) if stacked else (total[0], count[0])
 
 
-@torch.no_grad()
-def _weighted_score_counts(
-    task: str,
-    pred: Tensor,
-    target: Tensor,
-    regression_score: str,
-    stacked: bool,
-    weights: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """:func:`batch_score_counts` over the samples ``weights`` keeps (per-sample scores summed)."""
-    if not stacked:
-        pred, weights = pred.unsqueeze(0), weights.unsqueeze(0)
-    m, w = pred.shape[0], weights.to(torch.float32)
+def _per_sample_scores(task: str, pred: Tensor, target: Tensor, regression_score: str) -> Tensor:
+    """Each classifier's score on each sample, ``[M, B]``, from stacked predictions."""
+    m, n = pred.shape[0], target.shape[0]
     if task == "classification":
-        per_sample = (pred.argmax(dim=-1) == target).float()  # [M, B]
-    elif task == "regression":
-        p = pred.reshape(m, target.shape[0], -1).mean(dim=-1)
+        return (pred.argmax(dim=-1) == target).float()
+    if task == "regression":
+        p = pred.reshape(m, n, -1).mean(dim=-1)  # one output per sample (num_outputs=1)
         t = target.reshape(-1).to(pred.dtype)
         if regression_score == "sign":
-            per_sample = ((p > 0) == (t > 0)).float()
-        else:
-            per_sample = -(p - t).abs().float()
-    elif task == "segmentation":
+            return ((p > 0) == (t > 0)).float()
+        return -(p - t).abs()
+    if task == "segmentation":
+        # max().indices, not argmax(): the same first-maximum index, but argmax over a
+        # non-last axis is ~20x slower on CPU (it dominated the segmentation step)
         labels = pred.flatten(0, 1).max(dim=1).indices
         repeated = target.repeat(m, *([1] * (target.ndim - 1)))
-        per_sample = segmentation_dice(labels, repeated, pred.shape[2]).view(m, -1).float()
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    total, count = (per_sample * w).sum(dim=1), w.sum(dim=1)
-    return (total, count) if stacked else (total[0], count[0])
+        return segmentation_dice(labels, repeated, pred.shape[2]).view(m, -1)
+    raise ValueError(f"unknown task {task!r}")
 
 
 def segmentation_dice(labels: Tensor, target: Tensor, num_classes: int) -> Tensor:

@@ -424,18 +424,22 @@ class CGGM:
 
         ``weights`` ``[M, B]``: each classifier's loss is the mean over its weighted samples.
         """
-        if weights is not None:
-            per_sample = self._logit_grads(target, logits) * logits.shape[1]  # mean → sum
-            scale = weights / weights.sum(dim=1, keepdim=True).clamp_min(1)
-            return per_sample.mul_(scale.unsqueeze(-1).to(per_sample.dtype))
-        if self.config.task == "regression":  # L1: sign(prediction − target) / elements
+        grad = self._per_sample_logit_grads(target, logits)
+        if weights is None:
+            return grad.div_(logits.shape[1])
+        scale = weights / weights.sum(dim=1, keepdim=True).clamp_min(1)
+        return grad.mul_(scale.unsqueeze(-1).to(grad.dtype))
+
+    def _per_sample_logit_grads(self, target: Tensor, logits: Tensor) -> Tensor:
+        """Gradient of each sample's task loss w.r.t. its logits ``[M, B, C]`` (a new tensor)."""
+        if self.config.task == "regression":  # L1: sign(prediction − target)
             t = target.reshape(1, logits.shape[1], -1).to(logits.dtype)
             if t.shape[2] != logits.shape[2]:
                 raise ValueError(
                     f"CGGM.step: regression targets of shape {tuple(target.shape)} for "
                     f"{logits.shape[2]} outputs per sample."
                 )
-            return torch.sign(logits - t) / target.numel()
+            return torch.sign(logits - t)
         classes = logits.shape[2]
         # one device-to-host copy for both bounds
         low, high = torch.stack(torch.aminmax(target)).tolist() if target.numel() else (0, 0)
@@ -444,10 +448,10 @@ class CGGM:
                 f"CGGM.step: class targets must lie in [0, {classes}); got values from {low} to "
                 f"{high}."
             )
-        # cross-entropy: (softmax − one-hot) / B
+        # cross-entropy: softmax − one-hot
         grad = logits.softmax(dim=-1)
         grad[:, torch.arange(len(target), device=target.device), target] -= 1
-        return grad.div_(len(target))
+        return grad
 
     def _presence_weights(self, batch_size: int, device: torch.device) -> Tensor | None:
         """``[M, B]`` float, 0 where a sample lacks the modality (the batch's presence masks).

@@ -105,11 +105,13 @@ class CASP:
                 ) from None
         self.params = self._select_parameters()
         # BatchNorm normalises over the batch: its two views must keep separate statistics, so
-        # only models without it run both views in one forward pass
-        self._joint_views = not any(
+        # only models without it run both views in one forward pass; nor can it train on one sample
+        self._batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
         )
+        self._joint_views = not self._batch_norm
         self._source_state = copy.deepcopy(self.model.state_dict())
+        self._online_opt: torch.optim.Optimizer | None = None
         self.report = AdaptationReport()
 
     # ------------------------------------------------------------------ set-up
@@ -194,8 +196,12 @@ class CASP:
         return _scores(out)
 
     def reset(self) -> None:
-        """Restore the source weights exactly."""
+        """Restore the source weights exactly and forget the online optimiser's state.
+
+        After ``reset()``, :meth:`forward` behaves as on a freshly built ``CASP``.
+        """
         self.model.load_state_dict(self._source_state)
+        self._online_opt = None
         self.report = AdaptationReport()
 
     # ------------------------------------------------------------------ the protocols
@@ -308,6 +314,8 @@ class CASP:
         for _ in range(cfg.epochs_pl):
             losses = []
             for batch in labelled.split(cfg.batch_size, shuffle=True, generator=generator):
+                if len(batch) < 2 and self._batch_norm:
+                    continue  # a trailing one-sample batch: BatchNorm has no variance to use
                 batch = batch.to(self.device)
                 pred, target = self.model(batch), batch.require_target()  # the pseudo-labels
                 if cfg.task == "classification":
@@ -349,7 +357,7 @@ class CASP:
     __call__ = forward
 
     def _online_optimizer(self, episodic: bool) -> torch.optim.Optimizer:
-        if episodic or getattr(self, "_online_opt", None) is None:
+        if episodic or self._online_opt is None:
             self._online_opt = self._optimizer()
         return self._online_opt
 

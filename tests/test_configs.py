@@ -3,10 +3,13 @@
 import math
 
 import pytest
+import torch
 
-from casp import CASPConfig
-from cggm import CGGMConfig
-from wander import WanderConfig
+from benchmarks.backbones import LateFusionModel
+from casp import CASP, CASPConfig
+from cggm import CGGM, CGGMConfig
+from mmcore import ModalityBatch
+from wander import Wander, WanderConfig
 
 BAD = [
     # wander
@@ -80,3 +83,22 @@ def test_defaults_are_valid_and_round_trip_through_a_dict(config):
 
 def test_one_module_to_save_may_be_a_string():
     assert WanderConfig(modules_to_save="classifier").modules_to_save == ["classifier"]
+
+
+def _late_fusion():
+    batch = ModalityBatch({"a": torch.randn(4, 5), "b": torch.randn(4, 3, 2)}, torch.arange(4) % 2)
+    return LateFusionModel.from_batch(batch, 2, width=6, hidden=8, num_heads=2, num_layers=1)
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "misspelt", "meant"),
+    [
+        (CASP, (), "epoch_ca", "epochs_ca"),
+        (CGGM, (), "rh", "rho"),
+        (Wander, ((4, 2, 2),), "cp_mdoe", "cp_mode"),
+        (Wander, (), "target_module", "target_modules"),
+    ],
+)
+def test_a_misspelt_option_names_the_field_meant(method, args, misspelt, meant):
+    with pytest.raises(TypeError, match=rf"unknown option '{misspelt}' \(did you mean '{meant}'"):
+        method(_late_fusion(), *args, **{misspelt: 1})

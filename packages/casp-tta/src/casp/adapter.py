@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from casp.config import CASPConfig
 from casp.functional import nt_xent, pseudo_labels, select_samples, stability_scores
-from mmcore import ModalityBatch, ModulePathError, resolve_module
+from mmcore import ModalityBatch, ModulePathError, make_config, resolve_module
 
 __all__ = ["CASP", "AdaptationReport", "norm_parameters"]
 
@@ -91,7 +91,7 @@ class CASP:
     ) -> None:
         if config is not None and config_kwargs:
             raise ValueError("pass either config= or its fields as keyword arguments, not both.")
-        self.config = config or CASPConfig(**config_kwargs)
+        self.config = config or make_config(CASPConfig, "CASP", **config_kwargs)
         self.model = model if inplace else copy.deepcopy(model)
         self._representation_fn = representation_fn
         if representation_fn is None:

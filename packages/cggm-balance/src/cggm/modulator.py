@@ -27,6 +27,7 @@ from mmcore import (
     encoder_features,
     find_modality_batch,
     fused_optimizer,
+    make_config,
     masked_mean,
     resolve_module,
     trainable_dtype,
@@ -257,7 +258,7 @@ class CGGM:
         self.feature_fn = feature_fn
         if config is not None and config_kwargs:
             raise ValueError("pass either config= or its fields as keyword arguments, not both.")
-        self.config = config or CGGMConfig(**config_kwargs)
+        self.config = config or make_config(CGGMConfig, "CGGM", **config_kwargs)
         paths = (
             dict(encoder_modules)
             if encoder_modules is not None

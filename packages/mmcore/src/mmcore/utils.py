@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import math
 import os
 import random
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,10 +21,34 @@ __all__ = [
     "atomic_write",
     "fused_optimizer",
     "is_compiling",
+    "make_config",
     "seed_everything",
     "sinusoidal_positions",
     "trainable_dtype",
 ]
+
+
+_Config = TypeVar("_Config")
+
+
+def make_config(cls: type[_Config], caller: str, **kwargs: Any) -> _Config:
+    """``cls(**kwargs)`` for a config dataclass, naming the closest field for an unknown name.
+
+    ``caller`` is what the user called (e.g. ``"CASP"``): a keyword misspelt there would
+    otherwise surface as ``cls.__init__() got an unexpected keyword argument``.
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = [k for k in kwargs if k not in fields]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(
+            f"{caller}: unknown option {', '.join(hints)}; {cls.__name__} has the fields "
+            f"{', '.join(fields)}."
+        )
+    return cls(**kwargs)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mmcore import make_config
+
 __all__ = ["WanderConfig", "resolve_config"]
 
 CPMode = Literal["true", "reference"]
@@ -200,4 +202,4 @@ def resolve_config(
                 f"got {ranks}."
             )
         values = dict(zip(("bottleneck_dim", "feature_rank", "token_rank"), ranks, strict=True))
-    return WanderConfig(**values, **overrides)
+    return make_config(WanderConfig, "Wander", **values, **overrides)

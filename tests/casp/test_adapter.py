@@ -278,3 +278,8 @@ def test_batchnorm_models_keep_separate_views():
     # on which BatchNorm cannot train; it is skipped (as in stage 1), not a crash
     report = casp.adapt(target)
     assert len(report.kept_indices) == 9 and len(report.pseudo_label_losses) == 1
+
+
+def test_predicting_nothing_is_a_clear_error():
+    with pytest.raises(ValueError, match="no sample to predict"):
+        CASP(model(), **FAST).predict(data().select(torch.arange(0)))

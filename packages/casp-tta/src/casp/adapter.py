@@ -186,6 +186,8 @@ class CASP:
         An iterable of batches (a ``DataLoader``) is concatenated first, in its order.
         """
         data = _in_memory(data, "CASP.predict")
+        if data.batch_size == 0:
+            raise ValueError("CASP.predict got no sample to predict (an empty batch).")
         was_training = self.model.training
         self.model.eval()
         outs = [self.model(b.to(self.device)) for b in data.split(batch_size)]

@@ -59,7 +59,9 @@ def read_titles_csv(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"UPMC-Food101 titles file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a file saved by a spreadsheet starts with a byte-order mark, which would
+    # otherwise become part of the first filename
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():

@@ -27,6 +27,16 @@ def test_loader_reads_what_the_generator_wrote(tmp_path, header):
     assert first.startswith("Image_path") == header
 
 
+@pytest.mark.parametrize("header", [True, False])
+def test_loader_reads_windows_line_ends_and_a_byte_order_mark(tmp_path, header):
+    root = write_food101(tmp_path, CLASSES, n_per_class=(2, 1), header=header)
+    csv = root / "texts" / "train_titles.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes().replace(b"\n", b"\r\n"))
+    split = load_food101(root, "train")
+    assert len(split) == 6 and split.image_paths[0].name == "apple_pie_0.jpg"
+    assert not any(t.endswith("\r") for t in split.titles)
+
+
 def test_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="images/train"):
         load_food101(tmp_path, "train")

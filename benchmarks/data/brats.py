@@ -1,6 +1,7 @@
 """BraTS 2021 case folders (NIfTI via nibabel and MONAI transforms) and a generator of them.
 
-Layout: ``<root>/BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz``; ``seg`` holds
+Layout: ``<root>/BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz`` (or uncompressed
+``.nii``; hidden folders under ``<root>`` are skipped); ``seg`` holds
 {0, 1, 2, 4}: 1 = necrotic / non-enhancing core (NCR), 2 = oedema (ED), 4 = enhancing tumour (ET).
 
 Label traps (ecosystem notes §3.4) are detected, never silently mis-read: BraTS 2023 folders
@@ -36,7 +37,8 @@ def find_brats_cases(root: str | os.PathLike) -> list[Path]:
             f"{root} looks like MSD Task01 (imagesTr/labelsTr, 4-D images, labels 1 = oedema, "
             "2 = non-enhancing, 3 = enhancing), not BraTS 2021 case folders; convert it first."
         )
-    cases = sorted(p for p in root.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints, .cache) are not cases
+    cases = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not cases:
         raise DataFormatError(f"{root}: no case folders (expected BraTS2021_XXXXX/).")
     for case in cases:
@@ -48,6 +50,8 @@ def _case_files(case: Path) -> dict[str, Path]:
     files = {}
     for key in (*BRATS_MODALITIES, "seg"):
         path = case / f"{case.name}_{key}.nii.gz"
+        if not path.is_file() and (case / path.stem).is_file():
+            path = case / path.stem  # an uncompressed copy: .nii
         if not path.is_file():
             if any((case / f"{case.name}-{k}.nii.gz").is_file() for k in _BRATS2023):
                 raise DataFormatError(
@@ -80,7 +84,17 @@ def _load_case(case: Path) -> dict[str, np.ndarray]:
     )
     data = transform({k: str(v) for k, v in _case_files(case).items()})
     out = {k: np.asarray(data[k])[0] for k in keys}
-    values = set(np.unique(out["seg"]).astype(int).tolist())
+    shapes = {k: v.shape for k, v in out.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataFormatError(f"{case}: the volumes differ in shape: {shapes}.")
+    found = np.unique(out["seg"])
+    if not np.array_equal(found, np.round(found)):
+        raise DataFormatError(
+            f"{case}: seg holds non-integer values (e.g. {found[found != np.round(found)][0]}); "
+            "a label map resampled with interpolation cannot be read; resample it with "
+            "nearest-neighbour."
+        )
+    values = set(found.astype(int).tolist())
     if not values <= {0, 1, 2, 4}:
         raise DataFormatError(
             f"{case}: seg holds labels {sorted(values)}; BraTS 2021 uses {{0, 1, 2, 4}} (ET = 4). "

@@ -50,3 +50,29 @@ def test_label_traps_are_detected(tmp_path):
         find_brats_cases(tmp_path / "relabelled")
     with pytest.raises(FileNotFoundError):
         find_brats_cases(tmp_path / "nowhere")
+
+
+def test_uncompressed_files_and_hidden_folders(tmp_path):
+    case = write_brats_case(tmp_path, 0, shape=(16, 16, 6))
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    for path in list(case.iterdir()):
+        nib.save(nib.load(path), case / path.stem)  # BraTS2021_00000_flair.nii
+        path.unlink()
+    cases = find_brats_cases(tmp_path)
+    assert [c.name for c in cases] == ["BraTS2021_00000"]
+    assert load_brats_slices(cases, slices_per_case=2)["t1ce"].shape == (2, 1, 16, 16)
+
+
+def test_interpolated_labels_and_mismatched_shapes_are_detected(tmp_path):
+    case = write_brats_case(tmp_path / "float", 0, shape=(16, 16, 6))
+    seg_path = case / f"{case.name}_seg.nii.gz"
+    seg = np.asarray(nib.load(seg_path).dataobj).astype(np.float32)
+    seg[8, 8, 3] = 3.5  # a label map resampled with linear interpolation
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), seg_path)
+    with pytest.raises(DataFormatError, match=r"non-integer values \(e\.g\. 3\.5\)"):
+        load_brats_slices(find_brats_cases(tmp_path / "float"))
+    case = write_brats_case(tmp_path / "shape", 0, shape=(16, 16, 6))
+    flair = case / f"{case.name}_flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 5), np.float32), np.eye(4)), flair)
+    with pytest.raises(DataFormatError, match="differ in shape"):
+        load_brats_slices(find_brats_cases(tmp_path / "shape"))

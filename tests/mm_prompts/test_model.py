@@ -130,6 +130,17 @@ def test_save_load_round_trip(tmp_path):
         MPLMM.from_pretrained(tmp_path / "nope")
 
 
+def test_a_loaded_model_trains_the_same_parameters(tmp_path):
+    for freeze in (True, False):
+        backbone = MulTBackbone(MulTConfig({"text": 4, "audio": 5}, d=8, num_heads=2))
+        model = MPLMM(backbone, {"text": 3, "audio": 4}, prompt_length=4, freeze_backbone=freeze)
+        model.save_pretrained(tmp_path / str(freeze))
+        loaded = MPLMM.from_pretrained(tmp_path / str(freeze))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {n for n, p in loaded.named_parameters() if p.requires_grad} == trainable
+        assert ("backbone.cross.stack.blocks.0.attn.in_proj_weight" in trainable) != freeze
+
+
 def test_backbone_round_trip_and_the_two_stages(tmp_path):
     """Pretrain and save a backbone; wrap the loaded one; save the model; the backbone inside
     the model's folder loads on its own."""

@@ -76,6 +76,7 @@ class MPLMM(nn.Module):
             raise ValueError(f"prompt_length must be a positive integer, got {prompt_length!r}.")
         self.seq_lens = {m: int(seq_lens[m]) for m in mods}
         self.prompt_length, self.init_mode = prompt_length, init
+        self.freeze_backbone = freeze_backbone
         d, lp, width = backbone.config.d, prompt_length, (len(mods) - 1) * backbone.config.d
         dims = backbone.config.input_dims
         self.generative_prompts = nn.ParameterDict(
@@ -275,12 +276,13 @@ class MPLMM(nn.Module):
             "seq_lens": self.seq_lens,
             "prompt_length": self.prompt_length,
             "init": self.init_mode,
+            "freeze_backbone": self.freeze_backbone,
         }
         write_pretrained(directory, self.state_dict(), config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> MPLMM:
-        """Rebuild a model saved with :meth:`save_pretrained`."""
+        """Rebuild a model saved with :meth:`save_pretrained` (the same parameters trainable)."""
         config, state = read_pretrained(directory, "MPLMM.from_pretrained")
         if "seq_lens" not in config:
             raise ValueError(
@@ -292,6 +294,9 @@ class MPLMM(nn.Module):
             config["seq_lens"],
             prompt_length=config["prompt_length"],
             init=config["init"],
+            freeze_backbone=config.get(
+                "freeze_backbone", True
+            ),  # configs saved before the key existed
         )
         model.load_state_dict(state)
         return model

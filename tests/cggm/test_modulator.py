@@ -355,6 +355,24 @@ def test_state_round_trip_resumes_exactly():
     assert run(resumed, model2, batches[2:]) == expected
 
 
+def test_a_state_for_other_modalities_or_another_set_up_is_refused():
+    batches = [vector_batch(3, seed=s) for s in range(2)]
+    model = make_model(batches[0])
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3)
+    modulated_steps(cggm, model, batches)
+    state = cggm.state_dict()
+    two = make_model(vector_batch(2))
+    with pytest.raises(ValueError, match=r"modalities \['m0', 'm1', 'm2'\], this CGGM .*'m1'\]"):
+        CGGM(two, task="classification", num_outputs=3).load_state_dict(state)
+    four = make_model(batches[0], out_dim=4)
+    with pytest.raises(ValueError, match="num_outputs: saved 3, here 4"):
+        CGGM(four, task="classification", num_outputs=4).load_state_dict(state)
+    # settings that shape nothing saved may change on resume
+    CGGM(make_model(batches[0]), task="classification", num_outputs=3, rho=2.0).load_state_dict(
+        state
+    )
+
+
 def test_a_modulated_model_can_be_copied_and_pickled():
     """The hooks are picklable objects: ``torch.save(model)`` works, and a deep copy's hooks
     feed a copy of the modulator, never the original."""

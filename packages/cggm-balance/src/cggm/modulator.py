@@ -738,6 +738,7 @@ class CGGM:
         """Everything a resumed run needs: classifiers, their optimiser, the running scores."""
         return {
             "config": self.config.to_dict(),
+            "modalities": list(self.modalities),
             "feature_shapes": getattr(self, "_feature_shapes", None),
             "classifiers": None if self.classifiers is None else self.classifiers.state_dict(),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
@@ -749,7 +750,14 @@ class CGGM:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (a reference-mode pending direction term is not saved)."""
+        """Restore :meth:`state_dict` (a reference-mode pending direction term is not saved).
+
+        The state must come from a CGGM over the same modalities (in the same order) with the
+        same ``task``, ``num_outputs``, ``mode`` and ``classifier_hidden``; other settings
+        (``rho``, ``lam``, learning rates) are this modulator's own, so a resumed run may change
+        them.
+        """
+        self._check_compatible(state)
         if state["classifiers"] is not None:
             if self.classifiers is None:
                 if state.get("feature_shapes") is None:
@@ -766,6 +774,32 @@ class CGGM:
         self._direction = None
         self._totals = state["totals"].clone()
         self._counts = state["counts"].clone()
+
+    def _check_compatible(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("modalities")  # absent from states saved before it was recorded
+        if saved is not None and list(saved) != list(self.modalities):
+            raise ValueError(
+                f"CGGM.load_state_dict: the state is for modalities {list(saved)}, this CGGM "
+                f"modulates {list(self.modalities)} (same names in the same order needed)."
+            )
+        if len(state["prev_scores"]) != len(self.modalities):
+            raise ValueError(
+                f"CGGM.load_state_dict: the state has scores for {len(state['prev_scores'])} "
+                f"modalities, this CGGM modulates {len(self.modalities)}."
+            )
+        mine = self.config.to_dict()
+        differ = {
+            k: (v, mine[k]) for k, v in state["config"].items() if k in _STRUCTURAL and v != mine[k]
+        }
+        if differ:
+            listed = ", ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(
+                f"CGGM.load_state_dict: the state was saved with a different set-up ({listed})."
+            )
+
+
+#: config fields that shape the classifiers or the scores: a state saved under others cannot load
+_STRUCTURAL = ("task", "num_outputs", "mode", "classifier_hidden", "regression_score")
 
 
 def _weighted_means(per_sample: Tensor, weights: Tensor) -> Tensor:

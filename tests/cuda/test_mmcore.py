@@ -32,6 +32,20 @@ def test_batch_moves_whole_to_the_gpu():
         assert torch.equal(back.is_present(m), batch.is_present(m))
 
 
+def test_a_data_loader_pins_batches_in_memory():
+    samples = [
+        ModalityBatch({"text": torch.randn(1, n, 3), "audio": torch.randn(1, 2)}, torch.randn(1))
+        for n in (3, 5, 4, 2)
+    ]
+    loader = torch.utils.data.DataLoader(
+        samples, batch_size=2, collate_fn=collate_modalities, pin_memory=True
+    )
+    for batch in loader:
+        tensors = [*batch.inputs.values(), batch.target, *batch.padding_masks.values()]
+        assert all(t.is_pinned() for t in tensors)
+        assert batch.to(CUDA, non_blocking=True)["text"].device.type == "cuda"
+
+
 def test_collate_keeps_samples_on_the_gpu():
     samples = [
         {

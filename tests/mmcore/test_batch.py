@@ -184,6 +184,31 @@ def test_to_casts_floating_inputs_only():
         batch.to(torch.float64, torch.float16)
 
 
+def test_pin_memory_pins_every_tensor(monkeypatch):
+    """``DataLoader(pin_memory=True)`` calls ``pin_memory()`` on what it yields; without the
+    method a batch was passed through unpinned. (Pinning needs an accelerator: stubbed here,
+    the real one is in tests/cuda.)"""
+    pinned = []
+
+    def fake_pin(t):
+        pinned.append(t)
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = ModalityBatch(
+        {"x": torch.randn(2, 3, 4), "ids": torch.ones(2, 4, dtype=torch.long)},
+        torch.zeros(2),
+        padding_masks={"x": torch.tensor([[False] * 3, [False, False, True]])},
+        sample_ids=["a", "b"],
+    ).with_missing("ids", torch.tensor([True, False]))
+    out = torch.utils.data._utils.pin_memory.pin_memory(batch)  # what the DataLoader calls
+    assert isinstance(out, ModalityBatch) and out.sample_ids == ["a", "b"]
+    assert len(pinned) == 5  # two inputs, the target, a padding mask, a presence mask
+    for m in batch.modalities:
+        assert torch.equal(out[m], batch[m]) and out[m] is not batch[m]
+        assert torch.equal(out.is_present(m), batch.is_present(m))
+
+
 def test_collate_pads_variable_length_sequences():
     samples = [
         {"inputs": {"a": torch.ones(3, 2), "v": torch.ones(5)}, "target": 1.0, "sample_id": 0},

@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NoReturn, cast
 
 import torch
@@ -311,14 +311,24 @@ class ModalityBatch:
                 non_blocking=non_blocking,
             )
 
-        target = self.target
-        if target is not None:
-            target = target.to(device=device, non_blocking=non_blocking)
+        return self._map(lambda t: move(t, True), lambda t: move(t, False))
+
+    def pin_memory(self) -> ModalityBatch:
+        """Every tensor in page-locked memory; ``DataLoader(pin_memory=True)`` calls this.
+
+        A pinned batch's ``to(device, non_blocking=True)`` copies asynchronously.
+        """
+        return self._map(Tensor.pin_memory, Tensor.pin_memory)
+
+    def _map(
+        self, on_inputs: Callable[[Tensor], Tensor], on_others: Callable[[Tensor], Tensor]
+    ) -> ModalityBatch:
+        """A batch of ``on_inputs`` of each input and ``on_others`` of the target and masks."""
         return ModalityBatch(
-            {m: move(x, True) for m, x in self.inputs.items()},
-            target,
-            presence={m: move(x, False) for m, x in self.presence.items()},
-            padding_masks={m: move(x, False) for m, x in self.padding_masks.items()},
+            {m: on_inputs(x) for m, x in self.inputs.items()},
+            None if self.target is None else on_others(self.target),
+            presence={m: on_others(x) for m, x in self.presence.items()},
+            padding_masks={m: on_others(x) for m, x in self.padding_masks.items()},
             sample_ids=self.sample_ids,
         )
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         try:
             print(write_report(args.run_dir))
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:
             raise SystemExit(str(err)) from None
         return 0
     if args.command == "compare":
@@ -122,7 +122,7 @@ def _resume(args: argparse.Namespace) -> int:
         )
     try:
         meta = load_results(args.resume)["meta"]
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise SystemExit(str(err)) from None
     unknown = [t for t in meta["tasks"] if t not in TASKS]
     if unknown:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 import textwrap
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.registry import TASKS, Target
-from benchmarks.runner import RESULTS_FILE
+from benchmarks.runner import load_results
 from mmcore import atomic_write
 
 REPORT_FILE = "report.md"
@@ -192,10 +191,7 @@ def _target_lines(grouped: dict[str, dict[str, dict[str, list[dict]]]]) -> list[
 
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` for the run in ``run_dir``; return the report."""
-    results_path = run_dir / RESULTS_FILE
-    if not results_path.is_file():
-        raise FileNotFoundError(f"no {RESULTS_FILE} in {run_dir}: run `python -m benchmarks run`.")
-    results = json.loads(results_path.read_text())
+    results = load_results(run_dir)
     meta = results.get("meta", {})
     lines = [
         "# Benchmark report",

@@ -73,11 +73,22 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
-    """The ``results.json`` of ``run_dir`` (a clear error when there is none)."""
+    """The ``results.json`` of ``run_dir``.
+
+    Raises:
+        FileNotFoundError: there is none.
+        ValueError: it is not JSON, or not a run's results (``meta`` and ``records``).
+    """
     path = run_dir / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a benchmark run folder?")
-    return json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); was it edited by hand?") from None
+    if not (isinstance(results, dict) and {"meta", "records"} <= results.keys()):
+        raise ValueError(f"{path} is not a benchmark run's results (no 'meta' and 'records').")
+    return results
 
 
 def _completed(results: dict[str, Any]) -> set[tuple[str, int]]:

@@ -102,8 +102,20 @@ def test_cli_list_run_report(tmp_path, fake_tasks, capsys):
     assert cli.main(["report", str(tmp_path)]) == 0
     with pytest.raises(SystemExit, match=r"unknown task .toy-god.\. Did you mean toy-good"):
         cli.main(["run", "--task", "toy-god"])
-    with pytest.raises(SystemExit, match=r"no results\.json in .*: run `python -m benchmarks run`"):
+    with pytest.raises(SystemExit, match=r"results\.json not found: is .* a benchmark run"):
         cli.main(["report", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize(
+    ("text", "match"), [('{"records": [', "not valid JSON"), ("[]", "not a benchmark run's")]
+)
+def test_a_damaged_results_file_is_a_clear_error(tmp_path, text, match):
+    (tmp_path / "results.json").write_text(text)
+    for command in (["report", str(tmp_path)], ["run", "--resume", str(tmp_path)]):
+        with pytest.raises(SystemExit, match=match):
+            cli.main(command)
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["compare", str(tmp_path), str(tmp_path)])
 
 
 def test_seed_parsing_and_summary():

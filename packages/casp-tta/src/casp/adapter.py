@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -73,6 +74,15 @@ class CASP:
         representation_module: dotted path of the module whose output is the representation.
         inplace: adapt ``model`` itself; by default a deep copy is adapted and the caller's
             weights are never modified.
+        distributed: :meth:`adapt` on this rank's shard of the target set, in step with every
+            rank of the default process group: the NT-Xent negatives come from every rank
+            (with gradient), the gradients are averaged over the ranks before clipping, and the
+            collapse guard reads the ranks' mean variance, so every rank ends with the same
+            weights. Each rank keeps the stablest ``keep_ratio`` of its own shard; every rank
+            must hold the same number of samples (``DistributedSampler`` pads to that). Online
+            :meth:`forward` and ``select_by="target_validation"`` stay single-process. By
+            default CASP never communicates, even inside a process group: each process adapts
+            on what it holds (e.g. rank 0 alone).
 
     Like Tent: :meth:`adapt` (offline, the paper's protocol), :meth:`forward` (online /
     episodic: adapt on each incoming batch, then predict), :meth:`predict`, :meth:`reset`.
@@ -87,11 +97,18 @@ class CASP:
         | None = None,
         representation_module: str | None = None,
         inplace: bool = False,
+        distributed: bool = False,
         **config_kwargs: Any,
     ) -> None:
         if config is not None and config_kwargs:
             raise ValueError("pass either config= or its fields as keyword arguments, not both.")
         self.config = config or make_config(CASPConfig, "CASP", **config_kwargs)
+        if distributed and self.config.select_by == "target_validation":
+            raise ValueError(
+                "CASP(distributed=True) does not support select_by='target_validation': each "
+                "rank would restore the epoch its own validation data prefers."
+            )
+        self.distributed = distributed
         self.model = model if inplace else copy.deepcopy(model)
         self._representation_fn = representation_fn
         if representation_fn is None:
@@ -156,6 +173,8 @@ class CASP:
     def _step(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.distributed:
+            _average_over_ranks(self.params)
         if self.config.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
         optimizer.step()
@@ -173,7 +192,16 @@ class CASP:
         else:
             _, z1 = self._forward(batch)
             _, z2 = self._forward(dropped)
-        return nt_xent(z1, z2, self.config.tau), z1
+        return nt_xent(z1, z2, self.config.tau, gather=self.distributed), z1
+
+    def _mean_variance(self, rep: Tensor) -> float:
+        """Mean per-feature variance of the normalised representation (over the ranks too)."""
+        variance = F.normalize(rep.detach(), dim=1).var(dim=0).mean()
+        if self.distributed:  # every rank takes the same collapse decision
+            variance = variance.clone()
+            dist.all_reduce(variance)
+            variance /= dist.get_world_size()
+        return variance.item()
 
     @torch.no_grad()
     def predict(
@@ -237,6 +265,8 @@ class CASP:
             raise ValueError("CASP.adapt needs at least one unlabeled target sample, got none.")
         if cfg.select_by == "target_validation":
             _Best.check(validation, score_fn)
+        if self.distributed:
+            _check_equal_shards(data.batch_size)
         data = data.replace(target=None)  # no target label is read
         report = self.report = AdaptationReport()
         rng = random.Random(cfg.seed)
@@ -258,7 +288,7 @@ class CASP:
                     continue
                 batch = batch.to(self.device)
                 loss, rep = self.contrastive_loss(batch, rng.choice(data.modalities))
-                variance = F.normalize(rep.detach(), dim=1).var(dim=0).mean().item()
+                variance = self._mean_variance(rep)
                 if variance < cfg.collapse_threshold:
                     self.model.load_state_dict(healthy)
                     report.collapsed = True
@@ -338,8 +368,13 @@ class CASP:
         """Online TTA: ``steps`` contrastive updates on this batch, then its predictions.
 
         ``episodic=True`` resets to the source weights first (each batch adapted on its own).
-        The batch's ``target`` is never read.
+        The batch's ``target`` is never read. Single-process only.
         """
+        if self.distributed:
+            raise RuntimeError(
+                "CASP.forward (online TTA) is single-process; build the CASP with "
+                "distributed=False on the process that adapts."
+            )
         if episodic:
             self.model.load_state_dict(self._source_state)
         batch = batch.replace(target=None)
@@ -362,6 +397,37 @@ class CASP:
         if episodic or self._online_opt is None:
             self._online_opt = self._optimizer()
         return self._online_opt
+
+
+def _check_equal_shards(size: int) -> None:
+    """Every rank of the default group holds ``size`` samples (else a clear error on all)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "CASP(distributed=True) needs an initialised process group "
+            "(torch.distributed.init_process_group); without one, use distributed=False."
+        )
+    sizes = [torch.zeros((), dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(size))
+    found = [int(n) for n in sizes]
+    if len(set(found)) > 1:
+        raise ValueError(
+            f"CASP(distributed=True): the ranks hold {found} samples; each must hold the same "
+            "number, so that they take the same number of steps (a DistributedSampler pads)."
+        )
+
+
+def _average_over_ranks(params: list[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the ranks, in one all-reduce.
+
+    A parameter with no gradient on this rank counts as a zero gradient: another rank may have
+    one, and every rank must take part in the same call.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # one call, whatever the dtypes
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = chunk.view_as(p).to(p.dtype)
 
 
 def _scores(out: Tensor) -> Tensor:

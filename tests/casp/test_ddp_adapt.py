@@ -1,0 +1,92 @@
+"""CASP.adapt under DDP (2 gloo processes): ranks adapt their own shards and stay identical."""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from casp import CASP, norm_parameters
+from mmcore import ModalityBatch
+from tests.distributed import run_ranks
+
+FAST = {"epochs_ca": 2, "snapshot_every": 1, "epochs_pl": 1, "keep_ratio": 0.5, "batch_size": 8}
+
+
+class _Net(nn.Module):
+    """Two LayerNorm encoders, a fusion and a head (no dropout: the ranks' runs are exact)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(d, 6), nn.LayerNorm(6)) for m, d in (("a", 5), ("b", 4))}
+        )
+        self.fusion = nn.Sequential(nn.Linear(12, 6), nn.LayerNorm(6))
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, batch):
+        feats = torch.cat([self.encoders[m](batch[m]) for m in ("a", "b")], dim=-1)
+        return self.head(self.fusion(feats))
+
+
+def _shard(rank, n=16):
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own target samples
+    shift = torch.tensor(1.5)
+    return ModalityBatch(
+        {"a": torch.randn(n, 5, generator=g) + shift, "b": torch.randn(n, 4, generator=g)}
+    )
+
+
+def _adapt(rank, world, distributed, sizes=(16, 16)):
+    torch.manual_seed(0)  # the same source model on every rank
+    casp = CASP(_Net().eval(), distributed=distributed, **FAST)
+    report = casp.adapt(_shard(rank, sizes[rank]))
+    params = [p.detach().clone() for p in norm_parameters(casp.model)]
+    return params, len(report.kept_indices), report.contrastive_losses
+
+
+def test_ranks_adapt_their_shards_in_step():
+    (p0, k0, l0), (p1, k1, l1) = run_ranks(functools.partial(_adapt, distributed=True))
+    for a, b in zip(p0, p1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert k0 == k1 == 8  # the stablest half of each rank's 16 samples
+    assert l0 == pytest.approx(l1)  # one NT-Xent over both ranks' embeddings
+    torch.manual_seed(0)
+    source = [p.detach() for p in norm_parameters(_Net())]
+    assert any(not torch.equal(a, s) for a, s in zip(p0, source, strict=True))
+    # without distributed=True each process adapts on its own shard: the ranks drift apart
+    (q0, _, _), (q1, _, _) = run_ranks(functools.partial(_adapt, distributed=False))
+    assert any(not torch.allclose(a, b) for a, b in zip(q0, q1, strict=True))
+
+
+def _unequal(rank, world):
+    try:
+        _adapt(rank, world, distributed=True, sizes=(16, 12))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_shards_of_different_sizes_are_refused_on_every_rank():
+    errors = run_ranks(_unequal)
+    assert all(e is not None and "hold [16, 12] samples" in e for e in errors)
+
+
+def _rank_zero_alone(rank, world):
+    if rank != 0:
+        return None  # the other rank does no TTA at all, as in `if rank == 0: casp.adapt(...)`
+    return _adapt(rank, world, distributed=False)[1]
+
+
+def test_a_single_rank_adapts_alone_inside_a_process_group():
+    """The default never communicates: rank 0 adapting alone does not wait for the others."""
+    assert run_ranks(_rank_zero_alone, timeout=60) == [8, None]
+
+
+def test_distributed_needs_a_process_group_and_forbids_what_cannot_be_shared():
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        CASP(_Net(), distributed=True, **FAST).adapt(_shard(0))
+    with pytest.raises(ValueError, match="does not support select_by='target_validation'"):
+        CASP(_Net(), distributed=True, select_by="target_validation", **FAST)
+    with pytest.raises(RuntimeError, match="online TTA\\) is single-process"):
+        CASP(_Net(), distributed=True, **FAST)(_shard(0))

@@ -24,3 +24,20 @@ def test_metrics_gather_uneven_shards_across_ranks():
     for metrics, gathered in run_ranks(_shard_metrics):
         assert metrics == expected  # every rank sees the metrics of all 11 predictions
         assert gathered == [0, 1, 2, 3, 4, 5, 6, 100, 101, 102, 103]
+
+
+def test_collectives_run_where_the_backend_serves_tensors(monkeypatch):
+    """NCCL has no CPU tensors: the metrics' CPU buffers are exchanged on the current GPU."""
+    import torch.distributed as dist
+
+    from mmcore import collective_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for backend, device in [
+        ("gloo", "cpu"),
+        ("cpu:gloo,cuda:nccl", "cpu"),
+        ("mpi", "cpu"),
+        ("nccl", "cuda:1"),
+    ]:
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert collective_device() == torch.device(device), backend

@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 
 from casp.config import CASPConfig
 from casp.functional import nt_xent, pseudo_labels, select_samples, stability_scores
-from mmcore import ModalityBatch, ModulePathError, make_config, resolve_module
+from mmcore import (
+    ModalityBatch,
+    ModulePathError,
+    collective_device,
+    make_config,
+    resolve_module,
+)
 
 __all__ = ["CASP", "AdaptationReport", "norm_parameters"]
 
@@ -406,8 +412,9 @@ def _check_equal_shards(size: int) -> None:
             "CASP(distributed=True) needs an initialised process group "
             "(torch.distributed.init_process_group); without one, use distributed=False."
         )
-    sizes = [torch.zeros((), dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor(size))
+    device = collective_device()
+    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(size, device=device))
     found = [int(n) for n in sizes]
     if len(set(found)) > 1:
         raise ValueError(

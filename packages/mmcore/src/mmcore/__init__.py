@@ -25,6 +25,7 @@ from mmcore.contract import (
 from mmcore.layers import FastDropout, PointwiseConv1d, dropout_fast
 from mmcore.utils import (
     atomic_write,
+    collective_device,
     fused_optimizer,
     is_compiling,
     make_config,
@@ -47,6 +48,7 @@ __all__ = [
     "check_multimodal_model",
     "closest_module_names",
     "collate_modalities",
+    "collective_device",
     "contract_encoder_paths",
     "dropout_fast",
     "encoder_features",

@@ -15,10 +15,12 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
     "atomic_write",
+    "collective_device",
     "fused_optimizer",
     "is_compiling",
     "make_config",
@@ -49,6 +51,21 @@ def make_config(cls: type[_Config], caller: str, **kwargs: Any) -> _Config:
             f"{', '.join(fields)}."
         )
     return cls(**kwargs)
+
+
+def collective_device() -> torch.device:
+    """Where the default process group's collectives take their tensors.
+
+    The CPU when its backend serves CPU tensors (gloo, mpi, ucc, or a pair such as
+    ``"cpu:gloo,cuda:nccl"``); for NCCL alone, the current CUDA device (NCCL has no CPU
+    tensors: a metric's CPU buffers, all-gathered as they are, would fail there).
+    """
+    backend = str(dist.get_backend()).lower()
+    if any(name in backend for name in ("gloo", "mpi", "ucc")):
+        return torch.device("cpu")
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> torch.Generator:

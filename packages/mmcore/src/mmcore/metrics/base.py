@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mmcore.utils import collective_device
+
 __all__ = ["CumulativeMetric", "all_gather_cat", "to_numpy"]
 
 
@@ -28,19 +30,23 @@ def to_numpy(x: Tensor | np.ndarray | list | float) -> np.ndarray:
 def all_gather_cat(x: Tensor) -> Tensor:
     """Concatenate ``x`` (``[n_rank, ...]``, ``n_rank`` may differ per rank) from every rank.
 
-    Returns ``x`` unchanged when ``torch.distributed`` is not initialised.
+    Returns ``x`` unchanged when ``torch.distributed`` is not initialised. The exchange runs on
+    the device the group's backend serves (:func:`mmcore.collective_device`: the GPU under
+    NCCL); the result comes back on ``x``'s device.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
+    device = collective_device()
+    n = torch.tensor([x.shape[0]], device=device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
     longest = int(max(s.item() for s in sizes))
-    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded = x.new_zeros((longest, *x.shape[1:]), device=device)
     padded[: x.shape[0]] = x
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    out = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    return out.to(x.device)
 
 
 class CumulativeMetric(ABC):

@@ -93,6 +93,22 @@ def test_reset_restores_source_outputs_exactly():
     assert torch.equal(casp.predict(target), expected)
 
 
+def test_snapshots_hold_only_what_adaptation_changes():
+    """The source and per-epoch snapshots copy the adapted parameters and the buffers, not the
+    frozen weights (for a large model, a copy of it each epoch)."""
+    casp = CASP(model(), **FAST)
+    norm = {n for n, p in casp.model.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in casp.model.named_buffers()}
+    assert set(casp.snapshot()) == norm | buffers
+    assert norm and len(norm) < len(list(casp.model.parameters()))
+    state = casp.snapshot()
+    casp.adapt(data(seed=2))
+    casp.restore(state)
+    for name, value in casp.model.state_dict().items():
+        if name in state:
+            assert torch.equal(value, state[name]), name
+
+
 def test_reset_also_forgets_the_online_optimiser():
     """After reset(), online adaptation repeats a fresh CASP's exactly (no stale Adam moments)."""
     batch = data(12, seed=6)

@@ -133,7 +133,7 @@ class CASP:
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
         )
         self._joint_views = not self._batch_norm
-        self._source_state = copy.deepcopy(self.model.state_dict())
+        self._source_state = self.snapshot()
         self._online_opt: torch.optim.Optimizer | None = None
         self.report = AdaptationReport()
 
@@ -153,6 +153,27 @@ class CASP:
         for p in params:
             p.requires_grad_(True)
         return params
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """Copies of what adaptation can change: the adapted parameters and every buffer.
+
+        The rest of the model is frozen, so :meth:`restore` of a snapshot returns the model to
+        that moment exactly, at the memory cost of the normalisation layers (and buffers such as
+        BatchNorm's running statistics), not of the whole model.
+        """
+        adapted = {id(p) for p in self.params}
+        return {
+            name: t.detach().clone()
+            for name, t in self.model.state_dict(keep_vars=True).items()
+            if not isinstance(t, nn.Parameter) or id(t) in adapted
+        }
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict[str, Tensor]) -> None:
+        """Copy a :meth:`snapshot` back into the model, in place."""
+        current = self.model.state_dict(keep_vars=True)
+        for name, value in snapshot.items():
+            current[name].copy_(value)
 
     def _forward(self, batch: ModalityBatch) -> tuple[Tensor, Tensor]:
         if self._representation_fn is not None:
@@ -236,7 +257,7 @@ class CASP:
 
         After ``reset()``, :meth:`forward` behaves as on a freshly built ``CASP``.
         """
-        self.model.load_state_dict(self._source_state)
+        self.restore(self._source_state)
         self._online_opt = None
         self.report = AdaptationReport()
 
@@ -281,7 +302,7 @@ class CASP:
         report.snapshot_epochs.append(0)
         optimizer = self._optimizer()
         best = _Best(self, validation, score_fn) if cfg.select_by == "target_validation" else None
-        healthy = copy.deepcopy(self.model.state_dict())
+        healthy = self.snapshot()
         self.model.train()
         bar = tqdm(
             total=cfg.epochs_ca + cfg.epochs_pl, desc="CASP", unit="epoch", disable=not progress
@@ -296,7 +317,7 @@ class CASP:
                 loss, rep = self.contrastive_loss(batch, rng.choice(data.modalities))
                 variance = self._mean_variance(rep)
                 if variance < cfg.collapse_threshold:
-                    self.model.load_state_dict(healthy)
+                    self.restore(healthy)
                     report.collapsed = True
                     report.message = (
                         f"representation collapsed in stage 1, epoch {epoch} (mean variance "
@@ -312,7 +333,7 @@ class CASP:
             report.contrastive_losses.append(sum(losses) / max(len(losses), 1))
             bar.update()
             bar.set_postfix(stage=1, nt_xent=f"{report.contrastive_losses[-1]:.4f}")
-            healthy = copy.deepcopy(self.model.state_dict())
+            healthy = self.snapshot()
             if epoch % cfg.snapshot_every == 0:
                 snapshots.append(self.predict(data))
                 report.snapshot_epochs.append(epoch)
@@ -382,7 +403,7 @@ class CASP:
                 "distributed=False on the process that adapts."
             )
         if episodic:
-            self.model.load_state_dict(self._source_state)
+            self.restore(self._source_state)
         batch = batch.replace(target=None)
         on_model = batch.to(self.device)
         optimizer = self._online_optimizer(episodic)
@@ -455,7 +476,7 @@ class _Best:
     ) -> None:
         self.validation, self.score_fn = self.check(validation, score_fn)
         self.casp, self.target = casp, self.validation.require_target()
-        self.best, self.state = -float("inf"), copy.deepcopy(casp.model.state_dict())
+        self.best, self.state = -float("inf"), casp.snapshot()
         self.update()
 
     @staticmethod
@@ -473,11 +494,11 @@ class _Best:
     def update(self) -> None:
         score = self.score_fn(self.casp.predict(self.validation), self.target)
         if score > self.best:
-            self.best, self.state = score, copy.deepcopy(self.casp.model.state_dict())
+            self.best, self.state = score, self.casp.snapshot()
         self.casp.model.train()
 
     def restore(self) -> None:
-        self.casp.model.load_state_dict(self.state)
+        self.casp.restore(self.state)
 
 
 def _in_memory(data: ModalityBatch | Iterable[ModalityBatch], caller: str) -> ModalityBatch:

@@ -82,13 +82,14 @@ class CASP:
             weights are never modified.
         distributed: :meth:`adapt` on this rank's shard of the target set, in step with every
             rank of the default process group: the NT-Xent negatives come from every rank
-            (with gradient), the gradients are averaged over the ranks before clipping, and the
-            collapse guard reads the ranks' mean variance, so every rank ends with the same
-            weights. Each rank keeps the stablest ``keep_ratio`` of its own shard; every rank
-            must hold the same number of samples (``DistributedSampler`` pads to that). Online
-            :meth:`forward` and ``select_by="target_validation"`` stay single-process. By
-            default CASP never communicates, even inside a process group: each process adapts
-            on what it holds (e.g. rank 0 alone).
+            (with gradient), the gradients are averaged over the ranks before clipping (and
+            BatchNorm's running statistics after each step), and the collapse guard reads the
+            ranks' mean variance, so every rank ends with the same weights. Each rank keeps
+            the stablest ``keep_ratio`` of its own shard; every rank must hold the same number
+            of samples (``DistributedSampler`` pads to that). Online :meth:`forward` and
+            ``select_by="target_validation"`` stay single-process. By default CASP never
+            communicates, even inside a process group: each process adapts on what it holds
+            (e.g. rank 0 alone).
 
     Like Tent: :meth:`adapt` (offline, the paper's protocol), :meth:`forward` (online /
     episodic: adapt on each incoming batch, then predict), :meth:`predict`, :meth:`reset`.
@@ -205,6 +206,8 @@ class CASP:
         if self.config.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
         optimizer.step()
+        if self.distributed and self._batch_norm:
+            _average_buffers_over_ranks(self.model)
 
     # ------------------------------------------------------------------ pieces
     def contrastive_loss(self, batch: ModalityBatch, modality: str) -> tuple[Tensor, Tensor]:
@@ -442,6 +445,22 @@ def _check_equal_shards(size: int) -> None:
             f"CASP(distributed=True): the ranks hold {found} samples; each must hold the same "
             "number, so that they take the same number of steps (a DistributedSampler pads)."
         )
+
+
+def _average_buffers_over_ranks(model: nn.Module) -> None:
+    """Average the floating buffers (BatchNorm's running statistics) over the ranks.
+
+    Each rank's forward passes update them from its own batches; averaged after every step, the
+    ranks keep one model (DDP would broadcast rank 0's instead).
+    """
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for b, chunk in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+        b.copy_(chunk.view_as(b))
 
 
 def _average_over_ranks(params: list[nn.Parameter]) -> None:

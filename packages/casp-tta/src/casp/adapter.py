@@ -454,27 +454,30 @@ def _average_buffers_over_ranks(model: nn.Module) -> None:
     ranks keep one model (DDP would broadcast rank 0's instead).
     """
     buffers = [b for b in model.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.reshape(-1).float() for b in buffers])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for b, chunk in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
-        b.copy_(chunk.view_as(b))
+    for buffer, mean in zip(buffers, _mean_over_ranks(buffers), strict=True):
+        buffer.copy_(mean)
 
 
 def _average_over_ranks(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the ranks, in one all-reduce.
+    """Average the gradients of ``params`` over the ranks.
 
     A parameter with no gradient on this rank counts as a zero gradient: another rank may have
     one, and every rank must take part in the same call.
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])  # one call, whatever the dtypes
+    for p, mean in zip(params, _mean_over_ranks(grads), strict=True):
+        p.grad = mean
+
+
+def _mean_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
+    """Each tensor's mean over the ranks, in one all-reduce whatever their dtypes."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
-        p.grad = chunk.view_as(p).to(p.dtype)
+    chunks = flat.split([t.numel() for t in tensors])
+    return [c.view_as(t).to(t.dtype) for t, c in zip(tensors, chunks, strict=True)]
 
 
 def _scores(out: Tensor) -> Tensor:

@@ -196,6 +196,11 @@ def test_brats_dice_by_hand():
         brats_dice(torch.where(pred == 4, 3, pred), torch.where(ref == 4, 3, ref), "remapped") == d
     )
     assert brats_dice(brats_region_masks(pred).int(), ref, pred_format="channels") == d
+    # label maps as MONAI's LoadImage and nibabel give them: floats holding whole numbers
+    assert brats_dice(pred.float(), ref.to(torch.float64)) == d
+    # and channel-first [B, 1, H, W], as MONAI's transforms leave them
+    pred2d, ref2d = pred.view(1, 2, 4), ref.view(1, 2, 4)
+    assert brats_dice(pred2d[:, None].float(), ref2d[:, None]) == brats_dice(pred2d, ref2d) == d
 
 
 def test_brats_dice_empty_reference_conventions():

@@ -32,8 +32,10 @@ def brats_region_masks(labels: Tensor, label_format: LabelFormat = "brats") -> T
     """Bool ``[B, 3, ...]`` region masks in ``[TC, WT, ET]`` order.
 
     Args:
-        labels: integer label map ``[B, ...]`` (``"brats"`` / ``"remapped"``), or ``[B, 3, ...]``
-            binary channel masks (``"channels"``; a ``[B, 1, ...]`` label map is squeezed).
+        labels: label map ``[B, *spatial]`` (``"brats"`` / ``"remapped"``; integer, or floating
+            with whole values, as MONAI's ``LoadImage`` gives them; MONAI's channel-first
+            ``[B, 1, H, W]`` or ``[B, 1, H, W, D]`` is read as ``[B, H, W(, D)]``), or
+            ``[B, 3, *spatial]`` binary channel masks (``"channels"``).
         label_format: ``"brats"`` ({0,1,2,4}), ``"remapped"`` ({0,1,2,3}) or ``"channels"``.
     """
     if label_format == "channels":
@@ -53,10 +55,17 @@ def brats_region_masks(labels: Tensor, label_format: LabelFormat = "brats") -> T
         raise ValueError(
             f"label_format must be 'brats', 'remapped' or 'channels', found {label_format!r}."
         )
+    if labels.ndim >= 4 and labels.shape[1] == 1:  # MONAI's channel-first label map
+        labels = labels[:, 0]
     if labels.is_floating_point():
-        raise TypeError(
-            "label maps must be integer tensors; take the argmax of logits before computing Dice."
-        )
+        # MONAI's LoadImage and nibabel give label maps as floats: whole numbers are labels,
+        # anything else is logits or probabilities
+        if not bool((labels == labels.round()).all()):
+            raise TypeError(
+                "label maps must hold whole numbers; these look like logits or probabilities: "
+                "take the argmax over the class dimension before computing Dice."
+            )
+        labels = labels.long()
     found = set(torch.unique(labels).tolist())
     unexpected = found - _ALLOWED[label_format]
     if unexpected:

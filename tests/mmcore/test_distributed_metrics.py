@@ -1,8 +1,17 @@
 """Under torch.distributed, metrics are computed on the predictions of every rank."""
 
+import functools
+
+import pytest
 import torch
 
-from mmcore.metrics import MSAMetric, all_gather_cat, msa_regression_metrics
+from mmcore.metrics import (
+    ClassificationMetric,
+    MSAMetric,
+    all_gather_cat,
+    classification_metrics,
+    msa_regression_metrics,
+)
 from tests.distributed import run_ranks
 
 PRED = torch.linspace(-3, 3, 11) * torch.tensor([1.0, -0.5] * 5 + [1.0])
@@ -41,3 +50,42 @@ def test_collectives_run_where_the_backend_serves_tensors(monkeypatch):
     ]:
         monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
         assert collective_device() == torch.device(device), backend
+
+
+def _sampler_shard_metrics(rank, world, with_index):
+    """Evaluation as under DDP: a DistributedSampler pads 11 samples to 12 (one repeated)."""
+    sampler = torch.utils.data.DistributedSampler(range(11), world, rank, shuffle=False)
+    index = torch.tensor(list(sampler))
+    metric = MSAMetric()
+    for part in index.split(4):
+        metric(PRED[part], TRUE[part], index=part if with_index else None)
+    return metric.aggregate()
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_samples_a_distributed_sampler_repeats_count_once_given_their_index(with_index):
+    expected = msa_regression_metrics(PRED, TRUE)
+    results = run_ranks(functools.partial(_sampler_shard_metrics, with_index=with_index))
+    for metrics in results:
+        # with the indices, the metrics of the 11 samples (gathered in another order: equal to
+        # rounding); without, one sample counts twice
+        same = all(metrics[k] == pytest.approx(v, rel=1e-12) for k, v in expected.items())
+        assert same == with_index
+
+
+def test_index_deduplicates_and_is_checked():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 0])
+    metric = ClassificationMetric()
+    metric(logits[:2], labels[:2], index=torch.tensor([0, 1]))
+    metric(logits[2:], labels[2:], index=torch.tensor([2, 0]))  # sample 0 again
+    assert metric.aggregate() == classification_metrics(logits[:3], labels[:3])
+    with pytest.raises(ValueError, match="with every batch or with none"):
+        metric(logits, labels)
+    with pytest.raises(ValueError, match="3 entries for 4 samples"):
+        metric(logits, labels, index=torch.arange(3))
+    with pytest.raises(TypeError, match="integer sample indices"):
+        metric(logits, labels, index=torch.ones(4))
+    metric.reset()
+    metric(logits, labels)  # after reset, batches without indices again
+    assert metric.aggregate() == classification_metrics(logits, labels)

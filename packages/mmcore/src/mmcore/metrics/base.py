@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mmcore.utils import collective_device
 
-__all__ = ["CumulativeMetric", "all_gather_cat", "to_numpy"]
+__all__ = ["CumulativeMetric", "all_gather_cat", "first_occurrences", "to_numpy"]
 
 
 def to_numpy(x: Tensor | np.ndarray | list | float) -> np.ndarray:
@@ -49,25 +49,62 @@ def all_gather_cat(x: Tensor) -> Tensor:
     return out.to(x.device)
 
 
+def first_occurrences(index: Tensor) -> Tensor:
+    """Positions ``[U]`` (increasing) of the first occurrence of each value in ``index`` ``[N]``."""
+    _, inverse = torch.unique(index, return_inverse=True)
+    n = index.shape[0]
+    first = torch.full((int(inverse.max()) + 1 if n else 0,), n, dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(n), reduce="amin")
+    return first.sort().values
+
+
 class CumulativeMetric(ABC):
     """Buffers ``(y_pred, y)`` pairs batch by batch; :meth:`aggregate` computes the metrics.
 
     Subclasses implement :meth:`_check` (validate/reshape one batch) and :meth:`_compute`
     (the functional twin applied to the concatenated buffers).
+
+    Under DDP, a ``DistributedSampler`` pads the evaluation set with repeated samples so that
+    every rank gets as many; pass each sample's dataset index (``index=``) and
+    :meth:`aggregate` counts every sample once.
     """
 
     def __init__(self) -> None:
         self._preds: list[Tensor] = []
         self._targets: list[Tensor] = []
+        self._indices: list[Tensor] = []
 
-    def __call__(self, y_pred: Tensor, y: Tensor) -> None:
-        """Buffer one batch of predictions and targets (detached, moved to the CPU)."""
+    def __call__(self, y_pred: Tensor, y: Tensor, *, index: Tensor | None = None) -> None:
+        """Buffer one batch of predictions and targets (detached, moved to the CPU).
+
+        ``index``: optional integer ``[N]``, each sample's index in the evaluation set; samples
+        seen more than once (the padding of a ``DistributedSampler``) are counted once. Give it
+        with every batch or with none.
+        """
         if not isinstance(y_pred, Tensor) or not isinstance(y, Tensor):
             raise TypeError(
                 f"{type(self).__name__}: y_pred and y must be tensors, found "
                 f"{type(y_pred).__name__} and {type(y).__name__}."
             )
+        if self._preds and (index is None) != (not self._indices):
+            raise ValueError(
+                f"{type(self).__name__}: give index= with every batch or with none (this batch "
+                f"{'has none' if index is None else 'has one'}, earlier batches the opposite)."
+            )
         y_pred, y = self._check(y_pred.detach(), y.detach())
+        if index is not None:
+            index = torch.as_tensor(index).detach().reshape(-1)
+            if index.is_floating_point() or index.dtype == torch.bool:
+                raise TypeError(
+                    f"{type(self).__name__}: index must hold integer sample indices, found "
+                    f"{index.dtype}."
+                )
+            if index.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"{type(self).__name__}: index has {index.shape[0]} entries for "
+                    f"{y.shape[0]} samples."
+                )
+            self._indices.append(index.long().cpu())
         self._preds.append(y_pred.cpu())
         self._targets.append(y.cpu())
 
@@ -75,6 +112,7 @@ class CumulativeMetric(ABC):
         """Drop every buffered batch."""
         self._preds.clear()
         self._targets.clear()
+        self._indices.clear()
 
     def __len__(self) -> int:
         return sum(p.shape[0] for p in self._preds)
@@ -85,6 +123,9 @@ class CumulativeMetric(ABC):
             raise RuntimeError(f"{type(self).__name__}.aggregate() called with nothing buffered.")
         y_pred = all_gather_cat(torch.cat(self._preds))
         y = all_gather_cat(torch.cat(self._targets))
+        if self._indices:
+            keep = first_occurrences(all_gather_cat(torch.cat(self._indices)))
+            y_pred, y = y_pred[keep], y[keep]
         return self._compute(y_pred, y)
 
     def _check(self, y_pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -89,3 +89,18 @@ def test_index_deduplicates_and_is_checked():
     metric.reset()
     metric(logits, labels)  # after reset, batches without indices again
     assert metric.aggregate() == classification_metrics(logits, labels)
+
+
+def _rank_zero_evaluates_alone(rank, world):
+    if rank != 0:
+        return None  # this rank evaluates nothing, as in `if rank == 0: evaluate()`
+    metric = MSAMetric()
+    metric(PRED, TRUE)
+    return metric.aggregate(sync=False)
+
+
+def test_one_rank_can_aggregate_alone_inside_a_process_group():
+    assert run_ranks(_rank_zero_evaluates_alone, timeout=60) == [
+        msa_regression_metrics(PRED, TRUE),
+        None,
+    ]

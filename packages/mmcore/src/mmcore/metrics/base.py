@@ -49,6 +49,10 @@ def all_gather_cat(x: Tensor) -> Tensor:
     return out.to(x.device)
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def first_occurrences(index: Tensor) -> Tensor:
     """Positions ``[U]`` (increasing) of the first occurrence of each value in ``index`` ``[N]``."""
     _, inverse = torch.unique(index, return_inverse=True)
@@ -117,14 +121,19 @@ class CumulativeMetric(ABC):
     def __len__(self) -> int:
         return sum(p.shape[0] for p in self._preds)
 
-    def aggregate(self) -> dict[str, float]:
-        """The metrics over every buffered batch (of every rank under torch.distributed)."""
+    def aggregate(self, *, sync: bool = True) -> dict[str, float]:
+        """The metrics over every buffered batch, of every rank under torch.distributed.
+
+        Under torch.distributed every rank must call it (the buffers are gathered); ``sync=False``
+        computes them on this process's batches alone (e.g. rank 0 evaluating by itself).
+        """
         if not self._preds:
             raise RuntimeError(f"{type(self).__name__}.aggregate() called with nothing buffered.")
-        y_pred = all_gather_cat(torch.cat(self._preds))
-        y = all_gather_cat(torch.cat(self._targets))
+        gather = all_gather_cat if sync else _identity
+        y_pred = gather(torch.cat(self._preds))
+        y = gather(torch.cat(self._targets))
         if self._indices:
-            keep = first_occurrences(all_gather_cat(torch.cat(self._indices)))
+            keep = first_occurrences(gather(torch.cat(self._indices)))
             y_pred, y = y_pred[keep], y[keep]
         return self._compute(y_pred, y)
 

@@ -151,6 +151,11 @@ def test_with_missing_marks_and_zero_fills():
     assert torch.equal(out2["audio"][1], batch["audio"][1])
     with pytest.raises(ValueError, match=r"expected shape \(4,\), found \(3,\)"):
         batch.with_missing("audio", torch.zeros(3, dtype=torch.bool))
+    # token ids take a whole-number fill (a padding id); 0.5 would be truncated to 0
+    ids = ModalityBatch({"ids": torch.arange(8).view(2, 4), "v": torch.randn(2, 3)})
+    assert ids.with_missing("ids", fill=1)["ids"].eq(1).all()
+    with pytest.raises(ValueError, match=r"fill=0.5 cannot be written into modality 'ids'"):
+        ids.with_missing("ids", fill=0.5)
 
 
 def test_select_split_concat_round_trip():

@@ -361,6 +361,11 @@ class ModalityBatch:
         presence[modality] = self.is_present(modality) & ~missing
         inputs = dict(self.inputs)
         if fill is not None:
+            if not x.is_floating_point() and fill != int(fill):
+                raise ValueError(
+                    f"fill={fill} cannot be written into modality '{modality}' ({x.dtype}, e.g. "
+                    "token ids); give a whole number (a padding id) or fill=None."
+                )
             shape = (-1,) + (1,) * (x.ndim - 1)
             inputs[modality] = torch.where(missing.view(shape), torch.full_like(x, fill), x)
         return self.replace(inputs=inputs, presence=presence)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from benchmarks.compare import compare_runs, format_comparison
 from benchmarks.registry import PROFILES, TASKS
 from benchmarks.report import write_report
 from benchmarks.runner import load_results, run_tasks
+from benchmarks.tasks.common import describe_data_root
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
@@ -100,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     args.profile = args.profile or "quick"
     args.seeds = args.seeds or [0, 1, 2]
     tasks = _resolve_tasks(args.task, args.profile)
-    if args.data_root is not None and not args.data_root.is_dir():
-        raise SystemExit(f"--data-root {args.data_root} is not a folder.")
+    if args.data_root is not None:
+        if not args.data_root.is_dir():
+            raise SystemExit(f"--data-root {args.data_root} is not a folder.")
+        print(describe_data_root(args.data_root), file=sys.stderr)
     out = args.out or RESULTS_ROOT / f"{datetime.now():%Y%m%d-%H%M%S}-{args.profile}"
     results = run_tasks(
         tasks, profile=args.profile, seeds=args.seeds, out_dir=out, data_root=args.data_root

@@ -155,9 +155,17 @@ def extract_food101_features(
     """
     from transformers import AutoModel, AutoTokenizer
 
-    image_model = AutoModel.from_pretrained(image_encoder).to(device).eval()
-    text_model = AutoModel.from_pretrained(text_encoder).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(text_encoder)
+    for role, folder in (("image", image_encoder), ("text", text_encoder)):
+        # a missing folder would be read as a Hub model id, and fetched over the network
+        if not (Path(folder) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"UPMC-Food101 {role} encoder: no config.json in {folder}; expected a folder "
+                "written by save_pretrained (nothing is downloaded)."
+            )
+    image_model = AutoModel.from_pretrained(image_encoder, local_files_only=True)
+    image_model = image_model.to(device).eval()
+    text_model = AutoModel.from_pretrained(text_encoder, local_files_only=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder, local_files_only=True)
     size = int(image_model.config.image_size)
     images, texts, pads = [], [], []
     for start in range(0, len(data), batch_size):

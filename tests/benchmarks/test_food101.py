@@ -74,3 +74,13 @@ def test_feature_extraction_from_local_transformers_models(tmp_path):
     torch.testing.assert_close(
         batch["text"], extract_food101_features(data, image_dir, text_dir, max_text_len=10)["text"]
     )
+
+
+def test_feature_extraction_never_reads_a_missing_folder_as_a_hub_id(tmp_path):
+    root = write_food101(tmp_path / "food", CLASSES, n_per_class=(1, 1))
+    vit, bert = write_tiny_encoders(tmp_path / "enc")
+    split = load_food101(root, "test")
+    with pytest.raises(FileNotFoundError, match=r"image encoder: no config\.json in .*nowhere"):
+        extract_food101_features(split, tmp_path / "nowhere", bert)
+    with pytest.raises(FileNotFoundError, match=r"text encoder: no config\.json in .*nowhere"):
+        extract_food101_features(split, vit, tmp_path / "nowhere")

@@ -296,3 +296,18 @@ def test_cli_compare_exit_codes(tmp_path, fake_tasks, capsys):
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
     with pytest.raises(SystemExit, match="not found"):
         cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")])
+
+
+def test_the_cli_says_which_real_data_a_data_root_holds(tmp_path, fake_tasks, capsys):
+    root = tmp_path / "data"
+    (root / "BraTS2021").mkdir(parents=True)
+    (root / "mosi_data.pkl").write_bytes(b"")
+    out = tmp_path / "run"
+    assert cli.main(["run", "--task", "toy-good", "--seeds", "0", "--out", str(out)]) == 0
+    assert "--data-root" not in capsys.readouterr().err
+    args = ["run", "--task", "toy-good", "--seeds", "0", "--out", str(out / "b")]
+    assert cli.main([*args, "--data-root", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert "BraTS2021: used by cggm-brats-seg" in err
+    assert "mosi_data.pkl: used by" in err
+    assert "UPMC-Food101: not found; generated or embedded data for wander-food101-path" in err

@@ -493,7 +493,8 @@ class CGGM:
         if w.shape[0] != self.config.num_outputs:
             raise ValueError(
                 f"CGGM: the head's final weight has {w.shape[0]} outputs but num_outputs="
-                f"{self.config.num_outputs}."
+                f"{self.config.num_outputs}; pass num_outputs={w.shape[0]} (or head_module= "
+                "naming the module that produces the task's outputs)."
             )
         hidden = self.config.classifier_hidden or w.shape[1]
         self._feature_shapes = {m: tuple(s) for m, s in feature_shapes.items()}

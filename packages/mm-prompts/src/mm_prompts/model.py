@@ -289,14 +289,13 @@ class MPLMM(nn.Module):
                 f"MPLMM.from_pretrained: {directory} holds a MulTBackbone, not an MPLMM model; "
                 "load it with MulTBackbone.from_pretrained and wrap it: MPLMM(backbone, ...)."
             )
+        freeze = config.get("freeze_backbone", True)  # configs saved before the key existed
         model = cls(
             MulTBackbone(MulTConfig(**config["backbone"])),
             config["seq_lens"],
             prompt_length=config["prompt_length"],
             init=config["init"],
-            freeze_backbone=config.get(
-                "freeze_backbone", True
-            ),  # configs saved before the key existed
+            freeze_backbone=freeze,
         )
         model.load_state_dict(state)
         return model

@@ -183,6 +183,41 @@ def test_collapse_guard_stops_and_reports():
     assert report.kept_indices is not None  # the pseudo-label stage still had snapshots
 
 
+def _diverging_after(calls):
+    """A fusion hook whose output turns NaN from its ``calls``-th call on (a diverged model)."""
+    seen = [0]
+
+    def hook(_module, _args, out):
+        seen[0] += 1
+        return out * float("nan") if seen[0] > calls else out
+
+    return hook
+
+
+def test_a_diverged_representation_is_caught_and_rolled_back():
+    """NaN compares False with the collapse threshold: it used to pass as healthy."""
+    source = model()
+    casp = CASP(source, **FAST)
+    handle = casp.model.fusion.register_forward_hook(_diverging_after(6))
+    with pytest.warns(UserWarning, match="became NaN or infinite .* stage 1"):
+        report = casp.adapt(data())
+    handle.remove()
+    assert report.collapsed and "rolled back" in report.message
+    assert all(torch.isfinite(p).all() for p in norm_parameters(casp.model))
+
+
+def test_a_diverged_pseudo_label_stage_is_rolled_back_to_stage_one():
+    source = model()
+    casp = CASP(source, **{**FAST, "epochs_pl": 2})
+    # stage 1: 2 epochs x (3 batches, one forward each) + 3 snapshots x 1 predict batch = 9 calls
+    handle = casp.model.head.register_forward_hook(_diverging_after(9))
+    with pytest.warns(UserWarning, match="pseudo-label loss became NaN .* stage 2, epoch 1"):
+        report = casp.adapt(data())
+    handle.remove()
+    assert report.collapsed and report.pseudo_label_losses == []
+    assert all(torch.isfinite(p).all() for p in norm_parameters(casp.model))
+
+
 def test_classification_and_online_episodic_mode():
     target = data(seed=7, classes=3)
     casp = CASP(model(out_dim=3), task="classification", **FAST)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 import warnings
 from collections.abc import Callable, Iterable
@@ -50,7 +51,9 @@ class AdaptationReport:
 
     ``kept_indices`` ``[K]``: the samples kept for stage 2 (the most stable by default);
     ``pseudo_labels``: their pseudo-labels, the mean of the stage-1 prediction snapshots
-    (``[K]`` for regression, ``[K, C]`` probabilities for classification).
+    (``[K]`` for regression, ``[K, C]`` probabilities for classification). ``collapsed``: a
+    stage stopped early and rolled back (a collapsed or non-finite representation in stage 1, a
+    non-finite pseudo-label loss in stage 2); ``message`` says which.
     """
 
     contrastive_losses: list[float] = field(default_factory=list)
@@ -224,6 +227,14 @@ class CASP:
             _, z2 = self._forward(dropped)
         return nt_xent(z1, z2, self.config.tau, gather=self.distributed), z1
 
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` on any rank (this process's own without ``distributed``)."""
+        if not self.distributed:
+            return flag
+        found = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return bool(found.item())
+
     def _mean_variance(self, rep: Tensor) -> float:
         """Mean per-feature variance of the normalised representation (over the ranks too)."""
         variance = F.normalize(rep.detach(), dim=1).var(dim=0).mean()
@@ -319,13 +330,17 @@ class CASP:
                 batch = batch.to(self.device)
                 loss, rep = self.contrastive_loss(batch, rng.choice(data.modalities))
                 variance = self._mean_variance(rep)
-                if variance < cfg.collapse_threshold:
+                if not variance >= cfg.collapse_threshold:  # NaN too: a diverged model
                     self.restore(healthy)
                     report.collapsed = True
+                    what = (
+                        f"collapsed (mean variance {variance:.2e} < {cfg.collapse_threshold:.0e})"
+                        if math.isfinite(variance)
+                        else "became NaN or infinite (diverged: try a smaller lr)"
+                    )
                     report.message = (
-                        f"representation collapsed in stage 1, epoch {epoch} (mean variance "
-                        f"{variance:.2e} < {cfg.collapse_threshold:.0e}); rolled back to the last "
-                        "healthy epoch and stopped."
+                        f"representation {what} in stage 1, epoch {epoch}; rolled back to the "
+                        "last healthy epoch and stopped."
                     )
                     warnings.warn(f"CASP: {report.message}", stacklevel=2)
                     break
@@ -373,7 +388,8 @@ class CASP:
         labelled = data.replace(target=labels)
         best = _Best(self, validation, score_fn) if cfg.select_by == "target_validation" else None
         self.model.train()
-        for _ in range(cfg.epochs_pl):
+        start = self.snapshot()
+        for epoch in range(1, cfg.epochs_pl + 1):
             losses = []
             for batch in labelled.split(cfg.batch_size, shuffle=True, generator=generator):
                 if len(batch) < 2 and self._batch_norm:
@@ -384,6 +400,16 @@ class CASP:
                     loss = F.cross_entropy(pred, target)  # soft targets: mean probabilities
                 else:
                     loss = F.l1_loss(_scores(pred), target)
+                if self._any_rank(not bool(torch.isfinite(loss))):
+                    self.restore(start)
+                    self.report.collapsed = True
+                    self.report.message = (
+                        f"the pseudo-label loss became NaN or infinite in stage 2, epoch {epoch} "
+                        "(diverged: try a smaller lr); rolled back to the end of stage 1 and "
+                        "stopped."
+                    )
+                    warnings.warn(f"CASP: {self.report.message}", stacklevel=3)
+                    return
                 self._step(optimizer, loss)
                 losses.append(loss.item())
             self.report.pseudo_label_losses.append(sum(losses) / max(len(losses), 1))

@@ -218,6 +218,18 @@ def test_a_diverged_pseudo_label_stage_is_rolled_back_to_stage_one():
     assert all(torch.isfinite(p).all() for p in norm_parameters(casp.model))
 
 
+def test_online_adaptation_skips_a_non_finite_update():
+    casp = CASP(model(), **FAST)
+    before = [p.clone() for p in norm_parameters(casp.model)]
+    nan_input = data(8).replace(inputs={**data(8).inputs, "a": torch.full((8, 5), float("nan"))})
+    with pytest.warns(UserWarning, match="model was not updated"):
+        casp(nan_input, steps=2)
+    after = norm_parameters(casp.model)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    casp(data(8), steps=1)  # a finite batch still adapts
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
 def test_classification_and_online_episodic_mode():
     target = data(seed=7, classes=3)
     casp = CASP(model(out_dim=3), task="classification", **FAST)

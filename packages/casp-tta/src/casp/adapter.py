@@ -443,6 +443,13 @@ class CASP:
             if len(batch) < 2:
                 break
             loss, _ = self.contrastive_loss(on_model, rng.choice(batch.modalities))
+            if not bool(torch.isfinite(loss)):  # a NaN update would spoil every later batch
+                warnings.warn(
+                    "CASP.forward: the contrastive loss is NaN or infinite on this batch; the "
+                    "model was not updated.",
+                    stacklevel=2,
+                )
+                break
             self._step(optimizer, loss)
             self.report.contrastive_losses.append(loss.item())
         return self.predict(batch)

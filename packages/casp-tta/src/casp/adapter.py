@@ -290,9 +290,9 @@ class CASP:
         ``DataLoader`` with ``collate_modalities``), concatenated in memory once: the
         pseudo-labels and stability scores follow each sample over the epochs, so the order must
         stay fixed (``report.kept_indices`` index the concatenation). ``data.target`` is never
-        read (it is dropped first). ``validation`` (labelled target
-        data) and ``score_fn(predictions, labels)`` are used only with
-        ``select_by="target_validation"``, the released code's label-leaking epoch selection.
+        read (it is dropped first). ``validation`` (labelled target data) and
+        ``score_fn(predictions, labels)`` are used only with ``select_by="target_validation"``,
+        the released code's label-leaking epoch selection.
         ``progress``: a progress bar over the epochs of both stages, with the last loss.
         """
         cfg = self.config
@@ -402,13 +402,14 @@ class CASP:
                     loss = F.l1_loss(_scores(pred), target)
                 if self._any_rank(not bool(torch.isfinite(loss))):
                     self.restore(start)
-                    self.report.collapsed = True
-                    self.report.message = (
+                    message = (
                         f"the pseudo-label loss became NaN or infinite in stage 2, epoch {epoch} "
                         "(diverged: try a smaller lr); rolled back to the end of stage 1 and "
                         "stopped."
                     )
-                    warnings.warn(f"CASP: {self.report.message}", stacklevel=3)
+                    self.report.collapsed = True
+                    self.report.message = " ".join(filter(None, [self.report.message, message]))
+                    warnings.warn(f"CASP: {message}", stacklevel=3)
                     return
                 self._step(optimizer, loss)
                 losses.append(loss.item())

@@ -76,6 +76,16 @@ test-oldest: | $(UV) ## The packages' tests on the oldest dependency versions th
 	$(OLDEST)-torch25/bin/python -c "import torch; print('torch', torch.__version__)"
 	$(OLDEST)-torch25/bin/python $(OLDEST_PYTEST) tests/mm_prompts
 
+# The oldest Python the packages declare (requires-python >= 3.10), with the locked versions.
+# Not in CI (a fresh machine may have no Python 3.10, and uv downloads none here).
+PY310 ?= python3.10
+
+.PHONY: test-py310
+test-py310: | $(UV) ## The test suite on Python 3.10, the oldest declared (needs python3.10 on PATH)
+	@command -v $(PY310) >/dev/null || { echo "$(PY310) not found: set PY310=/path/to/python3.10"; exit 1; }
+	UV_PROJECT_ENVIRONMENT=.venv-py310 $(UV) sync -q --frozen --all-packages --python $(PY310)
+	UV_PROJECT_ENVIRONMENT=.venv-py310 $(UV) run --frozen --python $(PY310) pytest -q -p no:cacheprovider
+
 .PHONY: format
 format: $(STAMP) ## Format and auto-fix with ruff
 	$(UV) run --frozen ruff format .
@@ -93,4 +103,4 @@ bench: $(STAMP) ## Run the quick benchmark profile on the embedded data; writes 
 
 .PHONY: clean
 clean: ## Remove build outputs
-	rm -rf dist .pytest_cache .ruff_cache .mypy_cache $(OLDEST)-torch22 $(OLDEST)-torch25
+	rm -rf dist .pytest_cache .ruff_cache .mypy_cache $(OLDEST)-torch22 $(OLDEST)-torch25 .venv-py310

@@ -247,6 +247,28 @@ def test_classification_and_online_episodic_mode():
     assert not torch.allclose(continual, online(target.select(slice(0, 8))))
 
 
+def test_the_representation_may_come_from_a_module_returning_a_tuple():
+    """A recurrent encoder returns ``(output, hidden)``: its first item is the representation,
+    as for the other packages' encoder features."""
+
+    class WithGRU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(5)  # what CASP adapts, before the representation
+            self.gru = nn.GRU(5, 6, batch_first=True)
+            self.b = nn.Linear(4, 6)
+            self.head = nn.Linear(12, 1)
+
+        def forward(self, batch):
+            seq, _ = self.gru(self.norm(batch["a"])[:, None])
+            return self.head(torch.cat([seq[:, -1], self.b(batch["b"])], dim=-1))
+
+    torch.manual_seed(0)
+    target = ModalityBatch({"a": data()["a"], "b": data()["b"]})
+    report = CASP(WithGRU(), representation_module="gru", **FAST).adapt(target)
+    assert not report.collapsed and len(report.contrastive_losses) == 2
+
+
 def test_bad_input_raises_clear_errors():
     no_norm = nn.Sequential(nn.Linear(2, 1))
     no_norm.fusion = nn.Identity()

@@ -22,6 +22,7 @@ from mmcore import (
     ModalityBatch,
     ModulePathError,
     collective_device,
+    encoder_features,
     make_config,
     resolve_module,
 )
@@ -182,15 +183,18 @@ class CASP:
     def _forward(self, batch: ModalityBatch) -> tuple[Tensor, Tensor]:
         if self._representation_fn is not None:
             return self._representation_fn(self.model, batch)
-        captured: list[Tensor] = []
+        captured: list[Any] = []
         handle = self._repr_module.register_forward_hook(lambda _m, _a, out: captured.append(out))
         try:
             pred = self.model(batch)
         finally:
             handle.remove()
-        if not captured or not isinstance(captured[-1], Tensor):
-            raise RuntimeError("CASP: the representation module did not run or returned no tensor.")
-        rep = captured[-1]
+        if not captured:
+            raise RuntimeError("CASP: the representation module did not run in the forward pass.")
+        try:  # a tensor, a transformers output's last_hidden_state, a tuple's first item
+            rep = encoder_features(captured[-1])
+        except TypeError as err:
+            raise RuntimeError(f"CASP: the representation module's output: {err}") from None
         return pred, rep.flatten(1) if rep.ndim > 2 else rep
 
     @property

@@ -35,7 +35,7 @@ from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
-from benchmarks.tasks.common import real_mult_pickle, uci_splits
+from benchmarks.tasks.common import BRATS_DIR, real_data, real_mult_pickle, uci_splits
 from benchmarks.training import (
     accuracy,
     add_ratio_column,
@@ -690,8 +690,8 @@ def brats_splits(ctx: RunContext) -> tuple[ModalityBatch, ModalityBatch, str]:
     from benchmarks.data.brats import find_brats_cases, load_brats_slices, write_brats_case
 
     s = BRATS_SETTINGS
-    real = ctx.data_root / "BraTS2021" if ctx.data_root else None
-    if real is not None and real.is_dir():
+    real = real_data(ctx, BRATS_DIR)
+    if real is not None:
         cases = find_brats_cases(real)
         cut = max(1, len(cases) // 5)
         train_cases, test_cases, name = cases[cut:], cases[:cut], "BraTS 2021"

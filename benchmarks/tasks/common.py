@@ -9,15 +9,36 @@ from benchmarks.data.uci import load_uci_mfeat
 from benchmarks.registry import RunContext
 from mmcore import ModalityBatch
 
-__all__ = ["REAL_DATA", "describe_data_root", "real_mult_pickle", "uci_splits"]
+__all__ = [
+    "BRATS_DIR",
+    "FOOD101_DIR",
+    "MOSI_PICKLE",
+    "REAL_DATA",
+    "UCI_FILE",
+    "describe_data_root",
+    "real_data",
+    "real_mult_pickle",
+    "uci_splits",
+]
 
-#: what ``--data-root`` may hold (path under it) → the tasks that read it instead of their own
+#: the real data sets a ``--data-root`` may hold, as paths under it
+UCI_FILE, MOSI_PICKLE = "uci-mfeat/mfeat.npz", "mosi_data.pkl"
+FOOD101_DIR, BRATS_DIR = "UPMC-Food101", "BraTS2021"  # Food101 beside encoders/{vit,bert}/
+
+#: each of them → the tasks that read it instead of their own data
 REAL_DATA = {
-    "uci-mfeat/mfeat.npz": "every UCI mfeat task (else the embedded copy)",
-    "mosi_data.pkl": "cggm-mosi-imbalance, mplmm-mosi-missing",
-    "UPMC-Food101": "wander-food101-path (with encoders/vit and encoders/bert)",
-    "BraTS2021": "cggm-brats-seg",
+    UCI_FILE: "every UCI mfeat task (else the embedded copy)",
+    MOSI_PICKLE: "cggm-mosi-imbalance, mplmm-mosi-missing",
+    FOOD101_DIR: "wander-food101-path (with encoders/vit and encoders/bert)",
+    BRATS_DIR: "cggm-brats-seg",
 }
+
+
+def real_data(ctx: RunContext, path: str) -> Path | None:
+    """``--data-root/path`` when the run has a data root holding it, else ``None``."""
+    if ctx.data_root is None or not (ctx.data_root / path).exists():
+        return None
+    return ctx.data_root / path
 
 
 def describe_data_root(root: Path) -> str:
@@ -32,15 +53,10 @@ def describe_data_root(root: Path) -> str:
 
 def uci_splits(ctx: RunContext) -> dict[str, ModalityBatch]:
     """Mfeat splits from ``--data-root/uci-mfeat`` when present, else the embedded copy."""
-    if ctx.data_root is not None and (ctx.data_root / "uci-mfeat" / "mfeat.npz").is_file():
-        return load_uci_mfeat(ctx.data_root / "uci-mfeat")
-    return load_uci_mfeat()
+    return load_uci_mfeat(real_data(ctx, UCI_FILE))
 
 
-def real_mult_pickle(
-    ctx: RunContext, name: str = "mosi_data.pkl"
-) -> dict[str, ModalityBatch] | None:
+def real_mult_pickle(ctx: RunContext, name: str = MOSI_PICKLE) -> dict[str, ModalityBatch] | None:
     """A user's MulT pickle (e.g. ``--data-root/mosi_data.pkl``), or ``None`` without one."""
-    if ctx.data_root is None or not (ctx.data_root / name).is_file():
-        return None
-    return load_mult_pickle(ctx.data_root / name)
+    path = real_data(ctx, name)
+    return None if path is None else load_mult_pickle(path)

@@ -36,7 +36,7 @@ from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
-from benchmarks.tasks.common import uci_splits
+from benchmarks.tasks.common import FOOD101_DIR, real_data, uci_splits
 from benchmarks.training import (
     accuracy,
     add_ratio_column,
@@ -603,12 +603,10 @@ def food101_features(ctx: RunContext) -> dict[str, ModalityBatch]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     s = FOOD_SETTINGS
-    if ctx.data_root is not None and (ctx.data_root / "UPMC-Food101").is_dir():
-        root = ctx.data_root / "UPMC-Food101"
-        image_enc, text_enc = (
-            ctx.data_root / "encoders" / "vit",
-            ctx.data_root / "encoders" / "bert",
-        )
+    real = real_data(ctx, FOOD101_DIR)
+    if real is not None:
+        root, encoders = real, real.parent / "encoders"
+        image_enc, text_enc = encoders / "vit", encoders / "bert"
     else:
         root = write_food101(
             ctx.work_dir / f"food101_seed{ctx.seed}",
@@ -667,9 +665,9 @@ def run_food(ctx: RunContext) -> list[dict]:
         records.append(
             {
                 "method": method,
-                "dataset": "UPMC-Food101 layout (generated, tiny random encoders)"
-                if not (ctx.data_root and (ctx.data_root / "UPMC-Food101").is_dir())
-                else "UPMC-Food101",
+                "dataset": "UPMC-Food101"
+                if real_data(ctx, FOOD101_DIR)
+                else "UPMC-Food101 layout (generated, tiny random encoders)",
                 "metrics": {
                     **classification_metrics(predict(model, test), test.require_target()),
                     "trainable_params": trainable,

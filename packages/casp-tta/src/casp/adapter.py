@@ -243,9 +243,7 @@ class CASP:
         """Mean per-feature variance of the normalised representation (over the ranks too)."""
         variance = F.normalize(rep.detach(), dim=1).var(dim=0).mean()
         if self.distributed:  # every rank takes the same collapse decision
-            variance = variance.clone()
-            dist.all_reduce(variance)
-            variance /= dist.get_world_size()
+            (variance,) = _mean_over_ranks([variance])
         return variance.item()
 
     @torch.no_grad()

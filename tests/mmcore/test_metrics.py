@@ -111,6 +111,8 @@ def test_classification_metrics_by_hand():
         classification_metrics(logits, torch.tensor([0, -1, 3, 2]))
     with pytest.raises(ValueError, match="NaN or infinite"):
         classification_metrics(logits.masked_fill(logits == 1.0, math.nan), y)
+    with pytest.raises(ValueError, match="needs at least 1 sample, found 0"):
+        classification_metrics(logits[:0], y[:0])
     metric = ClassificationMetric()
     metric(logits, y)
     with pytest.raises(ValueError, match="this batch has 4 classes, earlier batches 3"):
@@ -139,6 +141,11 @@ def test_iemocap_metrics_by_hand():
         iemocap_metrics(logits.masked_fill(logits == 1, math.nan), labels)
     with pytest.raises(ValueError, match=r"y as \[N, 4\] must hold binary labels .* \[2\]"):
         iemocap_metrics(preds, labels + labels)
+    with pytest.raises(ValueError, match="needs at least 1 sample, found 0"):
+        iemocap_metrics(preds[:0], labels[:0])
+    # an emotion never predicted positive: its F1 counts 0 for that class, with no warning
+    never = iemocap_metrics(torch.zeros_like(labels), labels)
+    assert never["happy_f1"] == pytest.approx(weighted_f1_by_hand([1, 0, 0], [0, 0, 0]))
 
 
 def test_cumulative_metrics_equal_functional_twins():

@@ -63,6 +63,8 @@ def classification_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) 
             f"{name}: y_pred has {p.shape[0]} samples (shape {p.shape}), "
             f"y has {t.shape[0]} (shape {np.shape(y)})."
         )
+    if t.size == 0:
+        raise ValueError(f"{name}: needs at least 1 sample, found 0.")
     t = _integer_labels(t, name, "y")
     if p.ndim == 2 and t.size and (t.min() < 0 or t.max() >= p.shape[1]):
         bad = t[(t < 0) | (t >= p.shape[1])]
@@ -114,10 +116,13 @@ def iemocap_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) -> dict
     t = _iemocap_labels(to_numpy(y), "y")
     if p.shape != t.shape:
         raise ValueError(f"iemocap_metrics: {p.shape[0]} predictions but {t.shape[0]} labels.")
+    if t.shape[0] == 0:
+        raise ValueError("iemocap_metrics: needs at least 1 sample, found 0.")
     out: dict[str, float] = {}
     for i, emotion in enumerate(IEMOCAP_EMOTIONS):
         out[f"{emotion}_acc"] = float(accuracy_score(t[:, i], p[:, i]))
-        out[f"{emotion}_f1"] = float(f1_score(t[:, i], p[:, i], average="weighted"))
+        f1 = f1_score(t[:, i], p[:, i], average="weighted", zero_division=0)
+        out[f"{emotion}_f1"] = float(f1)
     out["mean_acc"] = float(np.mean([out[f"{e}_acc"] for e in IEMOCAP_EMOTIONS]))
     out["mean_f1"] = float(np.mean([out[f"{e}_f1"] for e in IEMOCAP_EMOTIONS]))
     return out

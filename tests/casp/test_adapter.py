@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from benchmarks.backbones import LateFusionModel
 from casp import CASP, CASPConfig, norm_parameters
@@ -269,6 +270,32 @@ def test_the_representation_may_come_from_a_module_returning_a_tuple():
     assert not report.collapsed and len(report.contrastive_losses) == 2
 
 
+class _Outputs(nn.Module):
+    """A classifier that returns its logits inside a ``transformers`` output, a dict or a
+    tuple."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.inner = kind, model(out_dim=3)
+        self.fusion = self.inner.fusion
+
+    def forward(self, batch):
+        logits = self.inner(batch)
+        if self.kind == "transformers":
+            return SequenceClassifierOutput(logits=logits)
+        return {"logits": logits} if self.kind == "dict" else (logits, None)
+
+
+@pytest.mark.parametrize("kind", ["transformers", "dict"])
+def test_predictions_may_be_the_logits_of_a_model_output(kind):
+    target = data(seed=7, classes=3)
+    casp = CASP(_Outputs(kind), task="classification", **FAST)
+    casp.adapt(target)
+    plain = CASP(model(out_dim=3), task="classification", **FAST)
+    plain.adapt(target)
+    torch.testing.assert_close(casp.predict(target), plain.predict(target))
+
+
 def test_bad_input_raises_clear_errors():
     no_norm = nn.Sequential(nn.Linear(2, 1))
     no_norm.fusion = nn.Identity()
@@ -295,6 +322,8 @@ def test_bad_input_raises_clear_errors():
         CASP(model(), CASPConfig(), tau=0.1)
     with pytest.raises(ValueError, match=r"one score per sample .* outputs \(24, 3\)"):
         CASP(model(out_dim=3), **FAST).adapt(data())  # class logits under task='regression'
+    with pytest.raises(TypeError, match=r"must be a Tensor .* or carry one as `logits`.*tuple"):
+        CASP(_Outputs("tuple"), task="classification", **FAST).predict(data())
 
 
 def test_a_dataloader_of_batches_is_adapted_as_their_concatenation():

@@ -6,7 +6,7 @@ import copy
 import math
 import random
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,9 +76,10 @@ class CASP:
     sample's prediction moved; stage 2 trains on the most stable fraction.
 
     Args:
-        model: the source model, called as ``model(batch)``; it must follow the mmcore contract
-            (its ``fusion`` output is the representation) unless ``representation_fn`` or
-            ``representation_module`` says where the representation is.
+        model: the source model, called as ``model(batch)``, returning its predictions (a
+            Tensor, or an output with ``logits`` as ``transformers`` models return); it must
+            follow the mmcore contract (its ``fusion`` output is the representation) unless
+            ``representation_fn`` or ``representation_module`` says where the representation is.
         config: a :class:`CASPConfig` (or give its fields as keyword arguments).
         representation_fn: ``fn(model, batch) -> (prediction, representation [B, d])``.
         representation_module: dotted path of the module whose output is the representation.
@@ -261,7 +262,7 @@ class CASP:
             raise ValueError("CASP.predict got no sample to predict (an empty batch).")
         was_training = self.model.training
         self.model.eval()
-        outs = [self.model(b.to(self.device)) for b in data.split(batch_size)]
+        outs = [_prediction(self.model(b.to(self.device))) for b in data.split(batch_size)]
         self.model.train(was_training)
         out = torch.cat(outs).to(data.device)
         if self.config.task == "classification":
@@ -397,7 +398,7 @@ class CASP:
                 if len(batch) < 2 and self._batch_norm:
                     continue  # a trailing one-sample batch: BatchNorm has no variance to use
                 batch = batch.to(self.device)
-                pred, target = self.model(batch), batch.require_target()  # the pseudo-labels
+                pred, target = _prediction(self.model(batch)), batch.require_target()
                 if cfg.task == "classification":
                     loss = F.cross_entropy(pred, target)  # soft targets: mean probabilities
                 else:
@@ -514,6 +515,24 @@ def _mean_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
     flat /= dist.get_world_size()
     chunks = flat.split([t.numel() for t in tensors])
     return [c.view_as(t).to(t.dtype) for t, c in zip(tensors, chunks, strict=True)]
+
+
+def _prediction(out: Any) -> Tensor:
+    """The model's predictions: its output, or its ``logits`` field.
+
+    A ``transformers`` output or a dict carries them as ``logits``; anything else is an error.
+    """
+    if isinstance(out, Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        f"CASP reads the model's predictions from its output, which must be a Tensor (class "
+        f"logits [N, C], or scores [N] / [N, 1]) or carry one as `logits` (a transformers "
+        f"output or a dict); got {type(out).__name__}. Wrap the model so that its forward "
+        "returns the predictions."
+    )
 
 
 def _scores(out: Tensor) -> Tensor:

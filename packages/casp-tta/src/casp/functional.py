@@ -19,13 +19,14 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(all_gather(x))
 
 
-def nt_xent(z1: Tensor, z2: Tensor, tau: float = 0.5, gather: bool = True) -> Tensor:
+def nt_xent(z1: Tensor, z2: Tensor, tau: float = 0.5, gather: bool = False) -> Tensor:
     """SimCLR's NT-Xent between two views ``z1``, ``z2`` ``[N, d]`` (vectorised).
 
     ``u = normalise([z1; z2])``; for each of the ``2N`` embeddings the positive is the other view
     of the same sample and the negatives are the other ``2N − 2``:
-    ``L = (1/2N) Σ_j −log softmax_{k≠j}(u_j·u_k / τ)[pos(j)]``. Under DDP (``gather=True``)
-    the negatives come from every rank, with gradient.
+    ``L = (1/2N) Σ_j −log softmax_{k≠j}(u_j·u_k / τ)[pos(j)]``. ``gather=True`` inside a
+    process group: the negatives come from every rank, with gradient (every rank must call
+    it). The default never communicates, so one rank may call it alone.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(

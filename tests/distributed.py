@@ -67,8 +67,7 @@ def _entry(rank, world, store_file, fn, queue, collective_timeout):
 
 
 def _dump_stacks(procs) -> str:
-    """Ask every live rank to print its Python stacks (``faulthandler``) before it is killed;
-    returns each rank's state."""
+    """Each rank's state; every live rank first prints its Python stacks (``faulthandler``)."""
     states = []
     for rank, p in enumerate(procs):
         if p.is_alive():

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.registry import TASKS, Profile, RunContext, Task
-from mmcore import atomic_write, seed_everything
+from mmcore import atomic_write, read_json, seed_everything
 
 RESULTS_FILE = "results.json"
 
@@ -82,11 +82,8 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a benchmark run folder?")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); was it edited by hand?") from None
-    if not (isinstance(results, dict) and {"meta", "records"} <= results.keys()):
+    results = read_json(path, "benchmarks")
+    if not {"meta", "records"} <= results.keys():
         raise ValueError(f"{path} is not a benchmark run's results (no 'meta' and 'records').")
     return results
 

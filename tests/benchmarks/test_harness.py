@@ -107,7 +107,12 @@ def test_cli_list_run_report(tmp_path, fake_tasks, capsys):
 
 
 @pytest.mark.parametrize(
-    ("text", "match"), [('{"records": [', "not valid JSON"), ("[]", "not a benchmark run's")]
+    ("text", "match"),
+    [
+        ('{"records": [', "not valid JSON"),
+        ("[]", "holds a JSON list, expected an object"),
+        ('{"records": []}', "not a benchmark run's"),
+    ],
 )
 def test_a_damaged_results_file_is_a_clear_error(tmp_path, text, match):
     (tmp_path / "results.json").write_text(text)

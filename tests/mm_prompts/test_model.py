@@ -128,6 +128,15 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(data), expected)
     with pytest.raises(FileNotFoundError, match="config"):
         MPLMM.from_pretrained(tmp_path / "nope")
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # cut short
+    with pytest.raises(
+        ValueError, match=r"MPLMM.from_pretrained: cannot read .*model\.safetensors"
+    ):
+        MPLMM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('["not", "a", "config"]')
+    with pytest.raises(ValueError, match=r"config\.json holds a JSON list, expected an object"):
+        MPLMM.from_pretrained(tmp_path)
 
 
 def test_a_loaded_model_trains_the_same_parameters(tmp_path):

@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from mmcore import fused_optimizer, is_compiling, sinusoidal_positions
+from mmcore import atomic_write, fused_optimizer, is_compiling, read_json, sinusoidal_positions
 
 
 def test_sinusoidal_positions_values_and_dtype():
@@ -46,3 +47,20 @@ def test_is_compiling_inside_and_outside_torch_compile():
     x = torch.zeros(2)
     assert probe(x).tolist() == [-1.0, -1.0]
     assert torch.compile(probe, backend="eager")(x).tolist() == [1.0, 1.0]
+
+
+def test_read_json_returns_the_object_and_names_a_bad_file(tmp_path):
+    path = tmp_path / "config.json"
+    with atomic_write(path) as f:
+        f.write('{"rank": 4}')
+    assert read_json(path, "Loader") == {"rank": 4}
+    with pytest.raises(FileNotFoundError, match=r"Loader: .*missing\.json not found"):
+        read_json(tmp_path / "missing.json", "Loader")
+    for text, match in [
+        ('{"rank": ', r"config\.json is not valid JSON \(Expecting value"),
+        ("[4]", "holds a JSON list, expected an object"),
+        ("\udcff", "not valid JSON"),
+    ]:
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ValueError, match=match):
+            read_json(path, "Loader")

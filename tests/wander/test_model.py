@@ -422,6 +422,25 @@ def test_load_reports_missing_and_unexpected_keys(tmp_path, base_model, batch):
         Wander.from_pretrained(fresh, tmp_path / "nope")
 
 
+def test_a_damaged_checkpoint_is_an_error_that_names_the_file(tmp_path, base_model, batch):
+    Wander(base_model, RANKS, example_input=batch).save_pretrained(tmp_path)
+    config_path, weights_path = (
+        tmp_path / "adapter_config.json",
+        tmp_path / "adapter_model.safetensors",
+    )
+    config, weights = config_path.read_text(), weights_path.read_bytes()
+    config_path.write_text(config[: len(config) // 2])  # a copy cut short
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
+        Wander.from_pretrained(base_model, tmp_path)
+    config_path.write_text(config)
+    weights_path.write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*adapter_model\.safetensors"):
+        Wander.from_pretrained(base_model, tmp_path)
+    weights_path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors not found"):
+        Wander.from_pretrained(base_model, tmp_path)
+
+
 def test_unwrap_restores_the_base_model(base_model, batch):
     flags = {n: p.requires_grad for n, p in base_model.named_parameters()}
     with torch.no_grad():

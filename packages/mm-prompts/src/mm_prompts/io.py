@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from mmcore import atomic_write
+from mmcore import atomic_write, read_json
 
 __all__ = ["read_pretrained", "write_pretrained"]
 
@@ -37,8 +38,10 @@ def read_pretrained(
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(config, state_dict)`` from a folder :func:`write_pretrained` wrote (on the CPU)."""
     directory = Path(directory)
-    for name in (CONFIG, WEIGHTS):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{caller}: {directory / name} not found.")
-    config = json.loads((directory / CONFIG).read_text())
-    return config, load_file(str(directory / WEIGHTS))
+    config = read_json(directory / CONFIG, caller)
+    if not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{caller}: {directory / WEIGHTS} not found.")
+    try:
+        return config, load_file(str(directory / WEIGHTS))
+    except SafetensorError as err:
+        raise ValueError(f"{caller}: cannot read {directory / WEIGHTS}: {err}") from None

@@ -3,7 +3,7 @@
 * :class:`ModalityBatch` — named modality tensors with presence and padding masks;
 * the model contract (:class:`MultimodalModel`, :func:`resolve_module`, :func:`run_encoder`);
 * :mod:`mmcore.metrics` — MSA, classification, IEMOCAP and BraTS metrics;
-* small utilities (:func:`seed_everything`, :func:`atomic_write`) and layers for
+* small utilities (:func:`seed_everything`, :func:`atomic_write`, :func:`read_json`) and layers for
   MulT-style backbones (:class:`PointwiseConv1d`, :func:`dropout_fast`, :class:`FastDropout`).
 """
 
@@ -29,6 +29,7 @@ from mmcore.utils import (
     fused_optimizer,
     is_compiling,
     make_config,
+    read_json,
     seed_everything,
     sinusoidal_positions,
     trainable_dtype,
@@ -58,6 +59,7 @@ __all__ = [
     "is_multimodal_model",
     "make_config",
     "masked_mean",
+    "read_json",
     "resolve_module",
     "run_encoder",
     "seed_everything",

@@ -1,10 +1,11 @@
-"""Small shared utilities: seeding, atomic file writes, sinusoidal positions, dtypes."""
+"""Small shared utilities: seeding, safe file writes and reads, sinusoidal positions, dtypes."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import difflib
+import json
 import math
 import os
 import random
@@ -24,6 +25,7 @@ __all__ = [
     "fused_optimizer",
     "is_compiling",
     "make_config",
+    "read_json",
     "seed_everything",
     "sinusoidal_positions",
     "trainable_dtype",
@@ -101,6 +103,27 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_json(path: str | os.PathLike, caller: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a missing, damaged or non-object file is an error naming it.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        ValueError: it is not valid JSON, or holds something other than an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{caller}: {path} not found.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{caller}: {path} is not valid JSON ({err}); is it damaged?") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{caller}: {path} holds a JSON {type(data).__name__}, expected an object."
+        )
+    return data
 
 
 def sinusoidal_positions(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from mmcore import (
     contract_encoder_paths,
     encoder_features,
     find_modality_batch,
+    read_json,
     resolve_module,
     trainable_dtype,
 )
@@ -448,14 +450,17 @@ class Wander(nn.Module):
         """
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"Wander.from_pretrained: {path} not found.")
-        data = json.loads(config_path.read_text())
+        data = read_json(config_path, "Wander.from_pretrained")
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"Wander.from_pretrained: {weights_path} not found.")
         data.pop("wander_version", None)
         wander = cls(base_model, WanderConfig.from_dict(data))
         # where the adapter was placed (the base model's device)
-        state = load_file(str(weights_path), device=str(next(wander.adapter.parameters()).device))
+        device = str(next(wander.adapter.parameters()).device)
+        try:
+            state = load_file(str(weights_path), device=device)
+        except SafetensorError as err:
+            raise ValueError(f"Wander.from_pretrained: cannot read {weights_path}: {err}") from None
         expected = wander.adapter_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

@@ -614,6 +614,35 @@ def test_out_of_range_class_targets_are_a_clear_error():
         cggm.step(torch.tensor([0, 5] * 8))
 
 
+@pytest.mark.parametrize("mistake", ["no backward", "bad targets"])
+def test_a_refused_step_can_be_retried_once_the_mistake_is_fixed(mistake):
+    """A step refused for a user's mistake keeps the forward's features: fixing the mistake
+    and calling step again gives exactly the step a correct first call gives."""
+    batch = vector_batch()
+    results = []
+    for retry in (False, True):
+        model = make_model(batch)
+        cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.0)
+        loss = F.cross_entropy(model(batch), batch.target)
+        if retry and mistake == "no backward":
+            with pytest.raises(RuntimeError, match=r"call loss\.backward"):
+                cggm.step(batch.target)
+        loss.backward()
+        if retry and mistake == "bad targets":
+            with pytest.raises(ValueError, match="must lie in"):
+                cggm.step(batch.target + 3)
+        b = cggm.step(batch.target)
+        results.append((b, grads(model), cggm.classifiers.state_dict()))
+    (b0, g0, c0), (b1, g1, c1) = results
+    assert b0 == b1
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0)
+    for name in c0:
+        torch.testing.assert_close(c1[name], c0[name], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="call the model's forward"):
+        cggm.step(batch.target)  # a completed step used the features
+
+
 class RecurrentModel(nn.Module):
     """Not the mmcore contract: a GRU audio encoder (returns ``(outputs, h_n)``), own names."""
 

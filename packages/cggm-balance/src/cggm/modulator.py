@@ -566,7 +566,9 @@ class CGGM:
                 f"CGGM.step: no encoder output captured for {missing}; call the model's forward "
                 "on this batch first."
             )
-        feats, self._captured = self._captured, {}
+        # kept until the classifiers have stepped: a step refused for a mistake (a missed
+        # backward, bad targets) may be retried once it is fixed, without a new forward
+        feats = dict(self._captured)
         if self.classifiers is None:
             self._build_default_classifiers({m: tuple(f.shape[1:]) for m, f in feats.items()})
         classifiers, optimizer = self._installed()
@@ -652,6 +654,7 @@ class CGGM:
             )
             w_fusion = self.head_weight.clone()
         optimizer.step()
+        self._captured = {}  # used: the next step needs the next forward's features
         self._direction = None  # the classifiers moved (and B may change below)
         self._totals += total
         self._counts += count

@@ -539,7 +539,9 @@ class CGGM:
         Default mode computes it fresh from the head's current weight and the last ``B``; the
         classifiers' side, ``Σ_m B_m W_m / ‖W_m‖``, is computed once per step, as it only
         changes in :meth:`step`. Reference mode returns the previous step's term, whose graph
-        was built from copies of the weights one step earlier, as the released code does.
+        was built from copies of the weights one step earlier, as the released code does; that
+        graph can be used once, so only the first call after a syncing step returns it (later
+        calls return 0).
         """
         zero = self.head_weight.new_zeros(())
         if self.config.lam == 0 or self.classifiers is None or self.coefficients is None:

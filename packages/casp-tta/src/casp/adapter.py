@@ -403,7 +403,8 @@ class CASP:
                     loss = F.cross_entropy(pred, target)  # soft targets: mean probabilities
                 else:
                     loss = F.l1_loss(_scores(pred), target)
-                if self._any_rank(not bool(torch.isfinite(loss))):
+                value = loss.item()  # the one host sync per step, for the check and the log
+                if self._any_rank(not math.isfinite(value)):
                     self.restore(start)
                     message = (
                         f"the pseudo-label loss became NaN or infinite in stage 2, epoch {epoch} "
@@ -415,7 +416,7 @@ class CASP:
                     warnings.warn(f"CASP: {message}", stacklevel=3)
                     return
                 self._step(optimizer, loss)
-                losses.append(loss.item())
+                losses.append(value)
             self.report.pseudo_label_losses.append(sum(losses) / max(len(losses), 1))
             bar.update()
             bar.set_postfix(stage=2, pseudo_label_loss=f"{self.report.pseudo_label_losses[-1]:.4f}")
@@ -447,7 +448,8 @@ class CASP:
             if len(batch) < 2:
                 break
             loss, _ = self.contrastive_loss(on_model, rng.choice(batch.modalities))
-            if not bool(torch.isfinite(loss)):  # a NaN update would spoil every later batch
+            value = loss.item()
+            if not math.isfinite(value):  # a NaN update would spoil every later batch
                 warnings.warn(
                     "CASP.forward: the contrastive loss is NaN or infinite on this batch; the "
                     "model was not updated.",
@@ -455,7 +457,7 @@ class CASP:
                 )
                 break
             self._step(optimizer, loss)
-            self.report.contrastive_losses.append(loss.item())
+            self.report.contrastive_losses.append(value)
         return self.predict(batch)
 
     __call__ = forward

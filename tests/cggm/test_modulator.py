@@ -184,10 +184,10 @@ def _segmentation_batch():
     )
 
 
-def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1):
+def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, classifiers=None):
     """Three modulated SGD steps on a small ``task`` model: ``(B history, classifiers' state
     per modality, model state)``. ``configure(cggm)`` runs before the first step; ``prepare``
-    changes the batch."""
+    changes the batch; ``classifiers`` are the user's own."""
     if task == "classification":
         batch, out, loss_fn = vector_batch(4), 3, F.cross_entropy
     elif task == "segmentation":
@@ -207,7 +207,7 @@ def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1):
         model = SegModel(stride=2)
     else:
         model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
-    cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1)
+    cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1, classifiers=classifiers)
     configure(cggm)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     history = []
@@ -242,6 +242,77 @@ def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
     loop = _train_three_steps(task)
     assert stacked[0]._stacked and not loop[0]._stacked
     _assert_same_runs(stacked, loop)
+
+
+def _own_classifiers(task, plain):
+    """Classifiers of the default ones' shapes, passed as the user's own: ``ModalityClassifier``
+    s, or the same weights as plain modules that take no padding mask (an ``nn.Sequential`` of
+    Linear layers; of 1×1 convolutions for feature maps)."""
+    shapes = _train_three_steps(task)[0]
+    torch.manual_seed(1)
+    own = {}
+    for m in shapes.modalities:
+        inner, outer = shapes.classifier(m).layers()
+        own[m] = ModalityClassifier(
+            shapes.classifier(m).feature_shape, inner.out_features, outer.out_features
+        )
+    if not plain:
+        return own
+    if task != "segmentation":
+        return {m: clf.net for m, clf in own.items()}
+    as_convs = {}
+    for m, clf in own.items():
+        convs = [nn.Conv2d(layer.in_features, layer.out_features, 1) for layer in clf.layers()]
+        for conv, layer in zip(convs, clf.layers(), strict=True):
+            conv.load_state_dict({"weight": layer.weight[..., None, None], "bias": layer.bias})
+        as_convs[m] = nn.Sequential(convs[0], nn.ReLU(), convs[1])
+    return as_convs
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+def test_the_users_own_classifiers_train_as_the_default_ones(task):
+    """``classifiers=``: a module that takes no padding mask gets sequences mean-pooled over
+    their real steps (the regression batch is padded), so the run equals the same weights in
+    ``ModalityClassifier`` s, B, model and final classifier weights alike."""
+    runs = [
+        _train_three_steps(task, classifiers=_own_classifiers(task, plain))
+        for plain in (False, True)
+    ]
+    (default, h1, c1, m1), (plain, h2, c2, m2) = runs
+    assert not default._stacked
+    assert isinstance(plain.classifier(plain.modalities[0]), nn.Sequential)
+    for a, b in zip(h1, h2, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k], msg=k)
+    for m in default.modalities:
+        torch.testing.assert_close(
+            c1[f"{m}.net.2.weight"], c2[f"{m}.2.weight"].reshape(c1[f"{m}.net.2.weight"].shape)
+        )
+
+
+def test_the_users_own_classifiers_are_checked():
+    batch = vector_batch(2)
+    model = make_model(batch)
+    with pytest.raises(ValueError, match=r"classifiers lacks modalities \['m1'\]"):
+        CGGM(model, num_outputs=3, classifiers={"m0": nn.Linear(6, 3)})
+    with pytest.raises(ValueError, match="classifier 'm0' has no trainable parameter"):
+        CGGM(model, num_outputs=3, lam=0.0, classifiers={"m0": nn.Identity(), "m1": nn.Identity()})
+
+    class Raw(nn.Module):  # no Linear/Conv layer: any classifier is fine without the direction term
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(6, 3))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    with pytest.raises(TypeError, match="classifier 'm0' \\(Raw\\) has no Linear/Conv layer"):
+        CGGM(model, num_outputs=3, lam=0.1, classifiers={"m0": Raw(), "m1": Raw()})
+    cggm = CGGM(model, num_outputs=3, lam=0.0, classifiers={"m0": Raw(), "m1": Raw()})
+    F.cross_entropy(model(batch), batch.target).backward()
+    assert set(cggm.step(batch.target)) == {"m0", "m1"}
+    assert cggm.classifier("m0").weight.abs().sum() > 0  # trained
 
 
 class SegModel(nn.Module):

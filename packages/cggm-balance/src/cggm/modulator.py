@@ -22,6 +22,7 @@ from cggm.functional import (
 from mmcore import (
     ModalityBatch,
     ModulePathError,
+    accepts_padding_mask,
     check_distinct_modules,
     contract_encoder_paths,
     encoder_features,
@@ -36,10 +37,29 @@ from mmcore import (
 __all__ = ["CGGM", "ModalityClassifier", "StackedClassifiers"]
 
 
-def _final_weight(module: nn.Module) -> Tensor:
+def _classify(classifier: nn.Module, features: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """A classifier's logits on one modality's features.
+
+    A classifier whose ``forward`` takes ``padding_mask`` (the default ones do) gets the features
+    as they are, with the mask; any other gets sequences ``[B, T, d]`` mean-pooled over their
+    real steps, so a plain ``nn.Sequential`` of linear layers works on sequence encoders too.
+    """
+    if accepts_padding_mask(classifier):
+        return classifier(features, padding_mask=padding_mask)
+    return classifier(masked_mean(features, padding_mask) if features.ndim == 3 else features)
+
+
+def _final_weight(module: nn.Module, classifier: str | None = None) -> Tensor:
+    """The weight of ``module``'s last Linear/Conv layer (``classifier``: whose, for errors)."""
     layers = [
         m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
     ]
+    if not layers and classifier is not None:
+        raise TypeError(
+            f"CGGM: classifier '{classifier}' ({type(module).__name__}) has no Linear/Conv layer "
+            "whose weight the direction term could compare with the head's; end it in one, or "
+            "set lam=0."
+        )
     if not layers:
         raise TypeError(
             f"{type(module).__name__} has no Linear/Conv layer whose weight could serve as the "
@@ -218,7 +238,10 @@ class CGGM:
         head_module: dotted path of the module whose last Linear/Conv weight is ``W^Ω``
             (default ``"head"``).
         classifiers: optional modality → classifier module (default: :class:`ModalityClassifier`
-            built on the first step from the captured feature shapes).
+            built on the first step from the captured feature shapes). A module whose
+            ``forward`` takes ``padding_mask`` gets the features with the mask; any other gets
+            sequences mean-pooled over their real steps. With ``lam > 0`` each must end in a
+            Linear/Conv layer of the head's final weight shape.
         feature_fn: ``feature_fn(modality, output)`` turns an encoder module's raw output into
             the features its classifier sees (``[B, d]``, ``[B, T, d]`` or ``[B, C, *spatial]``),
             e.g. a recurrent encoder's last hidden state or a text encoder's first token.
@@ -332,10 +355,16 @@ class CGGM:
     def _install_classifiers(self, classifiers: nn.ModuleDict, *, stack: bool = False) -> None:
         device = self.head_weight.device
         classifiers = classifiers.to(device)
+        for m, clf in classifiers.items():
+            if not any(p.requires_grad for p in clf.parameters()):
+                raise ValueError(
+                    f"CGGM: classifier '{m}' has no trainable parameter; its score would never "
+                    "improve, and its optimiser would have nothing to step."
+                )
         if self.config.lam > 0:
             head = _as_matrix(self.head_weight)
             for m, clf in classifiers.items():
-                w = _final_weight(clf)
+                w = _final_weight(clf, m)
                 if _as_matrix(w).shape != head.shape:
                     raise ValueError(
                         f"CGGM: classifier '{m}' ends in a weight of shape {tuple(w.shape)} but "
@@ -351,7 +380,12 @@ class CGGM:
             self._classifier_heads = installed.weight2
         else:
             installed = classifiers
-            self._classifier_heads = [_final_weight(classifiers[m]) for m in self.modalities]
+            # compared with the head by the direction term alone: any classifier does at λ = 0
+            self._classifier_heads = (
+                [_final_weight(classifiers[m], m) for m in self.modalities]
+                if self.config.lam > 0
+                else []
+            )
         self.classifiers = installed
         if dist.is_available() and dist.is_initialized():
             for p in installed.parameters():  # every rank starts from rank 0's classifiers
@@ -627,7 +661,7 @@ class CGGM:
             optimizer.zero_grad(set_to_none=True)
             losses, unit_totals, unit_counts = [], [], []
             for i, m in enumerate(self.modalities):
-                pred = classifiers[m](feats[m], self._padding_mask(m, feats[m]))
+                pred = _classify(classifiers[m], feats[m], self._padding_mask(m, feats[m]))
                 if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
                     pred = self._resize(pred, target)
                 w = None if weights is None else weights[i]

@@ -11,6 +11,7 @@ from mmcore.batch import ModalityBatch, ModalityKind, collate_modalities
 from mmcore.contract import (
     ModulePathError,
     MultimodalModel,
+    accepts_padding_mask,
     check_distinct_modules,
     check_multimodal_model,
     closest_module_names,
@@ -44,6 +45,7 @@ __all__ = [
     "ModulePathError",
     "MultimodalModel",
     "PointwiseConv1d",
+    "accepts_padding_mask",
     "atomic_write",
     "check_distinct_modules",
     "check_multimodal_model",

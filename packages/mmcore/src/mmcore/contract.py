@@ -24,6 +24,7 @@ from mmcore.batch import ModalityBatch
 __all__ = [
     "ModulePathError",
     "MultimodalModel",
+    "accepts_padding_mask",
     "check_distinct_modules",
     "check_multimodal_model",
     "encoder_features",
@@ -185,6 +186,15 @@ def _is_transformers_model(module: nn.Module) -> bool:
     return hasattr(module, "config") and hasattr(module, "main_input_name")
 
 
+def accepts_padding_mask(module: nn.Module) -> bool:
+    """Whether ``module``'s ``forward`` has a ``padding_mask`` parameter (``True`` = padding).
+
+    The convention of every package here: such a module is called with
+    ``padding_mask=...``; any other one gets its input alone.
+    """
+    return _accepts_padding_mask(type(module))
+
+
 @lru_cache(maxsize=256)
 def _accepts_padding_mask(cls: type[nn.Module]) -> bool:
     try:
@@ -207,7 +217,7 @@ def run_encoder(encoder: nn.Module, x: Tensor, padding_mask: Tensor | None = Non
         if padding_mask is not None:
             kwargs["attention_mask"] = (~padding_mask).long()
         return encoder_features(encoder(**kwargs))
-    if padding_mask is not None and _accepts_padding_mask(type(encoder)):  # type: ignore[arg-type]
+    if padding_mask is not None and accepts_padding_mask(encoder):
         return encoder_features(encoder(x, padding_mask=padding_mask))
     return encoder_features(encoder(x))
 

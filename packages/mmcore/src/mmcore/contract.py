@@ -192,7 +192,7 @@ def accepts_padding_mask(module: nn.Module) -> bool:
     The convention of every package here: such a module is called with
     ``padding_mask=...``; any other one gets its input alone.
     """
-    return _accepts_padding_mask(type(module))
+    return _accepts_padding_mask(type(module))  # type: ignore[arg-type]  # lru_cache vs Module.__hash__
 
 
 @lru_cache(maxsize=256)

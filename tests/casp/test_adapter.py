@@ -397,3 +397,60 @@ def test_batchnorm_models_keep_separate_views():
 def test_predicting_nothing_is_a_clear_error():
     with pytest.raises(ValueError, match="no sample to predict"):
         CASP(model(), **FAST).predict(data().select(torch.arange(0)))
+
+
+def _fused_and_prediction(net, batch):
+    z = net.fused(batch)
+    return net.head(z), z
+
+
+def _fused_as_tokens(net, batch):
+    prediction, z = _fused_and_prediction(net, batch)
+    return prediction, z.unflatten(1, (2, -1))  # [B, 2, d/2]: flattened back to [B, d]
+
+
+@pytest.mark.parametrize("fn", [_fused_and_prediction, _fused_as_tokens])
+def test_representation_fn_equals_the_fusion_hook(fn):
+    """``representation_fn`` returning the fusion output adapts as the default hook on
+    ``fusion`` does; a representation with more than two dimensions is flattened as the hook's
+    is."""
+    target = data(seed=3)
+    hooked = CASP(model(), **FAST)
+    hooked.adapt(target)
+    given = CASP(model(), representation_fn=fn, **FAST)
+    given.adapt(target)
+    assert given.report.contrastive_losses == pytest.approx(hooked.report.contrastive_losses)
+    torch.testing.assert_close(given.predict(target), hooked.predict(target))
+
+
+def test_a_representation_that_is_missing_or_malformed_is_a_clear_error():
+    with pytest.raises(TypeError, match=r"must return \(prediction, representation .*a Tensor"):
+        CASP(model(), representation_fn=lambda net, batch: net(batch), **FAST).adapt(data())
+    with pytest.raises(TypeError, match=r"got a tuple of \(Tensor, NoneType\)"):
+        CASP(model(), representation_fn=lambda net, batch: (net(batch), None), **FAST).adapt(data())
+    unused = model()
+    unused.spare = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="representation module 'spare' did not run"):
+        CASP(unused, representation_module="spare", **FAST).adapt(data())
+
+
+def test_trainable_all_adapts_every_parameter():
+    target = data(seed=4)
+    casp = CASP(model(), trainable="all", **FAST)
+    before = {n: p.clone() for n, p in casp.model.named_parameters()}
+    casp.adapt(target)
+    norm_ids = {id(p) for p in norm_parameters(casp.model)}
+    changed = {id(p) for n, p in casp.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed - norm_ids  # more than the normalisation layers moved
+    assert len(casp.params) == len(list(casp.model.parameters()))
+
+
+def test_online_batches_too_small_to_contrast():
+    """One sample has no negative for NT-Xent: it is predicted without an update. No sample is
+    a clear error that names the call."""
+    casp = CASP(model(), **FAST)
+    one = data().select(torch.tensor([0]))
+    torch.testing.assert_close(casp(one), CASP(model(), **FAST).predict(one))
+    assert casp.report.contrastive_losses == []
+    with pytest.raises(ValueError, match=r"CASP.forward got no sample"):
+        casp(data().select(torch.arange(0)))

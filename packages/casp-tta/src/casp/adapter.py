@@ -124,7 +124,7 @@ class CASP:
         self.model = model if inplace else copy.deepcopy(model)
         self._representation_fn = representation_fn
         if representation_fn is None:
-            path = representation_module or "fusion"
+            path = self._repr_path = representation_module or "fusion"
             try:
                 self._repr_module = resolve_module(self.model, path)
             except ModulePathError as err:
@@ -183,7 +183,14 @@ class CASP:
 
     def _forward(self, batch: ModalityBatch) -> tuple[Tensor, Tensor]:
         if self._representation_fn is not None:
-            return self._representation_fn(self.model, batch)
+            out = self._representation_fn(self.model, batch)
+            if not (isinstance(out, tuple | list) and len(out) == 2 and isinstance(out[1], Tensor)):
+                raise TypeError(
+                    "CASP: representation_fn(model, batch) must return (prediction, "
+                    f"representation [B, d]) with the representation a Tensor; got {_kind(out)}."
+                )
+            pred, rep = out
+            return pred, rep.flatten(1) if rep.ndim > 2 else rep
         captured: list[Any] = []
         handle = self._repr_module.register_forward_hook(lambda _m, _a, out: captured.append(out))
         try:
@@ -191,7 +198,11 @@ class CASP:
         finally:
             handle.remove()
         if not captured:
-            raise RuntimeError("CASP: the representation module did not run in the forward pass.")
+            raise RuntimeError(
+                f"CASP: the representation module '{self._repr_path}' did not run in the model's "
+                "forward pass; name one that does (representation_module=) or pass "
+                "representation_fn=."
+            )
         try:  # a tensor, a transformers output's last_hidden_state, a tuple's first item
             rep = encoder_features(captured[-1])
         except TypeError as err:
@@ -429,8 +440,11 @@ class CASP:
         """Online TTA: ``steps`` contrastive updates on this batch, then its predictions.
 
         ``episodic=True`` resets to the source weights first (each batch adapted on its own).
-        The batch's ``target`` is never read. Single-process only.
+        The batch's ``target`` is never read. A one-sample batch is predicted without an update
+        (NT-Xent needs another sample as its negative). Single-process only.
         """
+        if len(batch) == 0:
+            raise ValueError("CASP.forward got no sample (an empty batch).")
         if self.distributed:
             raise RuntimeError(
                 "CASP.forward (online TTA) is single-process; build the CASP with "
@@ -535,6 +549,13 @@ def _prediction(out: Any) -> Tensor:
         f"output or a dict); got {type(out).__name__}. Wrap the model so that its forward "
         "returns the predictions."
     )
+
+
+def _kind(value: Any) -> str:
+    """``value``'s type, and for a tuple or list the types of its items."""
+    if isinstance(value, tuple | list):
+        return f"a {type(value).__name__} of ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
 
 
 def _scores(out: Tensor) -> Tensor:

@@ -271,6 +271,21 @@ def test_a_modality_the_batch_lacks_is_missing_for_every_sample():
         model(ModalityBatch({"depth": data["text"]}))
 
 
+def test_a_misnamed_modality_is_not_taken_for_a_missing_one():
+    """A key the model does not know, where one of its modalities is lacking, is an error (a
+    misnamed modality would pass as missing for every sample); beside every modality the model
+    knows, an extra one is ignored."""
+    model, data = build()
+    model.eval()
+    renamed = {("audios" if m == "audio" else m): x for m, x in data.inputs.items()}
+    for call in (model, model.forward_per_sample):
+        with pytest.raises(ValueError, match=r"lacks \['audio'\] and has \['audios'\].*Did you "):
+            call(ModalityBatch(renamed, data.target))
+    extra = data.replace(inputs={**data.inputs, "depth": data["text"]})
+    with torch.no_grad():
+        torch.testing.assert_close(model(extra), model(data))
+
+
 @pytest.mark.parametrize("m", [2, 3, 4])
 @pytest.mark.parametrize("extra", [False, True])
 def test_batched_transformers_equal_the_per_module_loop(m, extra):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Mapping
@@ -158,6 +159,15 @@ class MPLMM(nn.Module):
                     f"MPLMM: the batch has none of the modalities {list(self.modalities)} "
                     f"(it has {list(batch.modalities)})."
                 )
+            unknown = [m for m in batch.modalities if m not in self.modalities]
+            if unknown:  # most likely a misnamed key, which would pass as a missing modality
+                raise ValueError(
+                    f"MPLMM: the batch lacks {absent} and has {unknown}, which the model does "
+                    f"not know (its modalities: {list(self.modalities)})."
+                    f"{_renames(unknown, absent)} A modality the batch lacks counts as missing "
+                    "for every sample: rename the batch's keys, or drop the unknown ones to mean "
+                    "it."
+                )
             like = next(batch[m] for m in self.modalities if m in batch)
             dims = self.backbone.config.input_dims
             presence = dict(batch.presence)
@@ -299,3 +309,15 @@ class MPLMM(nn.Module):
         )
         model.load_state_dict(state)
         return model
+
+
+def _renames(unknown: list[str], absent: list[str]) -> str:
+    """``" Did you mean 'text' for 'txt'?"`` for the unknown names close to an absent one."""
+    pairs = [
+        (close[0], name)
+        for name in unknown
+        if (close := difflib.get_close_matches(name, absent, n=1, cutoff=0.5))
+    ]
+    if not pairs:
+        return ""
+    return " Did you mean " + ", ".join(f"'{a}' for '{u}'" for a, u in pairs) + "?"

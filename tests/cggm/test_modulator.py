@@ -779,3 +779,28 @@ def test_feature_fn_chooses_what_the_classifiers_see():
         model(batch)
     with pytest.raises(TypeError, match="feature_fn must be callable"):
         CGGM(model, encoder_modules=paths, head_module="classifier", feature_fn="h_n")
+
+
+def test_encoder_names_unlike_the_batch_warn_once():
+    """Padding and presence masks are read from the batch by modality name: a modality the
+    model's batch does not hold would never get them, so the first forward pass warns."""
+    g = torch.Generator().manual_seed(0)
+    batch = ModalityBatch(
+        {"txt": torch.randn(8, 6, generator=g), "audio": torch.randn(8, 4, 3, generator=g)},
+        target=torch.randint(0, 3, (8,), generator=g),
+    )
+
+    class Renamed(RecurrentModel):
+        def forward(self, batch):
+            return super().forward(
+                batch.replace(inputs={"text": batch["txt"], "audio": batch["audio"]})
+            )
+
+    model = Renamed()
+    paths = {"text": "text_net", "audio": "audio_gru"}
+    cggm = CGGM(model, encoder_modules=paths, head_module="classifier", num_outputs=3, lam=0.0)
+    with pytest.warns(UserWarning, match=r"modalities \['text'\] are not modalities of"):
+        F.cross_entropy(model(batch), batch.target).backward()
+    cggm.step(batch.target)
+    F.cross_entropy(model(batch), batch.target).backward()  # once: no second warning
+    cggm.step(batch.target)

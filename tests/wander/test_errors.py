@@ -1,9 +1,12 @@
 """Models that Wander cannot adapt as asked: each is a clear error at wrap or call time."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from tests.wander.conftest import make_batch
 from wander import Wander
 
 RANKS = (4, 2, 2)
@@ -141,3 +144,31 @@ def test_base_model_moved_without_its_wrapper():
         RuntimeError, match=r"features are on cpu but the adapter is on meta.*wander\.to\(device\)"
     ):
         wander(*example())
+
+
+def test_adapter_modalities_named_unlike_the_batch_warn(base_model):
+    """Masks are read from the batch by modality name: an adapter modality the example batch
+    does not hold would see padded tokens as real ones, so wrapping warns; named as the batch
+    names them, the same adapter ignores the padded tokens."""
+    pad = torch.zeros(4, 7, dtype=torch.bool)
+    pad[1:, 4:] = True
+    batch = make_batch().replace(padding_masks={"text": pad})
+    noisy = batch.replace(
+        inputs={**batch.inputs, "text": batch["text"].masked_fill(pad[..., None], 0.0)}
+    )
+    outputs = {}
+    for text in ("text", "txt"):
+        targets = {text: "encoders.text", "audio": "encoders.audio", "vision": "encoders.vision"}
+        model = copy.deepcopy(base_model)
+        if text == "text":
+            wander = Wander(model, RANKS, example_input=batch, target_modules=targets)
+        else:
+            with pytest.warns(UserWarning, match=r"modalities \['txt'\] are not modalities of"):
+                wander = Wander(model, RANKS, example_input=batch, target_modules=targets)
+        g = torch.Generator().manual_seed(1)
+        for p in wander.adapter.parameters():  # away from the initialisation's exact zero
+            p.data.add_(0.1 * torch.randn(p.shape, generator=g))
+        with torch.no_grad():
+            outputs[text] = wander(batch) - wander(noisy)
+    assert outputs["text"].abs().max() < 1e-6  # padded tokens change nothing
+    assert outputs["txt"].abs().max() > 1e-3  # they do where the masks never arrive

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import cggm
 from cggm.config import CGGMConfig
 from cggm.functional import (
     batch_score_counts,
@@ -31,6 +33,7 @@ from mmcore import (
     make_config,
     masked_mean,
     resolve_module,
+    stacklevel_outside,
     trainable_dtype,
 )
 
@@ -338,6 +341,7 @@ class CGGM:
         self.hand_backward = True
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
+        self._names_checked = False  # the batch's modality names, against ours (warn once)
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         for name, enc in self.encoders.items():
             # a partial of a bound method, not a closure: a model carrying it can be pickled, and
@@ -547,6 +551,17 @@ class CGGM:
     def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = {}
         self._batch = find_modality_batch(args, kwargs)
+        if self._batch is not None and not self._names_checked:
+            self._names_checked = True
+            unmatched = [m for m in self.modalities if m not in self._batch]
+            if unmatched:  # the masks are read by name: these would never reach the classifiers
+                warnings.warn(
+                    f"CGGM: the modalities {unmatched} are not modalities of the model's "
+                    f"ModalityBatch (it has {list(self._batch.modalities)}). CGGM reads each "
+                    "modality's padding and presence masks from the batch by name, so none "
+                    "will be applied to them; name encoder_modules by the batch's modalities.",
+                    stacklevel=stacklevel_outside(cggm),
+                )
 
     def _capture(self, modality: str, _module: nn.Module, _args: tuple, output: Any) -> None:
         if self.feature_fn is None:

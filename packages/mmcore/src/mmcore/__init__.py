@@ -33,6 +33,7 @@ from mmcore.utils import (
     read_json,
     seed_everything,
     sinusoidal_positions,
+    stacklevel_outside,
     trainable_dtype,
 )
 
@@ -66,5 +67,6 @@ __all__ = [
     "run_encoder",
     "seed_everything",
     "sinusoidal_positions",
+    "stacklevel_outside",
     "trainable_dtype",
 ]

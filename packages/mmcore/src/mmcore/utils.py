@@ -9,9 +9,11 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import FrameType, ModuleType
 from typing import IO, Any, TypeVar
 
 import numpy as np
@@ -28,6 +30,7 @@ __all__ = [
     "read_json",
     "seed_everything",
     "sinusoidal_positions",
+    "stacklevel_outside",
     "trainable_dtype",
 ]
 
@@ -124,6 +127,21 @@ def read_json(path: str | os.PathLike, caller: str) -> dict[str, Any]:
             f"{caller}: {path} holds a JSON {type(data).__name__}, expected an object."
         )
     return data
+
+
+def stacklevel_outside(*packages: ModuleType) -> int:
+    """``stacklevel`` for a ``warnings.warn`` call that names the user's line.
+
+    Counts the frames from the caller up to the first one outside ``packages`` and torch (whose
+    module call and ``no_grad`` wrappers sit between a hook and the user's code), however deep
+    the warning was raised.
+    """
+    roots = tuple(str(Path(p.__file__).parent) for p in (*packages, torch) if p.__file__)
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def sinusoidal_positions(

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+import wander
 from mmcore import (
     ModalityBatch,
     ModulePathError,
@@ -26,6 +27,7 @@ from mmcore import (
     find_modality_batch,
     read_json,
     resolve_module,
+    stacklevel_outside,
     trainable_dtype,
 )
 from wander import __version__
@@ -123,6 +125,8 @@ class Wander(nn.Module):
                     "modalities' feature sizes and sequence lengths."
                 )
             self._read_sizes(cfg, example_input)
+        if example_input is not None:
+            self._check_batch_names(example_input)
         if set(cfg.hidden_dims) != set(self._targets) or set(cfg.seq_lens) != set(self._targets):
             raise ValueError(
                 f"Wander: the adapter's sizes are for modalities {sorted(cfg.hidden_dims)} but "
@@ -252,6 +256,26 @@ class Wander(nn.Module):
                     f"Wander: the fusion module outputs {consumer_out.shape[1]} tokens, fewer "
                     f"than num_fused_tokens={cfg.fused_tokens}."
                 )
+
+    def _check_batch_names(self, example_input: Any) -> None:
+        """Warn where the masks of a ``ModalityBatch`` input could never reach the adapter.
+
+        They are read from the batch by modality name, so an adapter modality named other than
+        the batch's key (``target_modules={"text": ...}`` on a batch holding ``"txt"``) would
+        silently see padded tokens and missing samples as real ones.
+        """
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        kwargs = example_input if isinstance(example_input, dict) else {}
+        batch = find_modality_batch(args, kwargs)
+        unmatched = [] if batch is None else [m for m in self._targets if m not in batch]
+        if batch is not None and unmatched:
+            warnings.warn(
+                f"Wander: the adapter's modalities {unmatched} are not modalities of the example "
+                f"ModalityBatch (it has {list(batch.modalities)}). Wander reads each modality's "
+                "padding and presence masks from the batch by name, so none will be applied to "
+                "them; name target_modules by the batch's modalities.",
+                stacklevel=stacklevel_outside(wander),
+            )
 
     # ------------------------------------------------------------------ hooks
     def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -799,8 +799,9 @@ def test_encoder_names_unlike_the_batch_warn_once():
     model = Renamed()
     paths = {"text": "text_net", "audio": "audio_gru"}
     cggm = CGGM(model, encoder_modules=paths, head_module="classifier", num_outputs=3, lam=0.0)
-    with pytest.warns(UserWarning, match=r"modalities \['text'\] are not modalities of"):
+    with pytest.warns(UserWarning, match=r"modalities \['text'\] are not modalities of") as w:
         F.cross_entropy(model(batch), batch.target).backward()
+    assert w[0].filename == __file__  # the user's line, not torch's or the library's
     cggm.step(batch.target)
     F.cross_entropy(model(batch), batch.target).backward()  # once: no second warning
     cggm.step(batch.target)

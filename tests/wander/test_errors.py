@@ -163,8 +163,11 @@ def test_adapter_modalities_named_unlike_the_batch_warn(base_model):
         if text == "text":
             wander = Wander(model, RANKS, example_input=batch, target_modules=targets)
         else:
-            with pytest.warns(UserWarning, match=r"modalities \['txt'\] are not modalities of"):
+            with pytest.warns(
+                UserWarning, match=r"modalities \['txt'\] are not modalities of"
+            ) as w:
                 wander = Wander(model, RANKS, example_input=batch, target_modules=targets)
+            assert w[0].filename == __file__  # the user's line, not the library's
         g = torch.Generator().manual_seed(1)
         for p in wander.adapter.parameters():  # away from the initialisation's exact zero
             p.data.add_(0.1 * torch.randn(p.shape, generator=g))

@@ -805,3 +805,35 @@ def test_encoder_names_unlike_the_batch_warn_once():
     cggm.step(batch.target)
     F.cross_entropy(model(batch), batch.target).backward()  # once: no second warning
     cggm.step(batch.target)
+
+
+@pytest.mark.parametrize("order", ["modulate, then compile", "compile, then modulate"])
+def test_a_compiled_model_is_modulated_as_the_eager_one(order):
+    """Dynamo traces CGGM's hooks (``aot_eager``: graph capture, no C++ compiler needed), with
+    the modulator built on the model or on its compiled wrapper."""
+
+    def run(compiled):
+        batch = vector_batch(3)
+        model = make_model(batch)
+        forward = model
+        if compiled and order.startswith("compile"):
+            forward = torch.compile(model, backend="aot_eager")
+        cggm = CGGM(forward, num_outputs=3, rho=1.3, lam=0.2)
+        if compiled and order.startswith("modulate"):
+            forward = torch.compile(model, backend="aot_eager")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        history = []
+        for seed in range(3):
+            batch = vector_batch(3, seed=seed)
+            opt.zero_grad()
+            loss = F.cross_entropy(forward(batch), batch.target) + cggm.direction_loss()
+            loss.backward()
+            history.append(cggm.step(batch.target))
+            opt.step()
+        return history, model.state_dict()
+
+    (eager, eager_state), (compiled, compiled_state) = run(False), run(True)
+    for a, b in zip(eager, compiled, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    for k, v in eager_state.items():
+        torch.testing.assert_close(compiled_state[k], v, msg=k)

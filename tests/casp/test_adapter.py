@@ -454,3 +454,25 @@ def test_online_batches_too_small_to_contrast():
     assert casp.report.contrastive_losses == []
     with pytest.raises(ValueError, match=r"CASP.forward got no sample"):
         casp(data().select(torch.arange(0)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_compiled_model_is_adapted_through_the_module_it_wraps(inplace):
+    """Adapting a ``torch.compile`` d model that already ran (its graph traced without CASP's
+    hook) adapts the wrapped module eagerly, as CASP on the plain model does; in place, the
+    compiled model then predicts with the adapted weights."""
+    target = ModalityBatch({m: data(seed=5)[m] for m in ("a", "b")})
+    torch.manual_seed(0)
+    plain = _VectorLateFusion()
+    expected = CASP(copy.deepcopy(plain), **FAST)
+    expected.adapt(target)
+    compiled = torch.compile(plain, backend="aot_eager")
+    compiled(target)  # traced before CASP exists
+    casp = CASP(compiled, inplace=inplace, **FAST)
+    casp.adapt(target)
+    assert casp.report.contrastive_losses == pytest.approx(expected.report.contrastive_losses)
+    torch.testing.assert_close(casp.predict(target), expected.predict(target))
+    with torch.no_grad():
+        seen_by_compiled = compiled(target).squeeze(-1)
+    after = expected.predict(target) if inplace else CASP(plain, **FAST).predict(target)
+    torch.testing.assert_close(seen_by_compiled, after)

@@ -837,3 +837,20 @@ def test_a_compiled_model_is_modulated_as_the_eager_one(order):
         assert a == pytest.approx(b, abs=1e-6)
     for k, v in eager_state.items():
         torch.testing.assert_close(compiled_state[k], v, msg=k)
+
+
+def test_a_compiled_model_traced_before_the_modulator_is_a_clear_error():
+    """Dynamo does not re-trace for hooks added after a compiled model's first call: the
+    encoders' hooks never fire, which ``step`` says, with the way out."""
+    batch = vector_batch(3)
+    model = make_model(batch)
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(batch)  # traced before CGGM exists
+    cggm = CGGM(compiled, num_outputs=3, lam=0.0)
+    F.cross_entropy(compiled(batch), batch.target).backward()
+    with pytest.raises(RuntimeError, match=r"torch.compile'd and was traced before CGGM"):
+        cggm.step(batch.target)
+    torch._dynamo.reset()  # the way out the error gives
+    model.zero_grad()
+    F.cross_entropy(compiled(batch), batch.target).backward()
+    assert set(cggm.step(batch.target)) == set(batch.modalities)

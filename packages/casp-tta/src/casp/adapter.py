@@ -84,7 +84,9 @@ class CASP:
         representation_fn: ``fn(model, batch) -> (prediction, representation [B, d])``.
         representation_module: dotted path of the module whose output is the representation.
         inplace: adapt ``model`` itself; by default a deep copy is adapted and the caller's
-            weights are never modified.
+            weights are never modified. A ``torch.compile`` d model is adapted through the
+            module it wraps (the same parameters), eagerly: dynamo does not re-trace a compiled
+            graph for the hooks CASP adds.
         distributed: :meth:`adapt` on this rank's shard of the target set, in step with every
             rank of the default process group: the NT-Xent negatives come from every rank
             (with gradient), the gradients are averaged over the ranks before clipping (and
@@ -121,6 +123,9 @@ class CASP:
                 "rank would restore the epoch its own validation data prefers."
             )
         self.distributed = distributed
+        compiled_from = getattr(model, "_orig_mod", None)
+        if isinstance(compiled_from, nn.Module):  # torch.compile's wrapper: adapt what it wraps
+            model = compiled_from
         self.model = model if inplace else copy.deepcopy(model)
         self._representation_fn = representation_fn
         if representation_fn is None:

@@ -342,6 +342,8 @@ class CGGM:
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
         self._names_checked = False  # the batch's modality names, against ours (warn once)
+        self._compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)
+        self._forward_ran = False  # since the last step: the model's own pre-hook fired
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         for name, enc in self.encoders.items():
             # a partial of a bound method, not a closure: a model carrying it can be pickled, and
@@ -550,6 +552,7 @@ class CGGM:
     # ------------------------------------------------------------------ hooks
     def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = {}
+        self._forward_ran = True
         self._batch = find_modality_batch(args, kwargs)
         if self._batch is not None and not self._names_checked:
             self._names_checked = True
@@ -612,6 +615,13 @@ class CGGM:
         accumulate their scores.
         """
         missing = [m for m in self.modalities if m not in self._captured]
+        if missing and self._forward_ran and self._compiled:
+            raise RuntimeError(
+                f"CGGM.step: the model's forward ran but the encoders of {missing} were not seen: "
+                "the model is torch.compile'd and was traced before CGGM added its hooks, and "
+                "dynamo does not re-trace for hooks added later. Build CGGM before the compiled "
+                "model's first call, or call torch._dynamo.reset() after building it."
+            )
         if missing:
             raise RuntimeError(
                 f"CGGM.step: no encoder output captured for {missing}; call the model's forward "
@@ -696,6 +706,7 @@ class CGGM:
         if loss is not None:
             loss.backward()
         self._batch = None  # its padding masks are used; hold no batch between steps
+        self._forward_ran = False
         self._average_classifier_grads()
         if cfg.mode == "reference" and sync and cfg.lam > 0:
             heads = (

@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from benchmarks.backbones import LateFusionModel
 from mmcore import ModalityBatch
-from wander import Wander, WanderConfig, WanderTargetError, get_wander, inject_wander
+from wander import Wander, WanderConfig, WanderTargetError, inject_wander
 
 from .conftest import LayerwiseModel, PlainModel, bert_text_model, make_batch, train_steps
 
@@ -405,29 +405,31 @@ def test_torch_compile_gives_the_eager_outputs_and_gradients(base_model, batch, 
     assert_compiled_matches_eager(wander, batch, backend="aot_eager")
 
 
-@pytest.mark.parametrize("how", ["wrap", "inject"])
-def test_wrapping_a_compiled_model_that_already_ran(base_model, batch, how):
-    """Its graph was traced without Wander's hooks; wrapping (which freezes the base) makes
-    dynamo trace again, so the adapter is in the compiled model's outputs as in eager mode."""
-    if torch.__version__ < "2.4":
-        pytest.skip("dynamo before torch 2.4 runs the wrapped encoders wrongly here (a dict out)")
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_compiled_model_that_already_ran_is_wrapped_through_its_module(base_model, batch, frozen):
+    """Its graphs were traced without the adapter's hooks, and dynamo does not always trace
+    again (not for a base already frozen before compiling: the adapter was silently absent).
+    Wander wraps the module it holds, so the adapter is in the outputs; injecting into the
+    compiled model is a clear error."""
     with torch.no_grad():
         plain = base_model(batch)
     eager = Wander(copy.deepcopy(base_model), RANKS, example_input=batch)
     g = torch.Generator().manual_seed(1)
     for p in eager.adapter.parameters():  # away from the initialisation's exact zero
         p.data.add_(0.1 * torch.randn(p.shape, generator=g))
+    if frozen:
+        for name, p in base_model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
     compiled = torch.compile(base_model, backend="aot_eager")
     compiled(batch)  # traced before the adapter exists
-    if how == "wrap":
-        wander = forward = Wander(compiled, RANKS, example_input=batch)
-    else:
-        forward = inject_wander(compiled, RANKS, example_input=batch)
-        wander = get_wander(forward)
+    with pytest.raises(TypeError, match=r"inject_wander: this model is torch.compile'd"):
+        inject_wander(compiled, RANKS, example_input=batch)
+    wander = Wander(compiled, RANKS, example_input=batch)
+    assert wander.base_model is base_model
     wander.adapter.load_state_dict(eager.adapter.state_dict())
     with torch.no_grad():
         assert not torch.allclose(eager(batch), plain)
-        torch.testing.assert_close(forward(batch), eager(batch))
+        torch.testing.assert_close(wander(batch), eager(batch))
 
 
 def test_load_reports_missing_and_unexpected_keys(tmp_path, base_model, batch):

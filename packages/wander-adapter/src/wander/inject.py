@@ -62,6 +62,13 @@ def inject_wander(
             "inject_wander: this model is a Wander wrapper; inject into its base model "
             "(`wander.base_model`) instead."
         )
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            "inject_wander: this model is torch.compile'd, and graphs it traced before the "
+            "adapter existed would not run it (dynamo does not re-trace for hooks added later). "
+            "Inject into the module it wraps (`model._orig_mod`, or the model before "
+            "torch.compile), then compile that."
+        )
     if pretrained is not None:
         if ranks is not None or options:
             raise ValueError(

@@ -68,6 +68,10 @@ class Wander(nn.Module):
         modules_to_save: base modules that stay trainable and are saved with the adapter.
         **config: any other :class:`WanderConfig` field (``cp_mode``, ``init``, ``output``, ...).
 
+    A ``torch.compile`` d model is wrapped through the module it holds (``model._orig_mod``):
+    graphs it traced before the adapter existed would not run the adapter. Compile the wrapper
+    instead, ``torch.compile(wander)``.
+
     Example:
         >>> model = LateFusionModel.from_batch(batch, out_dim=1)  # doctest: +SKIP
         >>> wander = Wander(model, ranks=(16, 8, 12), example_input=batch)  # doctest: +SKIP
@@ -96,6 +100,11 @@ class Wander(nn.Module):
                 "Wander: this model is already wrapped by Wander; wrap its base model "
                 "(`wander.base_model`, or `wander.unwrap()` to remove the first adapter) instead."
             )
+        compiled_from = getattr(model, "_orig_mod", None)
+        if isinstance(compiled_from, nn.Module):
+            # torch.compile's wrapper: its graphs, traced before the adapter existed, would not
+            # see the adapter's hooks (dynamo does not re-trace for hooks added later)
+            model = compiled_from
         cfg = resolve_config(
             ranks,
             target_modules=dict(target_modules) if target_modules is not None else None,

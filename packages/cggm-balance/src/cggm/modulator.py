@@ -610,9 +610,9 @@ class CGGM:
         """Train the classifiers on this batch, update the scores and scale the gradients.
 
         Call after ``loss.backward()`` and before ``optimizer.step()`` (after
-        ``scaler.unscale_`` under AMP). Returns ``{modality: B_m}`` on syncing steps, ``None``
-        on accumulation micro-steps (``sync=False``), which only train the classifiers and
-        accumulate their scores.
+        ``scaler.unscale_`` under AMP, before any gradient clipping). Returns
+        ``{modality: B_m}`` on syncing steps, ``None`` on accumulation micro-steps
+        (``sync=False``), which only train the classifiers and accumulate their scores.
         """
         missing = [m for m in self.modalities if m not in self._captured]
         if missing and self._forward_ran and self._compiled:

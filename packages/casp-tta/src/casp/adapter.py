@@ -310,8 +310,9 @@ class CASP:
         pseudo-labels and stability scores follow each sample over the epochs, so the order must
         stay fixed (``report.kept_indices`` index the concatenation). ``data.target`` is never
         read (it is dropped first). ``validation`` (labelled target data) and
-        ``score_fn(predictions, labels)`` are used only with ``select_by="target_validation"``,
-        the released code's label-leaking epoch selection.
+        ``score_fn(predictions, labels)`` (higher is better: accuracy, or the negative MAE for
+        regression) are used only with ``select_by="target_validation"``, the released code's
+        label-leaking epoch selection.
         ``progress``: a progress bar over the epochs of both stages, with the last loss.
         """
         cfg = self.config

@@ -5,7 +5,7 @@ from torch import nn
 
 from benchmarks.backbones import LateFusionModel
 from cggm import CGGM, CGGMConfig, ModalityClassifier, StackedClassifiers
-from mmcore import ModalityBatch, ModulePathError
+from mmcore import ModalityBatch, ModulePathError, encoder_features
 
 
 def vector_batch(m=3, b=16, classes=3, seed=0):
@@ -648,6 +648,72 @@ def test_samples_lacking_a_modality_neither_train_nor_score_its_classifier(task,
         lr=0.0,
     )
     assert plain[1] != other[1]  # without the presence mask, the other values are read
+
+
+def _nan_where_missing(modality, output):
+    """The first modality's features NaN for the samples :func:`_missing_first` marks missing
+    (what the classifiers see; the model itself is unaffected)."""
+    features = encoder_features(output)
+    if modality not in ("m0", "text", "flair"):
+        return features
+    features = features.clone()
+    features[::2] = float("nan")
+    return features
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+@pytest.mark.parametrize("path", ["by hand", "loop"])
+def test_nan_features_of_samples_lacking_the_modality_change_nothing(task, path):
+    """Zeroed, not weighted by 0 (NaN × 0 is NaN): NaN in a missing modality's features leaves
+    its classifier finite and the run as with the features kept."""
+
+    def configure(cggm):
+        PATHS[path](cggm)
+        cggm.feature_fn = _nan_where_missing
+
+    kept = _train_three_steps(task, PATHS[path], prepare=_missing_first, lr=0.0)
+    nan = _train_three_steps(task, configure, prepare=_missing_first, lr=0.0)
+    _assert_same_runs(kept, nan)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_batch_with_non_finite_features_is_skipped(path):
+    """One batch whose classifier outputs are not finite (an fp16 overflow, say) is skipped
+    with a warning, as ``GradScaler`` skips the model's step: the run then goes on exactly as
+    if that batch had never come, instead of its NaN classifiers spoiling every later loss."""
+
+    def run(with_bad_batch):
+        batch = vector_batch(3)
+        model = make_model(batch)
+        cggm = CGGM(model, num_outputs=3, rho=1.3, lam=0.2)
+        PATHS[path](cggm)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        history = []
+        for seed in (0, 1, 2, 3):
+            batch = vector_batch(3, seed=seed)
+            if seed == 1:
+                if not with_bad_batch:
+                    continue
+                x = batch["m1"].clone()
+                x[0] = float("inf")
+                batch = batch.replace(inputs={**batch.inputs, "m1": x})
+            opt.zero_grad()
+            loss = F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()
+            loss.backward()
+            if seed == 1:
+                with pytest.warns(UserWarning, match=r"outputs for \['m1'\] are NaN or infinite"):
+                    assert cggm.step(batch.target) is None
+                continue  # the model's step skipped too, as GradScaler does
+            history.append(cggm.step(batch.target))
+            opt.step()
+        assert all(torch.isfinite(p).all() for p in cggm.classifiers.parameters())
+        return history, cggm.state_dict()["classifiers"], model.state_dict()
+
+    (h1, c1, m1), (h2, c2, m2) = run(True), run(False)
+    assert h1 == h2
+    for first, second in ((c1, c2), (m1, m2)):
+        for k, v in first.items():
+            torch.testing.assert_close(v, second[k], rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])

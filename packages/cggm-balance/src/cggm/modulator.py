@@ -612,7 +612,8 @@ class CGGM:
         Call after ``loss.backward()`` and before ``optimizer.step()`` (after
         ``scaler.unscale_`` under AMP, before any gradient clipping). Returns
         ``{modality: B_m}`` on syncing steps, ``None`` on accumulation micro-steps
-        (``sync=False``), which only train the classifiers and accumulate their scores.
+        (``sync=False``), which only train the classifiers and accumulate their scores, and on
+        a step skipped (default mode) because a classifier's outputs were not finite.
         """
         missing = [m for m in self.modalities if m not in self._captured]
         if missing and self._forward_ran and self._compiled:
@@ -651,6 +652,8 @@ class CGGM:
                 "(and scaler.unscale_ under AMP) before cggm.step()."
             )
         weights = self._presence_weights(target.shape[0], target.device)  # [M, B] or None
+        if weights is not None:  # zeros, not 0 × what they hold: NaN × 0 would still be NaN
+            feats = {m: _zero_absent(feats[m], weights[i]) for i, m in enumerate(self.modalities)}
         loss = None
         if isinstance(classifiers, StackedClassifiers):
             maps = len(classifiers.feature_shape) > 2
@@ -682,9 +685,10 @@ class CGGM:
             total, count = batch_score_counts(
                 cfg.task, logits, target, cfg.regression_score, stacked=True, weights=weights
             )
+            finite = torch.isfinite(logits).reshape(*logits.shape[:2], -1).all(2)  # [M, B]
         else:
             optimizer.zero_grad(set_to_none=True)
-            losses, unit_totals, unit_counts = [], [], []
+            losses, unit_totals, unit_counts, unit_finite = [], [], [], []
             for i, m in enumerate(self.modalities):
                 pred = _classify(classifiers[m], feats[m], self._padding_mask(m, feats[m]))
                 if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
@@ -700,9 +704,15 @@ class CGGM:
                 )
                 unit_totals.append(t)
                 unit_counts.append(c)
+                unit_finite.append(torch.isfinite(pred.detach()).reshape(pred.shape[0], -1).all(1))
             loss = torch.stack(losses).sum()
             total, count = torch.stack(unit_totals), torch.stack(unit_counts)
-        total, count = total.cpu(), count.cpu()
+            finite = torch.stack(unit_finite)
+        # one copy to the host for the scores and the finiteness check
+        host = torch.stack([total.float(), count.float(), finite.all(1).float()]).cpu()
+        total, count = host[0], host[1]
+        if cfg.mode == "default" and self._skip_non_finite(host[2]):
+            return None
         if loss is not None:
             loss.backward()
         self._batch = None  # its padding masks are used; hold no batch between steps
@@ -790,6 +800,29 @@ class CGGM:
             return F.l1_loss(pred.reshape(-1), target.reshape(-1).to(pred.dtype))
         return F.cross_entropy(pred, target)
 
+    def _skip_non_finite(self, finite: Tensor) -> bool:
+        """Skip this step where a classifier's logits are not finite, on any rank.
+
+        Nothing is trained, counted or scaled: one bad batch (an fp16 overflow, say, whose model
+        step ``GradScaler`` skips) would otherwise leave the classifiers NaN for good, and with
+        them every later direction term and loss.
+        """
+        if dist.is_available() and dist.is_initialized():  # every rank skips, or none does
+            flags = finite.to(self.head_weight.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            finite = flags.cpu()
+        if bool(finite.all()):
+            return False
+        bad = [m for m, ok in zip(self.modalities, finite.tolist(), strict=True) if not ok]
+        self._batch, self._captured, self._forward_ran = None, {}, False
+        warnings.warn(
+            f"CGGM.step: the classifiers' outputs for {bad or 'another rank'} are NaN or "
+            "infinite on this batch (non-finite encoder features?); the step is skipped: no "
+            "classifier trained, no score counted, no gradient scaled.",
+            stacklevel=3,
+        )
+        return True
+
     def _average_classifier_grads(self) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             return
@@ -866,6 +899,14 @@ class CGGM:
 
 #: config fields that shape the classifiers or the scores: a state saved under others cannot load
 _STRUCTURAL = ("task", "num_outputs", "mode", "classifier_hidden", "regression_score")
+
+
+def _zero_absent(features: Tensor, present: Tensor) -> Tensor:
+    """``features`` with the rows of samples that lack the modality (``present == 0``) zeroed."""
+    if not features.is_floating_point():
+        return features
+    absent = (present == 0).view(-1, *([1] * (features.ndim - 1)))
+    return features.masked_fill(absent, 0.0)
 
 
 def _weighted_means(per_sample: Tensor, weights: Tensor) -> Tensor:

@@ -412,3 +412,25 @@ def test_auto_batches_only_small_calls_of_one_length(monkeypatch):
     model.batched = "always"
     with pytest.raises(ValueError, match="batched must be True, False or 'auto'"):
         model.forward_projected(z)
+
+
+def test_what_a_missing_modality_holds_is_never_read():
+    """The vectorised path computes on every sample and selects by presence; a missing
+    modality's values are zeroed first, so NaN there (NaN × 0 is NaN) reaches neither the
+    outputs nor the gradients: both equal those of the zero-filled batch."""
+    model, data = build()
+    nan_filled = data.replace(
+        inputs={
+            m: torch.where(data.is_present(m)[:, None, None], data[m], float("nan"))
+            for m in data.modalities
+        }
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    runs = []
+    for batch in (data, nan_filled):
+        out = model(batch)
+        runs.append((out, torch.autograd.grad(out.square().sum(), trainable)))
+    (zeros, zero_grads), (nans, nan_grads) = runs
+    torch.testing.assert_close(nans, zeros)
+    for a, b in zip(nan_grads, zero_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -229,6 +229,17 @@ class MPLMM(nn.Module):
         """``[B, out_dim]`` for a batch that may mix every missing case."""
         batch = self._fit_lengths(batch)
         presence = self.presence(batch).to(batch.device)
+        # a missing modality's values are never read: zeroed, not multiplied by 0 (NaN × 0 is
+        # NaN, and would reach the outputs and the input projections' gradients)
+        batch = batch.replace(
+            inputs={
+                **batch.inputs,
+                **{
+                    m: batch[m].masked_fill(~presence[:, i, None, None], 0.0)
+                    for i, m in enumerate(self.modalities)
+                },
+            }
+        )
         projected = self.backbone.project(batch)
         generated = self.generate(batch, presence)
         z, padding = {}, {}

@@ -1,5 +1,7 @@
 """CGGM under DDP (2 CPU processes, gloo): every rank scales identically."""
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,3 +33,43 @@ def test_ranks_stay_identical():
         torch.testing.assert_close(w0[k], w1[k], msg=k)
     for k in c0:
         torch.testing.assert_close(c0[k], c1[k], msg=k)
+
+
+def _train_with_a_bad_batch_on_rank_1(rank, world):
+    """Step 1 of rank 1 sees an infinite feature; every rank skips that step (the model's as
+    GradScaler would, CGGM's by itself)."""
+    model = make_model(vector_batch(3))
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    history, warned = [], []
+    for step in range(3):
+        batch = vector_batch(3, seed=100 * rank + step)
+        if step == 1 and rank == 1:
+            x = batch["m2"].clone()
+            x[0] = float("inf")
+            batch = batch.replace(inputs={**batch.inputs, "m2": x})
+        opt.zero_grad()
+        (F.cross_entropy(ddp(batch), batch.target) + cggm.direction_loss()).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history.append(cggm.step(batch.target))
+        warned += [str(w.message) for w in caught]
+        if all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+            opt.step()
+    finite = all(torch.isfinite(p).all().item() for p in cggm.classifiers.parameters())
+    return history, warned, finite, model.state_dict()
+
+
+def test_a_bad_batch_on_one_rank_is_skipped_on_every_rank():
+    (h0, warned0, finite0, w0), (h1, warned1, finite1, w1) = run_ranks(
+        _train_with_a_bad_batch_on_rank_1
+    )
+    assert h0 == h1 and h0[1] is None and None not in (h0[0], h0[2])
+    assert finite0 and finite1
+    assert all(
+        "for ['m2'] are NaN or infinite on this step's batch of some rank" in w[0]
+        for w in (warned0, warned1)
+    )
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], msg=k)

@@ -807,7 +807,8 @@ class CGGM:
         step ``GradScaler`` skips) would otherwise leave the classifiers NaN for good, and with
         them every later direction term and loss.
         """
-        if dist.is_available() and dist.is_initialized():  # every rank skips, or none does
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:  # every rank skips, or none does
             flags = finite.to(self.head_weight.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
             finite = flags.cpu()
@@ -816,9 +817,9 @@ class CGGM:
         bad = [m for m, ok in zip(self.modalities, finite.tolist(), strict=True) if not ok]
         self._batch, self._captured, self._forward_ran = None, {}, False
         warnings.warn(
-            f"CGGM.step: the classifiers' outputs for {bad or 'another rank'} are NaN or "
-            "infinite on this batch (non-finite encoder features?); the step is skipped: no "
-            "classifier trained, no score counted, no gradient scaled.",
+            f"CGGM.step: the classifiers' outputs for {bad} are NaN or infinite on this step's "
+            f"batch{' of some rank' if distributed else ''} (non-finite encoder features?); the "
+            "step is skipped: no classifier trained, no score counted, no gradient scaled.",
             stacklevel=3,
         )
         return True

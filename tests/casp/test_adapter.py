@@ -312,8 +312,11 @@ def test_bad_input_raises_clear_errors():
         casp.predict([])
     with pytest.raises(ValueError, match=">= 2"):
         casp.adapt(ModalityBatch({"a": torch.randn(4, 5)}))
-    with pytest.raises(ValueError, match="at least one unlabeled target sample"):
-        casp.adapt(data().select(torch.tensor([], dtype=torch.long)))
+    for n in (0, 1):  # no negative for NT-Xent: stage 1 would log losses of 0 and never step
+        with pytest.raises(ValueError, match=f"at least 2 unlabeled target samples.*got {n}"):
+            casp.adapt(data().select(torch.arange(n)))
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        CASPConfig(batch_size=1)
     with pytest.raises(ValueError, match="keep must be one of"):
         CASPConfig(keep="stable")
     with pytest.raises(ValueError, match="no snapshot"):

@@ -322,8 +322,11 @@ class CASP:
                 f"CASP drops one modality per batch for its second view; need >= 2, got "
                 f"{list(data.modalities)}."
             )
-        if data.batch_size == 0:
-            raise ValueError("CASP.adapt needs at least one unlabeled target sample, got none.")
+        if data.batch_size < 2:
+            raise ValueError(
+                "CASP.adapt needs at least 2 unlabeled target samples (NT-Xent contrasts each "
+                f"sample with the others of its batch), got {data.batch_size}."
+            )
         if cfg.select_by == "target_validation":
             _Best.check(validation, score_fn)
         if self.distributed:

@@ -33,7 +33,8 @@ class CASPConfig:
         epochs_pl: stage-2 (pseudo-label training) epochs.
         lr: Adam learning rate of both stages.
         clip: gradient-norm clipping (``None``: off).
-        batch_size: mini-batch size of both stages.
+        batch_size: mini-batch size of both stages (>= 2: NT-Xent's negatives are the other
+            samples of a batch).
         trainable: ``"norm"`` (affine parameters of LayerNorm / BatchNorm / GroupNorm /
             InstanceNorm layers) or ``"all"``.
         select_by: ``"last"`` (default: the last epoch of each stage; no target label is read)
@@ -69,6 +70,11 @@ class CASPConfig:
         for name in ("epochs_ca", "snapshot_every", "batch_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.batch_size < 2:
+            raise ValueError(
+                "batch_size must be >= 2: NT-Xent takes each sample's negatives from the other "
+                "samples of its batch, so one-sample batches would never update the model."
+            )
         if not _is_int(self.epochs_pl) or self.epochs_pl < 0:
             raise ValueError(f"epochs_pl must be an integer >= 0, got {self.epochs_pl!r}.")
         if not _is_int(self.seed):

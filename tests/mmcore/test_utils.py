@@ -1,9 +1,17 @@
 import math
+import types
 
 import pytest
 import torch
 
-from mmcore import atomic_write, fused_optimizer, is_compiling, read_json, sinusoidal_positions
+from mmcore import (
+    atomic_write,
+    fused_optimizer,
+    is_compiling,
+    read_json,
+    sinusoidal_positions,
+    stacklevel_outside,
+)
 
 
 def test_sinusoidal_positions_values_and_dtype():
@@ -64,3 +72,19 @@ def test_read_json_returns_the_object_and_names_a_bad_file(tmp_path):
         path.write_bytes(text.encode("utf-8", "surrogateescape"))
         with pytest.raises(ValueError, match=match):
             read_json(path, "Loader")
+
+
+def test_stacklevel_outside_names_the_first_frame_outside_the_packages(tmp_path):
+    """Frames of the given packages (and of torch) are skipped; a sibling folder whose name
+    merely starts with a package's is not."""
+    package = types.ModuleType("pkg")
+    package.__file__ = str(tmp_path / "pkg" / "__init__.py")
+
+    def call_from(filename):
+        code = compile("level = stacklevel_outside(package)", filename, "exec")
+        scope = {"stacklevel_outside": stacklevel_outside, "package": package}
+        exec(code, scope)
+        return scope["level"]
+
+    assert call_from(str(tmp_path / "pkg" / "inner.py")) == 2  # past pkg's frame: its caller
+    assert call_from(str(tmp_path / "pkg_extra" / "inner.py")) == 1  # not pkg's

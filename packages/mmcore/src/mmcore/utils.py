@@ -136,7 +136,9 @@ def stacklevel_outside(*packages: ModuleType) -> int:
     module call and ``no_grad`` wrappers sit between a hook and the user's code), however deep
     the warning was raised.
     """
-    roots = tuple(str(Path(p.__file__).parent) for p in (*packages, torch) if p.__file__)
+    roots = tuple(
+        os.path.join(Path(p.__file__).parent, "") for p in (*packages, torch) if p.__file__
+    )
     frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(roots):

@@ -313,6 +313,9 @@ def test_the_users_own_classifiers_are_checked():
     F.cross_entropy(model(batch), batch.target).backward()
     assert set(cggm.step(batch.target)) == {"m0", "m1"}
     assert cggm.classifier("m0").weight.abs().sum() > 0  # trained
+    resumed = CGGM(model, num_outputs=3, lam=0.0, classifiers={"m0": Raw(), "m1": Raw()})
+    resumed.load_state_dict(cggm.state_dict())  # the user's classifiers round-trip too
+    torch.testing.assert_close(resumed.classifier("m0").weight, cggm.classifier("m0").weight)
 
 
 class SegModel(nn.Module):

@@ -479,3 +479,32 @@ def test_a_compiled_model_is_adapted_through_the_module_it_wraps(inplace):
         seen_by_compiled = compiled(target).squeeze(-1)
     after = expected.predict(target) if inplace else CASP(plain, **FAST).predict(target)
     torch.testing.assert_close(seen_by_compiled, after)
+
+
+class _TwoLogits(nn.Module):
+    """A single-logit binary model made explicit: logits ``[0, z]``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.fusion = inner, inner.fusion
+
+    def forward(self, batch):
+        z = self.inner(batch)
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
+def test_a_single_logit_binary_model_is_adapted_as_its_sigmoid_says():
+    """One logit ``z`` per sample (a binary-cross-entropy model) reads as the probabilities
+    ``(1 − σ(z), σ(z))``: the same run as the model returning ``[0, z]``. Before, the softmax
+    of one class made every probability 1 and the pseudo-labels meaningless."""
+    target = data(seed=6, classes=2)
+    single = CASP(model(out_dim=1), task="classification", **FAST)
+    single.adapt(target)
+    explicit = CASP(_TwoLogits(model(out_dim=1)), task="classification", **FAST)
+    explicit.adapt(target)
+    probabilities = single.predict(target)
+    torch.testing.assert_close(probabilities, explicit.predict(target))
+    torch.testing.assert_close(single.report.pseudo_labels, explicit.report.pseudo_labels)
+    assert single.report.pseudo_label_losses == pytest.approx(explicit.report.pseudo_label_losses)
+    z = single.model.eval()(target).squeeze(-1)
+    torch.testing.assert_close(probabilities[:, 1], torch.sigmoid(z))

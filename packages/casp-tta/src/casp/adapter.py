@@ -282,7 +282,7 @@ class CASP:
         self.model.train(was_training)
         out = torch.cat(outs).to(data.device)
         if self.config.task == "classification":
-            return out.softmax(dim=-1)
+            return _class_logits(out).softmax(dim=-1)
         return _scores(out)
 
     def reset(self) -> None:
@@ -420,7 +420,8 @@ class CASP:
                 batch = batch.to(self.device)
                 pred, target = _prediction(self.model(batch)), batch.require_target()
                 if cfg.task == "classification":
-                    loss = F.cross_entropy(pred, target)  # soft targets: mean probabilities
+                    # soft targets: mean probabilities
+                    loss = F.cross_entropy(_class_logits(pred), target)
                 else:
                     loss = F.l1_loss(_scores(pred), target)
                 value = loss.item()  # the one host sync per step, for the check and the log
@@ -565,6 +566,23 @@ def _kind(value: Any) -> str:
     if isinstance(value, tuple | list):
         return f"a {type(value).__name__} of ({', '.join(type(v).__name__ for v in value)})"
     return f"a {type(value).__name__}"
+
+
+def _class_logits(out: Tensor) -> Tensor:
+    """Class logits ``[N, C]``; a single-logit binary model's ``[N]`` or ``[N, 1]`` as ``[0, z]``.
+
+    The softmax of ``[0, z]`` is ``(1 − σ(z), σ(z))``: the probabilities of the sigmoid model,
+    so its pseudo-labels and soft cross-entropy are those of binary cross-entropy.
+    """
+    if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
+        z = out.reshape(-1, 1)
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+    if out.ndim != 2:
+        raise ValueError(
+            f"CASP task='classification' needs class logits [N, C] (or one binary logit [N] / "
+            f"[N, 1]), but the model outputs {tuple(out.shape)}."
+        )
+    return out
 
 
 def _scores(out: Tensor) -> Tensor:

@@ -111,6 +111,15 @@ def test_classification_metrics_by_hand():
         classification_metrics(logits, torch.tensor([0, -1, 3, 2]))
     with pytest.raises(ValueError, match="NaN or infinite"):
         classification_metrics(logits.masked_fill(logits == 1.0, math.nan), y)
+    # whole-number logits of one binary class would pass for labels: negative ones cannot
+    binary_logits, binary_y = torch.tensor([-2.0, 3.0, 1.0, -1.0]), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match=r"y_pred must hold class labels >= 0.*\(y_pred > 0\)"):
+        classification_metrics(binary_logits, binary_y)
+    with pytest.raises(ValueError, match=r"1 classes.*one binary logit pass \(y_pred > 0\)"):
+        classification_metrics(binary_logits[:, None], binary_y)
+    assert classification_metrics((binary_logits > 0).long(), binary_y)["accuracy"] == 1.0
+    with pytest.raises(ValueError, match=r"y must hold class labels >= 0, found \[-100\]\.$"):
+        classification_metrics(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, -100, 0]))
     with pytest.raises(ValueError, match="needs at least 1 sample, found 0"):
         classification_metrics(logits[:0], y[:0])
     metric = ClassificationMetric()

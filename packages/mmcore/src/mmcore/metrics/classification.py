@@ -26,7 +26,7 @@ def _labels(y_pred: np.ndarray, n: int, name: str) -> np.ndarray:
             raise ValueError(f"{name}: y_pred holds NaN or infinite values.")
         return y_pred.argmax(axis=1)
     if y_pred.ndim == 1:
-        return _integer_labels(y_pred, name, "y_pred")
+        return _non_negative(_integer_labels(y_pred, name, "y_pred"), name, "y_pred")
     raise ValueError(
         f"{name}: y_pred must be logits/probabilities [N, C] or labels [N], found shape "
         f"{y_pred.shape} (N = {n})."
@@ -35,14 +35,23 @@ def _labels(y_pred: np.ndarray, n: int, name: str) -> np.ndarray:
 
 def _integer_labels(x: np.ndarray, name: str, what: str) -> np.ndarray:
     """``x`` as int64 class labels; floats must hold whole numbers (``1.0``, not ``0.7``)."""
-    if x.dtype.kind in "iub":
-        return x.astype(np.int64)
-    if not (np.isfinite(x).all() and (x == np.round(x)).all()):
+    if x.dtype.kind not in "iub" and not (np.isfinite(x).all() and (x == np.round(x)).all()):
         raise ValueError(
             f"{name}: {what} must hold integer class labels, found values such as "
             f"{x[~(np.isfinite(x) & (x == np.round(x)))][:3].tolist()}."
         )
     return x.astype(np.int64)
+
+
+def _non_negative(x: np.ndarray, name: str, what: str) -> np.ndarray:
+    """``x`` if no label is negative (whole-number logits would otherwise pass for labels)."""
+    if x.size and x.min() < 0:
+        hint = (
+            "; for one binary logit per sample pass (y_pred > 0).long()" if what == "y_pred" else ""
+        )
+        found = sorted(set(x[x < 0].tolist()))[:3]
+        raise ValueError(f"{name}: {what} must hold class labels >= 0, found {found}{hint}.")
+    return x
 
 
 def classification_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) -> dict[str, float]:
@@ -54,7 +63,8 @@ def classification_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) 
 
     Raises:
         ValueError: sizes disagree, logits hold NaN or infinite values, labels are not whole
-            numbers, or a label has no column in ``y_pred``.
+            numbers or are negative (whole-number logits of one binary class would otherwise
+            pass for labels), or a label has no column in ``y_pred``.
     """
     name = "classification_metrics"
     p, t = to_numpy(y_pred), to_numpy(y).reshape(-1)
@@ -68,11 +78,17 @@ def classification_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) 
     t = _integer_labels(t, name, "y")
     if p.ndim == 2 and t.size and (t.min() < 0 or t.max() >= p.shape[1]):
         bad = t[(t < 0) | (t >= p.shape[1])]
+        one = (
+            " (one column: for one binary logit pass (y_pred > 0).long())"
+            if p.shape[1] == 1
+            else ""
+        )
         raise ValueError(
             f"{name}: y holds labels {sorted(set(bad.tolist()))[:5]} but y_pred has "
-            f"{p.shape[1]} classes (labels 0..{p.shape[1] - 1})."
+            f"{p.shape[1]} classes (labels 0..{p.shape[1] - 1}){one}."
         )
     p = _labels(p, t.shape[0], name)
+    _non_negative(t, name, "y")
     return {
         "accuracy": float(accuracy_score(t, p)),
         "f1_weighted": float(f1_score(t, p, average="weighted", zero_division=0)),

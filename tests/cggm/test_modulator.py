@@ -926,3 +926,16 @@ def test_a_compiled_model_traced_before_the_modulator_is_a_clear_error():
     model.zero_grad()
     F.cross_entropy(compiled(batch), batch.target).backward()
     assert set(cggm.step(batch.target)) == set(batch.modalities)
+
+
+def test_remove_takes_the_hooks_off_and_step_says_so():
+    batch = vector_batch(3)
+    model = make_model(batch)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    cggm = CGGM(model, num_outputs=3, lam=0.0)
+    assert any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    cggm.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    F.cross_entropy(model(batch), batch.target).backward()
+    with pytest.raises(RuntimeError, match=r"remove\(\) took this modulator's hooks off"):
+        cggm.step(batch.target)

@@ -579,7 +579,7 @@ class CGGM:
         self._captured[modality] = features.detach()
 
     def remove(self) -> None:
-        """Remove the hooks from the model."""
+        """Remove the hooks from the model; :meth:`step` then refuses to run."""
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -615,6 +615,11 @@ class CGGM:
         (``sync=False``), which only train the classifiers and accumulate their scores, and on
         a step skipped (default mode) because a classifier's outputs were not finite.
         """
+        if not self._handles:
+            raise RuntimeError(
+                "CGGM.step: remove() took this modulator's hooks off the model, so it sees no "
+                "encoder output; build a new CGGM (load_state_dict this one's state to resume)."
+            )
         missing = [m for m in self.modalities if m not in self._captured]
         if missing and self._forward_ran and self._compiled:
             raise RuntimeError(

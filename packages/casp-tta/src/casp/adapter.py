@@ -22,6 +22,7 @@ from mmcore import (
     ModalityBatch,
     ModulePathError,
     collective_device,
+    compiled_inner,
     encoder_features,
     make_config,
     resolve_module,
@@ -123,9 +124,7 @@ class CASP:
                 "rank would restore the epoch its own validation data prefers."
             )
         self.distributed = distributed
-        compiled_from = getattr(model, "_orig_mod", None)
-        if isinstance(compiled_from, nn.Module):  # torch.compile's wrapper: adapt what it wraps
-            model = compiled_from
+        model = compiled_inner(model) or model  # torch.compile's wrapper: adapt what it holds
         self.model = model if inplace else copy.deepcopy(model)
         self._representation_fn = representation_fn
         if representation_fn is None:

@@ -26,12 +26,14 @@ from mmcore import (
     ModulePathError,
     accepts_padding_mask,
     check_distinct_modules,
+    compiled_inner,
     contract_encoder_paths,
     encoder_features,
     find_modality_batch,
     fused_optimizer,
     make_config,
     masked_mean,
+    modalities_not_in_batch,
     resolve_module,
     stacklevel_outside,
     trainable_dtype,
@@ -342,7 +344,7 @@ class CGGM:
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
         self._names_checked = False  # the batch's modality names, against ours (warn once)
-        self._compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)
+        self._compiled = compiled_inner(model) is not None
         self._forward_ran = False  # since the last step: the model's own pre-hook fired
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         for name, enc in self.encoders.items():
@@ -556,15 +558,9 @@ class CGGM:
         self._batch = find_modality_batch(args, kwargs)
         if self._batch is not None and not self._names_checked:
             self._names_checked = True
-            unmatched = [m for m in self.modalities if m not in self._batch]
-            if unmatched:  # the masks are read by name: these would never reach the classifiers
-                warnings.warn(
-                    f"CGGM: the modalities {unmatched} are not modalities of the model's "
-                    f"ModalityBatch (it has {list(self._batch.modalities)}). CGGM reads each "
-                    "modality's padding and presence masks from the batch by name, so none "
-                    "will be applied to them; name encoder_modules by the batch's modalities.",
-                    stacklevel=stacklevel_outside(cggm),
-                )
+            message = modalities_not_in_batch(self.modalities, self._batch, "CGGM: the")
+            if message:
+                warnings.warn(message, stacklevel=stacklevel_outside(cggm))
 
     def _capture(self, modality: str, _module: nn.Module, _args: tuple, output: Any) -> None:
         if self.feature_fn is None:

@@ -231,15 +231,17 @@ class MPLMM(nn.Module):
         presence = self.presence(batch).to(batch.device)
         # a missing modality's values are never read: zeroed, not multiplied by 0 (NaN × 0 is
         # NaN, and would reach the outputs and the input projections' gradients)
-        batch = batch.replace(
-            inputs={
-                **batch.inputs,
-                **{
-                    m: batch[m].masked_fill(~presence[:, i, None, None], 0.0)
-                    for i, m in enumerate(self.modalities)
-                },
-            }
-        )
+        if batch.presence:  # no presence mask: every modality is present
+            batch = batch.replace(
+                inputs={
+                    **batch.inputs,
+                    **{
+                        m: batch[m].masked_fill(~presence[:, i, None, None], 0.0)
+                        for i, m in enumerate(self.modalities)
+                        if m in batch.presence
+                    },
+                }
+            )
         projected = self.backbone.project(batch)
         generated = self.generate(batch, presence)
         z, padding = {}, {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Protocol, TypeGuard
 
@@ -27,9 +27,11 @@ __all__ = [
     "accepts_padding_mask",
     "check_distinct_modules",
     "check_multimodal_model",
+    "compiled_inner",
     "encoder_features",
     "find_modality_batch",
     "masked_mean",
+    "modalities_not_in_batch",
     "resolve_module",
     "run_encoder",
 ]
@@ -220,6 +222,33 @@ def run_encoder(encoder: nn.Module, x: Tensor, padding_mask: Tensor | None = Non
     if padding_mask is not None and accepts_padding_mask(encoder):
         return encoder_features(encoder(x, padding_mask=padding_mask))
     return encoder_features(encoder(x))
+
+
+def compiled_inner(model: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper holds (``_orig_mod``); ``None`` for any other.
+
+    Graphs a compiled model traced before a hook was added do not run that hook (dynamo does not
+    re-trace for it), so the packages hook the module inside, or say why they cannot.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def modalities_not_in_batch(names: Iterable[str], batch: ModalityBatch, what: str) -> str | None:
+    """A warning text when some of ``names`` are not modalities of ``batch``, else ``None``.
+
+    Padding and presence masks are read from the batch by modality name, so a modality named
+    otherwise (``"text"`` for the batch's ``"txt"``) would silently get none. ``what`` opens
+    the text, e.g. ``"Wander: the adapter's"``.
+    """
+    unmatched = [m for m in names if m not in batch]
+    if not unmatched:
+        return None
+    return (
+        f"{what} modalities {unmatched} are not modalities of the ModalityBatch (it has "
+        f"{list(batch.modalities)}). Padding and presence masks are read from the batch by "
+        "modality name, so none will be applied to them; name them as the batch does."
+    )
 
 
 def find_modality_batch(args: tuple, kwargs: dict) -> ModalityBatch | None:

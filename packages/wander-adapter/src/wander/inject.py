@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from mmcore import compiled_inner
 from wander.config import WanderConfig
 from wander.model import Wander, adapters_on
 
@@ -62,7 +63,7 @@ def inject_wander(
             "inject_wander: this model is a Wander wrapper; inject into its base model "
             "(`wander.base_model`) instead."
         )
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+    if compiled_inner(model) is not None:
         raise TypeError(
             "inject_wander: this model is torch.compile'd, and graphs it traced before the "
             "adapter existed would not run it (dynamo does not re-trace for hooks added later). "

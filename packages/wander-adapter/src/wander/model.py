@@ -22,9 +22,11 @@ from mmcore import (
     ModulePathError,
     atomic_write,
     check_distinct_modules,
+    compiled_inner,
     contract_encoder_paths,
     encoder_features,
     find_modality_batch,
+    modalities_not_in_batch,
     read_json,
     resolve_module,
     stacklevel_outside,
@@ -100,11 +102,7 @@ class Wander(nn.Module):
                 "Wander: this model is already wrapped by Wander; wrap its base model "
                 "(`wander.base_model`, or `wander.unwrap()` to remove the first adapter) instead."
             )
-        compiled_from = getattr(model, "_orig_mod", None)
-        if isinstance(compiled_from, nn.Module):
-            # torch.compile's wrapper: its graphs, traced before the adapter existed, would not
-            # see the adapter's hooks (dynamo does not re-trace for hooks added later)
-            model = compiled_from
+        model = compiled_inner(model) or model  # hooks on a compiled wrapper may never run
         cfg = resolve_config(
             ranks,
             target_modules=dict(target_modules) if target_modules is not None else None,
@@ -276,15 +274,10 @@ class Wander(nn.Module):
         args = example_input if isinstance(example_input, tuple) else (example_input,)
         kwargs = example_input if isinstance(example_input, dict) else {}
         batch = find_modality_batch(args, kwargs)
-        unmatched = [] if batch is None else [m for m in self._targets if m not in batch]
-        if batch is not None and unmatched:
-            warnings.warn(
-                f"Wander: the adapter's modalities {unmatched} are not modalities of the example "
-                f"ModalityBatch (it has {list(batch.modalities)}). Wander reads each modality's "
-                "padding and presence masks from the batch by name, so none will be applied to "
-                "them; name target_modules by the batch's modalities.",
-                stacklevel=stacklevel_outside(wander),
-            )
+        what = "Wander: the adapter's"
+        message = None if batch is None else modalities_not_in_batch(self._targets, batch, what)
+        if message:
+            warnings.warn(message, stacklevel=stacklevel_outside(wander))
 
     # ------------------------------------------------------------------ hooks
     def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -1,0 +1,106 @@
+"""The README's recipes for HuggingFace Accelerate and Lightning, checked against the plain loop.
+
+Both run gradient accumulation over two micro-batches; each must modulate exactly as the
+hand-written loop of the README does (``sync=False`` on micro-steps, or no step at all).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from cggm import CGGM
+from tests.cggm.test_modulator import make_model, vector_batch
+
+BATCHES = [vector_batch(3, seed=s) for s in range(6)]
+
+
+def _modulator(model):
+    return CGGM(model, task="classification", num_outputs=3, rho=1.5, lam=0.2)
+
+
+def _plain_loop(*, step_on_micro_batches: bool):
+    """Accumulate two micro-batches per optimiser step by hand (the README's loop)."""
+    model = make_model(BATCHES[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cggm = _modulator(model)
+    coefficients = []
+    torch.manual_seed(1)
+    for i, batch in enumerate(DataLoader(BATCHES, batch_size=None)):
+        loss = F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()
+        (loss / 2).backward()
+        sync = i % 2 == 1
+        if sync or step_on_micro_batches:
+            coefficients.append(cggm.step(batch.target, sync=sync))
+        if sync:
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.state_dict(), coefficients
+
+
+def _assert_same(run, reference):
+    (state, coefficients), (ref_state, ref_coefficients) = run, reference
+    assert coefficients == ref_coefficients
+    assert [b is None for b in coefficients] != [True] * len(coefficients)
+    for name, value in ref_state.items():
+        torch.testing.assert_close(state[name], value, msg=name)
+
+
+def test_accelerate_accumulation_modulates_as_the_plain_loop():
+    accelerate = pytest.importorskip("accelerate")
+    model = make_model(BATCHES[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cggm = _modulator(model)
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=2, cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    coefficients = []
+    torch.manual_seed(1)
+    for batch in DataLoader(BATCHES, batch_size=None):
+        with accelerator.accumulate(model):
+            loss = F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()
+            accelerator.backward(loss)
+            coefficients.append(cggm.step(batch.target, sync=accelerator.sync_gradients))
+            optimizer.step()  # Accelerate's optimiser steps only when the gradients sync
+            optimizer.zero_grad()
+    _assert_same((model.state_dict(), coefficients), _plain_loop(step_on_micro_batches=True))
+
+
+# Lightning's own warnings about its set-up (few workers, its use of torch's pytree)
+@pytest.mark.filterwarnings(
+    "ignore::UserWarning:pytorch_lightning", "ignore::FutureWarning:pytorch_lightning"
+)
+def test_lightning_on_before_optimizer_step_modulates_as_the_plain_loop():
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = make_model(BATCHES[0])
+            self.cggm = _modulator(self.model)
+            self.coefficients = []
+
+        def training_step(self, batch, batch_idx):
+            self.target = batch.target
+            return F.cross_entropy(self.model(batch), batch.target) + self.cggm.direction_loss()
+
+        def on_before_optimizer_step(self, optimizer):
+            self.coefficients.append(self.cggm.step(self.target))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.parameters(), lr=0.1)
+
+    module = Module()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    torch.manual_seed(1)  # the DataLoader's iterator draws from the global generator
+    trainer.fit(module, DataLoader(BATCHES, batch_size=None))
+    run = (module.model.state_dict(), module.coefficients)
+    _assert_same(run, _plain_loop(step_on_micro_batches=False))

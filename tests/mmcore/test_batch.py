@@ -172,6 +172,15 @@ def test_select_split_concat_round_trip():
     assert torch.equal(sub.target, torch.tensor([7.0, 2.0]))
     shuffled = list(batch.split(3, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert sorted(i for p in shuffled for i in p.sample_ids) == sorted(batch.sample_ids)
+    assert [len(p) for p in batch.split(4, drop_last=True)] == [4, 4]
+
+
+@pytest.mark.parametrize(
+    ("size", "error"), [([4, 6], TypeError), (2.5, TypeError), (0, ValueError)]
+)
+def test_split_checks_its_size_at_the_call(size, error):
+    with pytest.raises(error, match=r"split|batch_size"):
+        make_batch(10).split(size)  # not only once iterated
 
 
 def test_to_casts_floating_inputs_only():

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NoReturn, cast
 
@@ -403,15 +404,24 @@ class ModalityBatch:
         drop_last: bool = False,
     ) -> Iterator[ModalityBatch]:
         """Iterate over mini-batches of an in-memory batch (no DataLoader needed)."""
+        try:
+            batch_size = operator.index(batch_size)
+        except TypeError:
+            raise TypeError(
+                f"split(batch_size) takes one mini-batch size, an int; got "
+                f"{type(batch_size).__name__} {batch_size!r}. For parts of given sizes, "
+                "select() each part's indices."
+            ) from None
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, found {batch_size}.")
         n = self.batch_size
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            if drop_last and len(idx) < batch_size:
-                return
-            yield self.select(idx)
+        # checked above, at the call; the parts are selected as they are iterated
+        return (
+            self.select(order[start : start + batch_size])
+            for start in range(0, n, batch_size)
+            if not (drop_last and n - start < batch_size)
+        )
 
     @classmethod
     def concat(cls, batches: Sequence[ModalityBatch]) -> ModalityBatch:

@@ -310,6 +310,8 @@ def test_bad_input_raises_clear_errors():
         casp.adapt([torch.randn(3, 2)])
     with pytest.raises(TypeError, match="the iterable yielded nothing"):
         casp.predict([])
+    with pytest.raises(TypeError, match=r"CASP\.forward takes a ModalityBatch, got a dict"):
+        casp(dict(data().inputs))
     with pytest.raises(ValueError, match=">= 2"):
         casp.adapt(ModalityBatch({"a": torch.randn(4, 5)}))
     for n in (0, 1):  # no negative for NT-Xent: stage 1 would log losses of 0 and never step

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mm_prompts import MPLMM, MulTBackbone, MulTConfig, all_cases, apply_case
+from mm_prompts import MPLMM, MulTBackbone, MulTConfig, all_cases, apply_case, simulate_missing
 from mmcore import ModalityBatch
 
 
@@ -213,6 +213,19 @@ def test_bad_input_raises():
         MPLMM(model.backbone, model.seq_lens, prompt_length=0)
     with pytest.raises(ValueError, match=r"seq_lens must be positive integers.*'audio': 0"):
         MPLMM(model.backbone, {**model.seq_lens, "audio": 0})
+
+
+def test_a_plain_dict_for_a_batch_is_a_clear_error():
+    model, data = build()
+    for name, call in (
+        ("MPLMM", model),
+        ("MPLMM", model.forward_per_sample),
+        ("MulTBackbone", model.backbone),
+        ("simulate_missing", lambda d: simulate_missing(d, 0.5)),
+        ("apply_case", lambda d: apply_case(d, 7)),
+    ):
+        with pytest.raises(TypeError, match=f"{name} takes a ModalityBatch, got a dict; wrap it"):
+            call(dict(data.inputs))
 
 
 def padded_copy(data, fill):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmcore import ModalityBatch, collate_modalities
+from mmcore import ModalityBatch, collate_modalities, require_modality_batch
 
 
 def make_batch(b=4):
@@ -181,6 +181,15 @@ def test_select_split_concat_round_trip():
 def test_split_checks_its_size_at_the_call(size, error):
     with pytest.raises(error, match=r"split|batch_size"):
         make_batch(10).split(size)  # not only once iterated
+
+
+def test_require_modality_batch_says_how_to_make_one():
+    batch = make_batch(2)
+    assert require_modality_batch(batch, "f") is batch
+    with pytest.raises(TypeError, match=r"f takes a ModalityBatch, got a dict; wrap it"):
+        require_modality_batch(dict(batch.inputs), "f")
+    with pytest.raises(TypeError, match=r"g takes a ModalityBatch, got a Tensor; build one"):
+        require_modality_batch(torch.zeros(2), "g")
 
 
 def test_to_casts_floating_inputs_only():

@@ -25,6 +25,7 @@ from mmcore import (
     compiled_inner,
     encoder_features,
     make_config,
+    require_modality_batch,
     resolve_module,
 )
 
@@ -452,6 +453,7 @@ class CASP:
         The batch's ``target`` is never read. A one-sample batch is predicted without an update
         (NT-Xent needs another sample as its negative). Single-process only.
         """
+        batch = require_modality_batch(batch, "CASP.forward")
         if len(batch) == 0:
             raise ValueError("CASP.forward got no sample (an empty batch).")
         if self.distributed:

@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm_prompts.io import read_pretrained, write_pretrained
-from mmcore import ModalityBatch, PointwiseConv1d, dropout_fast, is_compiling, sinusoidal_positions
+from mmcore import (
+    ModalityBatch,
+    PointwiseConv1d,
+    dropout_fast,
+    is_compiling,
+    require_modality_batch,
+    sinusoidal_positions,
+)
 
 __all__ = ["MulTBackbone", "MulTConfig", "zero_padding"]
 
@@ -424,6 +431,7 @@ class MulTBackbone(nn.Module):
 
     def project(self, batch: ModalityBatch) -> dict[str, Tensor]:
         """Input projections: modality → ``[B, T_m, d]``."""
+        batch = require_modality_batch(batch, "MulTBackbone")
         missing = [k for k in self.modalities if k not in batch]
         if missing:
             raise ValueError(f"batch lacks modalities {missing} (has {list(batch.modalities)}).")

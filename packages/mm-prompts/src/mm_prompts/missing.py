@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mmcore import ModalityBatch
+from mmcore import ModalityBatch, require_modality_batch
 
 __all__ = [
     "REFERENCE_CASES",
@@ -98,6 +98,7 @@ def apply_case(
     present is an error. ``fill`` is written into the dropped features (``None`` keeps them;
     models that read the presence masks ignore them either way).
     """
+    batch = require_modality_batch(batch, "apply_case")
     cases = torch.as_tensor(cases)
     if cases.ndim == 0:
         cases = cases.expand(batch.batch_size)
@@ -132,6 +133,7 @@ def simulate_missing(
     uniformly (none when it has one). Returns the batch with presence masks set and each
     sample's case ``[B]``: the modalities present in the returned batch.
     """
+    batch = require_modality_batch(batch, "simulate_missing")
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be in [0, 1], got {rate}.")
     m = len(batch.modalities)

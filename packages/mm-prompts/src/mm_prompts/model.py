@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mm_prompts.backbone import MulTBackbone, MulTConfig, _positive_int, zero_padding
 from mm_prompts.io import read_pretrained, write_pretrained
 from mm_prompts.missing import case_from_presence
-from mmcore import ModalityBatch
+from mmcore import ModalityBatch, require_modality_batch
 
 __all__ = ["MPLMM"]
 
@@ -151,6 +151,7 @@ class MPLMM(nn.Module):
         error. A modality the batch lacks altogether is missing for every sample (zeros,
         marked absent), as if each sample's case left it out.
         """
+        batch = require_modality_batch(batch, "MPLMM")
         inputs, masks, padded = dict(batch.inputs), dict(batch.padding_masks), False
         absent = [m for m in self.modalities if m not in batch]
         if absent:

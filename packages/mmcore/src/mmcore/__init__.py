@@ -7,7 +7,7 @@
   MulT-style backbones (:class:`PointwiseConv1d`, :func:`dropout_fast`, :class:`FastDropout`).
 """
 
-from mmcore.batch import ModalityBatch, ModalityKind, collate_modalities
+from mmcore.batch import ModalityBatch, ModalityKind, collate_modalities, require_modality_batch
 from mmcore.contract import (
     ModulePathError,
     MultimodalModel,
@@ -67,6 +67,7 @@ __all__ = [
     "masked_mean",
     "modalities_not_in_batch",
     "read_json",
+    "require_modality_batch",
     "resolve_module",
     "run_encoder",
     "seed_everything",

@@ -37,7 +37,7 @@ from torch import Tensor
 
 ModalityKind = Literal["sequence", "vector", "tokens", "spatial"]
 
-__all__ = ["ModalityBatch", "ModalityKind", "collate_modalities"]
+__all__ = ["ModalityBatch", "ModalityKind", "collate_modalities", "require_modality_batch"]
 
 
 def _check_same_device(what: str, mask: Tensor, device: torch.device | None) -> None:
@@ -517,6 +517,22 @@ def _pad_stack(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]
         steps = torch.arange(padded.shape[1], device=padded.device)
         return padded, steps[None, :] >= lengths.to(padded.device)[:, None]
     return torch.stack(tensors), None
+
+
+def require_modality_batch(obj: Any, caller: str) -> ModalityBatch:
+    """``obj`` if it is a :class:`ModalityBatch`, else a ``TypeError`` that says how to make one.
+
+    For the entry points that read masks or modality names off their input: a plain dict of
+    tensors would otherwise fail deep inside with an ``AttributeError``.
+    """
+    if isinstance(obj, ModalityBatch):
+        return obj
+    hint = (
+        "wrap it: ModalityBatch({...}, target=..., padding_masks=...)"
+        if isinstance(obj, Mapping)
+        else "build one: ModalityBatch({modality: tensor, ...})"
+    )
+    raise TypeError(f"{caller} takes a ModalityBatch, got a {type(obj).__name__}; {hint}.")
 
 
 def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> ModalityBatch:

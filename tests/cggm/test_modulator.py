@@ -748,6 +748,101 @@ def test_a_modality_missing_from_every_sample_keeps_its_score():
     assert all(torch.isfinite(torch.tensor(list(coefficients.values()))))
 
 
+class PresentOnlyFusion(nn.Module):
+    """Mean of the encoder features of the modalities each sample has.
+
+    ``skip_absent``: a modality the batch lacks altogether is not encoded at all, as many
+    models with missing modalities do (``if m in batch``); else every encoder runs and the
+    presence masks weight the mean.
+    """
+
+    def __init__(self, batch, skip_absent, out_dim=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.skip_absent = skip_absent
+        dims = {m: batch[m].shape[-1] for m in batch.modalities}
+        self.encoders = nn.ModuleDict({m: nn.Linear(d, 8) for m, d in dims.items()})
+        self.fusion = nn.Identity()
+        self.head = nn.Linear(8, out_dim)
+
+    def forward(self, batch):
+        feats, weights = [], []
+        for m, encoder in self.encoders.items():
+            if self.skip_absent and m not in batch:
+                continue
+            feats.append(encoder(batch[m]))
+            weights.append(batch.is_present(m).float())
+        w = torch.stack(weights).unsqueeze(-1)  # [M, B, 1]
+        fused = (torch.stack(feats) * w).sum(0) / w.sum(0).clamp_min(1)
+        return self.head(self.fusion(fused))
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_an_encoder_the_model_skipped_counts_as_absent_from_the_batch(task, path):
+    """A model that does not run the encoder of a modality the batch lacks trains as one that
+    runs it on a batch marking that modality missing in every sample: same B, classifiers and
+    weights (the skipped classifier neither trains nor scores; its score stays)."""
+    loss_fn = F.cross_entropy if task == "classification" else F.l1_loss
+    out_dim = 3 if task == "classification" else 1
+
+    def run(skip_absent):
+        full = vector_batch(3)
+        if task == "regression":
+            full = full.replace(target=full.target.float())
+        model = PresentOnlyFusion(full, skip_absent, out_dim)
+        cggm = CGGM(model, task=task, num_outputs=out_dim, rho=1.3, lam=0.2)
+        PATHS[path](cggm)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        history = []
+        for step in range(4):
+            batch = full
+            if step % 2:
+                batch = (
+                    ModalityBatch({m: full[m] for m in ("m1", "m2")}, target=full.target)
+                    if skip_absent
+                    else full.with_missing("m0", True)
+                )
+            opt.zero_grad()
+            out = model(batch)
+            loss = loss_fn(out if task == "classification" else out.squeeze(-1), batch.target)
+            (loss + cggm.direction_loss()).backward()
+            history.append(cggm.step(batch.target))
+            opt.step()
+        return history, cggm.state_dict()["classifiers"], model.state_dict()
+
+    (h1, c1, m1), (h2, c2, m2) = run(True), run(False)
+    assert h1 == h2
+    for first, second in ((c1, c2), (m1, m2)):
+        for k, v in first.items():
+            torch.testing.assert_close(v, second[k], msg=k)
+
+
+def test_an_encoder_skipped_where_it_cannot_count_as_absent_is_a_clear_error():
+    full = vector_batch(3)
+    lacking = ModalityBatch({m: full[m] for m in ("m1", "m2")}, target=full.target)
+
+    def modulated(**options):
+        model = PresentOnlyFusion(full, skip_absent=True)
+        return model, CGGM(model, task="classification", num_outputs=3, **options)
+
+    model, cggm = modulated()
+    with pytest.warns(UserWarning, match=r"\['m0'\] are not modalities of the ModalityBatch"):
+        F.cross_entropy(model(lacking), lacking.target).backward()
+    with pytest.raises(
+        RuntimeError, match=r"\['m0'\] did not run in the forward pass of the first"
+    ):
+        cggm.step(lacking.target)
+    model, cggm = modulated(mode="reference")
+    for batch in (full, lacking):
+        model.zero_grad()
+        F.cross_entropy(model(batch), batch.target).backward()
+        if batch is full:
+            cggm.step(batch.target)
+    with pytest.raises(RuntimeError, match=r"\['m0'\] did not run .* reference mode"):
+        cggm.step(lacking.target)
+
+
 def test_out_of_range_class_targets_are_a_clear_error():
     batch = vector_batch(2)
     model = make_model(batch)

@@ -496,20 +496,60 @@ class CGGM:
         grad[:, torch.arange(len(target), device=target.device), target] -= 1
         return grad
 
-    def _presence_weights(self, batch_size: int, device: torch.device) -> Tensor | None:
+    def _presence_weights(
+        self, batch_size: int, device: torch.device, not_run: list[str]
+    ) -> Tensor | None:
         """``[M, B]`` float, 0 where a sample lacks the modality (the batch's presence masks).
 
-        ``None`` when the batch marks no modality missing (then every path is the plain one),
-        and in reference mode (the released code has no missing modalities).
+        A modality whose encoder did not run in the forward pass (``not_run``: a model that
+        skips absent modalities) is absent from every sample. ``None`` when no modality is
+        missing anywhere (then every path is the plain one), and in reference mode (the
+        released code has no missing modalities).
         """
-        batch = self._batch
-        if batch is None or batch.batch_size != batch_size or self.config.mode == "reference":
+        if self.config.mode == "reference":
             return None
-        masks = [batch.presence.get(m) if m in batch else None for m in self.modalities]
-        if all(mask is None for mask in masks):
+        batch = self._batch
+        if batch is None or batch.batch_size != batch_size:
+            batch = None
+        masks = [
+            batch.presence.get(m) if batch is not None and m in batch else None
+            for m in self.modalities
+        ]
+        if all(mask is None for mask in masks) and not not_run:
             return None
         full = torch.ones(batch_size, dtype=torch.bool, device=device)
-        return torch.stack([full if mask is None else mask.to(device) for mask in masks]).float()
+        rows = [
+            ~full if m in not_run else full if mask is None else mask.to(device)
+            for m, mask in zip(self.modalities, masks, strict=True)
+        ]
+        return torch.stack(rows).float()
+
+    def _check_encoders_that_did_not_run(self, not_run: list[str]) -> None:
+        """Encoders the last forward pass skipped: absent modalities, where CGGM can do so."""
+        if self._forward_ran and self._compiled and len(not_run) == len(self.modalities):
+            raise RuntimeError(
+                f"CGGM.step: the model's forward ran but the encoders of {not_run} were not "
+                "seen: the model is torch.compile'd and was traced before CGGM added its hooks, "
+                "and dynamo does not re-trace for hooks added later. Build CGGM before the "
+                "compiled model's first call, or call torch._dynamo.reset() after building it."
+            )
+        if not self._forward_ran or len(not_run) == len(self.modalities):
+            raise RuntimeError(
+                f"CGGM.step: no encoder output captured for {not_run}; call the model's forward "
+                "on this batch first."
+            )
+        if self.config.mode == "reference":
+            raise RuntimeError(
+                f"CGGM.step: the encoders of {not_run} did not run in the last forward pass; "
+                "reference mode, as the released code, needs every encoder's features each step "
+                "(the default mode counts such a modality as absent from the batch)."
+            )
+        if self.classifiers is None:
+            raise RuntimeError(
+                f"CGGM.step: the encoders of {not_run} did not run in the forward pass of the "
+                "first step, and CGGM sizes each modality's classifier from its features; make "
+                "the first batch hold every modality, or pass classifiers=."
+            )
 
     def _per_sample_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """The task loss of each sample ``[N]`` (averaged over its outputs or pixels)."""
@@ -616,19 +656,10 @@ class CGGM:
                 "CGGM.step: remove() took this modulator's hooks off the model, so it sees no "
                 "encoder output; build a new CGGM (load_state_dict this one's state to resume)."
             )
-        missing = [m for m in self.modalities if m not in self._captured]
-        if missing and self._forward_ran and self._compiled:
-            raise RuntimeError(
-                f"CGGM.step: the model's forward ran but the encoders of {missing} were not seen: "
-                "the model is torch.compile'd and was traced before CGGM added its hooks, and "
-                "dynamo does not re-trace for hooks added later. Build CGGM before the compiled "
-                "model's first call, or call torch._dynamo.reset() after building it."
-            )
-        if missing:
-            raise RuntimeError(
-                f"CGGM.step: no encoder output captured for {missing}; call the model's forward "
-                "on this batch first."
-            )
+        # encoders the forward pass did not run (a model that skips absent modalities)
+        not_run = [m for m in self.modalities if m not in self._captured]
+        if not_run:
+            self._check_encoders_that_did_not_run(not_run)
         # kept until the classifiers have stepped: a step refused for a mistake (a missed
         # backward, bad targets) may be retried once it is fixed, without a new forward
         feats = dict(self._captured)
@@ -652,9 +683,17 @@ class CGGM:
                 "CGGM.step: no encoder parameter has a gradient to scale; call loss.backward() "
                 "(and scaler.unscale_ under AMP) before cggm.step()."
             )
-        weights = self._presence_weights(target.shape[0], target.device)  # [M, B] or None
+        weights = self._presence_weights(target.shape[0], target.device, not_run)  # [M, B]
+        if not_run and isinstance(classifiers, StackedClassifiers):
+            # stacked classifiers share one feature shape; zeros that no loss or score counts
+            present = next(f for f in feats.values())
+            feats.update({m: torch.zeros_like(present) for m in not_run})
         if weights is not None:  # zeros, not 0 × what they hold: NaN × 0 would still be NaN
-            feats = {m: _zero_absent(feats[m], weights[i]) for i, m in enumerate(self.modalities)}
+            feats = {
+                m: _zero_absent(feats[m], weights[i])
+                for i, m in enumerate(self.modalities)
+                if m in feats
+            }
         loss = None
         if isinstance(classifiers, StackedClassifiers):
             maps = len(classifiers.feature_shape) > 2
@@ -691,6 +730,12 @@ class CGGM:
             optimizer.zero_grad(set_to_none=True)
             losses, unit_totals, unit_counts, unit_finite = [], [], [], []
             for i, m in enumerate(self.modalities):
+                if m in not_run:  # absent from every sample: no loss, no score
+                    zero = torch.zeros((), device=target.device)
+                    unit_totals.append(zero)
+                    unit_counts.append(zero)
+                    unit_finite.append(torch.ones(target.shape[0], dtype=torch.bool, device=device))
+                    continue
                 pred = _classify(classifiers[m], feats[m], self._padding_mask(m, feats[m]))
                 if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
                     pred = self._resize(pred, target)
@@ -716,6 +761,13 @@ class CGGM:
             return None
         if loss is not None:
             loss.backward()
+        if not_run and not isinstance(classifiers, StackedClassifiers):
+            # zero gradients, as a batch marking the modality missing everywhere gives (Adam
+            # then moves these classifiers by their momentum alone, as the stacked ones move)
+            for m in not_run:
+                for p in classifiers[m].parameters():
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
         self._batch = None  # its padding masks are used; hold no batch between steps
         self._forward_ran = False
         self._average_classifier_grads()

@@ -285,6 +285,71 @@ def test_the_batchs_presence_masks_reach_the_adapter(batch, output):
     assert not torch.allclose(ignored[0], adapter_part(kept)[0])  # without the mask, it is read
 
 
+class MeanOfPresent(torch.nn.Module):
+    """The mean of the features of the modalities each sample has (weights ``[B]`` each)."""
+
+    def forward(self, feats, weights):
+        w = torch.stack(weights).unsqueeze(-1)
+        return (torch.stack(feats) * w).sum(0) / w.sum(0).clamp_min(1)
+
+
+class SkipsAbsent(torch.nn.Module):
+    """``skip_absent``: a modality the batch lacks is not encoded at all (``if m in batch``);
+    else every encoder runs and the presence masks weight the fusion."""
+
+    def __init__(self, dims, skip_absent):
+        super().__init__()
+        torch.manual_seed(0)
+        self.skip_absent = skip_absent
+        self.encoders = torch.nn.ModuleDict({m: torch.nn.Linear(d, 8) for m, d in dims.items()})
+        self.fusion = MeanOfPresent()
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, batch):
+        feats, weights = [], []
+        for m, encoder in self.encoders.items():
+            if not (self.skip_absent and m not in batch):
+                feats.append(encoder(batch[m]))
+                weights.append(batch.is_present(m).float())
+        return self.head(self.fusion(feats, weights))
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_an_encoder_the_model_skipped_counts_as_absent(output):
+    """A model that does not run the encoder of a modality its batch lacks gets what a model
+    that runs it on a batch marking that modality missing everywhere gets: same outputs, same
+    adapter gradients."""
+    g = torch.Generator().manual_seed(0)
+    dims = {"a": 4, "b": 5, "c": 3}
+    full = ModalityBatch({m: torch.randn(6, d, generator=g) for m, d in dims.items()})
+    lacking = ModalityBatch({m: full[m] for m in ("a", "b")})
+    results = []
+    for skip_absent, batch in ((True, lacking), (False, full.with_missing("c", True))):
+        torch.manual_seed(1)
+        wander = Wander(
+            SkipsAbsent(dims, skip_absent),
+            RANKS,
+            example_input=full,
+            output=output,
+            bias_augment=True,
+        )
+        noise = torch.Generator().manual_seed(2)
+        with torch.no_grad():  # away from the identity at init
+            for p in wander.adapter.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=noise))
+        out = wander(batch)
+        out.square().sum().backward()
+        grads = {n: p.grad for n, p in wander.adapter.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected)
+    assert grads.keys() <= expected_grads.keys() and grads
+    for name, grad in expected_grads.items():  # none where the skipped run made no residual
+        torch.testing.assert_close(grads.get(name, torch.zeros_like(grad)), grad, msg=name)
+    with torch.no_grad(), wander.disable_adapter():
+        assert not torch.allclose(expected, wander(full.with_missing("c", True)))  # it acts
+
+
 @pytest.mark.parametrize(
     ("base_dtype", "adapter_dtype"),
     [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)],

@@ -311,13 +311,20 @@ class Wander(nn.Module):
         }
 
     def _adapter_output(self) -> Tensor | dict[str, Tensor]:
-        missing = [m for m in self._targets if m not in self._captured]
-        if missing:
+        features, masks, presence = dict(self._captured), self._padding_masks(), self._presence()
+        skipped = [m for m in self._targets if m not in features]
+        if len(skipped) == len(self._targets):
             raise RuntimeError(
-                f"Wander: the fusion module ran before the target modules of {missing} produced "
+                f"Wander: the fusion module ran before the target modules of {skipped} produced "
                 "their outputs in this forward pass; check target_modules / fusion_module."
             )
-        out = self.adapter(self._captured, self._padding_masks(), self._presence())
+        if skipped:  # a model that does not encode a modality its batch lacks: absent
+            some = next(iter(features.values()))
+            b = some.shape[0]
+            for m in skipped:
+                features[m] = some.new_zeros(b, 1, self.adapter.hidden_dims[m])
+                presence[m] = torch.zeros(b, dtype=torch.bool, device=some.device)
+        out = self.adapter(features, masks, presence)
         self._captured, self._batch = {}, None  # hold no tensors between calls
         return out
 

@@ -1009,6 +1009,9 @@ def test_a_compiled_model_is_modulated_as_the_eager_one(order):
 def test_a_compiled_model_traced_before_the_modulator_is_a_clear_error():
     """Dynamo does not re-trace for hooks added after a compiled model's first call: the
     encoders' hooks never fire, which ``step`` says, with the way out."""
+    # other tests' compiled models may have used up dynamo's recompile budget for this forward,
+    # after which it runs eagerly (hooks included) and there is nothing to detect
+    torch._dynamo.reset()
     batch = vector_batch(3)
     model = make_model(batch)
     compiled = torch.compile(model, backend="aot_eager")

@@ -36,7 +36,8 @@ def _ranks(bottleneck: int, feature: int = 1) -> dict[str, int]:
 _HIDDEN = {"target_layer": "net.2"}  # read each encoder's hidden layer, as "Wander" does
 
 #: Every shape under 5 % of the backbone (head included). "tiled D": one D-feature fused token
-#: tiled over the head's 192-feature input; otherwise the token has 192 features.
+#: tiled over the head's 192-feature input; otherwise the token has 192 features. "residual":
+#: the other output mode, a cross-modal residual added to each encoder's 32-feature output.
 SHAPES: dict[str, Any] = {
     "Wander (r=2)": {**_HIDDEN, "ranks": _ranks(2)},
     "Wander (r=2, R_d=2)": {**_HIDDEN, "ranks": _ranks(2, feature=2)},
@@ -49,6 +50,9 @@ SHAPES: dict[str, Any] = {
     "Wander (encoder outputs)": {},
     "Wander (encoder outputs, r=8, tiled 96)": {"ranks": _ranks(8), "fused_dim": 96},
     "Wander (encoder outputs, r=16, tiled 32)": {"ranks": _ranks(16), "fused_dim": 32},
+    "Wander (residual, r=4)": {"output": "residual", "ranks": _ranks(4)},
+    "Wander (residual, r=8)": {"output": "residual", "ranks": _ranks(8)},
+    "Wander (residual, r=16)": {"output": "residual", "ranks": _ranks(16)},
 }
 
 SETTINGS: dict[str, Any] = {

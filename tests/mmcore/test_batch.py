@@ -258,6 +258,47 @@ def test_collate_pads_variable_length_sequences():
     assert batch.sample_ids == [0, 1]
 
 
+def test_collate_marks_a_modality_a_sample_lacks_as_missing():
+    """Every modality any sample has is kept, whichever sample comes first: one a sample lacks
+    (no key, or None) is zero-filled there and marked missing, as with_missing marks it."""
+    g = torch.Generator().manual_seed(0)
+    seq, vec = torch.randn(4, 2, generator=g), torch.randn(5, generator=g)
+    full = {"inputs": {"a": torch.randn(3, 2, generator=g), "s": seq, "v": vec}, "target": 1}
+    no_key = {"inputs": {"a": torch.randn(4, 2, generator=g)}, "target": 0}
+    none = {"inputs": {"a": torch.randn(2, 2, generator=g), "s": None, "v": None}, "target": 2}
+    batch = collate_modalities([no_key, full, none])
+    assert batch.modalities == ("a", "s", "v")
+    for m in ("s", "v"):
+        assert batch.is_present(m).tolist() == [False, True, False]
+        assert batch[m][0].abs().sum() == 0 and batch[m][2].abs().sum() == 0
+    torch.testing.assert_close(batch["s"][1], seq)
+    torch.testing.assert_close(batch["v"][1], vec)
+    assert batch.padding_mask("s") is None  # the filler takes the length of the sample's with it
+    explicit = [
+        {
+            **no_key,
+            "inputs": {**no_key["inputs"], "s": torch.zeros(4, 2), "v": torch.zeros(5)},
+            "presence": {"s": False, "v": False},
+        },
+        full,
+        {
+            **none,
+            "inputs": {**none["inputs"], "s": torch.zeros(4, 2), "v": torch.zeros(5)},
+            "presence": {"s": False, "v": False},
+        },
+    ]
+    expected = collate_modalities(explicit)
+    for m in batch.modalities:
+        assert torch.equal(batch[m], expected[m])
+        assert torch.equal(batch.is_present(m), expected.is_present(m))
+    reordered = collate_modalities([full, no_key, none])
+    assert reordered.modalities == ("a", "s", "v")
+    with pytest.raises(ValueError, match="sample 0 marks modality 's' present but holds no"):
+        collate_modalities([{**no_key, "presence": {"s": True}}, full])
+    with pytest.raises(ValueError, match="no sample holds a tensor for modality 's'"):
+        collate_modalities([none, none])
+
+
 def test_concat_pads_sequences_of_different_lengths():
     # a Dataset returning one-sample batches of their own lengths: collate pads them
     short = ModalityBatch(

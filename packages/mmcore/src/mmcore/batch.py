@@ -543,6 +543,10 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
     ``"inputs"`` (modality → unbatched tensor, e.g. ``[T, D]``), and optionally ``"target"``,
     ``"sample_id"``, ``"presence"`` (modality → bool) and ``"padding_masks"`` (modality → ``[T]``).
     Sequences of different lengths are right-padded with zeros and get padding masks.
+
+    The batch holds every modality any sample has. A sample without one (no key, or ``None``)
+    gets zeros shaped like the first sample's that has it, and is marked missing there, as
+    :meth:`ModalityBatch.with_missing` marks it.
     """
     if not samples:
         raise ValueError("collate_modalities: empty list of samples.")
@@ -560,16 +564,25 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
                 "or a mapping with an 'inputs' key."
             )
     mappings = cast(Sequence[Mapping[str, Any]], samples)
-    names = list(mappings[0]["inputs"])
+    names = list(dict.fromkeys(m for s in mappings for m in s["inputs"]))
+    # per modality, the samples that lack it (no key, or None): zeros there, marked missing
+    lacking = {m: [s["inputs"].get(m) is None for s in mappings] for m in names}
     inputs: dict[str, Tensor] = {}
     padding: dict[str, Tensor] = {}
     for m in names:
-        try:
-            tensors = [torch.as_tensor(s["inputs"][m]) for s in mappings]
-        except KeyError:
-            raise ValueError(f"collate_modalities: a sample lacks modality '{m}'.") from None
+        given_tensors = [
+            None if lacks else torch.as_tensor(s["inputs"][m])
+            for s, lacks in zip(mappings, lacking[m], strict=True)
+        ]
+        first = next((t for t in given_tensors if t is not None), None)
+        if first is None:
+            raise ValueError(f"collate_modalities: no sample holds a tensor for modality '{m}'.")
+        tensors = [torch.zeros_like(first) if t is None else t for t in given_tensors]
         inputs[m], pad = _pad_stack(m, tensors)
-        given = [s.get("padding_masks", {}).get(m) for s in mappings]
+        given = [
+            None if lacks else s.get("padding_masks", {}).get(m)
+            for s, lacks in zip(mappings, lacking[m], strict=True)
+        ]
         if any(g is not None for g in given):
             width = inputs[m].shape[1]
             rows = []
@@ -591,6 +604,13 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
     presence = {}
     for m in names:
         flags = [s.get("presence", {}).get(m, True) for s in mappings]
+        for i, (flag, lacks) in enumerate(zip(flags, lacking[m], strict=True)):
+            if lacks and bool(flag) and m in mappings[i].get("presence", {}):
+                raise ValueError(
+                    f"collate_modalities: sample {i} marks modality '{m}' present but holds no "
+                    "tensor for it."
+                )
+        flags = [bool(f) and not lacks for f, lacks in zip(flags, lacking[m], strict=True)]
         if not all(flags):
             presence[m] = torch.tensor([bool(f) for f in flags], device=inputs[m].device)
     target = None

@@ -299,6 +299,29 @@ def test_collate_marks_a_modality_a_sample_lacks_as_missing():
         collate_modalities([none, none])
 
 
+def test_concat_keeps_every_modality_and_marks_it_missing_where_a_batch_lacks_it():
+    g = torch.Generator().manual_seed(0)
+    both = ModalityBatch(
+        {"a": torch.randn(2, 3, generator=g), "s": torch.randn(2, 4, 2, generator=g)},
+        target=torch.tensor([0, 1]),
+    ).with_missing("a", torch.tensor([False, True]))
+    only_a = ModalityBatch({"a": torch.randn(3, 3, generator=g)}, target=torch.tensor([2, 3, 4]))
+    out = ModalityBatch.concat([only_a, both])
+    assert out.modalities == ("a", "s")
+    assert out.is_present("s").tolist() == [False, False, False, True, True]
+    assert out.is_present("a").tolist() == [True, True, True, True, False]
+    assert out["s"][:3].abs().sum() == 0 and torch.equal(out["s"][3:], both["s"])
+    assert ModalityBatch.concat([both, only_a]).modalities == ("a", "s")
+    # one-sample batches from a Dataset: collated as the mapping samples are
+    from_batches = collate_modalities([only_a.select([0]), both.select([0])])
+    from_mappings = collate_modalities(
+        [{"inputs": {"a": only_a["a"][0]}}, {"inputs": {"a": both["a"][0], "s": both["s"][0]}}]
+    )
+    for m in ("a", "s"):
+        assert torch.equal(from_batches[m], from_mappings[m])
+        assert torch.equal(from_batches.is_present(m), from_mappings.is_present(m))
+
+
 def test_concat_pads_sequences_of_different_lengths():
     # a Dataset returning one-sample batches of their own lengths: collate pads them
     short = ModalityBatch(

@@ -425,21 +425,19 @@ class ModalityBatch:
 
     @classmethod
     def concat(cls, batches: Sequence[ModalityBatch]) -> ModalityBatch:
-        """Concatenate batches with the same modalities along the batch dimension.
+        """Concatenate batches along the batch dimension.
 
         Sequences (``[B, T, D]``) and token ids (``[B, T]``) of different lengths are
         right-padded with zeros to the longest, and their padding masks mark the added steps,
         as :func:`collate_modalities` does for single samples (so a ``Dataset`` may return a
-        one-sample batch per item). Any other difference of shape is a ``ValueError``.
+        one-sample batch per item). Any other difference of shape is a ``ValueError``. The
+        result holds every modality of any batch: in a batch without one, it is missing for
+        every sample (zeros shaped like another batch's, marked missing).
         """
         if not batches:
             raise ValueError("concat() needs at least one batch.")
-        names = batches[0].modalities
-        for i, b in enumerate(batches):
-            if b.modalities != names:
-                raise ValueError(
-                    f"batch {i} has modalities {list(b.modalities)}, expected {list(names)}."
-                )
+        names = tuple(dict.fromkeys(m for b in batches for m in b.modalities))
+        batches = [_with_every_modality(b, names, batches) for b in batches]
         inputs, padding = {}, {}
         for m in names:
             inputs[m], mask = _concat_modality(m, batches)
@@ -459,6 +457,27 @@ class ModalityBatch:
         if all(i is not None for i in ids_list):
             ids = [x for i in ids_list for x in i]  # type: ignore[union-attr]
         return cls(inputs, target, presence=presence, padding_masks=padding, sample_ids=ids)
+
+
+def _with_every_modality(
+    batch: ModalityBatch, names: tuple[str, ...], batches: Sequence[ModalityBatch]
+) -> ModalityBatch:
+    """``batch`` with ``names`` in that order; one it lacks is zeros, missing for every sample.
+
+    The zeros take the shape (beyond the batch axis), dtype and device of the first of
+    ``batches`` that holds the modality.
+    """
+    if batch.modalities == names:
+        return batch
+    inputs, presence = {}, dict(batch.presence)
+    for m in names:
+        if m in batch:
+            inputs[m] = batch[m]
+            continue
+        like = next(b[m] for b in batches if m in b)
+        inputs[m] = like.new_zeros(batch.batch_size, *like.shape[1:])
+        presence[m] = torch.zeros(batch.batch_size, dtype=torch.bool, device=like.device)
+    return batch.replace(inputs=inputs, presence=presence)
 
 
 def _concat_modality(name: str, batches: Sequence[ModalityBatch]) -> tuple[Tensor, Tensor | None]:

@@ -753,17 +753,22 @@ class PresentOnlyFusion(nn.Module):
 
     ``skip_absent``: a modality the batch lacks altogether is not encoded at all, as many
     models with missing modalities do (``if m in batch``); else every encoder runs and the
-    presence masks weight the mean.
+    presence masks weight the mean. Image inputs ``[B, 1, H, W]`` get 1x1 convolutions
+    (segmentation).
     """
 
     def __init__(self, batch, skip_absent, out_dim=3):
         super().__init__()
         torch.manual_seed(0)
         self.skip_absent = skip_absent
-        dims = {m: batch[m].shape[-1] for m in batch.modalities}
-        self.encoders = nn.ModuleDict({m: nn.Linear(d, 8) for m, d in dims.items()})
+        if batch[batch.modalities[0]].ndim == 4:
+            self.encoders = nn.ModuleDict({m: nn.Conv2d(1, 8, 1) for m in batch.modalities})
+            self.head = nn.Conv2d(8, out_dim, 1)
+        else:
+            dims = {m: batch[m].shape[-1] for m in batch.modalities}
+            self.encoders = nn.ModuleDict({m: nn.Linear(d, 8) for m, d in dims.items()})
+            self.head = nn.Linear(8, out_dim)
         self.fusion = nn.Identity()
-        self.head = nn.Linear(8, out_dim)
 
     def forward(self, batch):
         feats, weights = [], []
@@ -772,24 +777,29 @@ class PresentOnlyFusion(nn.Module):
                 continue
             feats.append(encoder(batch[m]))
             weights.append(batch.is_present(m).float())
-        w = torch.stack(weights).unsqueeze(-1)  # [M, B, 1]
-        fused = (torch.stack(feats) * w).sum(0) / w.sum(0).clamp_min(1)
+        stacked = torch.stack(feats)  # [M, B, 8] or [M, B, 8, H, W]
+        w = torch.stack(weights).view(*stacked.shape[:2], *[1] * (stacked.ndim - 2))
+        fused = (stacked * w).sum(0) / w.sum(0).clamp_min(1)
         return self.head(self.fusion(fused))
 
 
-@pytest.mark.parametrize("task", ["classification", "regression"])
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize(
+    ("task", "path"),
+    [(t, p) for t in ("classification", "regression") for p in PATHS]
+    + [("segmentation", "autograd"), ("segmentation", "loop")],  # maps: autograd either way
+)
 def test_an_encoder_the_model_skipped_counts_as_absent_from_the_batch(task, path):
     """A model that does not run the encoder of a modality the batch lacks trains as one that
     runs it on a batch marking that modality missing in every sample: same B, classifiers and
     weights (the skipped classifier neither trains nor scores; its score stays)."""
-    loss_fn = F.cross_entropy if task == "classification" else F.l1_loss
-    out_dim = 3 if task == "classification" else 1
+    loss_fn = F.l1_loss if task == "regression" else F.cross_entropy
+    out_dim = 1 if task == "regression" else 3
 
     def run(skip_absent):
-        full = vector_batch(3)
+        full = _segmentation_batch() if task == "segmentation" else vector_batch(3)
         if task == "regression":
             full = full.replace(target=full.target.float())
+        first, *rest = full.modalities
         model = PresentOnlyFusion(full, skip_absent, out_dim)
         cggm = CGGM(model, task=task, num_outputs=out_dim, rho=1.3, lam=0.2)
         PATHS[path](cggm)
@@ -799,13 +809,13 @@ def test_an_encoder_the_model_skipped_counts_as_absent_from_the_batch(task, path
             batch = full
             if step % 2:
                 batch = (
-                    ModalityBatch({m: full[m] for m in ("m1", "m2")}, target=full.target)
+                    ModalityBatch({m: full[m] for m in rest}, target=full.target)
                     if skip_absent
-                    else full.with_missing("m0", True)
+                    else full.with_missing(first, True)
                 )
             opt.zero_grad()
             out = model(batch)
-            loss = loss_fn(out if task == "classification" else out.squeeze(-1), batch.target)
+            loss = loss_fn(out.squeeze(-1) if task == "regression" else out, batch.target)
             (loss + cggm.direction_loss()).backward()
             history.append(cggm.step(batch.target))
             opt.step()

@@ -509,12 +509,8 @@ class CGGM:
         if self.config.mode == "reference":
             return None
         batch = self._batch
-        if batch is None or batch.batch_size != batch_size:
-            batch = None
-        masks = [
-            batch.presence.get(m) if batch is not None and m in batch else None
-            for m in self.modalities
-        ]
+        presence = batch.presence if batch is not None and batch.batch_size == batch_size else {}
+        masks = [presence.get(m) for m in self.modalities]
         if all(mask is None for mask in masks) and not not_run:
             return None
         full = torch.ones(batch_size, dtype=torch.bool, device=device)
@@ -526,14 +522,15 @@ class CGGM:
 
     def _check_encoders_that_did_not_run(self, not_run: list[str]) -> None:
         """Encoders the last forward pass skipped: absent modalities, where CGGM can do so."""
-        if self._forward_ran and self._compiled and len(not_run) == len(self.modalities):
+        none_seen = len(not_run) == len(self.modalities)
+        if self._forward_ran and self._compiled and none_seen:
             raise RuntimeError(
                 f"CGGM.step: the model's forward ran but the encoders of {not_run} were not "
                 "seen: the model is torch.compile'd and was traced before CGGM added its hooks, "
                 "and dynamo does not re-trace for hooks added later. Build CGGM before the "
                 "compiled model's first call, or call torch._dynamo.reset() after building it."
             )
-        if not self._forward_ran or len(not_run) == len(self.modalities):
+        if not self._forward_ran or none_seen:
             raise RuntimeError(
                 f"CGGM.step: no encoder output captured for {not_run}; call the model's forward "
                 "on this batch first."
@@ -686,7 +683,7 @@ class CGGM:
         weights = self._presence_weights(target.shape[0], target.device, not_run)  # [M, B]
         if not_run and isinstance(classifiers, StackedClassifiers):
             # stacked classifiers share one feature shape; zeros that no loss or score counts
-            present = next(f for f in feats.values())
+            present = next(iter(feats.values()))
             feats.update({m: torch.zeros_like(present) for m in not_run})
         if weights is not None:  # zeros, not 0 × what they hold: NaN × 0 would still be NaN
             feats = {

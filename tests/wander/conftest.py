@@ -104,3 +104,32 @@ class LayerwiseModel(nn.Module):
     def run_layer(self, layer, x):
         """One tower layer on ``x`` (subclasses change how it is called)."""
         return layer(x)
+
+
+class MeanOfPresent(torch.nn.Module):
+    """The mean of the features of the modalities each sample has (weights ``[B]`` each)."""
+
+    def forward(self, feats, weights):
+        w = torch.stack(weights).unsqueeze(-1)
+        return (torch.stack(feats) * w).sum(0) / w.sum(0).clamp_min(1)
+
+
+class SkipsAbsent(torch.nn.Module):
+    """``skip_absent``: a modality the batch lacks is not encoded at all (``if m in batch``);
+    else every encoder runs and the presence masks weight the fusion."""
+
+    def __init__(self, dims, skip_absent):
+        super().__init__()
+        torch.manual_seed(0)
+        self.skip_absent = skip_absent
+        self.encoders = torch.nn.ModuleDict({m: torch.nn.Linear(d, 8) for m, d in dims.items()})
+        self.fusion = MeanOfPresent()
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, batch):
+        feats, weights = [], []
+        for m, encoder in self.encoders.items():
+            if not (self.skip_absent and m not in batch):
+                feats.append(encoder(batch[m]))
+                weights.append(batch.is_present(m).float())
+        return self.head(self.fusion(feats, weights))

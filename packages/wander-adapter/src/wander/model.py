@@ -347,6 +347,10 @@ class Wander(nn.Module):
             return None
         originals = dict(self._captured)
         deltas = cast(dict[str, Tensor], self._adapter_output())
+        unused = [deltas[m] for m in deltas if m not in originals]  # encoders the model skipped
+        if unused:  # in the graph at weight 0: zero gradients, not none (DDP needs every one)
+            m = next(iter(originals))
+            deltas[m] = deltas[m] + 0.0 * sum(d.sum() for d in unused)
         replaced: set[str] = set()
 
         def swap(obj: Any) -> Any:

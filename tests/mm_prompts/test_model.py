@@ -139,6 +139,30 @@ def test_save_load_round_trip(tmp_path):
         MPLMM.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_loads_back_in_the_dtype_it_was_saved_in(tmp_path, dtype):
+    """``dtype=None`` keeps the saved dtype (backbone and prompts alike, bit-exact); a dtype
+    given casts."""
+    model, data = build()
+    model = model.to(dtype).eval()
+    model.save_pretrained(tmp_path / "mplmm")
+    model.backbone.save_pretrained(tmp_path / "backbone")
+    loaded = MPLMM.from_pretrained(tmp_path / "mplmm").eval()
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data.to(dtype)), model(data.to(dtype)), rtol=0, atol=0)
+    backbone = MulTBackbone.from_pretrained(tmp_path / "backbone")
+    assert {p.dtype for p in backbone.parameters()} == {dtype}
+    cast = MPLMM.from_pretrained(tmp_path / "mplmm", dtype=torch.float32)
+    assert {p.dtype for p in cast.parameters()} == {torch.float32}
+    inner = MulTBackbone.from_pretrained(tmp_path / "mplmm", torch.float32)
+    assert {p.dtype for p in inner.parameters()} == {torch.float32}
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch\.dtype"):
+        MPLMM.from_pretrained(tmp_path / "mplmm", dtype="bfloat16")
+
+
 def test_a_loaded_model_trains_the_same_parameters(tmp_path):
     for freeze in (True, False):
         backbone = MulTBackbone(MulTConfig({"text": 4, "audio": 5}, d=8, num_heads=2))

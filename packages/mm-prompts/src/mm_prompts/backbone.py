@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm_prompts.io import read_pretrained, write_pretrained
+from mm_prompts.io import read_pretrained, saved_dtype, write_pretrained
 from mmcore import (
     ModalityBatch,
     PointwiseConv1d,
@@ -544,13 +544,16 @@ class MulTBackbone(nn.Module):
         write_pretrained(directory, self.state_dict(), {"backbone": self.config_dict()})
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> MulTBackbone:
-        """Rebuild a backbone saved with :meth:`save_pretrained`.
+    def from_pretrained(
+        cls, directory: str | os.PathLike, dtype: torch.dtype | None = None
+    ) -> MulTBackbone:
+        """Rebuild a backbone saved with :meth:`save_pretrained`, on the CPU.
 
         A folder ``MPLMM.save_pretrained`` wrote gives the backbone inside that model.
+        ``dtype``: the parameters' dtype; ``None`` keeps the one they were saved in.
         """
         config, state = read_pretrained(directory, "MulTBackbone.from_pretrained")
-        backbone = cls(MulTConfig(**config["backbone"]))
+        backbone = cls(MulTConfig(**config["backbone"])).to(saved_dtype(state, dtype))
         if "seq_lens" in config:  # an MPLMM folder: its backbone's entries
             state = {
                 k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")

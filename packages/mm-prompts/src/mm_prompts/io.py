@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from mmcore import atomic_write, read_json
 
-__all__ = ["read_pretrained", "write_pretrained"]
+__all__ = ["read_pretrained", "saved_dtype", "write_pretrained"]
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
@@ -45,3 +46,20 @@ def read_pretrained(
         return config, load_file(str(directory / WEIGHTS))
     except SafetensorError as err:
         raise ValueError(f"{caller}: cannot read {directory / WEIGHTS}: {err}") from None
+
+
+def saved_dtype(state_dict: Mapping[str, Tensor], dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype to load ``state_dict`` in.
+
+    ``dtype`` itself, or where it is ``None`` the floating dtype the weights were saved in (the
+    most elements' where they differ; float32 for a state with no floating tensor).
+    """
+    if dtype is not None:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}.")
+        return dtype
+    counts: dict[torch.dtype, int] = {}
+    for v in state_dict.values():
+        if v.is_floating_point():
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm_prompts.backbone import MulTBackbone, MulTConfig, _positive_int, zero_padding
-from mm_prompts.io import read_pretrained, write_pretrained
+from mm_prompts.io import read_pretrained, saved_dtype, write_pretrained
 from mm_prompts.missing import case_from_presence
 from mmcore import ModalityBatch, require_modality_batch
 
@@ -305,8 +305,13 @@ class MPLMM(nn.Module):
         write_pretrained(directory, self.state_dict(), config)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> MPLMM:
-        """Rebuild a model saved with :meth:`save_pretrained` (the same parameters trainable)."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike, dtype: torch.dtype | None = None
+    ) -> MPLMM:
+        """Rebuild a model saved with :meth:`save_pretrained` (the same parameters trainable).
+
+        On the CPU. ``dtype``: the parameters' dtype; ``None`` keeps the one they were saved in.
+        """
         config, state = read_pretrained(directory, "MPLMM.from_pretrained")
         if "seq_lens" not in config:
             raise ValueError(
@@ -315,7 +320,7 @@ class MPLMM(nn.Module):
             )
         freeze = config.get("freeze_backbone", True)  # configs saved before the key existed
         model = cls(
-            MulTBackbone(MulTConfig(**config["backbone"])),
+            MulTBackbone(MulTConfig(**config["backbone"])).to(saved_dtype(state, dtype)),
             config["seq_lens"],
             prompt_length=config["prompt_length"],
             init=config["init"],

@@ -159,7 +159,9 @@ def test_a_model_loads_back_in_the_dtype_it_was_saved_in(tmp_path, dtype):
     assert {p.dtype for p in cast.parameters()} == {torch.float32}
     inner = MulTBackbone.from_pretrained(tmp_path / "mplmm", torch.float32)
     assert {p.dtype for p in inner.parameters()} == {torch.float32}
-    with pytest.raises(TypeError, match=r"dtype must be a floating torch\.dtype"):
+    with pytest.raises(
+        TypeError, match=r"MPLMM.from_pretrained: dtype must be a floating torch\.dtype"
+    ):
         MPLMM.from_pretrained(tmp_path / "mplmm", dtype="bfloat16")
 
 

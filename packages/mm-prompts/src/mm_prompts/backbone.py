@@ -553,7 +553,9 @@ class MulTBackbone(nn.Module):
         ``dtype``: the parameters' dtype; ``None`` keeps the one they were saved in.
         """
         config, state = read_pretrained(directory, "MulTBackbone.from_pretrained")
-        backbone = cls(MulTConfig(**config["backbone"])).to(saved_dtype(state, dtype))
+        backbone = cls(MulTConfig(**config["backbone"])).to(
+            saved_dtype(state, dtype, "MulTBackbone.from_pretrained")
+        )
         if "seq_lens" in config:  # an MPLMM folder: its backbone's entries
             state = {
                 k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")

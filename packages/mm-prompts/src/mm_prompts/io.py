@@ -48,7 +48,9 @@ def read_pretrained(
         raise ValueError(f"{caller}: cannot read {directory / WEIGHTS}: {err}") from None
 
 
-def saved_dtype(state_dict: Mapping[str, Tensor], dtype: torch.dtype | None) -> torch.dtype:
+def saved_dtype(
+    state_dict: Mapping[str, Tensor], dtype: torch.dtype | None, caller: str
+) -> torch.dtype:
     """The dtype to load ``state_dict`` in.
 
     ``dtype`` itself, or where it is ``None`` the floating dtype the weights were saved in (the
@@ -56,7 +58,9 @@ def saved_dtype(state_dict: Mapping[str, Tensor], dtype: torch.dtype | None) -> 
     """
     if dtype is not None:
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}.")
+            raise TypeError(
+                f"{caller}: dtype must be a floating torch.dtype or None, got {dtype!r}."
+            )
         return dtype
     counts: dict[torch.dtype, int] = {}
     for v in state_dict.values():

@@ -320,7 +320,9 @@ class MPLMM(nn.Module):
             )
         freeze = config.get("freeze_backbone", True)  # configs saved before the key existed
         model = cls(
-            MulTBackbone(MulTConfig(**config["backbone"])).to(saved_dtype(state, dtype)),
+            MulTBackbone(MulTConfig(**config["backbone"])).to(
+                saved_dtype(state, dtype, "MPLMM.from_pretrained")
+            ),
             config["seq_lens"],
             prompt_length=config["prompt_length"],
             init=config["init"],

@@ -853,6 +853,87 @@ def test_an_encoder_skipped_where_it_cannot_count_as_absent_is_a_clear_error():
         cggm.step(lacking.target)
 
 
+class ImageAndVector(nn.Module):
+    """A CNN encoder and an MLP encoder. ``pool_in_encoder``: the CNN's encoder module ends in
+    its global average pool (vector features); else it outputs maps and the model pools."""
+
+    def __init__(self, pool_in_encoder, out_dim):
+        super().__init__()
+        torch.manual_seed(0)
+        conv = nn.Conv2d(1, 8, 3, padding=1)
+        pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.encoders = nn.ModuleDict(
+            {"img": nn.Sequential(conv, pool) if pool_in_encoder else conv, "vec": nn.Linear(5, 8)}
+        )
+        self.pool = nn.Identity() if pool_in_encoder else pool
+        self.head = nn.Linear(16, out_dim)
+
+    def forward(self, batch):
+        img = self.pool(self.encoders["img"](batch["img"]))
+        return self.head(torch.cat([img, self.encoders["vec"](batch["vec"])], dim=-1))
+
+
+@pytest.mark.parametrize(
+    ("task", "path"), [(t, p) for t in ("classification", "regression") for p in PATHS]
+)
+def test_feature_maps_of_a_per_sample_task_are_pooled_for_the_classifiers(task, path):
+    """Classification and regression: an encoder that outputs feature maps gets a default
+    classifier on their global average (one prediction per sample), so CGGM trains as it does
+    when the encoder pools them itself: same B, classifiers and weights."""
+    g = torch.Generator().manual_seed(3)
+    batch = ModalityBatch(
+        {"img": torch.randn(12, 1, 6, 6, generator=g), "vec": torch.randn(12, 5, generator=g)},
+        target=torch.randint(0, 3, (12,), generator=g),
+    )
+    out_dim, loss_fn = 3, F.cross_entropy
+    if task == "regression":
+        batch = batch.replace(target=torch.randn(12, generator=g))
+        out_dim, loss_fn = 1, lambda out, y: F.l1_loss(out.squeeze(-1), y)
+
+    def run(pool_in_encoder):
+        model = ImageAndVector(pool_in_encoder, out_dim)
+        cggm = CGGM(model, task=task, num_outputs=out_dim, rho=1.3, lam=0.2)
+        PATHS[path](cggm)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        history = []
+        for _ in range(3):
+            opt.zero_grad()
+            (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
+            history.append(cggm.step(batch.target))
+            opt.step()
+        return history, cggm.state_dict(), model.state_dict()
+
+    (h1, s1, m1), (h2, s2, m2) = run(False), run(True)
+    assert h1 == h2
+    assert s1["feature_shapes"] == s2["feature_shapes"] == {"img": (8,), "vec": (8,)}
+    torch.testing.assert_close(s1["classifiers"], s2["classifiers"])
+    for (name, a), b in zip(m1.items(), m2.values(), strict=True):  # the names differ
+        torch.testing.assert_close(a, b, msg=name)
+
+
+class FlattensOneMap(nn.Module):
+    """Segmentation whose ``t2`` encoder flattens its map to ``[B, C, H·W]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleDict({m: nn.Conv2d(1, 8, 1) for m in ("flair", "t1")})
+        self.encoders["t2"] = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Flatten(2))
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, batch):
+        maps = [self.encoders[m](batch[m]) for m in ("flair", "t1")]
+        return self.head(sum(maps) + self.encoders["t2"](batch["t2"]).view_as(maps[0]))
+
+
+def test_segmentation_needs_feature_maps_from_every_encoder():
+    batch = _segmentation_batch()
+    model = FlattensOneMap()
+    cggm = CGGM(model, task="segmentation", num_outputs=3)
+    F.cross_entropy(model(batch), batch.target).backward()
+    with pytest.raises(ValueError, match=r"the features of \{'t2': \(2, 8, 64\)\} are not maps"):
+        cggm.step(batch.target)
+
+
 def test_out_of_range_class_targets_are_a_clear_error():
     batch = vector_batch(2)
     model = make_model(batch)

@@ -94,11 +94,13 @@ class ModalityClassifier(nn.Module):
     """A modality's auxiliary classifier on its (detached) encoder features.
 
     ``[B, T, d]`` sequences are mean-pooled over real (unpadded) steps, ``[B, d]`` vectors used as
-    they are: ``Linear(d, F) → ReLU → Linear(F, C)``. ``[B, d, *spatial]`` feature maps get the
-    same MLP per pixel (a 1×1 convolution, computed as a matmul over the channel axis: a 3×3
-    first layer cost more than the encoders themselves in our segmentation benchmark, and the
-    classifier only has to measure what each encoder's features carry). ``F`` and ``C`` match
-    the model head's final weight, so the direction term can compare the two.
+    they are: ``Linear(d, F) → ReLU → Linear(F, C)``. For segmentation, ``[B, d, *spatial]``
+    feature maps get the same MLP per pixel (a 1×1 convolution, computed as a matmul over the
+    channel axis: a 3×3 first layer cost more than the encoders themselves in our segmentation
+    benchmark, and the classifier only has to measure what each encoder's features carry). For
+    classification and regression CGGM averages maps over their positions first, so they
+    arrive here as vectors. ``F`` and ``C`` match the model head's final weight, so the
+    direction term can compare the two.
     """
 
     def __init__(self, feature_shape: tuple[int, ...], hidden: int, num_outputs: int) -> None:
@@ -319,6 +321,8 @@ class CGGM:
         self.classifiers: nn.ModuleDict | StackedClassifiers | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._classifier_heads: Tensor | list[Tensor] = []
+        #: the default classifiers of a per-sample task see feature maps globally average-pooled
+        self._pool_maps = classifiers is None and self.config.task != "segmentation"
         if classifiers is not None:
             if self.config.classifier_hidden is not None:
                 raise ValueError(
@@ -548,6 +552,25 @@ class CGGM:
                 "the first batch hold every modality, or pass classifiers=."
             )
 
+    def _classifier_inputs(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The captured features as the classifiers take them.
+
+        For classification and regression the default classifiers see feature maps
+        ``[B, C, *spatial]`` averaged over their positions (``[B, C]``, a CNN's global pooling):
+        one prediction per sample. Segmentation needs maps from every encoder.
+        """
+        if self._pool_maps:
+            return {m: f.flatten(2).mean(dim=2) if f.ndim > 3 else f for m, f in feats.items()}
+        if self.config.task == "segmentation":
+            flat = {m: tuple(f.shape) for m, f in feats.items() if f.ndim < 4}
+            if flat:
+                raise ValueError(
+                    f"CGGM task='segmentation' predicts per pixel from each encoder's feature "
+                    f"maps [B, C, H, W(, D)], but the features of {flat} are not maps; capture "
+                    "maps (encoder_modules= / feature_fn=)."
+                )
+        return feats
+
     def _per_sample_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """The task loss of each sample ``[N]`` (averaged over its outputs or pixels)."""
         n = target.shape[0]
@@ -659,7 +682,7 @@ class CGGM:
             self._check_encoders_that_did_not_run(not_run)
         # kept until the classifiers have stepped: a step refused for a mistake (a missed
         # backward, bad targets) may be retried once it is fixed, without a new forward
-        feats = dict(self._captured)
+        feats = self._classifier_inputs(dict(self._captured))
         if self.classifiers is None:
             self._build_default_classifiers({m: tuple(f.shape[1:]) for m, f in feats.items()})
         classifiers, optimizer = self._installed()

@@ -1,5 +1,6 @@
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,50 @@ def test_wrap_any_number_of_modalities_with_padding():
     garbage = batch.replace(inputs={**batch.inputs, "m3": x})
     with torch.no_grad():
         torch.testing.assert_close(wander(batch), wander(garbage))
+
+
+class StridedConv(torch.nn.Module):
+    """``[B, T, 4] → [B, T // 2, 8]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 8, 2, stride=2)
+
+    def forward(self, x):
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Downsampling(torch.nn.Module):
+    """``b``'s encoder halves its sequence; the fusion mean-pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 8), "b": StridedConv()})
+        self.fusion = torch.nn.Identity()
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, batch):
+        a = self.encoders["a"](batch["a"])  # [B, 5, 8]
+        b = self.encoders["b"](batch["b"])  # [B, 3, 8]
+        return self.head(self.fusion(torch.cat([a.mean(1), b.mean(1)], dim=-1)))
+
+
+def test_an_encoder_that_changes_the_length_warns_once_that_its_mask_is_not_applied():
+    g = torch.Generator().manual_seed(0)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    batch = ModalityBatch(
+        {"a": torch.randn(2, 5, 3, generator=g), "b": torch.randn(2, 6, 4, generator=g)},
+        padding_masks={"b": pad},
+    )
+    torch.manual_seed(0)
+    wander = Wander(Downsampling(), RANKS, example_input=batch.replace(padding_masks={}))
+    with pytest.warns(UserWarning, match=r"'b' outputs 3 tokens but the batch's padding mask is"):
+        first = wander(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(wander(batch), first)  # once per modality
+        wander(batch.replace(padding_masks={}))  # no mask: nothing to say
 
 
 def test_non_contract_model_by_module_names():

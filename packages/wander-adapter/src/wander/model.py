@@ -182,6 +182,7 @@ class Wander(nn.Module):
         self.adapter_name: str | None = None  # set by inject_wander
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
+        self._length_warned: set[str] = set()  # modalities whose encoder changes the length
         self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]
         for m, module in self._targets.items():
             # a partial of a bound method, not a closure: a deep copy of the wrapped model binds
@@ -295,9 +296,22 @@ class Wander(nn.Module):
             if self._batch is not None and m in self._batch and x.ndim == 3:
                 mask = self._batch.padding_mask(m)
                 if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+                    self._warn_length_changed(m, tuple(mask.shape), x.shape[1])
                     mask = None  # the encoder changed the length: the batch mask no longer fits
             masks[m] = mask
         return masks
+
+    def _warn_length_changed(self, modality: str, mask_shape: tuple[int, ...], t: int) -> None:
+        if modality in self._length_warned:
+            return
+        self._length_warned.add(modality)
+        warnings.warn(
+            f"Wander: the target module of '{modality}' outputs {t} tokens but the batch's "
+            f"padding mask is {list(mask_shape)}, so the adapter cannot apply it: padded "
+            "positions take part in the fusion. Target a module whose output keeps the input's "
+            "length, or give the batch a padding mask of the output's length.",
+            stacklevel=stacklevel_outside(wander),
+        )
 
     def _presence(self) -> dict[str, Tensor | None]:
         """The batch's presence masks (``None``: present in every sample, or no batch seen)."""

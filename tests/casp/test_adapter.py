@@ -437,6 +437,36 @@ def test_a_representation_that_is_missing_or_malformed_is_a_clear_error():
     unused.spare = nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="representation module 'spare' did not run"):
         CASP(unused, representation_module="spare", **FAST).adapt(data())
+    boxed = model()
+    boxed.fusion.register_forward_hook(lambda _m, _args, out: {"features": out})
+    boxed.head = _FromDict(boxed.head)  # the fusion module's output is a dict
+    with pytest.raises(RuntimeError, match=r"the representation module's output: cannot find"):
+        CASP(boxed, **FAST).adapt(data())
+
+
+class _FromDict(nn.Module):
+    """``head(d["features"])``."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, d):
+        return self.head(d["features"])
+
+
+def test_class_logits_of_more_than_two_dimensions_are_a_clear_error():
+    class PerStep(nn.Module):  # [B, T, C]: one prediction per step, not per sample
+        def __init__(self):
+            super().__init__()
+            self.inner = model(out_dim=3)
+            self.fusion = self.inner.fusion
+
+        def forward(self, batch):
+            return self.inner(batch).unsqueeze(1).expand(-1, 2, -1)
+
+    with pytest.raises(ValueError, match=r"needs class logits \[N, C\].*outputs \(\d+, 2, 3\)"):
+        CASP(PerStep(), task="classification", **FAST).adapt(data(classes=3))
 
 
 def test_trainable_all_adapts_every_parameter():

@@ -120,6 +120,25 @@ def test_token_ids_are_a_sequence_kind():
             ValueError,
             "expected 3 ids, found 1",
         ),
+        ({"inputs": {"": torch.zeros(3, 2)}}, TypeError, "non-empty strings, found ''"),
+        (
+            {"inputs": {"a": torch.zeros(3, 2), "b": torch.zeros(3, 2, device="meta")}},
+            ValueError,
+            r"modality 'b' is on meta but 'a' is on cpu; move the batch with \.to\(device\)",
+        ),
+        (
+            {
+                "inputs": {"a": torch.zeros(3, 5, 2)},
+                "padding_masks": {"a": torch.zeros(3, 5)},
+            },
+            TypeError,
+            r"padding mask of modality 'a': expected a bool tensor \(True = padding\)",
+        ),
+        (
+            {"inputs": {"a": torch.zeros(3, 2)}, "target": [0, 1, 2]},
+            TypeError,
+            "target: expected a torch.Tensor, found <class 'list'>",
+        ),
     ],
 )
 def test_bad_input_raises_clear_error(kwargs, error, match):
@@ -377,3 +396,17 @@ def test_batches_pickle_for_dataloader_workers():
     assert back.modalities == batch.modalities and back.sample_ids == batch.sample_ids
     assert torch.equal(back.is_present("vec"), batch.is_present("vec"))
     assert torch.equal(back.padding_mask("text"), batch.padding_mask("text"))
+
+
+def test_bad_calls_of_the_batch_methods_raise_clear_errors():
+    batch = make_batch()
+    with pytest.raises(TypeError, match=r"replace\(\) got unknown fields \['input'\]"):
+        batch.replace(input={})
+    with pytest.raises(TypeError, match=r"missing: expected a bool tensor of shape \(4,\)"):
+        batch.with_missing("text", torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"concat\(\) needs at least one batch"):
+        ModalityBatch.concat([])
+    with pytest.raises(ValueError, match="some batches have a target and others do not"):
+        ModalityBatch.concat([batch, batch.replace(target=None)])
+    with pytest.raises(ValueError, match="collate_modalities: empty list of samples"):
+        collate_modalities([])

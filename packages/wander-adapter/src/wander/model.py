@@ -247,7 +247,9 @@ class Wander(nn.Module):
             if x.ndim not in (2, 3):
                 raise ValueError(
                     f"Wander: target module of '{m}' outputs shape {tuple(x.shape)}; expected "
-                    "[B, T, D] sequences or [B, D] vectors."
+                    "[B, T, D] sequences or [B, D] vectors. For a CNN's feature maps "
+                    "[B, C, H, W], target a module that pools them ([B, C]) or flattens them to "
+                    "tokens ([B, H·W, C], as a ViT's patch embedding does)."
                 )
             cfg.hidden_dims[m] = int(x.shape[-1])
             cfg.seq_lens[m] = int(x.shape[1]) if x.ndim == 3 else 1

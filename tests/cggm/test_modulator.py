@@ -184,6 +184,18 @@ def _segmentation_batch():
     )
 
 
+def _modulated_sgd(model, cggm, batch, loss_fn, lr, steps=3):
+    """``steps`` modulated SGD steps on one batch; the B of each."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
+        history.append(cggm.step(batch.target))
+        opt.step()
+    return history
+
+
 def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, classifiers=None):
     """Three modulated SGD steps on a small ``task`` model: ``(B history, classifiers' state
     per modality, model state)``. ``configure(cggm)`` runs before the first step; ``prepare``
@@ -209,13 +221,7 @@ def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, 
         model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
     cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1, classifiers=classifiers)
     configure(cggm)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    history = []
-    for _ in range(3):
-        opt.zero_grad()
-        (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
-        history.append(cggm.step(batch.target))
-        opt.step()
+    history = _modulated_sgd(model, cggm, batch, loss_fn, lr)
     per_modality = {
         f"{m}.{k}": v for m in cggm.modalities for k, v in cggm.classifier(m).state_dict().items()
     }
@@ -894,13 +900,7 @@ def test_feature_maps_of_a_per_sample_task_are_pooled_for_the_classifiers(task, 
         model = ImageAndVector(pool_in_encoder, out_dim)
         cggm = CGGM(model, task=task, num_outputs=out_dim, rho=1.3, lam=0.2)
         PATHS[path](cggm)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        history = []
-        for _ in range(3):
-            opt.zero_grad()
-            (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
-            history.append(cggm.step(batch.target))
-            opt.step()
+        history = _modulated_sgd(model, cggm, batch, loss_fn, lr=0.1)
         return history, cggm.state_dict(), model.state_dict()
 
     (h1, s1, m1), (h2, s2, m2) = run(False), run(True)

@@ -834,6 +834,65 @@ def test_an_encoder_the_model_skipped_counts_as_absent_from_the_batch(task, path
             torch.testing.assert_close(v, second[k], msg=k)
 
 
+class ZeroFills(PresentOnlyFusion):
+    """Encodes zeros for a modality the batch does not name (and weighs it 0 in the mean)."""
+
+    def forward(self, batch):
+        feats, weights = [], []
+        for m, encoder in self.encoders.items():
+            if m in batch:
+                x, w = batch[m], batch.is_present(m).float()
+            else:
+                x = torch.zeros(batch.batch_size, encoder.in_features)
+                w = torch.zeros(batch.batch_size)
+            feats.append(encoder(x))
+            weights.append(w)
+        stacked, w = torch.stack(feats), torch.stack(weights).unsqueeze(-1)
+        return self.head((stacked * w).sum(0) / w.sum(0).clamp_min(1))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_modality_a_later_batch_does_not_name_counts_as_absent(path):
+    """A model that encodes zeros for a modality the batch lacks altogether trains as on a batch
+    marking it missing in every sample (same B, classifiers, weights, and a resumed modulator
+    keeps knowing the name); the first batch named it."""
+
+    def run(lacking, resume_after=None):
+        full = vector_batch(3)
+        first, *rest = full.modalities
+        model = ZeroFills(full, skip_absent=False)
+        cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
+        PATHS[path](cggm)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        history = []
+        for step in range(4):
+            batch = full
+            if step % 2:
+                batch = (
+                    ModalityBatch({m: full[m] for m in rest}, target=full.target)
+                    if lacking
+                    else full.with_missing(first, True)
+                )
+            opt.zero_grad()
+            (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
+            history.append(cggm.step(batch.target))
+            opt.step()
+            if step == resume_after:
+                state = cggm.state_dict()
+                cggm.remove()
+                cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
+                PATHS[path](cggm)
+                cggm.load_state_dict(state)
+        return history, cggm.state_dict()["classifiers"], model.state_dict()
+
+    expected = run(lacking=False)
+    for got in (run(lacking=True), run(lacking=True, resume_after=0)):
+        assert got[0] == expected[0]
+        for first, second in zip(got[1:], expected[1:], strict=True):
+            for k, v in first.items():
+                torch.testing.assert_close(v, second[k], msg=k)
+
+
 def test_an_encoder_skipped_where_it_cannot_count_as_absent_is_a_clear_error():
     full = vector_batch(3)
     lacking = ModalityBatch({m: full[m] for m in ("m1", "m2")}, target=full.target)

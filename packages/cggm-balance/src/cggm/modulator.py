@@ -348,6 +348,9 @@ class CGGM:
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
         self._names_checked = False  # the batch's modality names, against ours (warn once)
+        #: the modalities some batch has named: a later batch that does not name one lacks it
+        #: (any other is named otherwise in the batch, the mismatch the first batch warns of)
+        self._named: set[str] = set()
         self._compiled = compiled_inner(model) is not None
         self._forward_ran = False  # since the last step: the model's own pre-hook fired
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
@@ -506,15 +509,19 @@ class CGGM:
         """``[M, B]`` float, 0 where a sample lacks the modality (the batch's presence masks).
 
         A modality whose encoder did not run in the forward pass (``not_run``: a model that
-        skips absent modalities) is absent from every sample. ``None`` when no modality is
-        missing anywhere (then every path is the plain one), and in reference mode (the
-        released code has no missing modalities).
+        skips absent modalities), or that the batch does not name though earlier batches did
+        (a model that encodes zeros for it), is absent from every sample. ``None`` when no
+        modality is missing anywhere (then every path is the plain one), and in reference mode
+        (the released code has no missing modalities).
         """
         if self.config.mode == "reference":
             return None
         batch = self._batch
-        presence = batch.presence if batch is not None and batch.batch_size == batch_size else {}
+        fits = batch is not None and batch.batch_size == batch_size
+        presence = batch.presence if batch is not None and fits else {}
         masks = [presence.get(m) for m in self.modalities]
+        if batch is not None and fits:
+            not_run = [*not_run, *(m for m in self._named if m not in batch)]
         if all(mask is None for mask in masks) and not not_run:
             return None
         full = torch.ones(batch_size, dtype=torch.bool, device=device)
@@ -616,9 +623,12 @@ class CGGM:
         self._captured = {}
         self._forward_ran = True
         self._batch = find_modality_batch(args, kwargs)
+        if self._batch is not None and len(self._named) < len(self.modalities):
+            self._named.update(m for m in self.modalities if m in self._batch)
         if self._batch is not None and not self._names_checked:
             self._names_checked = True
-            message = modalities_not_in_batch(self.modalities, self._batch, "CGGM: the")
+            unnamed = [m for m in self.modalities if m not in self._named]  # (a resumed run's)
+            message = modalities_not_in_batch(unnamed, self._batch, "CGGM: the")
             if message:
                 warnings.warn(message, stacklevel=stacklevel_outside(cggm))
 
@@ -920,6 +930,7 @@ class CGGM:
             "coefficients": None if self.coefficients is None else self.coefficients.clone(),
             "totals": self._totals.clone(),
             "counts": self._counts.clone(),
+            "named": sorted(self._named),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -947,6 +958,7 @@ class CGGM:
         self._direction = None
         self._totals = state["totals"].clone()
         self._counts = state["counts"].clone()
+        self._named = set(state.get("named", ()))  # absent from states saved before it was recorded
 
     def _check_compatible(self, state: Mapping[str, Any]) -> None:
         saved = state.get("modalities")  # absent from states saved before it was recorded

@@ -116,12 +116,13 @@ class MeanOfPresent(torch.nn.Module):
 
 class SkipsAbsent(torch.nn.Module):
     """``skip_absent``: a modality the batch lacks is not encoded at all (``if m in batch``);
-    else every encoder runs and the presence masks weight the fusion."""
+    ``zero_fill``: it is encoded from zeros, weighted 0; else every encoder runs on the batch
+    and the presence masks weight the fusion."""
 
-    def __init__(self, dims, skip_absent):
+    def __init__(self, dims, skip_absent, zero_fill=False):
         super().__init__()
         torch.manual_seed(0)
-        self.skip_absent = skip_absent
+        self.skip_absent, self.zero_fill = skip_absent, zero_fill
         self.encoders = torch.nn.ModuleDict({m: torch.nn.Linear(d, 8) for m, d in dims.items()})
         self.fusion = MeanOfPresent()
         self.head = torch.nn.Linear(8, 3)
@@ -129,7 +130,12 @@ class SkipsAbsent(torch.nn.Module):
     def forward(self, batch):
         feats, weights = [], []
         for m, encoder in self.encoders.items():
-            if not (self.skip_absent and m not in batch):
+            if m in batch:
                 feats.append(encoder(batch[m]))
                 weights.append(batch.is_present(m).float())
+            elif self.zero_fill:
+                feats.append(encoder(torch.zeros(batch.batch_size, encoder.in_features)))
+                weights.append(torch.zeros(batch.batch_size))
+            elif not self.skip_absent:
+                batch[m]  # the batch's KeyError
         return self.head(self.fusion(feats, weights))

@@ -338,19 +338,21 @@ def test_the_batchs_presence_masks_reach_the_adapter(batch, output):
 
 
 @pytest.mark.parametrize("output", ["fused", "residual"])
-def test_an_encoder_the_model_skipped_counts_as_absent(output):
-    """A model that does not run the encoder of a modality its batch lacks gets what a model
-    that runs it on a batch marking that modality missing everywhere gets: same outputs, same
-    adapter gradients."""
+@pytest.mark.parametrize("lacking_one", ["skips its encoder", "encodes zeros"])
+def test_a_modality_the_batch_lacks_counts_as_absent(output, lacking_one):
+    """A model that does not run the encoder of a modality its batch lacks, or runs it on
+    zeros, gets what a model that runs it on a batch marking that modality missing everywhere
+    gets: same outputs, same adapter gradients. (The example input named it.)"""
     g = torch.Generator().manual_seed(0)
     dims = {"a": 4, "b": 5, "c": 3}
     full = ModalityBatch({m: torch.randn(6, d, generator=g) for m, d in dims.items()})
     lacking = ModalityBatch({m: full[m] for m in ("a", "b")})
+    zero_fill = lacking_one == "encodes zeros"
     results = []
     for skip_absent, batch in ((True, lacking), (False, full.with_missing("c", True))):
         torch.manual_seed(1)
         wander = Wander(
-            SkipsAbsent(dims, skip_absent),
+            SkipsAbsent(dims, skip_absent, zero_fill=zero_fill and skip_absent),
             RANKS,
             example_input=full,
             output=output,

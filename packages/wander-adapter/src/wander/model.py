@@ -132,6 +132,9 @@ class Wander(nn.Module):
                     "modalities' feature sizes and sequence lengths."
                 )
             self._read_sizes(cfg, example_input)
+        #: the modalities some batch has named: a later batch that does not name one lacks it
+        #: (any other is named otherwise in the batch, the mismatch the example input warns of)
+        self._named: set[str] = set()
         if example_input is not None:
             self._check_batch_names(example_input)
         if set(cfg.hidden_dims) != set(self._targets) or set(cfg.seq_lens) != set(self._targets):
@@ -277,6 +280,8 @@ class Wander(nn.Module):
         args = example_input if isinstance(example_input, tuple) else (example_input,)
         kwargs = example_input if isinstance(example_input, dict) else {}
         batch = find_modality_batch(args, kwargs)
+        if batch is not None:
+            self._named.update(m for m in self._targets if m in batch)
         what = "Wander: the adapter's"
         message = None if batch is None else modalities_not_in_batch(self._targets, batch, what)
         if message:
@@ -286,6 +291,8 @@ class Wander(nn.Module):
     def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured.clear()
         self._batch = None if self._disabled else find_modality_batch(args, kwargs)
+        if self._batch is not None and len(self._named) < len(self._targets):
+            self._named.update(m for m in self._targets if m in self._batch)
 
     def _capture(self, modality: str, _module: nn.Module, _args: tuple, output: Any) -> None:
         if not self._disabled:
@@ -316,15 +323,23 @@ class Wander(nn.Module):
         )
 
     def _presence(self) -> dict[str, Tensor | None]:
-        """The batch's presence masks (``None``: present in every sample, or no batch seen)."""
+        """The batch's presence masks (``None``: present in every sample, or no batch seen).
+
+        A modality the batch does not name, though an earlier batch did (a model that encodes
+        zeros for it), is absent from every sample.
+        """
         if self._batch is None:
             return {}
         batch = self._batch
-        return {
-            m: batch.presence.get(m)
-            for m, x in self._captured.items()
-            if m in batch and x.shape[0] == batch.batch_size
-        }
+        presence: dict[str, Tensor | None] = {}
+        for m, x in self._captured.items():
+            if x.shape[0] != batch.batch_size:
+                continue
+            if m in batch:
+                presence[m] = batch.presence.get(m)
+            elif m in self._named:
+                presence[m] = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return presence
 
     def _adapter_output(self) -> Tensor | dict[str, Tensor]:
         features, masks, presence = dict(self._captured), self._padding_masks(), self._presence()

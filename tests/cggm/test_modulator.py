@@ -757,16 +757,18 @@ def test_a_modality_missing_from_every_sample_keeps_its_score():
 class PresentOnlyFusion(nn.Module):
     """Mean of the encoder features of the modalities each sample has.
 
-    ``skip_absent``: a modality the batch lacks altogether is not encoded at all, as many
-    models with missing modalities do (``if m in batch``); else every encoder runs and the
-    presence masks weight the mean. Image inputs ``[B, 1, H, W]`` get 1x1 convolutions
-    (segmentation).
+    ``lacking``: what the model does with a modality the batch lacks altogether. ``"skip"``:
+    its encoder does not run, as many models with missing modalities do (``if m in batch``);
+    ``"zeros"``: it encodes zeros, weighted 0 in the mean; ``None``: every modality must be in
+    the batch, whose presence masks weight the mean. Image inputs ``[B, 1, H, W]`` get 1x1
+    convolutions (segmentation).
     """
 
-    def __init__(self, batch, skip_absent, out_dim=3):
+    def __init__(self, batch, lacking=None, out_dim=3):
         super().__init__()
         torch.manual_seed(0)
-        self.skip_absent = skip_absent
+        self.lacking = lacking
+        self.input_shapes = {m: batch[m].shape[1:] for m in batch.modalities}
         if batch[batch.modalities[0]].ndim == 4:
             self.encoders = nn.ModuleDict({m: nn.Conv2d(1, 8, 1) for m in batch.modalities})
             self.head = nn.Conv2d(8, out_dim, 1)
@@ -779,10 +781,15 @@ class PresentOnlyFusion(nn.Module):
     def forward(self, batch):
         feats, weights = [], []
         for m, encoder in self.encoders.items():
-            if self.skip_absent and m not in batch:
+            if m in batch or self.lacking is None:
+                x, w = batch[m], batch.is_present(m).float()
+            elif self.lacking == "skip":
                 continue
-            feats.append(encoder(batch[m]))
-            weights.append(batch.is_present(m).float())
+            else:
+                x = torch.zeros(batch.batch_size, *self.input_shapes[m])
+                w = torch.zeros(batch.batch_size)
+            feats.append(encoder(x))
+            weights.append(w)
         stacked = torch.stack(feats)  # [M, B, 8] or [M, B, 8, H, W]
         w = torch.stack(weights).view(*stacked.shape[:2], *[1] * (stacked.ndim - 2))
         fused = (stacked * w).sum(0) / w.sum(0).clamp_min(1)
@@ -794,75 +801,28 @@ class PresentOnlyFusion(nn.Module):
     [(t, p) for t in ("classification", "regression") for p in PATHS]
     + [("segmentation", "autograd"), ("segmentation", "loop")],  # maps: autograd either way
 )
-def test_an_encoder_the_model_skipped_counts_as_absent_from_the_batch(task, path):
-    """A model that does not run the encoder of a modality the batch lacks trains as one that
-    runs it on a batch marking that modality missing in every sample: same B, classifiers and
-    weights (the skipped classifier neither trains nor scores; its score stays)."""
+def test_a_modality_the_batch_lacks_counts_as_absent_from_it(task, path):
+    """A model that does not run the encoder of a modality the batch lacks, or encodes zeros
+    for it, trains as one that runs it on a batch marking that modality missing in every
+    sample: same B, classifiers and weights (the lacking classifier neither trains nor scores;
+    its score stays). The first batch named it; a modulator resumed from its state_dict keeps
+    knowing the name."""
     loss_fn = F.l1_loss if task == "regression" else F.cross_entropy
     out_dim = 1 if task == "regression" else 3
 
-    def run(skip_absent):
+    def run(lacking, resume_after=None):
         full = _segmentation_batch() if task == "segmentation" else vector_batch(3)
         if task == "regression":
             full = full.replace(target=full.target.float())
         first, *rest = full.modalities
-        model = PresentOnlyFusion(full, skip_absent, out_dim)
-        cggm = CGGM(model, task=task, num_outputs=out_dim, rho=1.3, lam=0.2)
-        PATHS[path](cggm)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        history = []
-        for step in range(4):
-            batch = full
-            if step % 2:
-                batch = (
-                    ModalityBatch({m: full[m] for m in rest}, target=full.target)
-                    if skip_absent
-                    else full.with_missing(first, True)
-                )
-            opt.zero_grad()
-            out = model(batch)
-            loss = loss_fn(out.squeeze(-1) if task == "regression" else out, batch.target)
-            (loss + cggm.direction_loss()).backward()
-            history.append(cggm.step(batch.target))
-            opt.step()
-        return history, cggm.state_dict()["classifiers"], model.state_dict()
 
-    (h1, c1, m1), (h2, c2, m2) = run(True), run(False)
-    assert h1 == h2
-    for first, second in ((c1, c2), (m1, m2)):
-        for k, v in first.items():
-            torch.testing.assert_close(v, second[k], msg=k)
+        def modulator(model):
+            cggm = CGGM(model, task=task, num_outputs=out_dim, rho=1.3, lam=0.2)
+            PATHS[path](cggm)
+            return cggm
 
-
-class ZeroFills(PresentOnlyFusion):
-    """Encodes zeros for a modality the batch does not name (and weighs it 0 in the mean)."""
-
-    def forward(self, batch):
-        feats, weights = [], []
-        for m, encoder in self.encoders.items():
-            if m in batch:
-                x, w = batch[m], batch.is_present(m).float()
-            else:
-                x = torch.zeros(batch.batch_size, encoder.in_features)
-                w = torch.zeros(batch.batch_size)
-            feats.append(encoder(x))
-            weights.append(w)
-        stacked, w = torch.stack(feats), torch.stack(weights).unsqueeze(-1)
-        return self.head((stacked * w).sum(0) / w.sum(0).clamp_min(1))
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-def test_a_modality_a_later_batch_does_not_name_counts_as_absent(path):
-    """A model that encodes zeros for a modality the batch lacks altogether trains as on a batch
-    marking it missing in every sample (same B, classifiers, weights, and a resumed modulator
-    keeps knowing the name); the first batch named it."""
-
-    def run(lacking, resume_after=None):
-        full = vector_batch(3)
-        first, *rest = full.modalities
-        model = ZeroFills(full, skip_absent=False)
-        cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
-        PATHS[path](cggm)
+        model = PresentOnlyFusion(full, lacking, out_dim)
+        cggm = modulator(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         history = []
         for step in range(4):
@@ -874,19 +834,20 @@ def test_a_modality_a_later_batch_does_not_name_counts_as_absent(path):
                     else full.with_missing(first, True)
                 )
             opt.zero_grad()
-            (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
+            out = model(batch)
+            loss = loss_fn(out.squeeze(-1) if task == "regression" else out, batch.target)
+            (loss + cggm.direction_loss()).backward()
             history.append(cggm.step(batch.target))
             opt.step()
             if step == resume_after:
                 state = cggm.state_dict()
                 cggm.remove()
-                cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
-                PATHS[path](cggm)
+                cggm = modulator(model)
                 cggm.load_state_dict(state)
         return history, cggm.state_dict()["classifiers"], model.state_dict()
 
-    expected = run(lacking=False)
-    for got in (run(lacking=True), run(lacking=True, resume_after=0)):
+    expected = run(None)
+    for got in (run("skip"), run("zeros"), run("zeros", resume_after=0)):
         assert got[0] == expected[0]
         for first, second in zip(got[1:], expected[1:], strict=True):
             for k, v in first.items():
@@ -898,7 +859,7 @@ def test_an_encoder_skipped_where_it_cannot_count_as_absent_is_a_clear_error():
     lacking = ModalityBatch({m: full[m] for m in ("m1", "m2")}, target=full.target)
 
     def modulated(**options):
-        model = PresentOnlyFusion(full, skip_absent=True)
+        model = PresentOnlyFusion(full, lacking="skip")
         return model, CGGM(model, task="classification", num_outputs=3, **options)
 
     model, cggm = modulated()

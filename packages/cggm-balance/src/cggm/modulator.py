@@ -517,10 +517,10 @@ class CGGM:
         if self.config.mode == "reference":
             return None
         batch = self._batch
-        fits = batch is not None and batch.batch_size == batch_size
-        presence = batch.presence if batch is not None and fits else {}
-        masks = [presence.get(m) for m in self.modalities]
-        if batch is not None and fits:
+        if batch is not None and batch.batch_size != batch_size:
+            batch = None  # not this step's batch
+        masks = [None if batch is None else batch.presence.get(m) for m in self.modalities]
+        if batch is not None:
             not_run = [*not_run, *(m for m in self._named if m not in batch)]
         if all(mask is None for mask in masks) and not not_run:
             return None

@@ -127,14 +127,37 @@ def test_keyword_example_input():
 
 
 def test_loading_into_a_model_whose_saved_module_differs_in_shape(tmp_path):
-    wander = wrap({}, {"modules_to_save": ["classifier"]})
+    """The error names the key; the model is left as it was: no weight of its saved module
+    overwritten (its first layer matches in shape, its last does not), no hook, its flags."""
+    saved = TwoTowers()
+    saved.classifier = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    wander = Wander(
+        saved,
+        RANKS,
+        example_input=example(),
+        target_modules=TARGETS,
+        fusion_module="mixer",
+        num_fused_tokens=1,
+        modules_to_save=["classifier"],
+    )
     wander.save_pretrained(tmp_path)
     other = TwoTowers()
-    other.classifier = nn.Linear(8, 3)  # three classes instead of two
+    other.classifier = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))  # 3 classes
+    before = copy.deepcopy(other.state_dict())
+    flags = {n: p.requires_grad for n, p in other.named_parameters()}
+    inputs = example()
+    with torch.no_grad():
+        expected = other(*inputs)
     with pytest.raises(
-        ValueError, match=r"'base_model.classifier.bias' has shape \(2,\) in .* but \(3,\)"
+        ValueError, match=r"'base_model.classifier.2.bias' has shape \(2,\) in .* but \(3,\)"
     ):
         Wander.from_pretrained(other, tmp_path)
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert {n: p.requires_grad for n, p in other.named_parameters()} == flags
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in other.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(other(*inputs), expected, rtol=0, atol=0)
 
 
 def test_base_model_moved_without_its_wrapper():
@@ -177,3 +200,45 @@ def test_adapter_modalities_named_unlike_the_batch_warn(base_model):
             outputs[text] = wander(batch) - wander(noisy)
     assert outputs["text"].abs().max() < 1e-6  # padded tokens change nothing
     assert outputs["txt"].abs().max() > 1e-3  # they do where the masks never arrive
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_a_second_adapter_at_the_same_fusion_module(output, tmp_path):
+    """Calling either wrapper would run both adapters (the first's output was the sum of both):
+    an error that says how to switch, the model left as it was; once the first is unwrapped,
+    the second loads. Stacking on an injected adapter stays allowed (tests/wander/test_inject)."""
+    from benchmarks.backbones import LateFusionModel
+    from tests.wander.conftest import LayerwiseModel
+
+    torch.manual_seed(0)
+    if output == "fused":  # the mmcore contract: encoders -> fusion -> head
+        batch = make_batch()
+        model = LateFusionModel.from_batch(batch, 1, width=8, num_heads=2, dropout=0.0).eval()
+        where = {}
+    else:  # after the second of two layers whose towers meet
+        batch = make_batch(dims={"text": 6, "audio": 3}, lens={"text": 5, "audio": 4})
+        model = LayerwiseModel().eval()
+        where = dict(
+            target_modules={"text": "text_layers.1", "audio": "audio_layers.1"},
+            fusion_module="meet.1",
+            output="residual",
+        )
+    first = Wander(model, RANKS, example_input=batch, **where)
+    with torch.no_grad():
+        for p in first.adapter.parameters():
+            p.normal_()
+        expected = first(batch)
+    first.save_pretrained(tmp_path)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"another Wander wrapper.*unwrap"):
+        Wander(model, RANKS, example_input=batch, **where)
+    with pytest.raises(ValueError, match="another Wander wrapper"):
+        Wander.from_pretrained(model, tmp_path)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with torch.no_grad():
+        torch.testing.assert_close(first(batch), expected, rtol=0, atol=0)
+
+    first.unwrap()
+    again = Wander.from_pretrained(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch), expected, rtol=0, atol=0)

@@ -135,8 +135,10 @@ def test_bad_injections_raise_and_leave_the_model_as_it_was(tmp_path, base_model
         assert all(len(m._forward_hooks) == 0 for m in base_model.modules())
     with pytest.raises(ValueError, match="do not pass ranks"):
         inject_wander(base_model, RANKS, pretrained=tmp_path)
+    wrapper = Wander(base_model, RANKS, example_input=batch)
     with pytest.raises(ValueError, match="is a Wander wrapper"):
-        inject_wander(Wander(base_model, RANKS, example_input=batch), RANKS)
+        inject_wander(wrapper, RANKS)
+    wrapper.unwrap()
 
     model = inject_wander(base_model.eval(), RANKS, example_input=batch, adapter_name="first")
     with pytest.raises(LookupError, match=r"no Wander adapter injected as 'wander'.*\['first'\]"):

@@ -542,7 +542,10 @@ def test_load_reports_missing_and_unexpected_keys(tmp_path, base_model, batch):
 
 
 def test_a_damaged_checkpoint_is_an_error_that_names_the_file(tmp_path, base_model, batch):
-    Wander(base_model, RANKS, example_input=batch).save_pretrained(tmp_path)
+    """And leaves the model as it was: a failed load unwraps the adapter it built."""
+    wander = Wander(base_model, RANKS, example_input=batch)
+    wander.save_pretrained(tmp_path)
+    wander.unwrap()
     config_path, weights_path = (
         tmp_path / "adapter_config.json",
         tmp_path / "adapter_model.safetensors",
@@ -555,6 +558,8 @@ def test_a_damaged_checkpoint_is_an_error_that_names_the_file(tmp_path, base_mod
     weights_path.write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ValueError, match=r"cannot read .*adapter_model\.safetensors"):
         Wander.from_pretrained(base_model, tmp_path)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in base_model.modules())
+    assert all(p.requires_grad for p in base_model.parameters())
     weights_path.unlink()
     with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors not found"):
         Wander.from_pretrained(base_model, tmp_path)

@@ -118,6 +118,7 @@ class Wander(nn.Module):
         check_distinct_modules(self._targets, "Wander target_modules")
         consumer_path = cfg.fusion_module or "fusion"
         self._consumer = self._resolve(model, consumer_path, "fusion_module", cfg)
+        _check_fusion_point_free(self._consumer, consumer_path)
         if cfg.modules_to_save is None:
             cfg.modules_to_save = (
                 ["head"] if isinstance(getattr(model, "head", None), nn.Module) else []
@@ -523,23 +524,11 @@ class Wander(nn.Module):
             raise FileNotFoundError(f"Wander.from_pretrained: {weights_path} not found.")
         data.pop("wander_version", None)
         wander = cls(base_model, WanderConfig.from_dict(data))
-        # where the adapter was placed (the base model's device)
-        device = str(next(wander.adapter.parameters()).device)
         try:
-            state = load_file(str(weights_path), device=device)
-        except SafetensorError as err:
-            raise ValueError(f"Wander.from_pretrained: cannot read {weights_path}: {err}") from None
-        expected = wander.adapter_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        for key in sorted(set(expected) & set(state)):
-            if expected[key].shape != state[key].shape:
-                raise ValueError(
-                    f"Wander.from_pretrained: '{key}' has shape {tuple(state[key].shape)} in "
-                    f"{weights_path} but {tuple(expected[key].shape)} in the model."
-                )
-            with torch.no_grad():
-                expected[key].copy_(state[key])
+            missing, unexpected = wander._load_weights(weights_path)
+        except BaseException:
+            wander.unwrap()  # leave the model as it was: no hooks, its requires_grad flags
+            raise
         wander.load_report = {"missing_keys": missing, "unexpected_keys": unexpected}
         if missing or unexpected:
             warnings.warn(
@@ -548,6 +537,26 @@ class Wander(nn.Module):
                 stacklevel=2,
             )
         return wander
+
+    def _load_weights(self, weights_path: Path) -> tuple[list[str], list[str]]:
+        """Copy the saved weights in; returns the missing and the unexpected keys."""
+        # where the adapter was placed (the base model's device)
+        device = str(next(self.adapter.parameters()).device)
+        try:
+            state = load_file(str(weights_path), device=device)
+        except SafetensorError as err:
+            raise ValueError(f"Wander.from_pretrained: cannot read {weights_path}: {err}") from None
+        expected = self.adapter_state_dict()
+        for key in sorted(set(expected) & set(state)):
+            if expected[key].shape != state[key].shape:
+                raise ValueError(
+                    f"Wander.from_pretrained: '{key}' has shape {tuple(state[key].shape)} in "
+                    f"{weights_path} but {tuple(expected[key].shape)} in the model."
+                )
+        with torch.no_grad():
+            for key in sorted(set(expected) & set(state)):
+                expected[key].copy_(state[key])
+        return sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
 
 
 def adapters_on(model: nn.Module) -> list[Wander]:
@@ -558,6 +567,26 @@ def adapters_on(model: nn.Module) -> list[Wander]:
         if isinstance(owner, Wander) and owner.base_model is model:
             adapters.append(owner)
     return adapters
+
+
+def _check_fusion_point_free(consumer: nn.Module, path: str) -> None:
+    """Refuse a second wrapper at a fusion module that already carries one.
+
+    Each adapter acts through hooks on the module itself (it adds to the module's output, or to
+    its inputs), so calling either wrapper would run both adapters. An injected adapter is part
+    of the model, meant to run on every call: another adapter may stack on it.
+    """
+    hooks = [*consumer._forward_hooks.values(), *consumer._forward_pre_hooks.values()]
+    owners = [getattr(h, "__self__", None) for h in hooks]
+    if any(isinstance(w, Wander) and w.adapter_name is None for w in owners):
+        raise ValueError(
+            f"Wander: fusion_module '{path}' already carries the hooks of another Wander "
+            "wrapper, so calling either wrapper would run both adapters. To switch adapters, "
+            "`unwrap()` the first (save it with `save_pretrained`, load it back with "
+            "`Wander.from_pretrained`); to stack adapters that always run together, inject the "
+            "first (`inject_wander`); for one adapter per layer, give each its own "
+            "fusion_module."
+        )
 
 
 def call_model(model: nn.Module, example: Any) -> Any:

@@ -82,6 +82,50 @@ def test_inplace_flag_adapts_the_callers_model():
     assert not torch.equal(source.encoders["a"].net[1].weight, w)
 
 
+class _DropoutBatchNormFusion(nn.Module):
+    """Encoders with BatchNorm and dropout (what train mode changes), a frozen text embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.Linear(d, 6), nn.BatchNorm1d(6), nn.Dropout(0.3))
+                for m, d in (("a", 5), ("b", 4))
+            }
+        )
+        self.fusion = nn.Identity()
+        self.head = nn.Linear(12, 1)
+
+    def forward(self, batch):
+        feats = torch.cat([self.encoders[m](batch[m]) for m in self.encoders], dim=-1)
+        return self.head(self.fusion(feats))
+
+
+@pytest.mark.parametrize("mode", ["eval", "mixed"])
+def test_inplace_adaptation_leaves_the_models_flags_and_modes_as_they_were(mode):
+    """CASP freezes all but the normalisation layers and switches to train mode only while it
+    adapts: after adapt() and online calls, a model adapted in place trains as its owner set
+    it up (it used to keep 4 of 10 parameters trainable), and predicts in its own mode (online
+    calls left it in train mode: dropout on, BatchNorm updating its statistics)."""
+    torch.manual_seed(0)
+    net = _DropoutBatchNormFusion().eval()
+    net.encoders["b"][0].weight.requires_grad_(False)  # the owner's own choice
+    if mode == "mixed":  # training, with one BatchNorm kept in eval mode on purpose
+        net.train()
+        net.encoders["a"][1].eval()
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    modes = {n: m.training for n, m in net.named_modules()}
+    target = ModalityBatch({m: data(n=32)[m] for m in ("a", "b")})
+    norm_before = [p.clone() for p in norm_parameters(net)]
+    casp = CASP(net, inplace=True, **FAST)
+    for step in (lambda: casp.adapt(target), lambda: casp(target.select(slice(0, 8)))):
+        step()
+        assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+        assert {n: m.training for n, m in net.named_modules()} == modes
+    after = norm_parameters(net)
+    assert not all(torch.equal(a, b) for a, b in zip(norm_before, after, strict=True))
+
+
 def test_reset_restores_source_outputs_exactly():
     source = model()
     target = data(seed=3)
@@ -98,7 +142,8 @@ def test_snapshots_hold_only_what_adaptation_changes():
     """The source and per-epoch snapshots copy the adapted parameters and the buffers, not the
     frozen weights (for a large model, a copy of it each epoch)."""
     casp = CASP(model(), **FAST)
-    norm = {n for n, p in casp.model.named_parameters() if p.requires_grad}
+    adapted = {id(p) for p in norm_parameters(casp.model)}
+    norm = {n for n, p in casp.model.named_parameters() if id(p) in adapted}
     buffers = {n for n, _ in casp.model.named_buffers()}
     assert set(casp.snapshot()) == norm | buffers
     assert norm and len(norm) < len(list(casp.model.parameters()))

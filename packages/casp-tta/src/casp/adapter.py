@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,9 +87,11 @@ class CASP:
         representation_fn: ``fn(model, batch) -> (prediction, representation [B, d])``.
         representation_module: dotted path of the module whose output is the representation.
         inplace: adapt ``model`` itself; by default a deep copy is adapted and the caller's
-            weights are never modified. A ``torch.compile`` d model is adapted through the
-            module it wraps (the same parameters), eagerly: dynamo does not re-trace a compiled
-            graph for the hooks CASP adds.
+            weights are never modified. Either way the model's ``requires_grad`` flags and
+            train/eval modes are changed only while CASP adapts, and restored after. A
+            ``torch.compile`` d model is adapted through the module it wraps (the same
+            parameters), eagerly: dynamo does not re-trace a compiled graph for the hooks CASP
+            adds.
         distributed: :meth:`adapt` on this rank's shard of the target set, in step with every
             rank of the default process group: the NT-Xent negatives come from every rank
             (with gradient), the gradients are averaged over the ranks before clipping (and
@@ -160,10 +163,25 @@ class CASP:
                     "BatchNorm, GroupNorm, InstanceNorm) with affine parameters to adapt; pass "
                     "trainable='all' or add normalisation layers."
                 )
-        self.model.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
         return params
+
+    @contextlib.contextmanager
+    def _adapting(self) -> Iterator[None]:
+        """Only the adapted parameters require gradients while CASP adapts.
+
+        The model's own ``requires_grad`` flags and train/eval modes (module by module) come
+        back after, so a model adapted in place is left as the caller set it up.
+        """
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        try:
+            with _modes_kept(self.model):
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def snapshot(self) -> dict[str, Tensor]:
         """Copies of what adaptation can change: the adapted parameters and every buffer.
@@ -276,10 +294,9 @@ class CASP:
         data = _in_memory(data, "CASP.predict")
         if data.batch_size == 0:
             raise ValueError("CASP.predict got no sample to predict (an empty batch).")
-        was_training = self.model.training
-        self.model.eval()
-        outs = [_prediction(self.model(b.to(self.device))) for b in data.split(batch_size)]
-        self.model.train(was_training)
+        with _modes_kept(self.model):
+            self.model.eval()
+            outs = [_prediction(self.model(b.to(self.device))) for b in data.split(batch_size)]
         out = torch.cat(outs).to(data.device)
         if self.config.task == "classification":
             return _class_logits(out).softmax(dim=-1)
@@ -332,6 +349,17 @@ class CASP:
         if self.distributed:
             _check_equal_shards(data.batch_size)
         data = data.replace(target=None)  # no target label is read
+        with self._adapting():
+            return self._run_stages(data, validation, score_fn, progress)
+
+    def _run_stages(
+        self,
+        data: ModalityBatch,
+        validation: ModalityBatch | None,
+        score_fn: Callable[[Tensor, Tensor], float] | None,
+        progress: bool,
+    ) -> AdaptationReport:
+        cfg = self.config
         report = self.report = AdaptationReport()
         rng = random.Random(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -392,7 +420,6 @@ class CASP:
         bar.update(cfg.epochs_ca - bar.n)  # a collapse ends stage 1 early
         self._pseudo_label_stage(data.select(kept), report.pseudo_labels, validation, score_fn, bar)
         bar.close()
-        self.model.eval()
         return report
 
     def _pseudo_label_stage(
@@ -468,21 +495,22 @@ class CASP:
         optimizer = self._online_optimizer(episodic)
         offset = 0 if episodic else len(self.report.contrastive_losses)
         rng = random.Random(self.config.seed + offset)
-        self.model.train()
-        for _ in range(steps):
-            if len(batch) < 2:
-                break
-            loss, _ = self.contrastive_loss(on_model, rng.choice(batch.modalities))
-            value = loss.item()
-            if not math.isfinite(value):  # a NaN update would spoil every later batch
-                warnings.warn(
-                    "CASP.forward: the contrastive loss is NaN or infinite on this batch; the "
-                    "model was not updated.",
-                    stacklevel=2,
-                )
-                break
-            self._step(optimizer, loss)
-            self.report.contrastive_losses.append(value)
+        with self._adapting():
+            self.model.train()
+            for _ in range(steps):
+                if len(batch) < 2:
+                    break
+                loss, _ = self.contrastive_loss(on_model, rng.choice(batch.modalities))
+                value = loss.item()
+                if not math.isfinite(value):  # a NaN update would spoil every later batch
+                    warnings.warn(
+                        "CASP.forward: the contrastive loss is NaN or infinite on this batch; "
+                        "the model was not updated.",
+                        stacklevel=2,
+                    )
+                    break
+                self._step(optimizer, loss)
+                self.report.contrastive_losses.append(value)
         return self.predict(batch)
 
     __call__ = forward
@@ -491,6 +519,21 @@ class CASP:
         if episodic or self._online_opt is None:
             self._online_opt = self._optimizer()
         return self._online_opt
+
+
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Each module's train/eval mode back as it was on exit.
+
+    ``model.train(flag)`` would set every submodule alike, losing a BatchNorm kept in eval mode
+    on purpose.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _check_equal_shards(size: int) -> None:

@@ -8,6 +8,7 @@ from mmcore import (
     atomic_write,
     fused_optimizer,
     is_compiling,
+    modes_kept,
     read_json,
     sinusoidal_positions,
     stacklevel_outside,
@@ -88,3 +89,13 @@ def test_stacklevel_outside_names_the_first_frame_outside_the_packages(tmp_path)
 
     assert call_from(str(tmp_path / "pkg" / "inner.py")) == 2  # past pkg's frame: its caller
     assert call_from(str(tmp_path / "pkg_extra" / "inner.py")) == 1  # not pkg's
+
+
+def test_modes_kept_restores_each_modules_own_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).train()
+    model[1].eval()  # a BatchNorm frozen on purpose
+    with pytest.raises(RuntimeError, match="inside"), modes_kept(model) as kept:
+        assert kept is model
+        model.eval()
+        raise RuntimeError("inside")
+    assert model.training and model[0].training and not model[1].training

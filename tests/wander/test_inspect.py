@@ -63,3 +63,16 @@ def test_inspection_changes_nothing(base_model, batch):
     # and Wander then wraps what it reported
     wander = Wander(base_model, {"bottleneck": 4, "feature": 1, "token": 1}, example_input=batch)
     assert wander.config.hidden_dims == {"text": 8, "audio": 8, "vision": 8}
+
+
+def test_example_passes_keep_each_modules_own_mode(base_model, batch):
+    """Wrapping and inspecting run the example in eval mode; after, every module is back in its
+    own mode (``train(was_training)`` had put a BatchNorm frozen on purpose back in train mode,
+    where it updates its statistics)."""
+    base_model.train()
+    base_model.encoders["text"].eval()  # e.g. a pretrained encoder kept frozen, dropout off
+    modes = {n: m.training for n, m in base_model.named_modules()}
+    inspect_targets(base_model, batch)
+    assert {n: m.training for n, m in base_model.named_modules()} == modes
+    Wander(base_model, (4, 2, 2), example_input=batch)
+    assert {n: m.training for n, m in base_model.named_modules()} == modes

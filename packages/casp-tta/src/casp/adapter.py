@@ -26,6 +26,7 @@ from mmcore import (
     compiled_inner,
     encoder_features,
     make_config,
+    modes_kept,
     require_modality_batch,
     resolve_module,
 )
@@ -177,7 +178,7 @@ class CASP:
         for p in self.params:
             p.requires_grad_(True)
         try:
-            with _modes_kept(self.model):
+            with modes_kept(self.model):
                 yield
         finally:
             for p, flag in flags:
@@ -294,7 +295,7 @@ class CASP:
         data = _in_memory(data, "CASP.predict")
         if data.batch_size == 0:
             raise ValueError("CASP.predict got no sample to predict (an empty batch).")
-        with _modes_kept(self.model):
+        with modes_kept(self.model):
             self.model.eval()
             outs = [_prediction(self.model(b.to(self.device))) for b in data.split(batch_size)]
         out = torch.cat(outs).to(data.device)
@@ -519,21 +520,6 @@ class CASP:
         if episodic or self._online_opt is None:
             self._online_opt = self._optimizer()
         return self._online_opt
-
-
-@contextlib.contextmanager
-def _modes_kept(model: nn.Module) -> Iterator[None]:
-    """Each module's train/eval mode back as it was on exit.
-
-    ``model.train(flag)`` would set every submodule alike, losing a BatchNorm kept in eval mode
-    on purpose.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _check_equal_shards(size: int) -> None:

@@ -108,6 +108,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         raise
 
 
+@contextlib.contextmanager
+def modes_kept(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside: switch ``model`` to train or eval mode freely; on exit each module's mode is back.
+
+    ``model.train(was_training)`` would set every submodule alike, losing one the owner keeps in
+    eval mode on purpose (a frozen BatchNorm in a pretrained backbone).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def read_json(path: str | os.PathLike, caller: str) -> dict[str, Any]:
     """The JSON object in ``path``; a missing, damaged or non-object file is an error naming it.
 

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmcore import ModulePathError, closest_module_names, contract_encoder_paths, encoder_features
+from mmcore import (
+    ModulePathError,
+    closest_module_names,
+    contract_encoder_paths,
+    encoder_features,
+    modes_kept,
+)
 from wander.model import call_model
 
 __all__ = ["TargetReport", "TargetRow", "inspect_targets"]
@@ -137,11 +143,9 @@ def _run_example(
         module.register_forward_hook(lambda mod, args, out, i=i: record(i, mod, args, out))
         for i, module in modules.items()
     ]
-    was_training = model.training
-    model.eval()
     try:
-        call_model(model, example_input)
+        with modes_kept(model):
+            call_model(model.eval(), example_input)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()

@@ -27,6 +27,7 @@ from mmcore import (
     encoder_features,
     find_modality_batch,
     modalities_not_in_batch,
+    modes_kept,
     read_json,
     resolve_module,
     stacklevel_outside,
@@ -232,12 +233,10 @@ class Wander(nn.Module):
                 lambda _m, _a, out: seen.__setitem__("__consumer__", out)
             )
         )
-        was_training = self.base_model.training
-        self.base_model.eval()
         try:
-            call_model(self.base_model, example_input)
+            with modes_kept(self.base_model):
+                call_model(self.base_model.eval(), example_input)
         finally:
-            self.base_model.train(was_training)
             for h in handles:
                 h.remove()
         missing = [m for m in self._targets if m not in seen]

@@ -126,6 +126,21 @@ def test_inplace_adaptation_leaves_the_models_flags_and_modes_as_they_were(mode)
     assert not all(torch.equal(a, b) for a, b in zip(norm_before, after, strict=True))
 
 
+def test_a_data_parallel_wrapper_is_adapted_through_the_module_it_holds():
+    """DDP and DataParallel call the module they hold (CASP averages over ranks itself, with
+    ``distributed=True``): adapting the wrapper equals adapting that module. (DataParallel on
+    a machine without GPUs runs its module directly; DDP is unwrapped by the same rule.)"""
+    target = data(seed=3)
+    plain, wrapped = CASP(model(), **FAST), CASP(nn.DataParallel(model()), **FAST)
+    assert not isinstance(wrapped.model, nn.DataParallel)
+    torch.manual_seed(1)  # the same dropout draws
+    report = plain.adapt(target)
+    torch.manual_seed(1)
+    report_wrapped = wrapped.adapt(target)
+    assert torch.equal(report.kept_indices, report_wrapped.kept_indices)
+    torch.testing.assert_close(wrapped.predict(target), plain.predict(target), rtol=0, atol=0)
+
+
 def test_reset_restores_source_outputs_exactly():
     source = model()
     target = data(seed=3)

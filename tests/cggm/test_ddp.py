@@ -11,10 +11,14 @@ from tests.cggm.test_modulator import make_model, vector_batch
 from tests.distributed import run_ranks
 
 
-def _train(rank, world):
+def _train_once(rank, from_wrapper):
     model = make_model(vector_batch(3))  # same seed: same weights on every rank
-    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
-    ddp = DDP(model)
+    if from_wrapper:  # CGGM built from the DDP wrapper: it hooks the module DDP holds
+        ddp = DDP(model)
+        cggm = CGGM(ddp, task="classification", num_outputs=3, rho=1.3, lam=0.2)
+    else:
+        cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
+        ddp = DDP(model)
     opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
     history = []
     for step in range(3):
@@ -26,13 +30,19 @@ def _train(rank, world):
     return history, model.state_dict(), cggm.classifiers.state_dict()
 
 
-def test_ranks_stay_identical():
-    (h0, w0, c0), (h1, w1, c1) = run_ranks(_train)
-    assert h0 == h1  # B from all-reduced statistics
-    for k in w0:
-        torch.testing.assert_close(w0[k], w1[k], msg=k)
-    for k in c0:
-        torch.testing.assert_close(c0[k], c1[k], msg=k)
+def _train(rank, world):
+    return [_train_once(rank, from_wrapper) for from_wrapper in (False, True)]
+
+
+def test_ranks_stay_identical_and_cggm_may_be_built_from_the_ddp_wrapper():
+    results = [run for rank in run_ranks(_train) for run in rank]
+    h0, w0, c0 = results[0]
+    for h, w, c in results[1:]:
+        assert h == h0  # B from all-reduced statistics
+        for k in w0:
+            torch.testing.assert_close(w[k], w0[k], msg=k)
+        for k in c0:
+            torch.testing.assert_close(c[k], c0[k], msg=k)
 
 
 def _train_with_a_bad_batch_on_rank_1(rank, world):

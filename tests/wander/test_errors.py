@@ -242,3 +242,10 @@ def test_a_second_adapter_at_the_same_fusion_module(output, tmp_path):
     again = Wander.from_pretrained(model, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(batch), expected, rtol=0, atol=0)
+
+
+def test_a_data_parallel_wrapped_model_is_refused_with_the_order_to_wrap_in():
+    """DDP registers the parameters to synchronise when it is built: the base's, which Wander
+    would freeze, not the adapter's; so Wander goes inside, DDP outside (DataParallel alike)."""
+    with pytest.raises(TypeError, match=r"wrapped in DataParallel.*`model.module`.*then the"):
+        Wander(nn.DataParallel(TwoTowers()), RANKS, example_input=example())

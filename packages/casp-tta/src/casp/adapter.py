@@ -27,6 +27,7 @@ from mmcore import (
     encoder_features,
     make_config,
     modes_kept,
+    parallel_inner,
     require_modality_batch,
     resolve_module,
 )
@@ -130,6 +131,8 @@ class CASP:
             )
         self.distributed = distributed
         model = compiled_inner(model) or model  # torch.compile's wrapper: adapt what it holds
+        # a DDP (DataParallel) wrapper: adapt what it holds; CASP averages over ranks itself
+        model = parallel_inner(model) or model
         self.model = model if inplace else copy.deepcopy(model)
         self._representation_fn = representation_fn
         if representation_fn is None:

@@ -34,6 +34,7 @@ from mmcore import (
     make_config,
     masked_mean,
     modalities_not_in_batch,
+    parallel_inner,
     resolve_module,
     stacklevel_outside,
     trainable_dtype,
@@ -239,7 +240,8 @@ class CGGM:
 
     Args:
         model: the multimodal model. With no ``encoder_modules`` it must follow the mmcore
-            contract (``encoders`` ``ModuleDict``, ``head``).
+            contract (``encoders`` ``ModuleDict``, ``head``). A ``DistributedDataParallel`` (or
+            ``DataParallel``) wrapper stands for the module it holds, which the paths name.
         config: a :class:`CGGMConfig` (or give its fields as keyword arguments).
         encoder_modules: modality → dotted path of that modality's encoder.
         head_module: dotted path of the module whose last Linear/Conv weight is ``W^Ω``
@@ -289,6 +291,7 @@ class CGGM:
         if config is not None and config_kwargs:
             raise ValueError("pass either config= or its fields as keyword arguments, not both.")
         self.config = config or make_config(CGGMConfig, "CGGM", **config_kwargs)
+        model = parallel_inner(model) or model  # DDP calls the module it holds: hook that
         paths = (
             dict(encoder_modules)
             if encoder_modules is not None

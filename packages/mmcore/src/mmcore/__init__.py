@@ -22,6 +22,7 @@ from mmcore.contract import (
     is_multimodal_model,
     masked_mean,
     modalities_not_in_batch,
+    parallel_inner,
     resolve_module,
     run_encoder,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "masked_mean",
     "modalities_not_in_batch",
     "modes_kept",
+    "parallel_inner",
     "read_json",
     "require_modality_batch",
     "resolve_module",

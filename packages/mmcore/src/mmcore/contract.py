@@ -32,6 +32,7 @@ __all__ = [
     "find_modality_batch",
     "masked_mean",
     "modalities_not_in_batch",
+    "parallel_inner",
     "resolve_module",
     "run_encoder",
 ]
@@ -232,6 +233,16 @@ def compiled_inner(model: nn.Module) -> nn.Module | None:
     """
     inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) else None
+
+
+def parallel_inner(model: nn.Module) -> nn.Module | None:
+    """The module a ``DistributedDataParallel`` or ``DataParallel`` wrapper holds; else ``None``.
+
+    Their forward calls that module (``.module``), so hooks on it run.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return model.module
+    return None
 
 
 def modalities_not_in_batch(names: Iterable[str], batch: ModalityBatch, what: str) -> str | None:

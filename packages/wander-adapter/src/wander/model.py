@@ -28,6 +28,7 @@ from mmcore import (
     find_modality_batch,
     modalities_not_in_batch,
     modes_kept,
+    parallel_inner,
     read_json,
     resolve_module,
     stacklevel_outside,
@@ -104,6 +105,13 @@ class Wander(nn.Module):
                 "(`wander.base_model`, or `wander.unwrap()` to remove the first adapter) instead."
             )
         model = compiled_inner(model) or model  # hooks on a compiled wrapper may never run
+        if parallel_inner(model) is not None:
+            raise TypeError(
+                f"Wander: this model is wrapped in {type(model).__name__}. Wrap the model it "
+                "holds (`model.module`) with Wander, then the Wander in DistributedDataParallel: "
+                "DDP registers the parameters to synchronise when it is built (here the base's, "
+                "which Wander freezes, and not the adapter's)."
+            )
         cfg = resolve_config(
             ranks,
             target_modules=dict(target_modules) if target_modules is not None else None,

@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mm_prompts import MPLMM, MulTBackbone, MulTConfig, all_cases, apply_case, simulate_missing
 from mmcore import ModalityBatch
@@ -239,6 +240,12 @@ def test_bad_input_raises():
         MPLMM(model.backbone, model.seq_lens, prompt_length=0)
     with pytest.raises(ValueError, match=r"seq_lens must be positive integers.*'audio': 0"):
         MPLMM(model.backbone, {**model.seq_lens, "audio": 0})
+    for backbone, hint in (
+        (nn.Linear(2, 2), r"got Linear\.$"),
+        (nn.DataParallel(model.backbone), r"got DataParallel \(a DataParallel around one: pass"),
+    ):
+        with pytest.raises(TypeError, match=r"builds its prompts into a MulTBackbone.*" + hint):
+            MPLMM(backbone, model.seq_lens)
 
 
 def test_a_plain_dict_for_a_batch_is_a_clear_error():

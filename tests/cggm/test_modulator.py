@@ -513,6 +513,12 @@ def test_bad_configuration_raises():
         fresh_model(batch)
         with pytest.raises(ValueError, match=message):
             checked.step(target)
+    empty = batch.select(slice(0, 0))
+    fresh_model = make_model(batch)
+    checked = CGGM(fresh_model, num_outputs=3)
+    F.cross_entropy(fresh_model(empty), empty.target, reduction="sum").backward()
+    with pytest.raises(ValueError, match=r"empty batch \(0 samples\).*skip the step"):
+        checked.step(empty.target)
     forgot = make_model(batch)
     unscaled = CGGM(forgot, num_outputs=3)
     forgot(batch)  # no backward: nothing to scale

@@ -860,6 +860,11 @@ class CGGM:
         return trainable
 
     def _check_target(self, target: Tensor, batch_size: int) -> None:
+        if batch_size == 0:
+            raise ValueError(
+                "CGGM.step: the forward pass saw an empty batch (0 samples): no score can "
+                "improve on it; skip the step (a DataLoader filter or a sampler left no sample)."
+            )
         if target.ndim == 0 or target.shape[0] != batch_size:
             raise ValueError(
                 f"CGGM.step: target has shape {tuple(target.shape)} but the forward pass saw "

@@ -129,6 +129,34 @@ def test_classification_metrics_by_hand():
     with pytest.raises(ValueError, match="give one kind"):
         metric(torch.tensor([0, 1]), y[:2])
     assert metric.aggregate() == m  # the rejected batches were not buffered
+    one_hot = torch.nn.functional.one_hot(y, 3)
+    for call in (lambda: classification_metrics(logits, one_hot), lambda: metric(logits, one_hot)):
+        with pytest.raises(ValueError, match=r"found shape \(4, 3\); for one-hot .*argmax"):
+            call()
+
+
+def test_predictions_of_a_bfloat16_model_are_read_as_float32():
+    """numpy has no bfloat16: the metrics took such predictions to an unsupported-type error."""
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    half = scores.bfloat16()
+    assert msa_regression_metrics(half, labels) == msa_regression_metrics(half.float(), labels)
+    assert sims_regression_metrics(half / 3, labels / 3) == sims_regression_metrics(
+        (half / 3).float(), labels / 3
+    )
+    logits, classes = torch.randn(12, 3, generator=g).bfloat16(), torch.arange(12) % 3
+    expected = classification_metrics(logits.float(), classes)
+    assert classification_metrics(logits, classes) == expected
+    for metric, args in (
+        (ClassificationMetric(), (logits, classes)),
+        (MSAMetric(), (half, labels)),
+    ):
+        metric(*args)
+        assert metric.aggregate() == (
+            expected
+            if isinstance(metric, ClassificationMetric)
+            else msa_regression_metrics(half.float(), labels)
+        )
 
 
 def test_iemocap_metrics_by_hand():

@@ -20,10 +20,19 @@ from mmcore.utils import collective_device
 __all__ = ["CumulativeMetric", "all_gather_cat", "first_occurrences", "to_numpy"]
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def to_numpy(x: Tensor | np.ndarray | list | float) -> np.ndarray:
-    """A detached CPU numpy copy of a tensor, array or list."""
+    """A detached CPU numpy copy of a tensor, array or list.
+
+    Floating dtypes numpy lacks (``bfloat16``, the float8 types) come as float32.
+    """
     if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.dtype not in _NUMPY_FLOATS:
+            x = x.float()
+        return x.numpy()
     return np.asarray(x)
 
 

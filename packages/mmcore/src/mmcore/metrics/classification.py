@@ -33,6 +33,16 @@ def _labels(y_pred: np.ndarray, n: int, name: str) -> np.ndarray:
     )
 
 
+def _check_label_shape(y: Tensor | np.ndarray, name: str) -> None:
+    """``y`` holds one label per sample: ``[N]`` or ``[N, 1]``, not one-hot rows ``[N, C]``."""
+    shape = tuple(np.shape(y))
+    if len(shape) > 1 and int(np.prod(shape[1:])) > 1:
+        raise ValueError(
+            f"{name}: y must hold one class index per sample ([N] or [N, 1]), found shape "
+            f"{shape}; for one-hot or soft targets [N, C] pass y.argmax(dim=1)."
+        )
+
+
 def _integer_labels(x: np.ndarray, name: str, what: str) -> np.ndarray:
     """``x`` as int64 class labels; floats must hold whole numbers (``1.0``, not ``0.7``)."""
     if x.dtype.kind not in "iub" and not (np.isfinite(x).all() and (x == np.round(x)).all()):
@@ -67,6 +77,7 @@ def classification_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) 
             pass for labels), or a label has no column in ``y_pred``.
     """
     name = "classification_metrics"
+    _check_label_shape(y, name)
     p, t = to_numpy(y_pred), to_numpy(y).reshape(-1)
     if p.shape[0] != t.shape[0]:
         raise ValueError(
@@ -148,6 +159,7 @@ class ClassificationMetric(CumulativeMetric):
     """Cumulative :func:`classification_metrics`."""
 
     def _check(self, y_pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        _check_label_shape(y, "ClassificationMetric")
         y = y.reshape(-1)
         if y_pred.ndim not in (1, 2) or y_pred.shape[0] != y.shape[0]:
             raise ValueError(

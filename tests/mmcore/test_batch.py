@@ -381,8 +381,13 @@ def test_collate_works_with_dataloader_and_rejects_bad_samples():
     assert [len(b) for b in batches] == [2, 2, 1]
     with pytest.raises(ValueError, match="only the time axis"):
         collate_modalities([{"inputs": {"a": torch.ones(2)}}, {"inputs": {"a": torch.ones(3)}}])
-    with pytest.raises(TypeError, match="sample 0"):
+    with pytest.raises(TypeError, match="sample 0 is Tensor"):
         collate_modalities([torch.ones(2)])
+    flat = {"text": torch.ones(2), "target": torch.tensor(1.0)}  # modalities at the top level
+    with pytest.raises(
+        TypeError, match=r"keys \['target', 'text'\] but no 'inputs'.*\{'inputs': \{modality"
+    ):
+        collate_modalities([flat])
     one = ModalityBatch({"a": torch.ones(1, 2)})
     with pytest.raises(TypeError, match="mix ModalityBatch and mapping"):
         collate_modalities([one, {"inputs": {"a": torch.ones(2)}}])

@@ -578,9 +578,14 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
         )
     for i, s in enumerate(samples):
         if not isinstance(s, Mapping) or "inputs" not in s:
+            found = (
+                f"a mapping with keys {sorted(map(str, s))[:8]} but no 'inputs'"
+                if isinstance(s, Mapping)
+                else type(s).__name__
+            )
             raise TypeError(
-                f"collate_modalities: sample {i} is {type(s).__name__}; expected a ModalityBatch "
-                "or a mapping with an 'inputs' key."
+                f"collate_modalities: sample {i} is {found}; expected a ModalityBatch or a "
+                "mapping {'inputs': {modality: unbatched tensor}, 'target': ... (optional)}."
             )
     mappings = cast(Sequence[Mapping[str, Any]], samples)
     names = list(dict.fromkeys(m for s in mappings for m in s["inputs"]))

@@ -54,6 +54,9 @@ def test_msa_metrics_by_hand():
     # non-0 drops the label-0 sample (index 1): pred>0 [T,T,F,F,T]; true>0 [T,F,F,T,T] -> 3/5
     assert m["acc2_non0"] == pytest.approx(3 / 5)
     assert m["f1_non0"] == pytest.approx(weighted_f1_by_hand([1, 0, 0, 1, 1], [1, 1, 0, 0, 1]))
+    # gt-0 (MulT's exclude_zero=False): pred>0 [T,F,T,F,F,T]; true>0 [T,F,F,F,T,T] -> 4/6
+    assert m["acc2_gt0"] == pytest.approx(4 / 6)
+    assert m["f1_gt0"] == pytest.approx(weighted_f1_by_hand([1, 0, 0, 0, 1, 1], [1, 0, 1, 0, 0, 1]))
     # acc7: round(clip(.,-3,3)): pred [3,-0,0,-2,0,2] (2.5 rounds half to even: -2.5 -> -2)
     #       true [3,0,-0,-2,0,2] (2.5 -> 2) -> all six equal
     assert m["acc7"] == pytest.approx(6 / 6)

@@ -6,6 +6,9 @@ CMU-MOSI / CMU-MOSEI labels lie in ``[-3, 3]``:
 * ``acc2_has0`` / ``f1_has0``: binary ``>= 0`` vs ``< 0`` on every sample (MMSA ``Has0_acc_2``);
 * ``acc2_non0`` / ``f1_non0``: samples with label 0 dropped, then ``> 0`` vs ``< 0``
   (MMSA ``Non0_acc_2``, MulT's ``exclude_zero=True``);
+* ``acc2_gt0`` / ``f1_gt0``: binary ``> 0`` vs ``<= 0`` on every sample, so label 0 counts as
+  negative (MulT's ``exclude_zero=False``, the Acc-2 of the released CASP code): for comparison
+  with numbers reported that way;
 * ``acc5`` / ``acc7``: predictions and labels clipped to ``[-2, 2]`` / ``[-3, 3]`` and rounded
   (numpy's round-half-to-even, as both reference codes do), then compared.
 
@@ -71,12 +74,14 @@ def msa_regression_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) 
         y: true sentiment in ``[-3, 3]``, same number of elements.
 
     Returns:
-        ``mae, corr, acc2_has0, f1_has0, acc2_non0, f1_non0, acc5, acc7`` (accuracies in [0, 1]).
+        ``mae, corr, acc2_has0, f1_has0, acc2_non0, f1_non0, acc2_gt0, f1_gt0, acc5, acc7``
+        (accuracies in [0, 1]).
     """
     p, t = _flat_pair(y_pred, y, "msa_regression_metrics")
     acc2_has0, f1_has0 = _binary(p >= 0, t >= 0)
     nz = t != 0
     acc2_non0, f1_non0 = _binary(p[nz] > 0, t[nz] > 0)
+    acc2_gt0, f1_gt0 = _binary(p > 0, t > 0)
     return {
         "mae": float(np.abs(p - t).mean()),
         "corr": _pearson(p, t),
@@ -84,6 +89,8 @@ def msa_regression_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) 
         "f1_has0": f1_has0,
         "acc2_non0": acc2_non0,
         "f1_non0": f1_non0,
+        "acc2_gt0": acc2_gt0,
+        "f1_gt0": f1_gt0,
         "acc5": float(np.mean(np.round(np.clip(p, -2, 2)) == np.round(np.clip(t, -2, 2)))),
         "acc7": float(np.mean(np.round(np.clip(p, -3, 3)) == np.round(np.clip(t, -3, 3)))),
     }

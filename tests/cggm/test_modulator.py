@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -359,6 +361,49 @@ def test_segmentation():
     head = model.head.weight
     assert cggm.classifier("t1").net[-1].weight.shape == head.shape[:2]
     assert cggm.classifier("t1")(torch.randn(2, 4, 8, 8)).shape == (2, 3, 8, 8)
+
+
+def _segmentation_history(target_of):
+    """B over two modulated steps of a seeded SegModel, the target given as ``target_of(labels)``;
+    and the classifiers' weights after."""
+    batch = _segmentation_batch()
+    torch.manual_seed(0)
+    model = SegModel()
+    cggm = CGGM(model, task="segmentation", num_outputs=3, lam=0.1)
+    history = []
+    for _ in range(2):
+        model.zero_grad()
+        (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
+        history.append(cggm.step(target_of(batch.target)))
+    return history, copy.deepcopy(cggm.classifiers.state_dict())
+
+
+def test_segmentation_targets_as_monai_pipelines_give_them():
+    """A channel axis of one, whole-number floats (LoadImage's labels) and one-hot maps are the
+    same label map (they failed inside interpolate, or as 'needs integer class targets ... use
+    task=regression'); overlapping region masks and fractional labels are clear errors."""
+    expected, weights = _segmentation_history(lambda y: y)
+    one_hot = lambda y: F.one_hot(y, 3).movedim(-1, 1)  # noqa: E731
+    for form in (
+        lambda y: y.float(),
+        lambda y: y[:, None],
+        lambda y: y[:, None].double(),
+        one_hot,
+        lambda y: one_hot(y).float(),
+        lambda y: one_hot(y).bool(),
+    ):
+        history, state = _segmentation_history(form)
+        assert history == expected
+        for k, v in state.items():
+            torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+    regions = lambda y: torch.stack([y > 0, y > 1, y == 2], dim=1)  # noqa: E731  overlapping
+    for form, match in (
+        (regions, r"got shape \(2, 3, 8, 8\), not one-hot.*\[TC, WT, ET\]"),
+        (lambda y: y.float() + 0.5, "not whole numbers"),
+        (lambda y: one_hot(y)[:, :2], r"label map of class indices"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            _segmentation_history(form)
 
 
 def test_gradient_accumulation_modulates_only_on_sync():

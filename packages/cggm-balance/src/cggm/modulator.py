@@ -710,6 +710,8 @@ class CGGM:
         feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)
+        if cfg.task == "segmentation":
+            target = self._label_map(target, next(iter(feats.values())).ndim - 2)
         self._check_target(target, next(iter(feats.values())).shape[0])
         if sync and cfg.rho is not None and self._no_encoder_gradients():
             raise RuntimeError(
@@ -859,6 +861,38 @@ class CGGM:
                 trainable = trainable or p.requires_grad
         return trainable
 
+    def _label_map(self, target: Tensor, spatial_dims: int) -> Tensor:
+        """A segmentation target as class indices ``[B, *spatial]``.
+
+        Also taken, as MONAI pipelines give them: a channel axis of one (``[B, 1, *spatial]``),
+        whole-number floats (``LoadImage``'s labels), and one-hot maps ``[B, C, *spatial]``.
+        Overlapping region masks (MONAI's ``[TC, WT, ET]``) are a clear error: the classifiers
+        score mutually exclusive classes.
+        """
+        if target.ndim == spatial_dims + 2:  # a channel axis
+            if target.shape[1] == 1:
+                target = target[:, 0]
+            elif target.shape[1] == self.config.num_outputs and _is_one_hot(target):
+                target = target.max(dim=1).indices
+            else:
+                raise ValueError(
+                    f"CGGM.step: task='segmentation' takes a label map of class indices "
+                    f"[B, *spatial] (or one-hot [B, {self.config.num_outputs}, *spatial]); got "
+                    f"shape {tuple(target.shape)}, not one-hot. Overlapping region masks (MONAI's "
+                    "[TC, WT, ET] for BraTS) need exclusive classes first: for BraTS, label 3 "
+                    "where ET, else 1 where TC, else 2 where WT, else 0."
+                )
+        if target.is_floating_point():
+            if not bool((target == target.round()).all()):
+                raise ValueError(
+                    "CGGM.step: task='segmentation' needs class indices in its label map; got "
+                    f"{target.dtype} values that are not whole numbers."
+                )
+            target = target.long()
+        elif target.dtype == torch.bool:
+            target = target.long()
+        return target
+
     def _check_target(self, target: Tensor, batch_size: int) -> None:
         if batch_size == 0:
             raise ValueError(
@@ -993,6 +1027,12 @@ class CGGM:
 
 #: config fields that shape the classifiers or the scores: a state saved under others cannot load
 _STRUCTURAL = ("task", "num_outputs", "mode", "classifier_hidden", "regression_score")
+
+
+def _is_one_hot(target: Tensor) -> bool:
+    """Whether ``[B, C, *spatial]`` holds exactly one 1 per position (and 0 elsewhere)."""
+    binary = bool(((target == 0) | (target == 1)).all())
+    return binary and bool((target.sum(dim=1) == 1).all())
 
 
 def _zero_absent(features: Tensor, present: Tensor) -> Tensor:

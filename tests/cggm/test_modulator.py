@@ -400,10 +400,34 @@ def test_segmentation_targets_as_monai_pipelines_give_them():
     for form, match in (
         (regions, r"got shape \(2, 3, 8, 8\), not one-hot.*\[TC, WT, ET\]"),
         (lambda y: y.float() + 0.5, "not whole numbers"),
-        (lambda y: one_hot(y)[:, :2], r"label map of class indices"),
+        (lambda y: one_hot(y)[:, :2], r"class indices \[B, \*spatial\] \(or one-hot"),
     ):
         with pytest.raises(ValueError, match=match):
             _segmentation_history(form)
+
+
+def test_class_targets_as_floats_with_a_channel_axis_or_one_hot():
+    """Classification takes the same forms of class targets as segmentation (tested equal)."""
+
+    def history(target_of):
+        batch = vector_batch(3)
+        model = make_model(batch)
+        cggm = CGGM(model, task="classification", num_outputs=3, lam=0.1)
+        out = []
+        for _ in range(2):
+            model.zero_grad()
+            (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
+            out.append(cggm.step(target_of(batch.target)))
+        return out
+
+    expected = history(lambda y: y)
+    for form in (
+        lambda y: y.double(),
+        lambda y: y[:, None],
+        lambda y: F.one_hot(y, 3),
+        lambda y: F.one_hot(y, 3).float(),
+    ):
+        assert history(form) == expected
 
 
 def test_gradient_accumulation_modulates_only_on_sync():
@@ -551,7 +575,8 @@ def test_bad_configuration_raises():
         fresh.step(batch.target)
     for target, message in (
         (batch.target[:8], r"target has shape \(8,\) but the forward pass saw 16 samples"),
-        (batch.target.float(), "needs integer class targets"),
+        (batch.target.float() / 2, "needs class indices, got torch.float32 values that"),
+        (torch.rand(16, 3), r"class indices \[B\] \(or one-hot \[B, 3\]\); got shape"),
     ):
         fresh_model = make_model(batch)
         checked = CGGM(fresh_model, num_outputs=3)

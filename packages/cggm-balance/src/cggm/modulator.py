@@ -710,8 +710,9 @@ class CGGM:
         feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)
-        if cfg.task == "segmentation":
-            target = self._label_map(target, next(iter(feats.values())).ndim - 2)
+        if cfg.task != "regression":
+            maps = next(iter(feats.values())).ndim - 2 if cfg.task == "segmentation" else 0
+            target = self._class_targets(target, maps)
         self._check_target(target, next(iter(feats.values())).shape[0])
         if sync and cfg.rho is not None and self._no_encoder_gradients():
             raise RuntimeError(
@@ -861,36 +862,38 @@ class CGGM:
                 trainable = trainable or p.requires_grad
         return trainable
 
-    def _label_map(self, target: Tensor, spatial_dims: int) -> Tensor:
-        """A segmentation target as class indices ``[B, *spatial]``.
+    def _class_targets(self, target: Tensor, spatial_dims: int) -> Tensor:
+        """Class targets as indices: ``[B]`` (classification) or ``[B, *spatial]`` (segmentation).
 
-        Also taken, as MONAI pipelines give them: a channel axis of one (``[B, 1, *spatial]``),
-        whole-number floats (``LoadImage``'s labels), and one-hot maps ``[B, C, *spatial]``.
-        Overlapping region masks (MONAI's ``[TC, WT, ET]``) are a clear error: the classifiers
-        score mutually exclusive classes.
+        Also taken, as data pipelines (MONAI's among them) give them: a channel axis of one
+        (``[B, 1, …]``), whole-number floats (``LoadImage``'s labels) and one-hot targets
+        ``[B, C, …]``. Soft or overlapping targets (mixup, MONAI's ``[TC, WT, ET]`` masks) are a
+        clear error: the classifiers score mutually exclusive classes.
         """
+        task, classes = self.config.task, self.config.num_outputs
+        layout = "[B, *spatial]" if task == "segmentation" else "[B]"
         if target.ndim == spatial_dims + 2:  # a channel axis
             if target.shape[1] == 1:
                 target = target[:, 0]
-            elif target.shape[1] == self.config.num_outputs and _is_one_hot(target):
+            elif target.shape[1] == classes and _is_one_hot(target):
                 target = target.max(dim=1).indices
             else:
-                raise ValueError(
-                    f"CGGM.step: task='segmentation' takes a label map of class indices "
-                    f"[B, *spatial] (or one-hot [B, {self.config.num_outputs}, *spatial]); got "
-                    f"shape {tuple(target.shape)}, not one-hot. Overlapping region masks (MONAI's "
-                    "[TC, WT, ET] for BraTS) need exclusive classes first: for BraTS, label 3 "
-                    "where ET, else 1 where TC, else 2 where WT, else 0."
+                regions = (
+                    " Overlapping region masks (MONAI's [TC, WT, ET] for BraTS) need exclusive "
+                    "classes first: for BraTS, label 3 where ET, else 1 where TC, else 2 where "
+                    "WT, else 0."
+                    if task == "segmentation"
+                    else ""
                 )
-        if target.is_floating_point():
-            if not bool((target == target.round()).all()):
                 raise ValueError(
-                    "CGGM.step: task='segmentation' needs class indices in its label map; got "
-                    f"{target.dtype} values that are not whole numbers."
+                    f"CGGM.step: task='{task}' takes class indices {layout} (or one-hot "
+                    f"[B, {classes}{', *spatial' if spatial_dims else ''}]); got shape "
+                    f"{tuple(target.shape)}, not one-hot.{regions}"
                 )
+        if target.dtype == torch.bool:
             target = target.long()
-        elif target.dtype == torch.bool:
-            target = target.long()
+        elif target.is_floating_point() and bool((target == target.round()).all()):
+            target = target.long()  # else the integer check of _check_target says more
         return target
 
     def _check_target(self, target: Tensor, batch_size: int) -> None:
@@ -906,8 +909,9 @@ class CGGM:
             )
         if self.config.task != "regression" and target.is_floating_point():
             raise ValueError(
-                f"CGGM.step: task='{self.config.task}' needs integer class targets, got "
-                f"{target.dtype} (use task='regression' for real-valued targets)."
+                f"CGGM.step: task='{self.config.task}' needs class indices, got {target.dtype} "
+                "values that are not whole numbers (use task='regression' for real-valued "
+                "targets)."
             )
 
     @staticmethod

@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -176,6 +177,43 @@ def _padded_regression_batch():
         target=torch.randn(8, generator=g),
         padding_masks={"text": pad},
     )
+
+
+class _Halving(nn.Module):
+    """A text encoder that halves the sequence (a strided convolution over time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _HalvingTextFusion(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleDict({"text": _Halving(), "audio": nn.Linear(3, 4)})
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, batch):
+        feats = [self.encoders[m](batch[m]).mean(dim=1) for m in ("text", "audio")]
+        return self.head(torch.cat(feats, dim=-1))
+
+
+def test_a_padding_mask_the_features_no_longer_fit_is_dropped_with_one_warning():
+    batch = _padded_regression_batch()
+    torch.manual_seed(0)
+    model = _HalvingTextFusion()
+    cggm = CGGM(model, task="regression", num_outputs=1, lam=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model.zero_grad()
+            (F.l1_loss(model(batch).squeeze(-1), batch.target) + cggm.direction_loss()).backward()
+            assert set(cggm.step(batch.target)) == {"text", "audio"}
+    assert len(caught) == 1  # once, not once per step
+    assert "'text' have 2 steps but the batch's padding mask 5" in str(caught[0].message)
 
 
 def _segmentation_batch():

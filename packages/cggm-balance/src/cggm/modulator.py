@@ -351,6 +351,7 @@ class CGGM:
         self._captured: dict[str, Tensor] = {}
         self._batch: ModalityBatch | None = None
         self._names_checked = False  # the batch's modality names, against ours (warn once)
+        self._length_warned: set[str] = set()  # modalities whose features change the length
         #: the modalities some batch has named: a later batch that does not name one lacks it
         #: (any other is named otherwise in the batch, the mismatch the first batch warns of)
         self._named: set[str] = set()
@@ -597,8 +598,20 @@ class CGGM:
         if batch is None or modality not in batch or features.ndim != 3:
             return None
         mask = batch.padding_mask(modality)
+        if mask is None or mask.shape == features.shape[:2]:
+            return mask
         # an encoder (or feature_fn) that changed the length: the batch's mask no longer fits
-        return mask if mask is not None and mask.shape == features.shape[:2] else None
+        if modality not in self._length_warned:
+            self._length_warned.add(modality)
+            warnings.warn(
+                f"CGGM: the features of '{modality}' have {features.shape[1]} steps but the "
+                f"batch's padding mask {mask.shape[1]} (the encoder or feature_fn changes the "
+                f"length), so the classifier of '{modality}' pools every step, padded ones "
+                "included. Return features that keep the length, or pooled ones [B, d], from "
+                "feature_fn.",
+                stacklevel=stacklevel_outside(cggm),
+            )
+        return None
 
     def _build_default_classifiers(self, feature_shapes: Mapping[str, tuple[int, ...]]) -> None:
         w = self.head_weight

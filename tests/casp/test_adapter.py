@@ -139,6 +139,8 @@ def test_a_data_parallel_wrapper_is_adapted_through_the_module_it_holds():
     report_wrapped = wrapped.adapt(target)
     assert torch.equal(report.kept_indices, report_wrapped.kept_indices)
     torch.testing.assert_close(wrapped.predict(target), plain.predict(target), rtol=0, atol=0)
+    inner = model()  # DDP around a compiled model: the module inside both
+    assert CASP(nn.DataParallel(torch.compile(inner)), inplace=True, **FAST).model is inner
 
 
 def test_reset_restores_source_outputs_exactly():

@@ -9,6 +9,7 @@ from mmcore import (
     check_multimodal_model,
     contract_encoder_paths,
     encoder_features,
+    held_module,
     is_multimodal_model,
     masked_mean,
     resolve_module,
@@ -115,3 +116,14 @@ def test_contract_encoder_paths_names_the_encoders_or_says_what_to_pass():
     }
     with pytest.raises(ModulePathError, match=r"no `encoders` ModuleDict.*pass paths=\{\}"):
         contract_encoder_paths(torch.nn.Linear(2, 2), "paths={}")
+
+
+def test_held_module_looks_through_compile_and_data_parallel_wrappers_nested_either_way():
+    """An empty ``nn.Sequential`` is falsy and a compiled wrapper's ``len()`` raises: the module
+    is found by identity, never by ``inner or model``."""
+    inner = nn.Sequential()
+    compiled = torch.compile(inner)
+    assert held_module(inner) is inner
+    assert held_module(nn.DataParallel(compiled)) is inner
+    assert held_module(torch.compile(nn.DataParallel(inner))) is inner
+    assert held_module(nn.DataParallel(compiled), compiled=False) is compiled

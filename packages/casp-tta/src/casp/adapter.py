@@ -23,11 +23,10 @@ from mmcore import (
     ModalityBatch,
     ModulePathError,
     collective_device,
-    compiled_inner,
     encoder_features,
+    held_module,
     make_config,
     modes_kept,
-    parallel_inner,
     require_modality_batch,
     resolve_module,
 )
@@ -130,9 +129,9 @@ class CASP:
                 "rank would restore the epoch its own validation data prefers."
             )
         self.distributed = distributed
-        model = compiled_inner(model) or model  # torch.compile's wrapper: adapt what it holds
-        # a DDP (DataParallel) wrapper: adapt what it holds; CASP averages over ranks itself
-        model = parallel_inner(model) or model
+        # adapt what a torch.compile or DDP (DataParallel) wrapper holds, nested either way;
+        # CASP averages over the ranks itself
+        model = held_module(model)
         self.model = model if inplace else copy.deepcopy(model)
         self._representation_fn = representation_fn
         if representation_fn is None:

@@ -31,10 +31,10 @@ from mmcore import (
     encoder_features,
     find_modality_batch,
     fused_optimizer,
+    held_module,
     make_config,
     masked_mean,
     modalities_not_in_batch,
-    parallel_inner,
     resolve_module,
     stacklevel_outside,
     trainable_dtype,
@@ -291,7 +291,9 @@ class CGGM:
         if config is not None and config_kwargs:
             raise ValueError("pass either config= or its fields as keyword arguments, not both.")
         self.config = config or make_config(CGGMConfig, "CGGM", **config_kwargs)
-        model = parallel_inner(model) or model  # DDP calls the module it holds: hook that
+        # DDP calls the module it holds: hook that (a compiled one as it is, before its first
+        # call, so that dynamo traces the hooks)
+        model = held_module(model, compiled=False)
         paths = (
             dict(encoder_modules)
             if encoder_modules is not None

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mm_prompts.backbone import MulTBackbone, MulTConfig, _positive_int, zero_padding
 from mm_prompts.io import read_pretrained, saved_dtype, write_pretrained
 from mm_prompts.missing import case_from_presence
-from mmcore import ModalityBatch, compiled_inner, parallel_inner, require_modality_batch
+from mmcore import ModalityBatch, held_module, require_modality_batch
 
 __all__ = ["MPLMM"]
 
@@ -64,11 +64,10 @@ class MPLMM(nn.Module):
         if init not in ("default", "reference"):
             raise ValueError(f"init must be 'default' or 'reference', got {init!r}.")
         if not isinstance(backbone, MulTBackbone):
-            inner = parallel_inner(backbone) or compiled_inner(backbone)
             hint = (
                 f" (a {type(backbone).__name__} around one: pass the module it holds, and wrap "
                 "the MPLMM instead)"
-                if isinstance(inner, MulTBackbone)
+                if isinstance(held_module(backbone), MulTBackbone)
                 else ""
             )
             raise TypeError(

@@ -30,6 +30,7 @@ __all__ = [
     "compiled_inner",
     "encoder_features",
     "find_modality_batch",
+    "held_module",
     "masked_mean",
     "modalities_not_in_batch",
     "parallel_inner",
@@ -243,6 +244,21 @@ def parallel_inner(model: nn.Module) -> nn.Module | None:
     if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         return model.module
     return None
+
+
+def held_module(model: nn.Module, *, compiled: bool = True) -> nn.Module:
+    """The module inside ``torch.compile`` and DDP / ``DataParallel`` wrappers, nested either way.
+
+    ``model`` itself when it is no wrapper. ``compiled=False`` stops at a compiled wrapper
+    (for code that hooks it before its first call, which dynamo then traces).
+    """
+    while True:
+        inner = parallel_inner(model)
+        if inner is None and compiled:
+            inner = compiled_inner(model)
+        if inner is None:
+            return model
+        model = inner
 
 
 def modalities_not_in_batch(names: Iterable[str], batch: ModalityBatch, what: str) -> str | None:

@@ -104,7 +104,8 @@ class Wander(nn.Module):
                 "Wander: this model is already wrapped by Wander; wrap its base model "
                 "(`wander.base_model`, or `wander.unwrap()` to remove the first adapter) instead."
             )
-        model = compiled_inner(model) or model  # hooks on a compiled wrapper may never run
+        inner = compiled_inner(model)  # hooks on a compiled wrapper may never run
+        model = model if inner is None else inner
         if parallel_inner(model) is not None:
             raise TypeError(
                 f"Wander: this model is wrapped in {type(model).__name__}. Wrap the model it "

@@ -585,8 +585,15 @@ def _check_fusion_point_free(consumer: nn.Module, path: str) -> None:
     of the model, meant to run on every call: another adapter may stack on it.
     """
     hooks = [*consumer._forward_hooks.values(), *consumer._forward_pre_hooks.values()]
-    owners = [getattr(h, "__self__", None) for h in hooks]
-    if any(isinstance(w, Wander) and w.adapter_name is None for w in owners):
+    # the hooks by which a wrapper acts there (not the pre-hook it puts on its base model)
+    acting = (Wander._fuse_output, Wander._add_residuals)
+    fusing = [
+        owner
+        for h in hooks
+        if isinstance(owner := getattr(h, "__self__", None), Wander)
+        and getattr(h, "__func__", None) in acting
+    ]
+    if any(w.adapter_name is None for w in fusing):
         raise ValueError(
             f"Wander: fusion_module '{path}' already carries the hooks of another Wander "
             "wrapper, so calling either wrapper would run both adapters. To switch adapters, "

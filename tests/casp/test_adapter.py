@@ -602,3 +602,26 @@ def test_a_single_logit_binary_model_is_adapted_as_its_sigmoid_says():
     assert single.report.pseudo_label_losses == pytest.approx(explicit.report.pseudo_label_losses)
     z = single.model.eval()(target).squeeze(-1)
     torch.testing.assert_close(probabilities[:, 1], torch.sigmoid(z))
+
+
+def _adapt_bert_model(folder, pad_id):
+    from tests.wander.conftest import bert_text_model
+
+    torch.manual_seed(0)
+    net, batch = bert_text_model(folder)
+    ids = batch["text"].masked_fill(batch.padding_mask("text"), pad_id)
+    target = ModalityBatch.concat([batch.replace(inputs={**batch.inputs, "text": ids})] * 4)
+    casp = CASP(net, **FAST)
+    report = casp.adapt(target)
+    return casp, report, casp.predict(target)
+
+
+def test_a_transformers_text_encoder_with_padded_token_ids(tmp_path):
+    """Its LayerNorms are among the adapted parameters, and what the padded positions hold
+    changes nothing (the same kept samples and predictions)."""
+    casp, report, predictions = _adapt_bert_model(tmp_path, pad_id=0)
+    bert_norms = {id(p) for p in norm_parameters(casp.model.encoders["text"])}
+    assert bert_norms and bert_norms <= {id(p) for p in casp.params}
+    _, other, other_predictions = _adapt_bert_model(tmp_path, pad_id=17)
+    assert torch.equal(report.kept_indices, other.kept_indices)
+    torch.testing.assert_close(other_predictions, predictions)

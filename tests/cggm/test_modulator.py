@@ -1262,3 +1262,35 @@ def test_remove_takes_the_hooks_off_and_step_says_so():
     F.cross_entropy(model(batch), batch.target).backward()
     with pytest.raises(RuntimeError, match=r"remove\(\) took this modulator's hooks off"):
         cggm.step(batch.target)
+
+
+def _bert_history(folder, pad_id):
+    """B over three modulated steps of a late-fusion model whose text encoder is a tiny random
+    ``BertModel`` (saved and loaded from ``folder``), its padded token ids set to ``pad_id``;
+    and the text classifier's weights after."""
+    from tests.wander.conftest import bert_text_model
+
+    torch.manual_seed(0)
+    model, batch = bert_text_model(folder)
+    ids = batch["text"].masked_fill(batch.padding_mask("text"), pad_id)
+    batch = batch.replace(inputs={**batch.inputs, "text": ids})
+    cggm = CGGM(
+        model.train(), task="regression", num_outputs=1, lam=0.1, regression_score="neg_mae"
+    )
+    history = []
+    for _ in range(3):
+        model.zero_grad()
+        (F.l1_loss(model(batch).squeeze(-1), batch.target) + cggm.direction_loss()).backward()
+        history.append(cggm.step(batch.target))
+    return history, cggm.classifier("text").state_dict()
+
+
+def test_a_transformers_text_encoder_with_padded_token_ids(tmp_path):
+    """A ``BertModel`` encoder returns a ``ModelOutput``: its classifier sees the
+    ``last_hidden_state`` pooled over the real tokens, so what the padded positions hold changes
+    nothing (the same B and classifier weights)."""
+    history, weights = _bert_history(tmp_path, pad_id=0)
+    other, other_weights = _bert_history(tmp_path, pad_id=17)
+    assert history == other and len(set(history[-1].values())) == 2  # the two modalities differ
+    for k, v in weights.items():
+        torch.testing.assert_close(other_weights[k], v)

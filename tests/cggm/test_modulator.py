@@ -401,19 +401,21 @@ def test_segmentation():
     assert cggm.classifier("t1")(torch.randn(2, 4, 8, 8)).shape == (2, 3, 8, 8)
 
 
-def _segmentation_history(target_of):
-    """B over two modulated steps of a seeded SegModel, the target given as ``target_of(labels)``;
-    and the classifiers' weights after."""
-    batch = _segmentation_batch()
-    torch.manual_seed(0)
-    model = SegModel()
-    cggm = CGGM(model, task="segmentation", num_outputs=3, lam=0.1)
+def _history_with_targets(model, task, batch, target_of):
+    """B over two modulated steps, ``cggm.step`` given ``target_of(batch.target)``; and the
+    classifiers' weights after."""
+    cggm = CGGM(model, task=task, num_outputs=3, lam=0.1)
     history = []
     for _ in range(2):
         model.zero_grad()
         (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
         history.append(cggm.step(target_of(batch.target)))
     return history, copy.deepcopy(cggm.classifiers.state_dict())
+
+
+def _segmentation_history(target_of):
+    torch.manual_seed(0)
+    return _history_with_targets(SegModel(), "segmentation", _segmentation_batch(), target_of)
 
 
 def test_segmentation_targets_as_monai_pipelines_give_them():
@@ -449,14 +451,7 @@ def test_class_targets_as_floats_with_a_channel_axis_or_one_hot():
 
     def history(target_of):
         batch = vector_batch(3)
-        model = make_model(batch)
-        cggm = CGGM(model, task="classification", num_outputs=3, lam=0.1)
-        out = []
-        for _ in range(2):
-            model.zero_grad()
-            (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
-            out.append(cggm.step(target_of(batch.target)))
-        return out
+        return _history_with_targets(make_model(batch), "classification", batch, target_of)[0]
 
     expected = history(lambda y: y)
     for form in (

@@ -595,6 +595,9 @@ def test_bad_configuration_raises():
         CGGM(model, encoder_modules={"a": "encoders.m9", "b": "encoders.m1"}, num_outputs=3)
     with pytest.raises(ValueError, match=">= 2 modalities"):
         CGGM(model, encoder_modules={"a": "encoders.m0"}, num_outputs=3)
+    with pytest.raises(ValueError, match=r"CGGM: the modality names \['a.b'\] key submodules"):
+        # the classifiers are keyed by modality: it failed on the first step with a KeyError
+        CGGM(model, encoder_modules={"a.b": "encoders.m0", "c": "encoders.m1"}, num_outputs=3)
     with pytest.raises(ValueError, match="'a' and 'b' name the same module"):
         CGGM(model, encoder_modules={"a": "encoders.m0", "b": "encoders.m0"}, num_outputs=3)
     with pytest.raises(ValueError, match=r"\['a', 'b'\] hold parameters in common"):

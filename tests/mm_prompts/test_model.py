@@ -224,6 +224,8 @@ def test_bad_input_raises():
         MPLMM(model.backbone, model.seq_lens, init="zeros")
     with pytest.raises(ValueError, match="seq_lens must name"):
         MPLMM(model.backbone, {"text": 3})
+    with pytest.raises(ValueError, match=r"MulTConfig: the modality names \['a.b'\]"):
+        MulTConfig({"a.b": 2, "c": 3}, d=4, num_heads=2)
     with pytest.raises(ValueError, match="divisible"):
         MulTConfig({"a": 2, "b": 3}, d=7, num_heads=2)
     for options, message in (

@@ -6,6 +6,7 @@ from mmcore import (
     ModalityBatch,
     ModulePathError,
     MultimodalModel,
+    check_module_names,
     check_multimodal_model,
     contract_encoder_paths,
     encoder_features,
@@ -127,3 +128,11 @@ def test_held_module_looks_through_compile_and_data_parallel_wrappers_nested_eit
     assert held_module(nn.DataParallel(compiled)) is inner
     assert held_module(torch.compile(nn.DataParallel(inner))) is inner
     assert held_module(nn.DataParallel(compiled), compiled=False) is compiled
+
+
+def test_modality_names_that_cannot_name_a_submodule():
+    check_module_names(["text", "audio-mfcc"], "Caller")
+    with pytest.raises(
+        ValueError, match=r"Caller: the modality names \['audio.mfcc'\].*'audio_mfcc'"
+    ):
+        check_module_names(["text", "audio.mfcc"], "Caller")

@@ -249,3 +249,19 @@ def test_a_data_parallel_wrapped_model_is_refused_with_the_order_to_wrap_in():
     would freeze, not the adapter's; so Wander goes inside, DDP outside (DataParallel alike)."""
     with pytest.raises(TypeError, match=r"wrapped in DataParallel.*`model.module`.*then the"):
         Wander(nn.DataParallel(TwoTowers()), RANKS, example_input=example())
+
+
+def test_a_modality_name_with_a_dot_is_a_clear_error_that_leaves_the_model_as_it_was():
+    """Its name keys the adapter's submodules; torch raised a bare KeyError for it."""
+    model = TwoTowers()
+    with pytest.raises(ValueError, match=r"Wander: the modality names \['audio.mfcc'\]"):
+        Wander(
+            model,
+            RANKS,
+            example_input=example(),
+            target_modules={"text": "text_net", "audio.mfcc": "audio_net"},
+            fusion_module="mixer",
+            num_fused_tokens=1,
+        )
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -26,6 +26,7 @@ from mmcore import (
     ModulePathError,
     accepts_padding_mask,
     check_distinct_modules,
+    check_module_names,
     compiled_inner,
     contract_encoder_paths,
     encoder_features,
@@ -301,6 +302,7 @@ class CGGM:
         )
         if len(paths) < 2:
             raise ValueError(f"CGGM balances >= 2 modalities, got {list(paths)}.")
+        check_module_names(paths, "CGGM")
         self.modalities = tuple(paths)
         self.encoders = {m: self._resolve(model, p, "encoder_modules") for m, p in paths.items()}
         check_distinct_modules(self.encoders, "CGGM encoder_modules")

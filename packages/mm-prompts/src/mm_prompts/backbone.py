@@ -41,6 +41,7 @@ from mm_prompts.io import read_pretrained, saved_dtype, write_pretrained
 from mmcore import (
     ModalityBatch,
     PointwiseConv1d,
+    check_module_names,
     dropout_fast,
     is_compiling,
     require_modality_batch,
@@ -75,6 +76,7 @@ class MulTConfig:
     def __post_init__(self) -> None:
         if len(self.input_dims) < 2:
             raise ValueError(f"MulT needs >= 2 modalities, got {list(self.input_dims)}.")
+        check_module_names(self.input_dims, "MulTConfig")
         bad = {m: v for m, v in self.input_dims.items() if not _positive_int(v)}
         if bad:
             raise ValueError(f"input_dims must be positive integers, got {bad}.")

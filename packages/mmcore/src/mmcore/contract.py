@@ -26,6 +26,7 @@ __all__ = [
     "MultimodalModel",
     "accepts_padding_mask",
     "check_distinct_modules",
+    "check_module_names",
     "check_multimodal_model",
     "compiled_inner",
     "encoder_features",
@@ -244,6 +245,21 @@ def parallel_inner(model: nn.Module) -> nn.Module | None:
     if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         return model.module
     return None
+
+
+def check_module_names(names: Iterable[str], caller: str) -> None:
+    """Modality names that key submodules (``nn.ModuleDict``) must be valid module names.
+
+    torch refuses a module name with a ``.`` (or an empty one) with a bare ``KeyError``; this says
+    which modality and what to do.
+    """
+    bad = [n for n in names if not n or "." in n]
+    if bad:
+        raise ValueError(
+            f"{caller}: the modality names {bad} key submodules, and a torch module name may "
+            "not contain '.' (or be empty); rename them, in the batch too (e.g. "
+            f"{bad[0].replace('.', '_') or 'text'!r})."
+        )
 
 
 def held_module(model: nn.Module, *, compiled: bool = True) -> nn.Module:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmcore import check_module_names
 from wander.config import WanderConfig
 from wander.functional import fusion_product_stacked, pad_tokens
 
@@ -64,6 +65,7 @@ class WanderFusion(nn.Module):
             )
         if len(hidden_dims) < 2:
             raise ValueError(f"Wander fuses >= 2 modalities, got {list(hidden_dims)}.")
+        check_module_names(hidden_dims, "Wander")
         self.config = config
         self.modalities = tuple(hidden_dims)
         self.hidden_dims = dict(hidden_dims)

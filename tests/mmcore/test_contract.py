@@ -136,3 +136,5 @@ def test_modality_names_that_cannot_name_a_submodule():
         ValueError, match=r"Caller: the modality names \['audio.mfcc'\].*'audio_mfcc'"
     ):
         check_module_names(["text", "audio.mfcc"], "Caller")
+    with pytest.raises(ValueError, match=r"\['type'\] key submodules, and torch's ModuleDict"):
+        check_module_names(["text", "type"], "Caller")

@@ -250,15 +250,23 @@ def parallel_inner(model: nn.Module) -> nn.Module | None:
 def check_module_names(names: Iterable[str], caller: str) -> None:
     """Modality names that key submodules (``nn.ModuleDict``) must be valid module names.
 
-    torch refuses a module name with a ``.`` (or an empty one) with a bare ``KeyError``; this says
+    torch refuses a module name with a ``.`` (or an empty one), or one that is an attribute of
+    ``nn.ModuleDict`` (``"type"``, ``"to"``, ``"keys"``), with a bare ``KeyError``; this says
     which modality and what to do.
     """
+    names = list(names)
     bad = [n for n in names if not n or "." in n]
     if bad:
         raise ValueError(
             f"{caller}: the modality names {bad} key submodules, and a torch module name may "
             "not contain '.' (or be empty); rename them, in the batch too (e.g. "
             f"{bad[0].replace('.', '_') or 'text'!r})."
+        )
+    taken = [n for n in names if hasattr(nn.ModuleDict(), n)]
+    if taken:
+        raise ValueError(
+            f"{caller}: the modality names {taken} key submodules, and torch's ModuleDict has "
+            f"attributes of those names; rename them, in the batch too (e.g. '{taken[0]}_')."
         )
 
 

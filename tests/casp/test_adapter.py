@@ -625,3 +625,16 @@ def test_a_transformers_text_encoder_with_padded_token_ids(tmp_path):
     _, other, other_predictions = _adapt_bert_model(tmp_path, pad_id=17)
     assert torch.equal(report.kept_indices, other.kept_indices)
     torch.testing.assert_close(other_predictions, predictions)
+
+
+def test_a_second_adapt_continues_and_reset_starts_again_from_the_source():
+    target = data(seed=3)
+    casp = CASP(model(), **FAST)
+    runs = []
+    for before in (lambda: None, lambda: None, casp.reset):
+        before()
+        torch.manual_seed(1)  # the same dropout draws
+        casp.adapt(target)
+        runs.append(casp.predict(target))
+    assert not torch.equal(runs[1], runs[0])  # continued from the first run's weights
+    torch.testing.assert_close(runs[2], runs[0], rtol=0, atol=0)

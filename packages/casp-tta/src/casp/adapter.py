@@ -334,6 +334,9 @@ class CASP:
         regression) are used only with ``select_by="target_validation"``, the released code's
         label-leaking epoch selection.
         ``progress``: a progress bar over the epochs of both stages, with the last loss.
+
+        A second call continues from the weights the first left (as online calls do); call
+        :meth:`reset` first to adapt from the source model again.
         """
         cfg = self.config
         data = _in_memory(data, "CASP.adapt")

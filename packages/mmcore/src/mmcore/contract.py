@@ -262,7 +262,8 @@ def check_module_names(names: Iterable[str], caller: str) -> None:
             "not contain '.' (or be empty); rename them, in the batch too (e.g. "
             f"{bad[0].replace('.', '_') or 'text'!r})."
         )
-    taken = [n for n in names if hasattr(nn.ModuleDict(), n)]
+    empty = nn.ModuleDict()
+    taken = [n for n in names if hasattr(empty, n)]
     if taken:
         raise ValueError(
             f"{caller}: the modality names {taken} key submodules, and torch's ModuleDict has "

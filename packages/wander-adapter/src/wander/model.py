@@ -555,14 +555,15 @@ class Wander(nn.Module):
         except SafetensorError as err:
             raise ValueError(f"Wander.from_pretrained: cannot read {weights_path}: {err}") from None
         expected = self.adapter_state_dict()
-        for key in sorted(set(expected) & set(state)):
+        shared = sorted(set(expected) & set(state))
+        for key in shared:
             if expected[key].shape != state[key].shape:
                 raise ValueError(
                     f"Wander.from_pretrained: '{key}' has shape {tuple(state[key].shape)} in "
                     f"{weights_path} but {tuple(expected[key].shape)} in the model."
                 )
         with torch.no_grad():
-            for key in sorted(set(expected) & set(state)):
+            for key in shared:
                 expected[key].copy_(state[key])
         return sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
 

@@ -12,21 +12,29 @@ filename is everything before the first comma, the class name everything after t
 the title what lies between (surrounding quotes stripped).
 
 Features come from ``transformers`` models loaded from local paths (no download): an image
-encoder (e.g. ``ViTModel``) over pixel values and a text encoder (e.g. ``BertModel``) with its
-tokenizer; every token of both is kept, so adapters see the sequences.
+encoder (e.g. ``ViTModel``) over pixel values, prepared by the image processor saved beside it
+when there is one, and a text encoder (e.g. ``BertModel``) with its tokenizer; every token of
+both is kept, so adapters see the sequences. Kept tokens take memory: ViT-B/16's 197 × 768 floats
+are 0.6 MB an image, about 40 GB for the release's 68k training images, so take a few per class
+with ``load_food101(..., max_per_class=k)`` on a machine of ordinary size.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from benchmarks.data.pickles import DataFormatError
 from mmcore import ModalityBatch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "Food101Split",
@@ -82,13 +90,28 @@ def read_titles_csv(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     return rows
 
 
-def load_food101(root: str | os.PathLike, split: str = "train") -> Food101Split:
+def load_food101(
+    root: str | os.PathLike,
+    split: str = "train",
+    *,
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> Food101Split:
     """Read split ``"train"`` or ``"test"`` of a UPMC-Food101 folder (see the module docstring).
+
+    Args:
+        root: the folder holding ``images/`` and ``texts/``.
+        split: ``"train"`` or ``"test"``.
+        max_per_class: keep at most this many images of each class, drawn at random (the same
+            draw for the same files and seed), in file order. ``None``: all of them.
+        seed: the seed of that draw.
 
     Raises:
         FileNotFoundError: a folder or file of the layout is missing.
         DataFormatError: a row names an unknown class or an image that is not there.
     """
+    if max_per_class is not None and max_per_class < 1:
+        raise ValueError(f"max_per_class must be a positive count or None, got {max_per_class}.")
     if split not in ("train", "test"):
         raise ValueError(
             f"UPMC-Food101 has splits 'train' and 'test' (no official valid), got {split!r}."
@@ -123,19 +146,54 @@ def load_food101(root: str | os.PathLike, split: str = "train") -> Food101Split:
             f"UPMC-Food101 {split}: {len(missing)} images named in the titles file are missing, "
             f"e.g. {missing[0]}."
         )
+    if max_per_class is not None:
+        keep = _draw_per_class(labels, max_per_class, seed)
+        paths, titles = [paths[i] for i in keep], [titles[i] for i in keep]
+        labels = [labels[i] for i in keep]
     return Food101Split(paths, titles, labels, classes)
 
 
-def _pixels(paths: list[Path], size: int) -> torch.Tensor:
+def _draw_per_class(labels: list[int], k: int, seed: int) -> list[int]:
+    """Indices of at most ``k`` samples per label, drawn at random, in ascending order."""
+    rng = np.random.default_rng(seed)
+    by_label = np.asarray(labels)
+    keep = [rng.permutation(np.flatnonzero(by_label == label))[:k] for label in np.unique(by_label)]
+    return sorted(int(i) for i in np.concatenate(keep)) if keep else []
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` as RGB (greyscale, palette and RGBA images alike)."""
     from PIL import Image
 
-    arrays = []
-    for p in paths:
-        with Image.open(p) as img:
-            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [N, 3, H, W]
-    return (x - 0.5) / 0.5  # ViT's default normalisation
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # convert() reads the whole file, so it fails here
+    except OSError as err:  # PIL's unreadable and truncated images are OSErrors
+        raise DataFormatError(f"UPMC-Food101: cannot read the image {path}: {err}") from err
+
+
+def _pixels(paths: list[Path], processor: Any, size: int) -> torch.Tensor:
+    """``[N, 3, H, W]`` pixel values: by the encoder's saved image processor, else ViT's."""
+    from PIL import Image
+
+    images = [_open_rgb(p) for p in paths]
+    if processor is not None:
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+    arrays = [
+        np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        for img in images
+    ]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (x - 0.5) / 0.5  # the default of ViTImageProcessor (mean = std = 0.5)
+
+
+def _image_processor(folder: str | os.PathLike) -> Any:
+    """The image processor saved in ``folder`` (``preprocessor_config.json``), or ``None``."""
+    if not (Path(folder) / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
 
 
 @torch.no_grad()
@@ -147,14 +205,34 @@ def extract_food101_features(
     max_text_len: int = 50,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    progress: bool | Callable[[int, int], None] = True,
 ) -> ModalityBatch:
     """Frozen-encoder token features: ``image`` ``[N, 1 + patches, D]``, ``text`` ``[N, L, D]``.
 
     Both encoders load from local folders written by ``save_pretrained`` (the text folder also
-    holds the tokenizer). Text padding becomes the batch's padding mask.
+    holds the tokenizer). Images go through the image processor saved in the image folder
+    (``AutoImageProcessor``) when there is one, else ViT's default resize and normalisation.
+    Text padding becomes the batch's padding mask.
+
+    Args:
+        data: a split from :func:`load_food101`.
+        image_encoder: folder of the image model (and, optionally, its image processor).
+        text_encoder: folder of the text model and its tokenizer.
+        max_text_len: titles are padded or truncated to this many tokens.
+        batch_size: images and titles per encoder call.
+        device: where the encoders run; the features come back on the CPU.
+        progress: ``True``: a progress bar over the images (on a terminal); or a callable
+            given ``(images done, total)`` after each batch; ``False``: nothing.
+
+    Raises:
+        FileNotFoundError: an encoder folder has no ``config.json``.
+        DataFormatError: an image cannot be read (the error names it).
     """
+    from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
 
+    if len(data) == 0:
+        raise ValueError("UPMC-Food101: the split holds no image to extract features from.")
     for role, folder in (("image", image_encoder), ("text", text_encoder)):
         # a missing folder would be read as a Hub model id, and fetched over the network
         if not (Path(folder) / "config.json").is_file():
@@ -166,11 +244,18 @@ def extract_food101_features(
     image_model = image_model.to(device).eval()
     text_model = AutoModel.from_pretrained(text_encoder, local_files_only=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(text_encoder, local_files_only=True)
+    processor = _image_processor(image_encoder)
     size = int(image_model.config.image_size)
+    bar = tqdm(
+        total=len(data),
+        desc="Food101 features",
+        unit="image",
+        disable=None if progress is True else True,
+    )
     images, texts, pads = [], [], []
     for start in range(0, len(data), batch_size):
         chunk = slice(start, start + batch_size)
-        pixels = _pixels(data.image_paths[chunk], size).to(device)
+        pixels = _pixels(data.image_paths[chunk], processor, size).to(device)
         images.append(image_model(pixel_values=pixels).last_hidden_state.cpu())
         tokens = tokenizer(
             data.titles[chunk],
@@ -181,6 +266,11 @@ def extract_food101_features(
         ).to(device)
         texts.append(text_model(**tokens).last_hidden_state.cpu())
         pads.append(tokens["attention_mask"].cpu() == 0)
+        done = min(start + batch_size, len(data))
+        bar.update(done - start)
+        if callable(progress):
+            progress(done, len(data))
+    bar.close()
     return ModalityBatch(
         {"image": torch.cat(images), "text": torch.cat(texts)},
         torch.tensor(data.labels),

@@ -589,7 +589,9 @@ def food101_features(ctx: RunContext) -> dict[str, ModalityBatch]:
     """Token features of the train and test splits.
 
     ``--data-root/UPMC-Food101`` with ``--data-root/encoders/{vit,bert}`` when present; otherwise
-    a generated copy with tiny random encoders (this proves the path only).
+    a generated copy with tiny random encoders (this proves the path only). Real data keeps
+    the profile's number of images per class (``n_per_class``), drawn with the run's seed: every
+    token of every image is kept, and the whole release's would not fit in memory.
     """
     from transformers.utils import logging as hf_logging
 
@@ -604,9 +606,11 @@ def food101_features(ctx: RunContext) -> dict[str, ModalityBatch]:
     hf_logging.disable_progress_bar()
     s = FOOD_SETTINGS
     real = real_data(ctx, FOOD101_DIR)
+    per_class: tuple[int | None, int | None] = (None, None)
     if real is not None:
         root, encoders = real, real.parent / "encoders"
         image_enc, text_enc = encoders / "vit", encoders / "bert"
+        per_class = s["n_per_class"][ctx.profile]
     else:
         root = write_food101(
             ctx.work_dir / f"food101_seed{ctx.seed}",
@@ -616,12 +620,17 @@ def food101_features(ctx: RunContext) -> dict[str, ModalityBatch]:
         )
         words = tuple(c.replace("_", " ") for c in s["classes"])
         image_enc, text_enc = write_tiny_encoders(ctx.work_dir / "encoders", words, seed=ctx.seed)
-    return {
-        split: extract_food101_features(
-            load_food101(root, split), image_enc, text_enc, max_text_len=s["max_text_len"]
+    features = {}
+    for split, k in zip(("train", "test"), per_class, strict=True):
+
+        def show(done: int, total: int, split: str = split) -> None:
+            ctx.progress(f"{split} features {done}/{total}")
+
+        data = load_food101(root, split, max_per_class=k, seed=ctx.seed)
+        features[split] = extract_food101_features(
+            data, image_enc, text_enc, max_text_len=s["max_text_len"], progress=show
         )
-        for split in ("train", "test")
-    }
+    return features
 
 
 def run_food(ctx: RunContext) -> list[dict]:

@@ -84,3 +84,74 @@ def test_feature_extraction_never_reads_a_missing_folder_as_a_hub_id(tmp_path):
         extract_food101_features(split, tmp_path / "nowhere", bert)
     with pytest.raises(FileNotFoundError, match=r"text encoder: no config\.json in .*nowhere"):
         extract_food101_features(split, vit, tmp_path / "nowhere")
+
+
+def test_loader_keeps_at_most_k_images_per_class_by_a_seeded_draw(tmp_path):
+    root = write_food101(tmp_path, CLASSES, n_per_class=(6, 1))
+    full = load_food101(root, "train")
+    some = load_food101(root, "train", max_per_class=2, seed=3)
+    assert [some.labels.count(c) for c in range(3)] == [2, 2, 2]
+    assert some.classes == full.classes
+    rows = {p: (t, y) for p, t, y in zip(full.image_paths, full.titles, full.labels, strict=True)}
+    assert all(
+        rows[p] == (t, y)
+        for p, t, y in zip(some.image_paths, some.titles, some.labels, strict=True)
+    )
+    order = [full.image_paths.index(p) for p in some.image_paths]
+    assert order == sorted(order)
+    again = load_food101(root, "train", max_per_class=2, seed=3)
+    assert again.image_paths == some.image_paths
+    draws = {
+        tuple(load_food101(root, "train", max_per_class=2, seed=s).image_paths) for s in range(5)
+    }
+    assert len(draws) > 1
+    assert len(load_food101(root, "train", max_per_class=50)) == len(full)
+    with pytest.raises(ValueError, match="max_per_class must be a positive"):
+        load_food101(root, "train", max_per_class=0)
+
+
+def test_feature_extraction_uses_the_saved_image_processor(tmp_path):
+    from PIL import Image
+    from transformers import ViTImageProcessor, ViTModel
+
+    root = write_food101(tmp_path / "food", CLASSES, n_per_class=(1, 1))
+    vit, bert = write_tiny_encoders(tmp_path / "enc", hidden=8)
+    split = load_food101(root, "test")
+    default = extract_food101_features(split, vit, bert, max_text_len=6)
+    processor = ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]
+    )
+    processor.save_pretrained(vit)
+    seen = []
+    batch = extract_food101_features(
+        split, vit, bert, max_text_len=6, progress=lambda done, total: seen.append((done, total))
+    )
+    assert seen == [(3, 3)]
+    with torch.no_grad():
+        pixels = processor(
+            images=[Image.open(p).convert("RGB") for p in split.image_paths], return_tensors="pt"
+        )["pixel_values"]
+        expected = ViTModel.from_pretrained(vit).eval()(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(batch["image"], expected)
+    assert not torch.allclose(batch["image"], default["image"])
+    torch.testing.assert_close(batch["text"], default["text"])
+
+
+def test_feature_extraction_reads_greyscale_images_and_names_an_unreadable_one(tmp_path):
+    from PIL import Image
+
+    root = write_food101(tmp_path / "food", CLASSES, n_per_class=(1, 1))
+    vit, bert = write_tiny_encoders(tmp_path / "enc", hidden=8)
+    split = load_food101(root, "test")
+    first = split.image_paths[0]
+    Image.open(first).convert("L").save(first, format="JPEG")  # greyscale, as some release images
+    assert extract_food101_features(split, vit, bert, max_text_len=6)["image"].isfinite().all()
+    split.image_paths[1].write_bytes(b"<html>404 not found</html>")  # a failed download
+    with pytest.raises(
+        DataFormatError, match=rf"cannot read the image .*{split.image_paths[1].name}"
+    ):
+        extract_food101_features(split, vit, bert, max_text_len=6)
+    empty = load_food101(root, "test", max_per_class=1)
+    empty.image_paths, empty.titles, empty.labels = [], [], []
+    with pytest.raises(ValueError, match="holds no image"):
+        extract_food101_features(empty, vit, bert)

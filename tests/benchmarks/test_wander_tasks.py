@@ -139,3 +139,20 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
         assert r["metrics"]["ms_per_step"] > 0
         if r["method"] == "head-only":
             assert r["metrics"]["step_time_vs_head_only"] == 1.0
+
+
+def test_food101_task_takes_the_profiles_images_per_class_from_real_data(tmp_path, monkeypatch):
+    from benchmarks.data.food101 import write_food101, write_tiny_encoders
+    from benchmarks.registry import RunContext
+
+    classes = ("apple_pie", "donuts", "ramen")
+    write_food101(tmp_path / "data" / "UPMC-Food101", classes, n_per_class=(5, 3))
+    write_tiny_encoders(tmp_path / "data" / "encoders", ("apple pie", "donuts", "ramen"), hidden=8)
+    monkeypatch.setitem(wt.FOOD_SETTINGS, "n_per_class", {"quick": (2, 1)})
+    status = []
+    ctx = RunContext(0, "quick", tmp_path / "data", tmp_path / "work", progress=status.append)
+    feats = wt.food101_features(ctx)
+    assert feats["train"].require_target().bincount().tolist() == [2, 2, 2]
+    assert feats["test"].require_target().bincount().tolist() == [1, 1, 1]
+    assert status == ["train features 6/6", "test features 3/3"]
+    assert not (tmp_path / "work").exists()  # nothing generated: the real copy was read

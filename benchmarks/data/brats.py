@@ -13,6 +13,7 @@ does a BraTS 2021 ``seg`` holding a 3.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,18 +105,23 @@ def _load_case(case: Path) -> dict[str, np.ndarray]:
 
 
 def load_brats_slices(
-    cases: list[Path], *, slices_per_case: int = 4, min_tumour_voxels: int = 1
+    cases: list[Path],
+    *,
+    slices_per_case: int = 4,
+    min_tumour_voxels: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ModalityBatch:
     """Axial 2-D slices with tumour from each case, as a batch.
 
     Returns modalities ``flair``, ``t1``, ``t1ce``, ``t2`` of shape ``[N, 1, H, W]`` (z-scored on
     the brain, MONAI ``NormalizeIntensityd(nonzero=True)``) and ``target`` ``[N, H, W]`` int64 in
     {0, 1, 2, 3} (ET remapped 4 → 3). The slices with the most tumour are taken, so the
-    selection is deterministic.
+    selection is deterministic. ``progress``, when given, is called with ``(cases read, total)``
+    after each case (a real case takes a second or two to decompress).
     """
     images: dict[str, list[torch.Tensor]] = {m: [] for m in BRATS_MODALITIES}
     labels, ids = [], []
-    for case in cases:
+    for done, case in enumerate(cases, start=1):
         data = _load_case(case)
         seg = data["seg"]
         tumour = (seg > 0).reshape(-1, seg.shape[-1]).sum(axis=0)  # voxels per axial slice
@@ -129,6 +135,8 @@ def load_brats_slices(
                 torch.from_numpy(np.where(seg[..., z] == 4, 3, seg[..., z]).astype(np.int64))
             )
             ids.append(f"{case.name}:z{z}")
+        if progress is not None:
+            progress(done, len(cases))
     if not labels:
         raise DataFormatError("no slice with tumour in the given BraTS cases.")
     return ModalityBatch(

@@ -32,7 +32,7 @@ from benchmarks.backbones import LateFusionModel
 from benchmarks.baselines.cggm_lean import LeanCGGM
 from benchmarks.baselines.ogm import OGMGE
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
-from benchmarks.data.pickles import load_mult_pickle
+from benchmarks.data.pickles import DataFormatError, load_mult_pickle
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import BRATS_DIR, real_data, real_mult_pickle, uci_splits
@@ -686,17 +686,28 @@ BRATS_SETTINGS: dict[str, Any] = {
 
 
 def brats_splits(ctx: RunContext) -> tuple[ModalityBatch, ModalityBatch, str]:
-    """Slices of ``--data-root/BraTS2021`` when present, else of generated cases."""
+    """Slices of ``--data-root/BraTS2021`` when present, else of generated cases.
+
+    Either way the profile's numbers of train and test cases are read (``cases``): on real data
+    the first ``n_test`` case folders in name order are the test set and the next ``n_train``
+    the training set, the same for every seed (the release's 1,251 cases would take an hour to
+    read, and their slices hours to train on, on a CPU).
+    """
     from benchmarks.data.brats import find_brats_cases, load_brats_slices, write_brats_case
 
     s = BRATS_SETTINGS
+    n_train, n_test = s["cases"][ctx.profile]
     real = real_data(ctx, BRATS_DIR)
     if real is not None:
         cases = find_brats_cases(real)
-        cut = max(1, len(cases) // 5)
-        train_cases, test_cases, name = cases[cut:], cases[:cut], "BraTS 2021"
+        if len(cases) < 2:
+            raise DataFormatError(
+                f"{real}: {len(cases)} BraTS case folder(s); a train and a test case are needed."
+            )
+        n_test = min(n_test, max(1, len(cases) // 5))
+        test_cases, train_cases = cases[:n_test], cases[n_test : n_test + n_train]
+        name = "BraTS 2021"
     else:
-        n_train, n_test = s["cases"][ctx.profile]
         root = ctx.work_dir / f"brats_seed{ctx.seed}"
         for i in range(n_train + n_test):
             if not (root / f"BraTS2021_{i:05d}").is_dir():
@@ -704,12 +715,14 @@ def brats_splits(ctx: RunContext) -> tuple[ModalityBatch, ModalityBatch, str]:
         cases = find_brats_cases(root)
         train_cases, test_cases = cases[:n_train], cases[n_train:]
         name = "BraTS 2021 layout (generated)"
-    load = load_brats_slices
-    return (
-        load(train_cases, slices_per_case=s["slices_per_case"]),
-        load(test_cases, slices_per_case=s["slices_per_case"]),
-        name,
-    )
+
+    def load(split: str, cases: list[Path]) -> ModalityBatch:
+        def show(done: int, total: int) -> None:
+            ctx.progress(f"reading {split} cases {done}/{total}")
+
+        return load_brats_slices(cases, slices_per_case=s["slices_per_case"], progress=show)
+
+    return load("train", train_cases), load("test", test_cases), name
 
 
 def run_brats(ctx: RunContext) -> list[dict]:

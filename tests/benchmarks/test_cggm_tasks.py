@@ -174,3 +174,30 @@ def test_a_diverged_run_scores_nan_so_the_report_counts_only_the_others():
     metrics = cb.held_out_metrics(logits, target)
     assert set(metrics) == {"accuracy", "f1_weighted", "f1_macro"}
     assert all(v != v for v in metrics.values())  # NaN
+
+
+def test_real_brats_cases_are_capped_at_the_profiles_counts(tmp_path, tiny):
+    from benchmarks.data.brats import write_brats_case
+    from benchmarks.data.pickles import DataFormatError
+    from benchmarks.registry import RunContext
+
+    root = tmp_path / "data" / "BraTS2021"
+    for i in range(7):
+        write_brats_case(root, i, shape=(16, 16, 6), seed=i)
+    status = []
+    ctx = RunContext(0, "quick", tmp_path / "data", tmp_path / "work", progress=status.append)
+    train, test, name = cb.brats_splits(ctx)  # the profile asks for 3 train and 1 test case
+    assert name == "BraTS 2021"
+    assert {i.split(":")[0] for i in test.sample_ids} == {"BraTS2021_00000"}
+    assert {i.split(":")[0] for i in train.sample_ids} == {f"BraTS2021_0000{i}" for i in (1, 2, 3)}
+    assert status[-4:] == [
+        *(f"reading train cases {i}/3" for i in (1, 2, 3)),
+        "reading test cases 1/1",
+    ]
+    assert not (tmp_path / "work").exists()  # nothing generated
+    for case in sorted(root.iterdir())[1:]:
+        for f in case.iterdir():
+            f.unlink()
+        case.rmdir()
+    with pytest.raises(DataFormatError, match="1 BraTS case folder"):
+        cb.brats_splits(ctx)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -379,6 +380,9 @@ def test_collate_works_with_dataloader_and_rejects_bad_samples():
     loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate_modalities)
     batches = list(loader)
     assert [len(b) for b in batches] == [2, 2, 1]
+    # a scalar per sample (a Python number, a numpy scalar, a 0-d tensor) is one feature
+    scalars = [{"inputs": {"age": a}} for a in (31.0, np.float32(40.5), torch.tensor(52.0))]
+    assert collate_modalities(scalars)["age"].tolist() == [[31.0], [40.5], [52.0]]
     with pytest.raises(ValueError, match="only the time axis"):
         collate_modalities([{"inputs": {"a": torch.ones(2)}}, {"inputs": {"a": torch.ones(3)}}])
     with pytest.raises(TypeError, match="sample 0 is Tensor"):

@@ -519,7 +519,8 @@ def _concat_modality(name: str, batches: Sequence[ModalityBatch]) -> tuple[Tenso
 def _pad_stack(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]:
     """Stack per-sample tensors; sequences of unequal length are right-padded with zeros.
 
-    Per-sample layouts: ``[T, D]`` sequence, ``[T]`` integer tokens, ``[D]`` vector, ``[C, ...]``.
+    Per-sample layouts: ``[T, D]`` sequence, ``[T]`` integer tokens, ``[D]`` vector, ``[C, ...]``,
+    a scalar (stacked to ``[B, 1]``, a vector of one feature).
     """
     first = tensors[0]
     is_sequence = first.ndim == 2 or (first.ndim == 1 and not first.is_floating_point())
@@ -530,8 +531,12 @@ def _pad_stack(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor | None]
                 f"collate: modality '{name}' has per-sample shapes {_shape(first)} and "
                 f"{_shape(t)}; only the time axis of a sequence may differ between samples."
             )
+    if first.ndim == 0:  # a scalar per sample (e.g. age) is a vector of one feature
+        return torch.stack(tensors)[:, None], None
+    if not is_sequence:  # every shape was checked equal
+        return torch.stack(tensors), None
     lengths = torch.tensor([t.shape[0] for t in tensors])
-    if is_sequence and bool((lengths != lengths[0]).any()):
+    if bool((lengths != lengths[0]).any()):
         padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
         steps = torch.arange(padded.shape[1], device=padded.device)
         return padded, steps[None, :] >= lengths.to(padded.device)[:, None]

@@ -380,6 +380,13 @@ def test_collate_works_with_dataloader_and_rejects_bad_samples():
     loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate_modalities)
     batches = list(loader)
     assert [len(b) for b in batches] == [2, 2, 1]
+    # the (x, y) pair a dataset usually returns, as a tuple or a list
+    pairs = [({"a": torch.full((2,), float(i))}, i) for i in range(3)]
+    pairs[2] = list(pairs[2])
+    batch = collate_modalities(pairs)
+    assert batch.target.tolist() == [0, 1, 2] and batch["a"][:, 0].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(TypeError, match=r"sample 0 is tuple; .* an \(inputs, target\) pair"):
+        collate_modalities([(torch.ones(2), 0)])
     # a scalar per sample (a Python number, a numpy scalar, a 0-d tensor) is one feature
     scalars = [{"inputs": {"age": a}} for a in (31.0, np.float32(40.5), torch.tensor(52.0))]
     assert collate_modalities(scalars)["age"].tolist() == [[31.0], [40.5], [52.0]]

@@ -559,13 +559,23 @@ def require_modality_batch(obj: Any, caller: str) -> ModalityBatch:
     raise TypeError(f"{caller} takes a ModalityBatch, got a {type(obj).__name__}; {hint}.")
 
 
-def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> ModalityBatch:
+def _as_sample_mapping(sample: Any) -> Any:
+    """An ``(inputs, target)`` pair as ``{"inputs": inputs, "target": target}``; else as given."""
+    if isinstance(sample, tuple | list) and len(sample) == 2 and isinstance(sample[0], Mapping):
+        return {"inputs": sample[0], "target": sample[1]}
+    return sample
+
+
+def collate_modalities(
+    samples: Sequence[Mapping[str, Any] | ModalityBatch | tuple[Mapping[str, Any], Any]],
+) -> ModalityBatch:
     """``collate_fn`` for :class:`torch.utils.data.DataLoader`.
 
     Each sample is either a :class:`ModalityBatch` (concatenated by :meth:`ModalityBatch.concat`,
     which pads sequences to the longest) or a mapping with keys
     ``"inputs"`` (modality → unbatched tensor, e.g. ``[T, D]``), and optionally ``"target"``,
-    ``"sample_id"``, ``"presence"`` (modality → bool) and ``"padding_masks"`` (modality → ``[T]``).
+    ``"sample_id"``, ``"presence"`` (modality → bool) and ``"padding_masks"`` (modality → ``[T]``),
+    or an ``(inputs, target)`` pair, the ``(x, y)`` a dataset usually returns.
     Sequences of different lengths are right-padded with zeros and get padding masks.
 
     The batch holds every modality any sample has. A sample without one (no key, or ``None``)
@@ -581,6 +591,7 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
         raise TypeError(
             "collate_modalities: the samples mix ModalityBatch and mapping items; give one kind."
         )
+    samples = [_as_sample_mapping(s) for s in samples]
     for i, s in enumerate(samples):
         if not isinstance(s, Mapping) or "inputs" not in s:
             found = (
@@ -589,8 +600,9 @@ def collate_modalities(samples: Sequence[Mapping[str, Any] | ModalityBatch]) -> 
                 else type(s).__name__
             )
             raise TypeError(
-                f"collate_modalities: sample {i} is {found}; expected a ModalityBatch or a "
-                "mapping {'inputs': {modality: unbatched tensor}, 'target': ... (optional)}."
+                f"collate_modalities: sample {i} is {found}; expected a ModalityBatch, a "
+                "mapping {'inputs': {modality: unbatched tensor}, 'target': ... (optional)} or "
+                "an (inputs, target) pair."
             )
     mappings = cast(Sequence[Mapping[str, Any]], samples)
     names = list(dict.fromkeys(m for s in mappings for m in s["inputs"]))

@@ -98,3 +98,47 @@ def test_direction_loss_from_its_target_equals_the_cosine_form(stacked):
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(w_copy.grad, w.grad)
     assert not target.requires_grad
+
+
+def test_sign_score_thresholds_at_zero_not_at_the_unit():
+    pred, y = torch.tensor([0.3, 0.6, -0.2, 0.1]), torch.tensor([0.4, 0.9, 0.0, -2.0])
+    # signs (> 0): pred [+, +, -, +], y [+, +, - (zero counts negative), -]
+    total, count = batch_score_counts("regression", pred, y)
+    assert (total.item(), count.item()) == (3.0, 4.0)
+
+
+def test_weighted_scores_count_only_the_weighted_samples():
+    logits = torch.tensor(
+        [
+            [[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]],  # modality 0 predicts [0, 1, 0]
+            [[0.0, 2.0], [0.0, 1.0], [0.0, 1.0]],  # modality 1 predicts [1, 1, 1]
+        ]
+    )
+    target = torch.tensor([0, 1, 1])
+    weights = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # 0: the sample lacks it
+    total, count = batch_score_counts(
+        "classification", logits, target, stacked=True, weights=weights
+    )
+    assert total.tolist() == [1.0, 2.0] and count.tolist() == [2.0, 2.0]
+    one = batch_score_counts("classification", logits[0], target, weights=weights[0])
+    assert [x.item() for x in one] == [1.0, 2.0]
+
+
+def test_reference_coefficients_at_an_exactly_zero_sum_keep_the_released_sign():
+    # S = 0 + 1e-8: B = (S - Δ) / S, about -2.5e7 and +2.5e7, not a division by zero
+    b = magnitude_coefficients(torch.tensor([0.25, -0.25], dtype=torch.float64), "reference")
+    assert b[0].item() == pytest.approx((1e-8 - 0.25) / 1e-8)
+    assert b[1].item() == pytest.approx((1e-8 + 0.25) / 1e-8)
+
+
+def test_non_finite_improvements_count_as_no_improvement():
+    clean = magnitude_coefficients(torch.tensor([0.0, 0.1, 0.2, 0.0]))
+    nan_inf = torch.tensor([float("nan"), 0.1, 0.2, float("inf")])
+    torch.testing.assert_close(magnitude_coefficients(nan_inf), clean)
+
+
+def test_a_zero_classifier_head_adds_nothing_to_the_direction_target():
+    heads = torch.stack([torch.zeros(2, 3), torch.full((2, 3), 2.0)])
+    target = direction_target(torch.tensor([0.5, 0.4]), heads)
+    # the zero head has no direction; the other's unit vector (all 1/sqrt(6)) scaled by 0.4
+    torch.testing.assert_close(target, torch.full((6,), 0.4 / math.sqrt(6)))

@@ -32,6 +32,11 @@ def test_every_case_in_one_mixed_batch_matches_a_per_sample_loop(m):
     model, data = build(m)
     model.eval()
     with torch.no_grad():
+        # every prompt non-zero: the missing-type prompts start at zero, which would hide
+        # a wrong missing-type term in either path
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
         fast = model(data)
         slow = model.forward_per_sample(data)
     assert fast.shape == (2**m - 1, 1)

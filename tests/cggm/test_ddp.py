@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -83,3 +84,41 @@ def test_a_bad_batch_on_one_rank_is_skipped_on_every_rank():
     )
     for k in w0:
         torch.testing.assert_close(w0[k], w1[k], msg=k)
+
+
+def _steps_on(model, cggm, batches, forward):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = []
+    for batch in batches:
+        opt.zero_grad()
+        (F.cross_entropy(forward(batch), batch.target) + cggm.direction_loss()).backward()
+        history.append(cggm.step(batch.target))
+        opt.step()
+    return history, model.state_dict(), cggm.classifiers.state_dict()
+
+
+def _full_batches():
+    return [vector_batch(3, b=16, seed=step) for step in range(3)]
+
+
+def _train_on_this_ranks_half(rank, world):
+    model = make_model(vector_batch(3))
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
+    ddp = DDP(model)
+    halves = [full.select(list(range(8 * rank, 8 * rank + 8))) for full in _full_batches()]
+    return _steps_on(model, cggm, halves, ddp)
+
+
+def test_two_ranks_on_halves_of_each_batch_equal_one_process_on_the_whole():
+    # the scores behind B are all-reduced sums (not one rank's), and the classifiers' gradients
+    # are averaged, so the split run is the whole-batch run
+    model = make_model(vector_batch(3))
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2)
+    h_one, w_one, c_one = _steps_on(model, cggm, _full_batches(), model)
+    for h, w, c in run_ranks(_train_on_this_ranks_half):
+        for got, expected in zip(h, h_one, strict=True):
+            assert got == pytest.approx(expected, rel=1e-5)
+        for k in w_one:
+            torch.testing.assert_close(w[k], w_one[k], msg=k)
+        for k in c_one:
+            torch.testing.assert_close(c[k], c_one[k], msg=k)

@@ -93,3 +93,42 @@ def test_distributed_needs_a_process_group_and_forbids_what_cannot_be_shared():
         CASP(_Net(), distributed=True, select_by="target_validation", **FAST)
     with pytest.raises(RuntimeError, match="online TTA\\) is single-process"):
         CASP(_Net(), distributed=True, **FAST)(_shard(0))
+
+
+def _sgd(self):
+    # SGD, not CASP's Adam: Adam's first step divides by |g|, so float-rounding differences in a
+    # near-zero gradient would become visible steps, and the runs would differ by more than
+    # the order in which the ranks' sums are taken
+    return torch.optim.SGD(self.params, lr=0.05)
+
+
+_WHOLE = {**FAST, "keep_ratio": 1.0, "epochs_pl": 2}  # every sample kept: one selection
+
+
+def _adapt_half_in_one_batch(rank, world):
+    CASP._optimizer = _sgd  # this worker process only
+    torch.manual_seed(0)
+    casp = CASP(_Net().eval(), distributed=True, **{**_WHOLE, "batch_size": 16})
+    report = casp.adapt(_shard(rank))
+    return [p.detach().clone() for p in norm_parameters(casp.model)], report
+
+
+def test_two_ranks_adapt_as_one_process_on_both_shards(monkeypatch):
+    # each rank's batch is its whole shard, one process's batch is both shards: the gathered
+    # NT-Xent, the averaged gradients and the pseudo-label losses are then the same numbers
+    monkeypatch.setattr(CASP, "_optimizer", _sgd)
+    torch.manual_seed(0)
+    casp = CASP(_Net().eval(), **{**_WHOLE, "batch_size": 32})
+    report = casp.adapt(ModalityBatch.concat([_shard(0), _shard(1)]))
+    single = [p.detach() for p in norm_parameters(casp.model)]
+    ranks = run_ranks(_adapt_half_in_one_batch)
+    for params, rank_report in ranks:
+        for a, b in zip(params, single, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert rank_report.contrastive_losses == pytest.approx(report.contrastive_losses)
+    # each rank logs its own shard's pseudo-label loss; their mean is the whole's
+    mean_pl = [sum(x) / 2 for x in zip(*(r.pseudo_label_losses for _, r in ranks), strict=True)]
+    assert mean_pl == pytest.approx(report.pseudo_label_losses, rel=1e-4)
+    torch.manual_seed(0)
+    source = [p.detach() for p in norm_parameters(_Net())]
+    assert any(not torch.allclose(a, s) for a, s in zip(single, source, strict=True))

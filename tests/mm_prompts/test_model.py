@@ -27,16 +27,21 @@ def build(m=3, init="default", seed=0):
     return model, apply_case(data, cases)
 
 
+@torch.no_grad()
+def perturb(model, seed=1):
+    """Move every parameter off its initial value: the missing-type prompts start at zero,
+    which would hide a wrong missing-type term from a comparison of two paths or inputs."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
 @pytest.mark.parametrize("m", [3, 4])
 def test_every_case_in_one_mixed_batch_matches_a_per_sample_loop(m):
     model, data = build(m)
     model.eval()
+    perturb(model)
     with torch.no_grad():
-        # every prompt non-zero: the missing-type prompts start at zero, which would hide
-        # a wrong missing-type term in either path
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
         fast = model(data)
         slow = model.forward_per_sample(data)
     assert fast.shape == (2**m - 1, 1)
@@ -285,6 +290,7 @@ def test_padding_changes_nothing_in_any_case_and_may_hold_inf():
     """Padded steps reach neither the output nor the generated modalities, even as -inf (as in
     MOSI's audio): every case, batched and per-sample paths."""
     model, data = build()
+    perturb(model)
     model.eval()
     with torch.no_grad():
         zeros = model(padded_copy(data, None))
@@ -296,6 +302,7 @@ def test_padding_changes_nothing_in_any_case_and_may_hold_inf():
 
 def test_shorter_sequences_equal_the_padded_ones():
     model, data = build()
+    perturb(model)
     model.eval()
     padded = padded_copy(data, None)
     short = data.replace(
@@ -308,6 +315,7 @@ def test_shorter_sequences_equal_the_padded_ones():
 
 def test_a_modality_the_batch_lacks_is_missing_for_every_sample():
     model, data = build()
+    perturb(model)
     model.eval()
     without = ModalityBatch(
         {m: data[m] for m in ("text", "vision")},
@@ -329,6 +337,7 @@ def test_a_misnamed_modality_is_not_taken_for_a_missing_one():
     misnamed modality would pass as missing for every sample); beside every modality the model
     knows, an extra one is ignored."""
     model, data = build()
+    perturb(model)
     model.eval()
     renamed = {("audios" if m == "audio" else m): x for m, x in data.inputs.items()}
     for call in (model, model.forward_per_sample):

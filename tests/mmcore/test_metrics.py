@@ -64,6 +64,12 @@ def test_msa_metrics_by_hand():
     assert m["acc5"] == pytest.approx(1.0)
     m2 = msa_regression_metrics(np.array([1.4, -0.6]), np.array([1.6, -0.6]))
     assert m2["acc7"] == 0.5  # 1.4 -> 1, 1.6 -> 2
+    # beyond the scale: clipped to ±3 (acc7) and ±2 (acc5) before rounding, both sides
+    out = msa_regression_metrics(np.array([3.6, -3.6, 3.0, -3.0]), np.array([3.0, -3.0, 3.6, -3.6]))
+    assert (out["acc7"], out["acc5"]) == (1.0, 1.0)
+    # the sign splits sit at 0, not at the unit: 0.5 is positive on both sides
+    out = msa_regression_metrics(np.array([0.5, -0.5]), np.array([0.5, -0.5]))
+    assert out["acc2_has0"] == out["acc2_non0"] == out["acc2_gt0"] == 1.0
 
 
 def test_sims_metrics_by_hand():
@@ -79,6 +85,9 @@ def test_sims_metrics_by_hand():
     assert m["acc3"] == pytest.approx(5 / 6)
     # 5 bins at ±0.1, ±0.7: pred [3,1,2,2,0,4]; true [4,1,2,3,0,4]
     assert m["acc5"] == pytest.approx(4 / 6)
+    # labels are clipped to [-1, 1] too
+    out = sims_regression_metrics(np.array([1.0, -1.0]), np.array([1.4, -1.4]))
+    assert out["mae"] == 0.0
 
 
 def test_regression_metrics_reject_bad_input():

@@ -117,6 +117,7 @@ def test_classification_metrics_by_hand():
 
     # whole-number float labels are labels; anything else is a clear error, not a silent guess
     assert classification_metrics(logits, y.float()) == m
+    assert classification_metrics(logits, y[:, None]) == m  # [N, 1]: one label per sample
     with pytest.raises(ValueError, match=r"integer class labels, found values such as \[0.5\]"):
         classification_metrics(logits, torch.tensor([0.0, 0.5, 2.0, 2.0]))
     with pytest.raises(ValueError, match=r"labels \[-1, 3\] but y_pred has 3 classes"):

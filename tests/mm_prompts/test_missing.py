@@ -21,6 +21,7 @@ def batch(n=6):
 
 def test_cases_are_bitmasks():
     assert all_cases(3) == [1, 2, 3, 4, 5, 6, 7]
+    assert all_cases(1) == [1] and all_cases(1, include_complete=False) == []
     assert len(all_cases(6)) == 63 and len(all_cases(4, include_complete=False)) == 14
     presence = presence_from_case(torch.tensor([1, 6, 7]), 3)
     assert presence.tolist() == [[True, False, False], [False, True, True], [True, True, True]]
@@ -87,6 +88,14 @@ def test_bad_cases_raise():
         presence_from_case(torch.tensor([0, 3, 8]), 3)
     with pytest.raises(ValueError, match=r"samples \[1\] have every modality missing"):
         case_from_presence(torch.tensor([[True, False], [False, False]]))
+    with pytest.raises(
+        ValueError, match=r"presence must be a bool \[B, M\] tensor, got torch.float32"
+    ):
+        case_from_presence(torch.ones(2, 3))  # 0/1 floats, not flags
+    with pytest.raises(ValueError, match=r"presence must be a bool \[B, M\] tensor.*\(3,\)"):
+        case_from_presence(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one modality"):
+        all_cases(0)
     with pytest.raises(ValueError, match="rate"):
         simulate_missing(batch(), 1.5)
     with pytest.raises(ValueError, match=r"expected shape \(6,\)"):

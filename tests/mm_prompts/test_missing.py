@@ -98,6 +98,11 @@ def test_bad_cases_raise():
         all_cases(0)
     with pytest.raises(ValueError, match="rate"):
         simulate_missing(batch(), 1.5)
+    two = ModalityBatch({m: torch.ones(40, 2, 3) for m in MODS[:2]})
+    _, cases = simulate_missing(two, 1.0, generator=torch.Generator().manual_seed(0))
+    assert set(cases.tolist()) == {1, 2}  # two modalities: each incomplete case is one of them
+    with pytest.raises(ValueError, match=">= 2 modalities"):
+        simulate_missing(ModalityBatch({"text": torch.ones(4, 2, 3)}), 0.5)
     with pytest.raises(ValueError, match=r"expected shape \(6,\)"):
         apply_case(batch(), torch.tensor([1, 2]))
     no_text = batch(3).with_missing("text", torch.tensor([False, True, False]))

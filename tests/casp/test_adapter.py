@@ -638,3 +638,23 @@ def test_a_second_adapt_continues_and_reset_starts_again_from_the_source():
         runs.append(casp.predict(target))
     assert not torch.equal(runs[1], runs[0])  # continued from the first run's weights
     torch.testing.assert_close(runs[2], runs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "every", "taken"), [(3, 1, [0, 1, 2, 3]), (4, 2, [0, 2, 4]), (1, 1, [0, 1])]
+)
+def test_snapshots_are_taken_every_snapshot_every_epochs_and_at_least_twice(epochs, every, taken):
+    casp = CASP(model(), **{**FAST, "epochs_ca": epochs, "snapshot_every": every})
+    # 0: the source model's predictions (a collapse that stops stage 1 early adds one, -1)
+    assert casp.adapt(data()).snapshot_epochs == taken
+
+
+def test_a_target_set_of_two_samples_is_adapted_on():
+    # the smallest batch NT-Xent can use (each sample is the other's negative)
+    casp = CASP(model(), **{**FAST, "epochs_pl": 0})
+    before = [p.clone() for p in norm_parameters(casp.model)]
+    report = casp.adapt(data(n=2))
+    assert len(report.contrastive_losses) == 2 and all(x > 0 for x in report.contrastive_losses)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(norm_parameters(casp.model), before, strict=True)
+    )

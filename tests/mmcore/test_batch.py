@@ -193,6 +193,11 @@ def test_select_split_concat_round_trip():
     shuffled = list(batch.split(3, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert sorted(i for p in shuffled for i in p.sample_ids) == sorted(batch.sample_ids)
     assert [len(p) for p in batch.split(4, drop_last=True)] == [4, 4]
+    assert [len(p) for p in batch.split(5, drop_last=True)] == [5, 5]  # a full last one stays
+    assert [p.sample_ids for p in batch.split(1)] == [[i] for i in batch.sample_ids]
+    by_slice, by_list = batch.select(slice(2, 5)), batch.select([2, 3, 4])
+    assert by_slice.sample_ids == by_list.sample_ids == ["s2", "s3", "s4"]
+    assert all(torch.equal(by_slice[m], by_list[m]) for m in batch.modalities)
 
 
 @pytest.mark.parametrize(
@@ -392,6 +397,10 @@ def test_collate_works_with_dataloader_and_rejects_bad_samples():
     assert collate_modalities(scalars)["age"].tolist() == [[31.0], [40.5], [52.0]]
     with pytest.raises(ValueError, match="only the time axis"):
         collate_modalities([{"inputs": {"a": torch.ones(2)}}, {"inputs": {"a": torch.ones(3)}}])
+    with pytest.raises(ValueError, match=r"per-sample shapes \(3, 4\) and \(5, 6\); only the time"):
+        collate_modalities(
+            [{"inputs": {"a": torch.ones(3, 4)}}, {"inputs": {"a": torch.ones(5, 6)}}]
+        )
     with pytest.raises(TypeError, match="sample 0 is Tensor"):
         collate_modalities([torch.ones(2)])
     flat = {"text": torch.ones(2), "target": torch.tensor(1.0)}  # modalities at the top level

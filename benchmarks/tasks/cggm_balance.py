@@ -35,7 +35,13 @@ from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import DataFormatError, load_mult_pickle
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
-from benchmarks.tasks.common import BRATS_DIR, real_data, real_mult_pickle, uci_splits
+from benchmarks.tasks.common import (
+    BRATS_DIR,
+    count_progress,
+    real_data,
+    real_mult_pickle,
+    uci_splits,
+)
 from benchmarks.training import (
     accuracy,
     add_ratio_column,
@@ -716,13 +722,15 @@ def brats_splits(ctx: RunContext) -> tuple[ModalityBatch, ModalityBatch, str]:
         train_cases, test_cases = cases[:n_train], cases[n_train:]
         name = "BraTS 2021 layout (generated)"
 
-    def load(split: str, cases: list[Path]) -> ModalityBatch:
-        def show(done: int, total: int) -> None:
-            ctx.progress(f"reading {split} cases {done}/{total}")
-
-        return load_brats_slices(cases, slices_per_case=s["slices_per_case"], progress=show)
-
-    return load("train", train_cases), load("test", test_cases), name
+    train, test = (
+        load_brats_slices(
+            cases,
+            slices_per_case=s["slices_per_case"],
+            progress=count_progress(ctx, f"reading {split} cases"),
+        )
+        for split, cases in (("train", train_cases), ("test", test_cases))
+    )
+    return train, test, name
 
 
 def run_brats(ctx: RunContext) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.data.pickles import load_mult_pickle
@@ -15,6 +16,7 @@ __all__ = [
     "MOSI_PICKLE",
     "REAL_DATA",
     "UCI_FILE",
+    "count_progress",
     "describe_data_root",
     "real_data",
     "real_mult_pickle",
@@ -39,6 +41,15 @@ def real_data(ctx: RunContext, path: str) -> Path | None:
     if ctx.data_root is None or not (ctx.data_root / path).exists():
         return None
     return ctx.data_root / path
+
+
+def count_progress(ctx: RunContext, what: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback that shows ``"<what> done/total"`` on the task's progress."""
+
+    def show(done: int, total: int) -> None:
+        ctx.progress(f"{what} {done}/{total}")
+
+    return show
 
 
 def describe_data_root(root: Path) -> str:

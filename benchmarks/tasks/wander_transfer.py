@@ -36,7 +36,7 @@ from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
-from benchmarks.tasks.common import FOOD101_DIR, real_data, uci_splits
+from benchmarks.tasks.common import FOOD101_DIR, count_progress, real_data, uci_splits
 from benchmarks.training import (
     accuracy,
     add_ratio_column,
@@ -622,13 +622,13 @@ def food101_features(ctx: RunContext) -> dict[str, ModalityBatch]:
         image_enc, text_enc = write_tiny_encoders(ctx.work_dir / "encoders", words, seed=ctx.seed)
     features = {}
     for split, k in zip(("train", "test"), per_class, strict=True):
-
-        def show(done: int, total: int, split: str = split) -> None:
-            ctx.progress(f"{split} features {done}/{total}")
-
         data = load_food101(root, split, max_per_class=k, seed=ctx.seed)
         features[split] = extract_food101_features(
-            data, image_enc, text_enc, max_text_len=s["max_text_len"], progress=show
+            data,
+            image_enc,
+            text_enc,
+            max_text_len=s["max_text_len"],
+            progress=count_progress(ctx, f"{split} features"),
         )
     return features
 

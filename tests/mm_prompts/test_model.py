@@ -9,10 +9,10 @@ from mm_prompts import MPLMM, MulTBackbone, MulTConfig, all_cases, apply_case, s
 from mmcore import ModalityBatch
 
 
-def build(m=3, init="default", seed=0):
+def build(m=3, init="default", seed=0, same_length=False):
     names = ("text", "audio", "vision", "depth")[:m]
     dims = {k: 4 + i for i, k in enumerate(names)}
-    lens = {k: 3 + i for i, k in enumerate(names)}
+    lens = {k: 3 + (0 if same_length else i) for i, k in enumerate(names)}
     torch.manual_seed(seed)
     backbone = MulTBackbone(
         MulTConfig(dims, d=8, num_heads=2, cross_layers=1, memory_layers=1, dropout=0.0)
@@ -496,3 +496,18 @@ def test_what_a_missing_modality_holds_is_never_read():
     torch.testing.assert_close(nans, zeros)
     for a, b in zip(nan_grads, zero_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("same_length", [True, False], ids=["batched", "one-by-one"])
+def test_an_empty_batch_gives_an_empty_output(same_length):
+    """A per-case evaluation selects the samples of one case, and a case no sample has leaves
+    an empty batch: its output is ``[0, out]`` on the batched transformers, the one-by-one ones
+    and the per-sample loop, and a loss on it backpropagates (it used to fail in a reshape)."""
+    model, data = build(same_length=same_length)
+    empty = data.select(torch.zeros(data.batch_size, dtype=torch.bool))
+    out = model(empty)
+    assert out.shape == (0, 1)
+    assert model.forward_per_sample(empty).shape == (0, 1)
+    out.sum().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None and not p.grad.any() for p in trainable)

@@ -291,8 +291,8 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if x.shape[0] == 1:  # one transformer: a plain linear layer
         return F.linear(x, weight[0], bias[0])
     p, b, t, _ = x.shape
-    out = torch.baddbmm(bias.unsqueeze(1), x.reshape(p, b * t, -1), weight.transpose(1, 2))
-    return out.view(p, b, t, -1)
+    out = torch.baddbmm(bias.unsqueeze(1), x.reshape(p, b * t, x.shape[-1]), weight.transpose(1, 2))
+    return out.view(p, b, t, out.shape[-1])  # sizes named: B may be 0
 
 
 def _batched_transformer(
@@ -314,7 +314,7 @@ def _batched_transformer(
     x = x * template.scale + sinusoidal_positions(t, d, x.device, x.dtype)
     if src is not None:
         src = src * template.scale + sinusoidal_positions(src.shape[2], d, src.device, src.dtype)
-    keep = None if key_padding is None else ~key_padding.reshape(n * b, 1, 1, -1)
+    keep = None if key_padding is None else ~key_padding.reshape(n * b, 1, 1, key_padding.shape[-1])
     training = template.training
     for i, block in enumerate(cast(Sequence[_Block], template.blocks)):
         w = {k[len(f"blocks.{i}.") :]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
@@ -514,7 +514,7 @@ class MulTBackbone(nn.Module):
             torch.stack([pads[s] for _, s in pairs]) if padded else None,
             fast_dropout=self.fast_dropout,
         )  # [M (M-1), B, T, d]
-        h = out.view(m, m - 1, batch, length, -1).permute(0, 2, 3, 1, 4).flatten(3)
+        h = out.view(m, m - 1, batch, length, out.shape[-1]).permute(0, 2, 3, 1, 4).flatten(3)
         extra = None if extra_tokens is None else torch.stack([extra_tokens[k] for k in mods])
         h, pad = _append_tokens(h, torch.stack(pads) if padded else None, extra)  # [M, B, T', ·]
         out = self.memory.run_all(h, None, pad, fast_dropout=self.fast_dropout)

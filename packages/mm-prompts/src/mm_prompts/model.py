@@ -273,6 +273,8 @@ class MPLMM(nn.Module):
         This is the released code's structure: a slow reference for tests and speed comparisons.
         """
         batch = self._fit_lengths(batch)
+        if batch.batch_size == 0:  # no sample to loop over: the empty [0, out] of forward
+            return self(batch)
         outputs = []
         for i in range(batch.batch_size):
             one = batch.select([i])

@@ -86,6 +86,9 @@ def test_complete_batches_draw_the_released_protocol_exactly():
 def test_bad_cases_raise():
     with pytest.raises(ValueError, match=r"invalid missing cases \[0, 8\]"):
         presence_from_case(torch.tensor([0, 3, 8]), 3)
+    for not_bitmasks in (torch.tensor([3.0, 1.0]), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match=r"integer bitmasks.*got torch\.(float32|bool)"):
+            apply_case(batch(2), not_bitmasks)  # a float tensor failed inside a bit shift
     with pytest.raises(ValueError, match=r"samples \[1\] have every modality missing"):
         case_from_presence(torch.tensor([[True, False], [False, False]]))
     with pytest.raises(

@@ -50,6 +50,11 @@ def all_cases(num_modalities: int, *, include_complete: bool = True) -> list[int
 def presence_from_case(cases: Tensor | int, num_modalities: int) -> Tensor:
     """Bool ``[B, M]`` presence (``True`` = present) of case bitmasks ``[B]`` (or one int)."""
     cases = torch.as_tensor(cases).reshape(-1)
+    if cases.dtype == torch.bool or cases.is_floating_point() or cases.is_complex():
+        raise ValueError(
+            f"missing cases must be integer bitmasks (e.g. torch.long), got {cases.dtype}; "
+            "for a bool presence matrix [B, M] use case_from_presence."
+        )
     full = (1 << num_modalities) - 1
     if ((cases < 1) | (cases > full)).any():
         bad = cases[(cases < 1) | (cases > full)].tolist()

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from casp import nt_xent, pseudo_labels, select_samples, stability_scores
+from casp.functional import gather_with_grad
 
 
 def nt_xent_loop(z1, z2, tau):
@@ -28,6 +29,13 @@ def test_nt_xent_matches_the_loop():
     assert nt_xent(eye, eye, 0.1).item() < 0.01
     with pytest.raises(ValueError, match="both be"):
         nt_xent(torch.randn(3, 2), torch.randn(4, 2))
+
+
+def test_gather_is_the_identity_outside_a_process_group():
+    """``nt_xent(gather=True)`` in a single process (no process group) works as without it."""
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    assert gather_with_grad(z1) is z1
+    assert nt_xent(z1, z2, gather=True).item() == nt_xent(z1, z2).item()
 
 
 def test_stability_selection_on_a_hand_built_case():

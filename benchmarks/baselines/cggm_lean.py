@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from cggm.modulator import ModalityClassifier, StackedClassifiers
+from cggm import ModalityClassifier, StackedClassifiers
 from mmcore import fused_optimizer
 
 __all__ = ["LeanCGGM"]

@@ -8,6 +8,7 @@ modalities >= 2; classification, regression and segmentation.
 
 __version__ = "0.1.0"
 
+from cggm.classifiers import ModalityClassifier, StackedClassifiers
 from cggm.config import CGGMConfig
 from cggm.functional import (
     batch_score_counts,
@@ -17,7 +18,7 @@ from cggm.functional import (
     magnitude_coefficients,
     segmentation_dice,
 )
-from cggm.modulator import CGGM, ModalityClassifier, StackedClassifiers
+from cggm.modulator import CGGM
 
 __all__ = [
     "CGGM",

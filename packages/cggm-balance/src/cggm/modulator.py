@@ -580,66 +580,14 @@ class CGGM:
                 for i, m in enumerate(self.modalities)
                 if m in feats
             }
-        loss = None
         if isinstance(classifiers, StackedClassifiers):
-            maps = len(classifiers.feature_shape) > 2
-            if self.hand_backward and not maps:  # vectors, pooled sequences
-                # the sum over modalities of each classifier's mean loss, its backward by hand
-                # (it replaces the gradients: no zero_grad needed)
-                logits = classifiers.forward_backward(
-                    self._stacked_inputs(feats),
-                    functools.partial(self._logit_grads, target, weights=weights),
-                )
-            else:  # autograd (feature maps: through the per-pixel MLP and the resize)
-                optimizer.zero_grad(set_to_none=True)
-                if maps:
-                    logits = self._stacked_logits(classifiers, feats)  # [M, B, C, *spatial]
-                else:
-                    logits = classifiers(self._stacked_inputs(feats))  # [M, B, C]
-                n_mod = len(self.modalities)
-                if maps and logits.shape[3:] != target.shape[1:]:
-                    logits = self._resize(logits.flatten(0, 1), target).unflatten(
-                        0, logits.shape[:2]
-                    )
-                repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
-                if weights is None:
-                    loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
-                else:
-                    per_sample = self._per_sample_loss(logits.flatten(0, 1), repeated)
-                    loss = _weighted_means(per_sample.view(n_mod, -1), weights).sum()
-                logits = logits.detach()
-            total, count = batch_score_counts(
-                cfg.task, logits, target, cfg.regression_score, stacked=True, weights=weights
+            loss, total, count, finite = self._stacked_pass(
+                classifiers, optimizer, feats, target, weights
             )
-            finite = torch.isfinite(logits).reshape(*logits.shape[:2], -1).all(2)  # [M, B]
         else:
-            optimizer.zero_grad(set_to_none=True)
-            losses, unit_totals, unit_counts, unit_finite = [], [], [], []
-            for i, m in enumerate(self.modalities):
-                if m in not_run:  # absent from every sample: no loss, no score
-                    zero = torch.zeros((), device=target.device)
-                    unit_totals.append(zero)
-                    unit_counts.append(zero)
-                    unit_finite.append(torch.ones(target.shape[0], dtype=torch.bool, device=device))
-                    continue
-                pred = classify(classifiers[m], feats[m], self._padding_mask(m, feats[m]))
-                if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
-                    pred = self._resize(pred, target)
-                w = None if weights is None else weights[i]
-                if w is None:
-                    losses.append(self._task_loss(pred, target))
-                else:
-                    per_sample = self._per_sample_loss(pred, target)
-                    losses.append(_weighted_means(per_sample.unsqueeze(0), w.unsqueeze(0))[0])
-                t, c = batch_score_counts(
-                    cfg.task, pred.detach(), target, cfg.regression_score, weights=w
-                )
-                unit_totals.append(t)
-                unit_counts.append(c)
-                unit_finite.append(torch.isfinite(pred.detach()).reshape(pred.shape[0], -1).all(1))
-            loss = torch.stack(losses).sum()
-            total, count = torch.stack(unit_totals), torch.stack(unit_counts)
-            finite = torch.stack(unit_finite)
+            loss, total, count, finite = self._per_modality_pass(
+                classifiers, optimizer, feats, target, weights, not_run
+            )
         # one copy to the host for the scores and the finiteness check
         host = torch.stack([total.float(), count.float(), finite.all(1).float()]).cpu()
         total, count = host[0], host[1]
@@ -672,6 +620,103 @@ class CGGM:
         if not sync:
             return None
 
+        b = self._update_coefficients()
+        if cfg.mode == "reference" and cfg.lam > 0:
+            self._pending = direction_loss(b, heads, w_fusion)
+        if cfg.rho is not None:
+            self._scale_encoder_gradients(cfg.rho * b)
+        return dict(zip(self.modalities, b.tolist(), strict=True))
+
+    def _stacked_pass(
+        self,
+        classifiers: StackedClassifiers,
+        optimizer: torch.optim.Optimizer,
+        feats: dict[str, Tensor],
+        target: Tensor,
+        weights: Tensor | None,
+    ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+        """The stacked classifiers on this batch: ``(loss, totals, counts, finite [M, B])``.
+
+        ``loss`` is ``None`` when the backward was taken by hand (the gradients are set).
+        """
+        cfg = self.config
+        loss = None
+        maps = len(classifiers.feature_shape) > 2
+        if self.hand_backward and not maps:  # vectors, pooled sequences
+            # the sum over modalities of each classifier's mean loss, its backward by hand
+            # (it replaces the gradients: no zero_grad needed)
+            logits = classifiers.forward_backward(
+                self._stacked_inputs(feats),
+                functools.partial(self._logit_grads, target, weights=weights),
+            )
+        else:  # autograd (feature maps: through the per-pixel MLP and the resize)
+            optimizer.zero_grad(set_to_none=True)
+            if maps:
+                logits = self._stacked_logits(classifiers, feats)  # [M, B, C, *spatial]
+            else:
+                logits = classifiers(self._stacked_inputs(feats))  # [M, B, C]
+            n_mod = len(self.modalities)
+            if maps and logits.shape[3:] != target.shape[1:]:
+                logits = self._resize(logits.flatten(0, 1), target).unflatten(0, logits.shape[:2])
+            repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
+            if weights is None:
+                loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
+            else:
+                per_sample = self._per_sample_loss(logits.flatten(0, 1), repeated)
+                loss = _weighted_means(per_sample.view(n_mod, -1), weights).sum()
+            logits = logits.detach()
+        total, count = batch_score_counts(
+            cfg.task, logits, target, cfg.regression_score, stacked=True, weights=weights
+        )
+        finite = torch.isfinite(logits).reshape(*logits.shape[:2], -1).all(2)  # [M, B]
+        return loss, total, count, finite
+
+    def _per_modality_pass(
+        self,
+        classifiers: nn.ModuleDict,
+        optimizer: torch.optim.Optimizer,
+        feats: dict[str, Tensor],
+        target: Tensor,
+        weights: Tensor | None,
+        not_run: list[str],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each modality's own classifier on this batch: ``(loss, totals, counts, finite)``."""
+        cfg = self.config
+        device = next(iter(feats.values())).device
+        optimizer.zero_grad(set_to_none=True)
+        losses, unit_totals, unit_counts, unit_finite = [], [], [], []
+        for i, m in enumerate(self.modalities):
+            if m in not_run:  # absent from every sample: no loss, no score
+                zero = torch.zeros((), device=target.device)
+                unit_totals.append(zero)
+                unit_counts.append(zero)
+                unit_finite.append(torch.ones(target.shape[0], dtype=torch.bool, device=device))
+                continue
+            pred = classify(classifiers[m], feats[m], self._padding_mask(m, feats[m]))
+            if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
+                pred = self._resize(pred, target)
+            w = None if weights is None else weights[i]
+            if w is None:
+                losses.append(self._task_loss(pred, target))
+            else:
+                per_sample = self._per_sample_loss(pred, target)
+                losses.append(_weighted_means(per_sample.unsqueeze(0), w.unsqueeze(0))[0])
+            t, c = batch_score_counts(
+                cfg.task, pred.detach(), target, cfg.regression_score, weights=w
+            )
+            unit_totals.append(t)
+            unit_counts.append(c)
+            unit_finite.append(torch.isfinite(pred.detach()).reshape(pred.shape[0], -1).all(1))
+        loss = torch.stack(losses).sum()
+        return loss, torch.stack(unit_totals), torch.stack(unit_counts), torch.stack(unit_finite)
+
+    def _update_coefficients(self) -> Tensor:
+        """The magnitude coefficients ``B`` ``[M]`` of a syncing step (kept as ``coefficients``).
+
+        From the scores accumulated since the last sync, summed over the ranks, smoothed, and
+        their improvement on the previous sync's.
+        """
+        cfg = self.config
         totals, counts = self._totals.clone(), self._counts.clone()
         if dist.is_available() and dist.is_initialized():
             stats = torch.stack([totals, counts]).to(self.head_weight.device)
@@ -689,18 +734,18 @@ class CGGM:
         self.prev_scores = scores
         b = magnitude_coefficients(deltas, cfg.mode, cfg.eps)
         self.coefficients = b
-        if cfg.mode == "reference" and cfg.lam > 0:
-            self._pending = direction_loss(b, heads, w_fusion)
-        if cfg.rho is not None:
-            grads, factors = [], []
-            for m, factor in zip(self.modalities, (cfg.rho * b).tolist(), strict=True):
-                for p in self._encoder_params[m]:
-                    if p.grad is not None:
-                        grads.append(p.grad)
-                        factors.append(factor)
-            if grads:
-                torch._foreach_mul_(grads, factors)  # one call for every encoder's gradients
-        return dict(zip(self.modalities, b.tolist(), strict=True))
+        return b
+
+    def _scale_encoder_gradients(self, factors: Tensor) -> None:
+        """Multiply each modality's encoder gradients by its factor ``rho * B_m`` (in place)."""
+        grads, per_grad = [], []
+        for m, factor in zip(self.modalities, factors.tolist(), strict=True):
+            for p in self._encoder_params[m]:
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    per_grad.append(factor)
+        if grads:
+            torch._foreach_mul_(grads, per_grad)  # one call for every encoder's gradients
 
     def _no_encoder_gradients(self) -> bool:
         """Trainable encoder parameters exist and none holds a gradient (a missed backward)."""

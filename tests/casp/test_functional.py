@@ -24,6 +24,7 @@ def test_nt_xent_matches_the_loop():
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
     assert nt_xent(z1, z2, 0.5).item() == pytest.approx(nt_xent_loop(z1, z2, 0.5), rel=1e-5)
+    assert nt_xent(z1, z2).item() == nt_xent(z1, z2, 0.5).item()  # the paper's τ by default
     # identical views of orthogonal samples: the positive dominates, the loss is small
     eye = torch.eye(4) * 10
     assert nt_xent(eye, eye, 0.1).item() < 0.01

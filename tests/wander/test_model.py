@@ -640,3 +640,37 @@ def test_fused_dim_tiles_the_fused_tokens_to_the_fusion_output(base_model, batch
     wander.unwrap()
     with pytest.raises(ValueError, match="must divide"):
         Wander(base_model, RANKS, example_input=batch, fused_dim=out_dim - 1)
+
+
+def test_a_model_with_its_own_forward_hooks_is_wrapped_and_they_still_run(base_model, batch):
+    """Profilers and libraries such as accelerate put their own pre-hooks on a model (plain
+    functions, bound methods of other objects): Wander looks for its own hooks among them, and
+    must pass over the others."""
+    seen = []
+
+    class Profiler:
+        def before(self, _module, _args):
+            seen.append("method")
+
+    profiler = Profiler()
+    base_model.register_forward_pre_hook(profiler.before)
+    base_model.head.register_forward_pre_hook(lambda _module, _args: seen.append("function"))
+    wander = Wander(base_model, RANKS, example_input=batch)
+    seen.clear()
+    with torch.no_grad():
+        with wander.disable_adapter():
+            base = wander(batch)
+        torch.testing.assert_close(wander(batch), base)
+    assert seen == ["method", "function"] * 2
+    assert wander.unwrap() is base_model
+
+
+def test_vector_features_are_one_token_each():
+    """Encoders returning ``[B, d]`` (no sequence axis) give one token per modality: token
+    factors of one row, nothing spent on positions that never hold data."""
+    dims = {"a": 4, "b": 5}
+    batch = ModalityBatch({m: torch.randn(6, d) for m, d in dims.items()})
+    wander = Wander(SkipsAbsent(dims, skip_absent=False), RANKS, example_input=batch)
+    assert wander.adapter.config.seq_lens == {"a": 1, "b": 1}
+    token_factors = [p for n, p in wander.adapter.named_parameters() if "token" in n]
+    assert token_factors and all(p.shape[1] == 1 for p in token_factors)

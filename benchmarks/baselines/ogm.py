@@ -3,7 +3,7 @@
 The original: late fusion ``logits = W^a φ^a + W^v φ^v + b``; per modality the batch score
 ``s^u = Σ_i softmax(W^u φ^u_i + b/2)_{y_i}``; ``ρ^a = s^a / s^v``; the dominant modality (``ρ > 1``)
 gets its encoder gradients scaled by ``1 − tanh(α ρ)``, the other keeps 1; GE adds Gaussian noise
-``N(0, std(g)²)`` to the modulated encoders' weight gradients.
+``N(0, std(g)²)``, ``g`` the gradient before that scaling, to the encoders' weight gradients.
 
 Generalisation used here: ``b/2`` becomes ``b/M``, and each modality's ratio is its score over
 the mean score of the others, ``ρ_m = s_m / mean_{k≠m} s_k`` (for M = 2 this is the original).
@@ -76,8 +76,11 @@ class OGMGE:
             for p in self.encoders[m].parameters():
                 if p.grad is None:
                     continue
+                # GE: noise with the std of the gradient before the scaling (the released
+                # code's ``g * k + normal(0, g.std())``)
+                std = p.grad.std() if self.noise and p.grad.ndim >= 2 else None
                 p.grad.mul_(coeff)
-                if self.noise and p.grad.ndim >= 2:
-                    p.grad.add_(torch.randn_like(p.grad) * (p.grad.std() + 1e-8))
+                if std is not None:
+                    p.grad.add_(torch.randn_like(p.grad) * (std + 1e-8))
         self._captured = {}
         return dict(self.coefficients)

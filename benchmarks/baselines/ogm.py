@@ -7,8 +7,10 @@ gets its encoder gradients scaled by ``1 − tanh(α ρ)``, the other keeps 1; G
 
 Generalisation used here: ``b/2`` becomes ``b/M``, and each modality's ratio is its score over
 the mean score of the others, ``ρ_m = s_m / mean_{k≠m} s_k`` (for M = 2 this is the original).
-Every modality with ``ρ_m > 1`` is damped by ``1 − tanh(α ρ_m)``. The noise goes to every weight
-matrix (``ndim >= 2``) of the encoders, not only convolutions, since our encoders are MLPs.
+Every modality with ``ρ_m > 1`` is damped by ``1 − tanh(α ρ_m)``. The released code scales and
+perturbs the encoders' convolution kernels only (4-D gradients; biases and normalisation
+parameters keep theirs); our encoders are MLPs, so here the scaling and the noise go to every
+weight matrix or kernel (``ndim >= 2``) of the encoders.
 Classification only (the scores are softmax probabilities). Adam largely cancels a constant
 per-tensor gradient scale (OGM-GE issue #26); the noise term is what survives it.
 """
@@ -74,11 +76,11 @@ class OGMGE:
             coeff = 1 - math.tanh(self.alpha * ratio) if ratio > 1 else 1.0
             self.coefficients[m] = coeff
             for p in self.encoders[m].parameters():
-                if p.grad is None:
+                if p.grad is None or p.grad.ndim < 2:  # biases, norms: left as they are
                     continue
                 # GE: noise with the std of the gradient before the scaling (the released
                 # code's ``g * k + normal(0, g.std())``)
-                std = p.grad.std() if self.noise and p.grad.ndim >= 2 else None
+                std = p.grad.std() if self.noise else None
                 p.grad.mul_(coeff)
                 if std is not None:
                     p.grad.add_(torch.randn_like(p.grad) * (std + 1e-8))

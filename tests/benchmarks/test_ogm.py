@@ -56,15 +56,20 @@ def test_coefficients_and_scaling_without_noise(dims):
         strong = max(scores, key=scores.get)
         weak = next(m for m in scores if m != strong)
         assert coefficients[strong] < 1 and coefficients[weak] == 1.0
+    scaled = 0
     for name, p in model.named_parameters():
         m = name.split(".")[1] if name.startswith("encoders.") else None
-        factor = coefficients[m] if m else 1.0  # the head is not modulated
+        # the head, and the encoders' biases and norms (as the released code's, which scales
+        # convolution kernels only), are not modulated
+        factor = coefficients[m] if m and p.ndim >= 2 else 1.0
+        scaled += factor != 1.0
         torch.testing.assert_close(p.grad, factor * before[name], msg=name)
+    assert scaled >= 2
 
 
 def test_ge_noise_has_the_std_of_the_gradient_before_scaling():
     """The released code computes ``g·k + N(0, std(g))`` from the gradient ``g`` before the
-    scaling; the noise goes to weight matrices only (biases are scaled, not perturbed)."""
+    scaling, for weight matrices only (biases keep their gradients)."""
     model, ogm, batch, before = setup({"a": 40, "v": 50}, noise=True)
     torch.manual_seed(1)
     coefficients = ogm.step(batch.target)
@@ -74,11 +79,10 @@ def test_ge_noise_has_the_std_of_the_gradient_before_scaling():
     for name, p in model.named_parameters():
         if not name.startswith("encoders."):
             continue
-        k = coefficients[name.split(".")[1]]
-        scaled = k * before[name]
         if p.ndim == 1:
-            torch.testing.assert_close(p.grad, scaled, msg=name)
+            torch.testing.assert_close(p.grad, before[name], msg=name)
             continue
+        scaled = coefficients[name.split(".")[1]] * before[name]
         noise = p.grad - scaled
         weights += 1
         assert noise.std().item() == pytest.approx(before[name].std().item(), rel=0.15), name

@@ -7,7 +7,10 @@
   ``mean (f(x) − f(x̃))²`` (the modality drawn per batch, as CASP's second view): a
   consistency objective on the same parameters, one pass.
 * **Naive self-training**: pseudo-labels are the source model's predictions on *all* target
-  samples (no stability selection), then CASP's stage-2 training on them.
+  samples (no stability selection), then CASP's stage-2 training on them. In regression the
+  source weights are a fixed point of that L1 loss (zero residuals, zero gradients): the model
+  moves only as far as train mode changes its predictions (dropout, BatchNorm's batch
+  statistics), so this row stays close to source-only by construction.
 """
 
 from __future__ import annotations

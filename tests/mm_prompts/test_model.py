@@ -357,6 +357,7 @@ def test_batched_transformers_equal_the_per_module_loop(m, extra):
     torch.manual_seed(0)
     config = MulTConfig(dims, d=8, num_heads=2, cross_layers=2, memory_layers=1, dropout=0.0)
     backbone = MulTBackbone(config)
+    perturb(backbone)  # every member's own weights: norms start alike (ones, zeros)
     g = torch.Generator().manual_seed(1)
     z = {k: torch.randn(5, 4, 8, generator=g, requires_grad=True) for k in names}
     padding = {names[0]: torch.tensor([[False] * 4] * 3 + [[False, False, True, True]] * 2)}

@@ -416,10 +416,9 @@ class MulTBackbone(nn.Module):
         # batched path's stack)
         pairs = [f"{b}_from_{s}" for b in self.modalities for s in self.modalities if s != b]
         self.cross = _TransformerStack(pairs, d, c.num_heads, c.cross_layers, c.dropout)
-        memory_dim = (m - 1) * d
-        heads = c.num_heads if memory_dim % c.num_heads == 0 else 1
+        memory_dim = (m - 1) * d  # num_heads divides d (MulTConfig checks), so this too
         self.memory = _TransformerStack(
-            self.modalities, memory_dim, heads, c.memory_layers, c.dropout
+            self.modalities, memory_dim, c.num_heads, c.memory_layers, c.dropout
         )
         fused = m * memory_dim
         self.proj1, self.proj2 = nn.Linear(fused, fused), nn.Linear(fused, fused)

@@ -6,7 +6,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from benchmarks.backbones import LateFusionModel
-from casp import CASP, CASPConfig, norm_parameters
+from casp import CASP, CASPConfig, is_norm_layer, norm_parameters
 from mmcore import ModalityBatch, collate_modalities
 
 FAST = {"epochs_ca": 2, "snapshot_every": 1, "epochs_pl": 1, "keep_ratio": 0.5, "batch_size": 8}
@@ -658,3 +658,79 @@ def test_a_target_set_of_two_samples_is_adapted_on():
     assert any(
         not torch.equal(a, b) for a, b in zip(norm_parameters(casp.model), before, strict=True)
     )
+
+
+class _RMSNormLateFusion(_VectorLateFusion):
+    def __init__(self):
+        super().__init__()
+        for encoder in self.encoders.values():
+            encoder[1] = nn.RMSNorm(6)
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="nn.RMSNorm needs torch >= 2.4")
+def test_rmsnorm_layers_are_adapted():
+    """torch's RMSNorm is a normalisation layer like LayerNorm (a model with only RMSNorms
+    was an error: 'no normalisation layer')."""
+    torch.manual_seed(0)
+    net = _RMSNormLateFusion()
+    casp = CASP(net, **FAST)
+    rms = [m.weight for m in casp.model.modules() if isinstance(m, nn.RMSNorm)]
+    assert {id(p) for p in casp.params} == {id(p) for p in rms}
+    before = [p.clone() for p in rms]
+    casp.adapt(ModalityBatch({m: data()[m] for m in ("a", "b")}))
+    assert all(not torch.equal(a, b) for a, b in zip(rms, before, strict=True))
+
+
+class ScaleNorm(nn.Module):  # a hand-written norm that subclasses none of torch's
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+class LateFusionWithNorm(nn.Module):  # a whole model whose name ends in "Norm"
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+        self.scale = ScaleNorm(3)
+        self.shared = nn.LayerNorm(3)
+        self.again = self.shared  # one layer under two names
+
+
+def test_norm_layers_are_torch_norms_or_leaf_modules_named_norm():
+    net = LateFusionWithNorm()
+    assert is_norm_layer(net.scale) and is_norm_layer(net.shared)
+    assert not is_norm_layer(net)  # has submodules: not a norm, its weight not adapted
+    assert not is_norm_layer(nn.Linear(2, 2))
+    expected = [net.scale.weight, net.shared.weight, net.shared.bias]
+    assert [id(p) for p in norm_parameters(net)] == [id(p) for p in expected]
+
+
+def test_a_transformers_encoder_with_its_own_norm_class(tmp_path):
+    """T5's norms (``T5LayerNorm``, a plain ``nn.Module``) are adapted beside the model's
+    LayerNorms; they were skipped silently."""
+    from tests.helpers import tiny_t5_encoder
+
+    torch.manual_seed(0)
+    t5 = tiny_t5_encoder(tmp_path, vocab_size=30, hidden=8)
+    norms = [m.weight for m in t5.modules() if type(m).__name__ == "T5LayerNorm"]
+    assert len(norms) == 3 and not any(isinstance(m, _TORCH_NORMS) for m in t5.modules())
+    ids = torch.randint(0, 30, (24, 6))
+    target = ModalityBatch({"text": ids, "audio": torch.randn(24, 4, 3)})
+    net = LateFusionModel.from_batch(
+        ModalityBatch({"audio": target["audio"]}), 1, width=8, num_heads=2, dropout=0.0
+    )
+    net.encoders["text"] = t5
+    net.fusion.modalities = ("text", "audio")
+    net.head = nn.Linear(16, 1)
+    casp = CASP(net.eval(), **FAST)
+    adapted = casp.model.encoders["text"]
+    t5_norms = [m.weight for m in adapted.modules() if type(m).__name__ == "T5LayerNorm"]
+    assert {id(p) for p in t5_norms} <= {id(p) for p in casp.params}
+    casp.adapt(target)
+    assert all(not torch.equal(a, b) for a, b in zip(t5_norms, norms, strict=True))
+
+
+_TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)

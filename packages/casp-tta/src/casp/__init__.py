@@ -7,7 +7,7 @@ without reading a single target label; ``predict``, online ``forward`` and ``res
 
 __version__ = "0.1.0"
 
-from casp.adapter import CASP, AdaptationReport, norm_parameters
+from casp.adapter import CASP, AdaptationReport, is_norm_layer, norm_parameters
 from casp.config import CASPConfig
 from casp.functional import (
     gather_with_grad,
@@ -23,6 +23,7 @@ __all__ = [
     "CASPConfig",
     "__version__",
     "gather_with_grad",
+    "is_norm_layer",
     "norm_parameters",
     "nt_xent",
     "pseudo_labels",

@@ -35,8 +35,9 @@ class CASPConfig:
         clip: gradient-norm clipping (``None``: off).
         batch_size: mini-batch size of both stages (>= 2: NT-Xent's negatives are the other
             samples of a batch).
-        trainable: ``"norm"`` (affine parameters of LayerNorm / BatchNorm / GroupNorm /
-            InstanceNorm layers) or ``"all"``.
+        trainable: ``"norm"`` (affine parameters of LayerNorm / RMSNorm / BatchNorm / GroupNorm /
+            InstanceNorm layers, and of library norms such as ``transformers``' ``LlamaRMSNorm``
+            or ``T5LayerNorm``: :func:`casp.is_norm_layer`) or ``"all"``.
         select_by: ``"last"`` (default: the last epoch of each stage; no target label is read)
             or ``"target_validation"`` (the released code: the epoch with the best accuracy on
             labelled target validation data — label leakage, only for comparison).

@@ -1292,3 +1292,23 @@ def test_a_transformers_text_encoder_with_padded_token_ids(tmp_path):
     assert history == other and len(set(history[-1].values())) == 2  # the two modalities differ
     for k, v in weights.items():
         torch.testing.assert_close(other_weights[k], v)
+
+
+def test_step_takes_the_batch_itself_or_a_clear_error_for_other_targets():
+    """``step(batch)`` uses the batch's targets (it failed with "'ModalityBatch' object has no
+    attribute 'ndim'"); a list or an array is a TypeError that says what to pass."""
+    batch = vector_batch()
+    results = []
+    for target in (batch.target, batch):
+        model = make_model(batch)
+        cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.0)
+        F.cross_entropy(model(batch), batch.target).backward()
+        if target is batch:
+            with pytest.raises(TypeError, match=r"as a tensor \(or the ModalityBatch\), got list"):
+                cggm.step(batch.target.tolist())
+        results.append((cggm.step(target), grads(model)))
+    assert results[1][0] == results[0][0]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has no target"):
+        cggm.step(batch.replace(target=None))

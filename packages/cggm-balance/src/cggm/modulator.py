@@ -525,11 +525,12 @@ class CGGM:
             self._direction = direction_target(b, self._classifier_heads)
         return self.config.lam * direction_loss_from_target(b, self._direction, self.head_weight)
 
-    def step(self, target: Tensor, *, sync: bool = True) -> dict[str, float] | None:
+    def step(self, target: Tensor | ModalityBatch, *, sync: bool = True) -> dict[str, float] | None:
         """Train the classifiers on this batch, update the scores and scale the gradients.
 
         Call after ``loss.backward()`` and before ``optimizer.step()`` (after
-        ``scaler.unscale_`` under AMP, before any gradient clipping). Returns
+        ``scaler.unscale_`` under AMP, before any gradient clipping). ``target``: this batch's
+        targets, or the ``ModalityBatch`` itself (its ``target`` is used). Returns
         ``{modality: B_m}`` on syncing steps, ``None`` on accumulation micro-steps
         (``sync=False``), which only train the classifiers and accumulate their scores, and on
         a step skipped (default mode) because a classifier's outputs were not finite.
@@ -539,6 +540,7 @@ class CGGM:
                 "CGGM.step: remove() took this modulator's hooks off the model, so it sees no "
                 "encoder output; build a new CGGM (load_state_dict this one's state to resume)."
             )
+        target = _target_tensor(target)
         # encoders the forward pass did not run (a model that skips absent modalities)
         not_run = [m for m in self.modalities if m not in self._captured]
         if not_run:
@@ -946,3 +948,15 @@ def _weighted_means(per_sample: Tensor, weights: Tensor) -> Tensor:
     """``[M]``: each row's mean over the samples its weights keep (0 when it keeps none)."""
     w = weights.to(per_sample.dtype)
     return (per_sample * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
+
+
+def _target_tensor(target: Any) -> Tensor:
+    """``step``'s targets: a tensor as it is, a ``ModalityBatch``'s ``target``."""
+    if isinstance(target, ModalityBatch):
+        return target.require_target()
+    if not isinstance(target, Tensor):
+        raise TypeError(
+            f"CGGM.step takes the batch's targets as a tensor (or the ModalityBatch), got "
+            f"{type(target).__name__}; convert them with torch.as_tensor."
+        )
+    return target

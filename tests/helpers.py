@@ -39,3 +39,42 @@ def tiny_t5_encoder(folder: Path, *, vocab_size: int = 50, hidden: int = 16):
     torch.manual_seed(0)
     transformers.T5EncoderModel(config).save_pretrained(folder)
     return transformers.T5EncoderModel.from_pretrained(folder).eval()
+
+
+class TokenizerInputModel(torch.nn.Module):
+    """A model that does not take a ``ModalityBatch``: ``forward(input_ids, attention_mask,
+    audio)``, as a ``transformers`` tokenizer's output feeds it, with a tiny random BERT text
+    encoder called with that ``attention_mask`` and a transformer audio encoder called with
+    ``src_key_padding_mask``; token concatenation, then a head on the first text token."""
+
+    def __init__(self, folder: Path, out_dim: int = 1, *, vocab_size: int = 30, hidden: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.text = tiny_bert(folder, vocab_size=vocab_size, hidden=hidden, max_len=12)
+        self.audio_proj = torch.nn.Linear(3, hidden)
+        layer = torch.nn.TransformerEncoderLayer(
+            hidden, 2, 2 * hidden, dropout=0.0, batch_first=True
+        )
+        self.audio = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.mixer = torch.nn.Identity()
+        self.classifier = torch.nn.Linear(hidden, out_dim)
+
+    def forward(self, input_ids, attention_mask, audio, audio_padding=None):
+        t = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        a = self.audio(self.audio_proj(audio), src_key_padding_mask=audio_padding)
+        return self.classifier(self.mixer(torch.cat([t, a], dim=1))[:, 0])
+
+
+def tokenizer_inputs(b: int = 4, pad_id: int = 0, seed: int = 0):
+    """``(input_ids, attention_mask, audio, audio_padding)`` with padded text and audio; what
+    the padded positions hold (``pad_id``, audio noise) depends on ``pad_id``."""
+    g = torch.Generator().manual_seed(seed)
+    attention_mask = torch.ones(b, 7, dtype=torch.long)
+    attention_mask[1::2, 4:] = 0
+    ids = torch.randint(1, 30, (b, 7), generator=g).masked_fill(attention_mask == 0, pad_id)
+    audio_padding = torch.zeros(b, 5, dtype=torch.bool)
+    audio_padding[::2, 3:] = True
+    audio = torch.randn(b, 5, 3, generator=g)
+    noise = torch.randn(b, 5, 3, generator=torch.Generator().manual_seed(pad_id))
+    audio = torch.where(audio_padding[..., None], noise, audio)
+    return ids, attention_mask, audio, audio_padding

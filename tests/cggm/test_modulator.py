@@ -1312,3 +1312,29 @@ def test_step_takes_the_batch_itself_or_a_clear_error_for_other_targets():
         torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0)
     with pytest.raises(ValueError, match="has no target"):
         cggm.step(batch.replace(target=None))
+
+
+def test_padding_masks_of_a_model_called_with_tokenizer_inputs(tmp_path):
+    """A model that takes no ``ModalityBatch`` (``model(input_ids, attention_mask, ...)``): the
+    classifiers pool over the real steps the encoders' own masks (BERT's ``attention_mask``, a
+    ``TransformerEncoder``'s ``src_key_padding_mask``) name. They pooled padded steps before,
+    so what those held changed the classifiers' losses and updates."""
+    from tests.helpers import TokenizerInputModel, tokenizer_inputs
+
+    target = torch.tensor([0, 1, 2, 1])
+    runs = []
+    for pad_id in (0, 17):
+        model = TokenizerInputModel(tmp_path / str(pad_id), out_dim=3)
+        cggm = CGGM(
+            model,
+            task="classification",
+            num_outputs=3,
+            encoder_modules={"text": "text", "audio": "audio"},
+            head_module="classifier",
+        )
+        x = tokenizer_inputs(pad_id=pad_id)
+        F.cross_entropy(model(*x), target).backward()
+        cggm.step(target)
+        runs.append({k: v.clone() for k, v in cggm.classifiers.state_dict().items()})
+    for name, value in runs[0].items():
+        torch.testing.assert_close(runs[1][name], value, rtol=0, atol=1e-6)

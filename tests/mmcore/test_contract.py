@@ -6,6 +6,7 @@ from mmcore import (
     ModalityBatch,
     ModulePathError,
     MultimodalModel,
+    call_padding_mask,
     check_module_names,
     check_multimodal_model,
     contract_encoder_paths,
@@ -138,3 +139,17 @@ def test_modality_names_that_cannot_name_a_submodule():
         check_module_names(["text", "audio.mfcc"], "Caller")
     with pytest.raises(ValueError, match=r"\['type'\] key submodules, and torch's ModuleDict"):
         check_module_names(["text", "type"], "Caller")
+
+
+def test_call_padding_mask_reads_the_fields_conventions():
+    """``True`` = padding, whichever convention the call used; masks that are not a [B, T]
+    padding mask (a float additive one, an extended 4-D attention mask) are not read."""
+    pad = torch.tensor([[False, False, True], [False, True, True]])
+    assert call_padding_mask({}) is None
+    for name in ("padding_mask", "src_key_padding_mask", "key_padding_mask"):
+        assert torch.equal(call_padding_mask({name: pad}), pad)
+    assert torch.equal(call_padding_mask({"attention_mask": (~pad).long()}), pad)
+    assert torch.equal(call_padding_mask({"attention_mask": (~pad).float()}), pad)
+    assert call_padding_mask({"src_key_padding_mask": pad.float() * -1e9}) is None
+    assert call_padding_mask({"attention_mask": (~pad).long()[:, None, None]}) is None
+    assert call_padding_mask({"mask": pad}) is None  # torch's attention mask, not padding

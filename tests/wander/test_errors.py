@@ -172,19 +172,21 @@ def test_base_model_moved_without_its_wrapper():
 
 
 def test_adapter_modalities_named_unlike_the_batch_warn(base_model):
-    """Masks are read from the batch by modality name: an adapter modality the example batch
-    does not hold would see padded tokens as real ones, so wrapping warns; named as the batch
-    names them, the same adapter ignores the padded tokens."""
+    """Presence masks are read from the batch by modality name: an adapter modality the example
+    batch does not hold would see a missing modality's zeros as real ones, so wrapping warns.
+    Its padding mask still arrives, through the call of its encoder (``padding_mask=``)."""
     pad = torch.zeros(4, 7, dtype=torch.bool)
     pad[1:, 4:] = True
     batch = make_batch().replace(padding_masks={"text": pad})
     noisy = batch.replace(
         inputs={**batch.inputs, "text": batch["text"].masked_fill(pad[..., None], 0.0)}
     )
+    lacking = batch.with_missing("text", torch.tensor([False, True, False, True]))
     outputs = {}
     for text in ("text", "txt"):
         targets = {text: "encoders.text", "audio": "encoders.audio", "vision": "encoders.vision"}
         model = copy.deepcopy(base_model)
+        torch.manual_seed(0)
         if text == "text":
             wander = Wander(model, RANKS, example_input=batch, target_modules=targets)
         else:
@@ -197,9 +199,12 @@ def test_adapter_modalities_named_unlike_the_batch_warn(base_model):
         for p in wander.adapter.parameters():  # away from the initialisation's exact zero
             p.data.add_(0.1 * torch.randn(p.shape, generator=g))
         with torch.no_grad():
-            outputs[text] = wander(batch) - wander(noisy)
-    assert outputs["text"].abs().max() < 1e-6  # padded tokens change nothing
-    assert outputs["txt"].abs().max() > 1e-3  # they do where the masks never arrive
+            outputs[text] = wander(batch), wander(noisy), wander(lacking)
+    for out, noisy_out, _ in outputs.values():
+        torch.testing.assert_close(noisy_out, out, rtol=0, atol=1e-6)  # padding changes nothing
+    torch.testing.assert_close(outputs["txt"][0], outputs["text"][0])  # the same adapter
+    # where the text is missing, only the adapter named as the batch knows it
+    assert (outputs["txt"][2] - outputs["text"][2]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("output", ["fused", "residual"])

@@ -674,3 +674,33 @@ def test_vector_features_are_one_token_each():
     assert wander.adapter.config.seq_lens == {"a": 1, "b": 1}
     token_factors = [p for n, p in wander.adapter.named_parameters() if "token" in n]
     assert token_factors and all(p.shape[1] == 1 for p in token_factors)
+
+
+def test_padding_masks_of_a_model_called_with_tokenizer_inputs(tmp_path):
+    """A model that takes no ``ModalityBatch`` (``model(input_ids, attention_mask, ...)``): the
+    masks its encoders are called with (BERT's ``attention_mask``, a ``TransformerEncoder``'s
+    ``src_key_padding_mask``) keep padded positions out of the adapter. They took part before:
+    what the padded positions held changed the output."""
+    from tests.helpers import TokenizerInputModel, tokenizer_inputs
+
+    model = TokenizerInputModel(tmp_path)
+    x, other = tokenizer_inputs(pad_id=0), tokenizer_inputs(pad_id=17)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*other), model(*x))  # the base model ignores padding
+    torch.manual_seed(0)
+    wander = Wander(
+        model,
+        RANKS,
+        example_input=x,
+        target_modules={"text": "text", "audio": "audio"},
+        fusion_module="mixer",
+        modules_to_save=["classifier"],
+    )
+    g = torch.Generator().manual_seed(1)
+    for p in wander.adapter.parameters():  # away from the initialisation's exact identity
+        p.data.add_(0.1 * torch.randn(p.shape, generator=g))
+    with torch.no_grad():
+        out = wander(*x)
+        with wander.disable_adapter():
+            assert (out - wander(*x)).abs().max() > 1e-3  # the adapter acts
+        torch.testing.assert_close(wander(*other), out, rtol=0, atol=1e-6)

@@ -31,6 +31,7 @@ from cggm.functional import (
 from mmcore import (
     ModalityBatch,
     ModulePathError,
+    call_padding_mask,
     check_distinct_modules,
     check_module_names,
     compiled_inner,
@@ -186,6 +187,7 @@ class CGGM:
         #: (StackedClassifiers.forward_backward); False: through autograd, the reference
         self.hand_backward = True
         self._captured: dict[str, Tensor] = {}
+        self._call_masks: dict[str, Tensor] = {}  # padding masks the encoders were called with
         self._batch: ModalityBatch | None = None
         self._names_checked = False  # the batch's modality names, against ours (warn once)
         self._length_warned: set[str] = set()  # modalities whose features change the length
@@ -198,7 +200,9 @@ class CGGM:
         for name, enc in self.encoders.items():
             # a partial of a bound method, not a closure: a model carrying it can be pickled, and
             # a deep copy of the model binds it to a copy of the modulator
-            self._handles.append(enc.register_forward_hook(functools.partial(self._capture, name)))
+            self._handles.append(
+                enc.register_forward_hook(functools.partial(self._capture, name), with_kwargs=True)
+            )
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
@@ -430,11 +434,19 @@ class CGGM:
         return F.cross_entropy(pred, target, reduction="none").reshape(n, -1).mean(dim=1)
 
     def _padding_mask(self, modality: str, features: Tensor) -> Tensor | None:
-        """The batch's padding mask of ``modality`` where it fits ``features`` ``[B, T, d]``."""
+        """The padding mask of ``modality`` where it fits ``features`` ``[B, T, d]``.
+
+        The batch's, else the one its encoder was called with (a ``transformers`` encoder's
+        ``attention_mask``: a model called as ``model(input_ids, attention_mask)``).
+        """
         batch = self._batch
-        if batch is None or modality not in batch or features.ndim != 3:
+        if features.ndim != 3:
             return None
-        mask = batch.padding_mask(modality)
+        mask, source = None, "batch's padding mask"
+        if batch is not None and modality in batch:
+            mask = batch.padding_mask(modality)
+        if mask is None:
+            mask, source = self._call_masks.get(modality), "padding mask its encoder was given"
         if mask is None or mask.shape == features.shape[:2]:
             return mask
         # an encoder (or feature_fn) that changed the length: the batch's mask no longer fits
@@ -442,7 +454,7 @@ class CGGM:
             self._length_warned.add(modality)
             warnings.warn(
                 f"CGGM: the features of '{modality}' have {features.shape[1]} steps but the "
-                f"batch's padding mask {mask.shape[1]} (the encoder or feature_fn changes the "
+                f"{source} {mask.shape[1]} (the encoder or feature_fn changes the "
                 f"length), so the classifier of '{modality}' pools every step, padded ones "
                 "included. Return features that keep the length, or pooled ones [B, d], from "
                 "feature_fn.",
@@ -473,7 +485,7 @@ class CGGM:
 
     # ------------------------------------------------------------------ hooks
     def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._captured = {}
+        self._captured, self._call_masks = {}, {}
         self._forward_ran = True
         self._batch = find_modality_batch(args, kwargs)
         if self._batch is not None and len(self._named) < len(self.modalities):
@@ -485,7 +497,14 @@ class CGGM:
             if message:
                 warnings.warn(message, stacklevel=stacklevel_outside(cggm))
 
-    def _capture(self, modality: str, _module: nn.Module, _args: tuple, output: Any) -> None:
+    def _capture(
+        self, modality: str, _module: nn.Module, _args: tuple, kwargs: dict, output: Any
+    ) -> None:
+        mask = call_padding_mask(kwargs)  # model(input_ids, attention_mask=...): no batch
+        if mask is not None:
+            self._call_masks[modality] = mask
+        else:
+            self._call_masks.pop(modality, None)
         if self.feature_fn is None:
             self._captured[modality] = encoder_features(output).detach()
             return
@@ -615,7 +634,7 @@ class CGGM:
             )
             w_fusion = self.head_weight.clone()
         optimizer.step()
-        self._captured = {}  # used: the next step needs the next forward's features
+        self._captured, self._call_masks = {}, {}  # used: the next step needs the next forward's
         self._direction = None  # the classifiers moved (and B may change below)
         self._totals += total
         self._counts += count
@@ -841,7 +860,7 @@ class CGGM:
         if bool(finite.all()):
             return False
         bad = [m for m, ok in zip(self.modalities, finite.tolist(), strict=True) if not ok]
-        self._batch, self._captured, self._forward_ran = None, {}, False
+        self._batch, self._captured, self._call_masks, self._forward_ran = None, {}, {}, False
         warnings.warn(
             f"CGGM.step: the classifiers' outputs for {bad} are NaN or infinite on this step's "
             f"batch{' of some rank' if distributed else ''} (non-finite encoder features?); the "

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Protocol, TypeGuard
 
+import torch
 from torch import Tensor, nn
 
 from mmcore.batch import ModalityBatch
@@ -25,6 +26,7 @@ __all__ = [
     "ModulePathError",
     "MultimodalModel",
     "accepts_padding_mask",
+    "call_padding_mask",
     "check_distinct_modules",
     "check_module_names",
     "check_multimodal_model",
@@ -299,7 +301,7 @@ def modalities_not_in_batch(names: Iterable[str], batch: ModalityBatch, what: st
     return (
         f"{what} modalities {unmatched} are not modalities of the ModalityBatch (it has "
         f"{list(batch.modalities)}). Padding and presence masks are read from the batch by "
-        "modality name, so none will be applied to them; name them as the batch does."
+        "modality name, so the batch's will not be applied to them; name them as the batch does."
     )
 
 
@@ -308,6 +310,26 @@ def find_modality_batch(args: tuple, kwargs: dict) -> ModalityBatch | None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, ModalityBatch):
             return value
+    return None
+
+
+def call_padding_mask(kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The padding mask ``[B, T]`` (``True`` = padding) a module was called with, if any.
+
+    For forward hooks on encoders of a model whose input is not a :class:`ModalityBatch` (say
+    ``model(input_ids, attention_mask)``): the mask is read from the call's keyword arguments
+    in the field's conventions. ``padding_mask`` (this toolkit's, ``True`` = padding), a 2-D
+    ``attention_mask`` (``transformers``', 1 = real token, 0 = padding) and a boolean
+    ``src_key_padding_mask`` / ``key_padding_mask`` (torch's transformer layers, ``True`` =
+    padding). Positional arguments are not read: their meaning depends on the module.
+    """
+    for name in ("padding_mask", "src_key_padding_mask", "key_padding_mask"):
+        mask = kwargs.get(name)
+        if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.ndim == 2:
+            return mask
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.ndim == 2:
+        return mask == 0
     return None
 
 

@@ -21,6 +21,7 @@ from mmcore import (
     ModalityBatch,
     ModulePathError,
     atomic_write,
+    call_padding_mask,
     check_distinct_modules,
     compiled_inner,
     contract_encoder_paths,
@@ -195,13 +196,16 @@ class Wander(nn.Module):
         self._disabled = False
         self.adapter_name: str | None = None  # set by inject_wander
         self._captured: dict[str, Tensor] = {}
+        self._call_masks: dict[str, Tensor] = {}  # padding masks the target modules were given
         self._batch: ModalityBatch | None = None
         self._length_warned: set[str] = set()  # modalities whose encoder changes the length
         self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]
         for m, module in self._targets.items():
             # a partial of a bound method, not a closure: a deep copy of the wrapped model binds
             # its hooks to the copy, and torch.save can pickle them
-            self._handles.append(module.register_forward_hook(functools.partial(self._capture, m)))
+            self._handles.append(
+                module.register_forward_hook(functools.partial(self._capture, m), with_kwargs=True)
+            )
         if cfg.output == "fused":
             self._handles.append(self._consumer.register_forward_hook(self._fuse_output))
         else:
@@ -299,33 +303,51 @@ class Wander(nn.Module):
     # ------------------------------------------------------------------ hooks
     def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured.clear()
+        self._call_masks.clear()
         self._batch = None if self._disabled else find_modality_batch(args, kwargs)
         if self._batch is not None and len(self._named) < len(self._targets):
             self._named.update(m for m in self._targets if m in self._batch)
 
-    def _capture(self, modality: str, _module: nn.Module, _args: tuple, output: Any) -> None:
-        if not self._disabled:
-            self._captured[modality] = encoder_features(output)
+    def _capture(
+        self, modality: str, _module: nn.Module, _args: tuple, kwargs: dict, output: Any
+    ) -> None:
+        if self._disabled:
+            return
+        self._captured[modality] = encoder_features(output)
+        mask = call_padding_mask(kwargs)  # model(input_ids, attention_mask=...): no batch
+        if mask is not None:
+            self._call_masks[modality] = mask
+        else:
+            self._call_masks.pop(modality, None)
 
     def _padding_masks(self) -> dict[str, Tensor | None]:
+        """Each modality's padding mask (``None`` for vectors or where none is known).
+
+        The batch's, else the one its target module was called with (a ``transformers``
+        encoder's ``attention_mask``: a model called as ``model(input_ids, attention_mask)``).
+        """
         masks: dict[str, Tensor | None] = {}
         for m, x in self._captured.items():
-            mask = None
-            if self._batch is not None and m in self._batch and x.ndim == 3:
+            mask, source = None, "the batch's padding mask"
+            if self._batch is not None and m in self._batch:
                 mask = self._batch.padding_mask(m)
-                if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
-                    self._warn_length_changed(m, tuple(mask.shape), x.shape[1])
-                    mask = None  # the encoder changed the length: the batch mask no longer fits
-            masks[m] = mask
+            if mask is None and m in self._call_masks:
+                mask, source = self._call_masks[m], "the padding mask it was called with"
+            if mask is not None and x.ndim == 3 and tuple(mask.shape) != tuple(x.shape[:2]):
+                self._warn_length_changed(m, tuple(mask.shape), x.shape[1], source)
+                mask = None  # the encoder changed the length: the mask no longer fits
+            masks[m] = mask if x.ndim == 3 else None
         return masks
 
-    def _warn_length_changed(self, modality: str, mask_shape: tuple[int, ...], t: int) -> None:
+    def _warn_length_changed(
+        self, modality: str, mask_shape: tuple[int, ...], t: int, source: str
+    ) -> None:
         if modality in self._length_warned:
             return
         self._length_warned.add(modality)
         warnings.warn(
-            f"Wander: the target module of '{modality}' outputs {t} tokens but the batch's "
-            f"padding mask is {list(mask_shape)}, so the adapter cannot apply it: padded "
+            f"Wander: the target module of '{modality}' outputs {t} tokens but {source} "
+            f"is {list(mask_shape)}, so the adapter cannot apply it: padded "
             "positions take part in the fusion. Target a module whose output keeps the input's "
             "length, or give the batch a padding mask of the output's length.",
             stacklevel=stacklevel_outside(wander),
@@ -365,7 +387,7 @@ class Wander(nn.Module):
                 features[m] = some.new_zeros(b, 1, self.adapter.hidden_dims[m])
                 presence[m] = torch.zeros(b, dtype=torch.bool, device=some.device)
         out = self.adapter(features, masks, presence)
-        self._captured, self._batch = {}, None  # hold no tensors between calls
+        self._captured, self._call_masks, self._batch = {}, {}, None  # hold no tensors
         return out
 
     def _fuse_output(self, _module: nn.Module, _args: tuple, output: Any) -> Any:

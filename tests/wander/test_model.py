@@ -1,5 +1,6 @@
 import copy
 import json
+import threading
 import warnings
 
 import pytest
@@ -189,6 +190,32 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     for a, b in zip(*grads, strict=True):
         assert a is not None and a.abs().sum() > 0
         torch.testing.assert_close(b, a)
+
+
+class _CheckpointedFusion(LayerwiseModel):
+    """``LayerwiseModel`` with each meeting module (the adapters' fusion module) checkpointed."""
+
+    def forward(self, batch):
+        text, audio = self.text_in(batch["text"]), self.audio_in(batch["audio"])
+        for text_layer, audio_layer, meet in zip(
+            self.text_layers, self.audio_layers, self.meet, strict=True
+        ):
+            text, audio = checkpoint(
+                meet, text_layer(text), audio_layer(audio), use_reentrant=False
+            )
+        return self.head(torch.cat([text.mean(1), audio.mean(1)], dim=-1))
+
+
+def test_checkpointing_the_fusion_module_is_a_clear_error():
+    """Its recomputation in the backward runs the fusion hook without the forward's features:
+    the error says to checkpoint the target modules instead (it pointed at a wrong name)."""
+    batch = make_batch({"text": 6, "audio": 3}, {"text": 7, "audio": 4})
+    torch.manual_seed(0)
+    model = _CheckpointedFusion().eval()
+    wander = _layer_adapter(model, batch, 1)
+    loss = (wander(batch).squeeze(-1) - batch.target).pow(2).mean()
+    with pytest.raises(RuntimeError, match="checkpoint the target modules, not the module that"):
+        loss.backward()
 
 
 def test_residual_adapters_after_every_layer(tmp_path):
@@ -704,3 +731,54 @@ def test_padding_masks_of_a_model_called_with_tokenizer_inputs(tmp_path):
         with wander.disable_adapter():
             assert (out - wander(*x)).abs().max() > 1e-3  # the adapter acts
         torch.testing.assert_close(wander(*other), out, rtol=0, atol=1e-6)
+
+
+class _PausingEncoder(torch.nn.Module):
+    """An encoder that, in the thread named ``"paused"``, waits until another thread's forward
+    pass has run: the two passes interleave the same way every time."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.reached, self.resume = inner, None, None
+
+    def forward(self, x, padding_mask=None):
+        if self.resume is not None and threading.current_thread().name == "paused":
+            self.reached.set()
+            assert self.resume.wait(timeout=30)
+        return self.inner(x, padding_mask=padding_mask)
+
+
+def test_concurrent_forward_passes_each_fuse_their_own_features(base_model, batch):
+    """Two threads calling one wrapped model (a threaded inference server): a pass that starts
+    while another is between its encoders and its fusion does not take or clear the other's
+    features and masks. It did: the paused pass lost its text features, silently."""
+    base_model.encoders["audio"] = _PausingEncoder(base_model.encoders["audio"])
+    other = make_batch(b=3, seed=5)
+    wander = Wander(base_model, RANKS, example_input=batch)
+    g = torch.Generator().manual_seed(1)
+    for p in wander.adapter.parameters():  # away from the initialisation's exact identity
+        p.data.add_(0.1 * torch.randn(p.shape, generator=g))
+    with torch.no_grad():
+        expected = {"paused": wander(batch), "other": wander(other)}
+    pausing = base_model.encoders["audio"]
+    pausing.reached, pausing.resume = threading.Event(), threading.Event()
+    outputs = {}
+
+    def paused():
+        with torch.no_grad():
+            outputs["paused"] = wander(batch)
+
+    def interleaved():
+        assert pausing.reached.wait(timeout=30)  # the paused pass has its text features
+        with torch.no_grad():
+            outputs["other"] = wander(other)
+        pausing.resume.set()
+
+    threads = [threading.Thread(target=paused, name="paused"), threading.Thread(target=interleaved)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(outputs) == {"paused", "other"}
+    for name, out in expected.items():
+        torch.testing.assert_close(outputs[name], out, rtol=0, atol=0)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +29,7 @@ from mmcore import (
     contract_encoder_paths,
     encoder_features,
     find_modality_batch,
+    is_compiling,
     modalities_not_in_batch,
     modes_kept,
     parallel_inner,
@@ -195,9 +198,9 @@ class Wander(nn.Module):
 
         self._disabled = False
         self.adapter_name: str | None = None  # set by inject_wander
-        self._captured: dict[str, Tensor] = {}
-        self._call_masks: dict[str, Tensor] = {}  # padding masks the target modules were given
-        self._batch: ModalityBatch | None = None
+        # what each running forward pass has shown the hooks, per thread: concurrent calls
+        # (a threaded server, DataParallel's replicas) each pair their own features and masks
+        self._calls: dict[int, _Call] = {}
         self._length_warned: set[str] = set()  # modalities whose encoder changes the length
         self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]
         for m, module in self._targets.items():
@@ -301,38 +304,46 @@ class Wander(nn.Module):
             warnings.warn(message, stacklevel=stacklevel_outside(wander))
 
     # ------------------------------------------------------------------ hooks
+    def _call(self) -> _Call:
+        """This thread's running forward pass.
+
+        A new one where the base model's pre-hook did not run in this thread: activation
+        checkpointing recomputing target modules in the backward.
+        """
+        return self._calls.setdefault(_thread_key(), _Call())
+
     def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._captured.clear()
-        self._call_masks.clear()
-        self._batch = None if self._disabled else find_modality_batch(args, kwargs)
-        if self._batch is not None and len(self._named) < len(self._targets):
-            self._named.update(m for m in self._targets if m in self._batch)
+        batch = None if self._disabled else find_modality_batch(args, kwargs)
+        self._calls[_thread_key()] = _Call(batch)
+        if batch is not None and len(self._named) < len(self._targets):
+            self._named.update(m for m in self._targets if m in batch)
 
     def _capture(
         self, modality: str, _module: nn.Module, _args: tuple, kwargs: dict, output: Any
     ) -> None:
         if self._disabled:
             return
-        self._captured[modality] = encoder_features(output)
+        call = self._call()
+        call.features[modality] = encoder_features(output)
         mask = call_padding_mask(kwargs)  # model(input_ids, attention_mask=...): no batch
         if mask is not None:
-            self._call_masks[modality] = mask
+            call.masks[modality] = mask
         else:
-            self._call_masks.pop(modality, None)
+            call.masks.pop(modality, None)
 
-    def _padding_masks(self) -> dict[str, Tensor | None]:
+    def _padding_masks(self, call: _Call) -> dict[str, Tensor | None]:
         """Each modality's padding mask (``None`` for vectors or where none is known).
 
         The batch's, else the one its target module was called with (a ``transformers``
         encoder's ``attention_mask``: a model called as ``model(input_ids, attention_mask)``).
         """
         masks: dict[str, Tensor | None] = {}
-        for m, x in self._captured.items():
+        for m, x in call.features.items():
             mask, source = None, "the batch's padding mask"
-            if self._batch is not None and m in self._batch:
-                mask = self._batch.padding_mask(m)
-            if mask is None and m in self._call_masks:
-                mask, source = self._call_masks[m], "the padding mask it was called with"
+            if call.batch is not None and m in call.batch:
+                mask = call.batch.padding_mask(m)
+            if mask is None and m in call.masks:
+                mask, source = call.masks[m], "the padding mask it was called with"
             if mask is not None and x.ndim == 3 and tuple(mask.shape) != tuple(x.shape[:2]):
                 self._warn_length_changed(m, tuple(mask.shape), x.shape[1], source)
                 mask = None  # the encoder changed the length: the mask no longer fits
@@ -353,17 +364,17 @@ class Wander(nn.Module):
             stacklevel=stacklevel_outside(wander),
         )
 
-    def _presence(self) -> dict[str, Tensor | None]:
+    def _presence(self, call: _Call) -> dict[str, Tensor | None]:
         """The batch's presence masks (``None``: present in every sample, or no batch seen).
 
         A modality the batch does not name, though an earlier batch did (a model that encodes
         zeros for it), is absent from every sample.
         """
-        if self._batch is None:
+        batch = call.batch
+        if batch is None:
             return {}
-        batch = self._batch
         presence: dict[str, Tensor | None] = {}
-        for m, x in self._captured.items():
+        for m, x in call.features.items():
             if x.shape[0] != batch.batch_size:
                 continue
             if m in batch:
@@ -372,13 +383,19 @@ class Wander(nn.Module):
                 presence[m] = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         return presence
 
-    def _adapter_output(self) -> Tensor | dict[str, Tensor]:
-        features, masks, presence = dict(self._captured), self._padding_masks(), self._presence()
+    def _adapter_output(self, call: _Call) -> Tensor | dict[str, Tensor]:
+        features, masks, presence = (
+            dict(call.features),
+            self._padding_masks(call),
+            self._presence(call),
+        )
         skipped = [m for m in self._targets if m not in features]
         if len(skipped) == len(self._targets):
             raise RuntimeError(
                 f"Wander: the fusion module ran before the target modules of {skipped} produced "
-                "their outputs in this forward pass; check target_modules / fusion_module."
+                "their outputs in this forward pass; check target_modules / fusion_module (or "
+                "activation checkpointing recomputes the fusion module in the backward: "
+                "checkpoint the target modules, not the module that consumes them)."
             )
         if skipped:  # a model that does not encode a modality its batch lacks: absent
             some = next(iter(features.values()))
@@ -387,13 +404,13 @@ class Wander(nn.Module):
                 features[m] = some.new_zeros(b, 1, self.adapter.hidden_dims[m])
                 presence[m] = torch.zeros(b, dtype=torch.bool, device=some.device)
         out = self.adapter(features, masks, presence)
-        self._captured, self._call_masks, self._batch = {}, {}, None  # hold no tensors
+        self._calls.pop(_thread_key(), None)  # hold no tensors between calls
         return out
 
     def _fuse_output(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
         if self._disabled:
             return output
-        fused = cast(Tensor, self._adapter_output())  # [B, T', D]
+        fused = cast(Tensor, self._adapter_output(self._call()))  # [B, T', D]
         if not isinstance(output, Tensor):
             raise TypeError(f"Wander: fusion module output {_describe(output)} is not a tensor.")
         if fused.shape[-1] != output.shape[-1]:  # fused_dim: tiled to the output size
@@ -407,8 +424,9 @@ class Wander(nn.Module):
     def _add_residuals(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if self._disabled:
             return None
-        originals = dict(self._captured)
-        deltas = cast(dict[str, Tensor], self._adapter_output())
+        call = self._call()
+        originals = dict(call.features)
+        deltas = cast(dict[str, Tensor], self._adapter_output(call))
         unused = [deltas[m] for m in deltas if m not in originals]  # encoders the model skipped
         if unused:  # in the graph at weight 0: zero gradients, not none (DDP needs every one)
             m = next(iter(originals))
@@ -653,3 +671,21 @@ def _adapter_placement(model: nn.Module) -> dict[str, Any]:
     if weight is None:
         return {}
     return {"device": weight.device, "dtype": trainable_dtype(weight.dtype)}
+
+
+def _thread_key() -> int:
+    """The running thread's key into ``Wander._calls``.
+
+    ``torch.compile`` cannot trace ``threading.get_ident``; a compiled graph carries the
+    features from the hooks to the fusion inside itself, so it takes one fixed key.
+    """
+    return 0 if is_compiling() else threading.get_ident()
+
+
+@dataclass
+class _Call:
+    """What one forward pass of the base model has shown a ``Wander``'s hooks so far."""
+
+    batch: ModalityBatch | None = None
+    features: dict[str, Tensor] = field(default_factory=dict)  # the target modules' outputs
+    masks: dict[str, Tensor] = field(default_factory=dict)  # padding masks they were called with

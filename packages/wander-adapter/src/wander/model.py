@@ -199,7 +199,7 @@ class Wander(nn.Module):
         self._disabled = False
         self.adapter_name: str | None = None  # set by inject_wander
         # what each running forward pass has shown the hooks, per thread: concurrent calls
-        # (a threaded server, DataParallel's replicas) each pair their own features and masks
+        # (a threaded inference server) each pair their own features and masks
         self._calls: dict[int, _Call] = {}
         self._length_warned: set[str] = set()  # modalities whose encoder changes the length
         self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
@@ -782,3 +783,43 @@ def test_concurrent_forward_passes_each_fuse_their_own_features(base_model, batc
     assert set(outputs) == {"paused", "other"}
     for name, out in expected.items():
         torch.testing.assert_close(outputs[name], out, rtol=0, atol=0)
+
+
+class _TiedHeads(torch.nn.Module):
+    """Contract model whose two head layers share one weight (as a head tied to an embedding)."""
+
+    def __init__(self, batch):
+        super().__init__()
+        dims = {m: batch[m].shape[-1] for m in batch.modalities}
+        self.encoders = torch.nn.ModuleDict({m: torch.nn.Linear(d, 8) for m, d in dims.items()})
+        self.fusion = torch.nn.Identity()
+        self.head = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 1)
+        self.out_in = torch.nn.Linear(8, 8)
+        self.out_in.weight = self.head.weight
+
+    def forward(self, batch):
+        fused = self.fusion(torch.cat([self.encoders[m](batch[m]) for m in self.encoders], 1))
+        return self.out(torch.relu(self.out_in(torch.relu(self.head(fused[:, 0])))))
+
+
+def test_tied_weights_among_the_saved_modules_round_trip(tmp_path, batch):
+    """``save_pretrained`` writes a tied weight once, its other name as an alias, and loading
+    restores both (it failed: safetensors refuses tensors that share memory)."""
+    torch.manual_seed(0)
+    model = _TiedHeads(batch)
+    fresh = copy.deepcopy(model)  # the same frozen base, its own (untrained) heads
+    wander = Wander(model, RANKS, example_input=batch, modules_to_save=["head", "out_in", "out"])
+    train_steps(wander, batch)
+    wander.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        saved = set(f.keys())
+        assert "base_model.head.weight" in saved and "base_model.out_in.weight" not in saved
+        assert json.loads(f.metadata()["aliases"]) == {
+            "base_model.out_in.weight": "base_model.head.weight"
+        }
+    again = Wander.from_pretrained(fresh, tmp_path)
+    assert again.load_report == {"missing_keys": [], "unexpected_keys": []}
+    assert fresh.out_in.weight is fresh.head.weight
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch), wander(batch), rtol=0, atol=0)

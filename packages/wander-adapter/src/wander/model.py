@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
@@ -548,12 +547,16 @@ class Wander(nn.Module):
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically).
 
         Only the adapter and the ``modules_to_save`` weights are written, never the frozen base.
+        Weights tied to one another are written once, the other names kept as aliases.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        tensors, aliases = _unshared(self.adapter_state_dict())
+        metadata = {"format": "pt", "library": "wander"}
+        if aliases:  # tied weights (a head tied to an embedding) are written once
+            metadata["aliases"] = json.dumps(aliases)
         with atomic_write(directory / WEIGHTS_NAME, "wb") as f:
-            f.write(safetensors_bytes(tensors, metadata={"format": "pt", "library": "wander"}))
+            f.write(safetensors_bytes(tensors, metadata=metadata))
         payload = {"wander_version": __version__, **self.config.to_dict()}
         with atomic_write(directory / CONFIG_NAME) as f:
             json.dump(payload, f, indent=2)
@@ -591,9 +594,12 @@ class Wander(nn.Module):
         # where the adapter was placed (the base model's device)
         device = str(next(self.adapter.parameters()).device)
         try:
-            state = load_file(str(weights_path), device=device)
-        except SafetensorError as err:
+            with safe_open(str(weights_path), framework="pt", device=device) as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+                aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        except (SafetensorError, json.JSONDecodeError) as err:
             raise ValueError(f"Wander.from_pretrained: cannot read {weights_path}: {err}") from None
+        state.update({alias: state[key] for alias, key in aliases.items() if key in state})
         expected = self.adapter_state_dict()
         shared = sorted(set(expected) & set(state))
         for key in shared:
@@ -606,6 +612,31 @@ class Wander(nn.Module):
             for key in shared:
                 expected[key].copy_(state[key])
         return sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+
+
+def _unshared(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``state`` on the CPU as safetensors can write it, and ``{alias: key}`` for tied weights.
+
+    safetensors refuses tensors that share memory. A name for exactly the tensor of an earlier
+    name becomes an alias of it; another view of memory already written is copied.
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen_views: dict[tuple, str] = {}
+    seen_storages: set[int] = set()
+    for key, value in state.items():
+        value = value.detach()
+        storage = value.untyped_storage().data_ptr()
+        view = (storage, value.storage_offset(), tuple(value.shape), tuple(value.stride()))
+        if view in seen_views:
+            aliases[key] = seen_views[view]
+            continue
+        seen_views[view] = key
+        shared = storage in seen_storages
+        seen_storages.add(storage)
+        value = value.contiguous().cpu()
+        tensors[key] = value.clone() if shared else value
+    return tensors, aliases
 
 
 def adapters_on(model: nn.Module) -> list[Wander]:

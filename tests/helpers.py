@@ -78,3 +78,31 @@ def tokenizer_inputs(b: int = 4, pad_id: int = 0, seed: int = 0):
     noise = torch.randn(b, 5, 3, generator=torch.Generator().manual_seed(pad_id))
     audio = torch.where(audio_padding[..., None], noise, audio)
     return ids, attention_mask, audio, audio_padding
+
+
+class CausalMaskModel(torch.nn.Module):
+    """Contract model whose encoders take a ``[T, T]`` causal ``attention_mask`` (no padding
+    mask, whatever its name): a reader of padding masks must leave it alone."""
+
+    def __init__(self, dims: dict[str, int], out_dim: int = 1, width: int = 8):
+        super().__init__()
+        self.encoders = torch.nn.ModuleDict({m: _CausalEncoder(d, width) for m, d in dims.items()})
+        self.fusion = torch.nn.Identity()
+        self.head = torch.nn.Linear(width, out_dim)
+
+    def forward(self, batch):
+        feats = []
+        for m, encoder in self.encoders.items():
+            t = batch[m].shape[1]
+            feats.append(encoder(batch[m], attention_mask=torch.ones(t, t).tril()))
+        return self.head(self.fusion(torch.cat(feats, dim=1))[:, 0])
+
+
+class _CausalEncoder(torch.nn.Module):
+    def __init__(self, d_in: int, d: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d)
+
+    def forward(self, x, attention_mask=None):
+        scores = (x @ x.transpose(1, 2)).masked_fill(attention_mask == 0, float("-inf"))
+        return self.proj(scores.softmax(-1) @ x)

@@ -1338,3 +1338,22 @@ def test_padding_masks_of_a_model_called_with_tokenizer_inputs(tmp_path):
         runs.append({k: v.clone() for k, v in cggm.classifiers.state_dict().items()})
     for name, value in runs[0].items():
         torch.testing.assert_close(runs[1][name], value, rtol=0, atol=1e-6)
+
+
+def test_an_attention_mask_that_is_no_padding_mask_is_left_alone():
+    """An encoder called with a causal ``[T, T]`` ``attention_mask``: the classifiers pool
+    every step, and no warning says a padding mask could not be applied (it did)."""
+    from tests.helpers import CausalMaskModel
+
+    g = torch.Generator().manual_seed(0)
+    batch = ModalityBatch(
+        {"a": torch.randn(4, 6, 3, generator=g), "b": torch.randn(4, 5, 2, generator=g)},
+        torch.tensor([0, 1, 2, 1]),
+    )
+    torch.manual_seed(0)
+    model = CausalMaskModel({"a": 3, "b": 2}, out_dim=3)
+    cggm = CGGM(model, task="classification", num_outputs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.cross_entropy(model(batch), batch.target).backward()
+        cggm.step(batch.target)

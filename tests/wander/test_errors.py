@@ -1,6 +1,7 @@
 """Models that Wander cannot adapt as asked: each is a clear error at wrap or call time."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -270,3 +271,17 @@ def test_a_modality_name_with_a_dot_is_a_clear_error_that_leaves_the_model_as_it
         )
     assert all(p.requires_grad for p in model.parameters())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_an_attention_mask_that_is_no_padding_mask_is_left_alone():
+    """An encoder called with a causal ``[T, T]`` ``attention_mask``: no padding mask is read
+    from it, and no warning says one could not be applied (it did)."""
+    from tests.helpers import CausalMaskModel
+
+    batch = make_batch()
+    torch.manual_seed(0)
+    model = CausalMaskModel({m: batch[m].shape[-1] for m in batch.modalities})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wander = Wander(model, RANKS, example_input=batch)
+        wander(batch).sum().backward()

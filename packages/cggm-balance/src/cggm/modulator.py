@@ -445,8 +445,10 @@ class CGGM:
         mask, source = None, "batch's padding mask"
         if batch is not None and modality in batch:
             mask = batch.padding_mask(modality)
-        if mask is None:
-            mask, source = self._call_masks.get(modality), "padding mask its encoder was given"
+        called = self._call_masks.get(modality)
+        # a call's mask of another batch size is no per-sample padding mask (a [T, T] one)
+        if mask is None and called is not None and called.shape[0] == features.shape[0]:
+            mask, source = called, "padding mask its encoder was given"
         if mask is None or mask.shape == features.shape[:2]:
             return mask
         # an encoder (or feature_fn) that changed the length: the batch's mask no longer fits

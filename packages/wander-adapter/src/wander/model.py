@@ -341,7 +341,8 @@ class Wander(nn.Module):
             mask, source = None, "the batch's padding mask"
             if call.batch is not None and m in call.batch:
                 mask = call.batch.padding_mask(m)
-            if mask is None and m in call.masks:
+            # a call's mask of another batch size is no per-sample padding mask (a [T, T] one)
+            if mask is None and m in call.masks and call.masks[m].shape[0] == x.shape[0]:
                 mask, source = call.masks[m], "the padding mask it was called with"
             if mask is not None and x.ndim == 3 and tuple(mask.shape) != tuple(x.shape[:2]):
                 self._warn_length_changed(m, tuple(mask.shape), x.shape[1], source)

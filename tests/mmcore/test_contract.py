@@ -141,15 +141,18 @@ def test_modality_names_that_cannot_name_a_submodule():
         check_module_names(["text", "type"], "Caller")
 
 
-def test_call_padding_mask_reads_the_fields_conventions():
+def test_call_padding_mask_reads_the_fields_conventions(tmp_path):
     """``True`` = padding, whichever convention the call used; masks that are not a [B, T]
-    padding mask (a float additive one, an extended 4-D attention mask) are not read."""
+    padding mask (a float additive one, an extended 4-D attention mask) are not read, nor an
+    ``attention_mask`` given to a module that is not a ``transformers`` model (a causal one)."""
     pad = torch.tensor([[False, False, True], [False, True, True]])
-    assert call_padding_mask({}) is None
+    bert, plain = tiny_bert(tmp_path), nn.Linear(2, 2)
+    assert call_padding_mask(bert, {}) is None
     for name in ("padding_mask", "src_key_padding_mask", "key_padding_mask"):
-        assert torch.equal(call_padding_mask({name: pad}), pad)
-    assert torch.equal(call_padding_mask({"attention_mask": (~pad).long()}), pad)
-    assert torch.equal(call_padding_mask({"attention_mask": (~pad).float()}), pad)
-    assert call_padding_mask({"src_key_padding_mask": pad.float() * -1e9}) is None
-    assert call_padding_mask({"attention_mask": (~pad).long()[:, None, None]}) is None
-    assert call_padding_mask({"mask": pad}) is None  # torch's attention mask, not padding
+        assert torch.equal(call_padding_mask(plain, {name: pad}), pad)
+    assert torch.equal(call_padding_mask(bert, {"attention_mask": (~pad).long()}), pad)
+    assert torch.equal(call_padding_mask(bert, {"attention_mask": (~pad).float()}), pad)
+    assert call_padding_mask(plain, {"attention_mask": (~pad).long()}) is None
+    assert call_padding_mask(plain, {"src_key_padding_mask": pad.float() * -1e9}) is None
+    assert call_padding_mask(bert, {"attention_mask": (~pad).long()[:, None, None]}) is None
+    assert call_padding_mask(plain, {"mask": pad}) is None  # torch's attention mask, not padding

@@ -500,9 +500,9 @@ class CGGM:
                 warnings.warn(message, stacklevel=stacklevel_outside(cggm))
 
     def _capture(
-        self, modality: str, _module: nn.Module, _args: tuple, kwargs: dict, output: Any
+        self, modality: str, module: nn.Module, _args: tuple, kwargs: dict, output: Any
     ) -> None:
-        mask = call_padding_mask(kwargs)  # model(input_ids, attention_mask=...): no batch
+        mask = call_padding_mask(module, kwargs)  # model(input_ids, attention_mask=...): no batch
         if mask is not None:
             self._call_masks[modality] = mask
         else:

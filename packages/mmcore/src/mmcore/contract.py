@@ -313,22 +313,24 @@ def find_modality_batch(args: tuple, kwargs: dict) -> ModalityBatch | None:
     return None
 
 
-def call_padding_mask(kwargs: Mapping[str, Any]) -> Tensor | None:
-    """The padding mask ``[B, T]`` (``True`` = padding) a module was called with, if any.
+def call_padding_mask(module: nn.Module, kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The padding mask ``[B, T]`` (``True`` = padding) ``module`` was called with, if any.
 
     For forward hooks on encoders of a model whose input is not a :class:`ModalityBatch` (say
     ``model(input_ids, attention_mask)``): the mask is read from the call's keyword arguments
-    in the field's conventions. ``padding_mask`` (this toolkit's, ``True`` = padding), a 2-D
-    ``attention_mask`` (``transformers``', 1 = real token, 0 = padding) and a boolean
-    ``src_key_padding_mask`` / ``key_padding_mask`` (torch's transformer layers, ``True`` =
-    padding). Positional arguments are not read: their meaning depends on the module.
+    in the field's conventions. A boolean ``padding_mask`` (this toolkit's),
+    ``src_key_padding_mask`` or ``key_padding_mask`` (torch's transformer layers), ``True`` =
+    padding; and, for a ``transformers`` model only, a 2-D ``attention_mask`` (1 = real token,
+    0 = padding), a name other modules also give to attention masks that are no padding masks
+    (a causal ``[T, T]`` one). Positional arguments are not read: their meaning depends on the
+    module.
     """
     for name in ("padding_mask", "src_key_padding_mask", "key_padding_mask"):
         mask = kwargs.get(name)
         if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.ndim == 2:
             return mask
     mask = kwargs.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.ndim == 2:
+    if _is_transformers_model(module) and isinstance(mask, Tensor) and mask.ndim == 2:
         return mask == 0
     return None
 

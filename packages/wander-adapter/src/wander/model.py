@@ -318,13 +318,13 @@ class Wander(nn.Module):
             self._named.update(m for m in self._targets if m in batch)
 
     def _capture(
-        self, modality: str, _module: nn.Module, _args: tuple, kwargs: dict, output: Any
+        self, modality: str, module: nn.Module, _args: tuple, kwargs: dict, output: Any
     ) -> None:
         if self._disabled:
             return
         call = self._call()
         call.features[modality] = encoder_features(output)
-        mask = call_padding_mask(kwargs)  # model(input_ids, attention_mask=...): no batch
+        mask = call_padding_mask(module, kwargs)  # model(input_ids, attention_mask=...): no batch
         if mask is not None:
             call.masks[modality] = mask
         else:

@@ -12,6 +12,7 @@ from mmcore import (
     read_json,
     sinusoidal_positions,
     stacklevel_outside,
+    trainable_dtype,
 )
 
 
@@ -99,3 +100,14 @@ def test_modes_kept_restores_each_modules_own_mode():
         model.eval()
         raise RuntimeError("inside")
     assert model.training and model[0].training and not model[1].training
+
+
+def test_trainable_dtype_is_float32_below_32_bits():
+    """Small trained parts of a float16, bfloat16 or float8 model are float32 (a float8
+    adapter had no matrix product); other dtypes are kept."""
+    low = [torch.float16, torch.bfloat16]
+    low += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+    for dtype in low:
+        assert trainable_dtype(dtype) == torch.float32
+    for dtype in (torch.float32, torch.float64, torch.int8):
+        assert trainable_dtype(dtype) == dtype

@@ -185,11 +185,13 @@ def sinusoidal_positions(
 def trainable_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """The dtype for small trained parts (adapters, auxiliary classifiers) of a model.
 
-    The model's own dtype, except float32 for float16 and bfloat16 models, as PEFT's
-    ``autocast_adapter_dtype``: small parameters trained in half precision lose their updates
-    to rounding.
+    The model's own dtype, except float32 for a model in a floating dtype of fewer than 32 bits
+    (float16, bfloat16, the float8 formats), as PEFT's ``autocast_adapter_dtype``: small
+    parameters trained in low precision lose their updates to rounding, and float8 has no
+    general matrix product.
     """
-    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
+    low = model_dtype.is_floating_point and torch.finfo(model_dtype).bits < 32
+    return torch.float32 if low else model_dtype
 
 
 def fused_optimizer(

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -734,3 +735,27 @@ def test_a_transformers_encoder_with_its_own_norm_class(tmp_path):
 
 
 _TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def test_adapts_when_called_under_no_grad_as_from_an_evaluation_loop():
+    """Under ``torch.no_grad()`` ``adapt`` and online calls adapt as they do without it (as in
+    Tent; they failed with "element 0 of tensors does not require grad"). Under
+    ``torch.inference_mode()``, which autograd cannot leave, it is a clear error, and
+    ``predict`` still runs there."""
+    target = data(seed=3)
+    results = []
+    for context in (contextlib.nullcontext, torch.no_grad):
+        casp = CASP(model(), **FAST)
+        torch.manual_seed(1)  # the same dropout draws
+        with context():
+            report = casp.adapt(target)
+            online = casp(target.select(slice(0, 8)))
+        results.append((report.kept_indices, casp.predict(target), online))
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    casp = CASP(model(), **FAST)
+    with torch.inference_mode():
+        for call in (casp.adapt, casp):
+            with pytest.raises(RuntimeError, match=r"outside inference_mode"):
+                call(target)
+        assert casp.predict(target).shape == (len(target),)

@@ -196,14 +196,16 @@ class CASP:
         """Only the adapted parameters require gradients while CASP adapts.
 
         The model's own ``requires_grad`` flags and train/eval modes (module by module) come
-        back after, so a model adapted in place is left as the caller set it up.
+        back after, so a model adapted in place is left as the caller set it up. Gradients are
+        on inside, as in Tent: test-time adaptation is often called from an evaluation loop
+        under ``torch.no_grad()``.
         """
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         self.model.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
         try:
-            with modes_kept(self.model):
+            with modes_kept(self.model), torch.enable_grad():
                 yield
         finally:
             for p, flag in flags:
@@ -362,6 +364,7 @@ class CASP:
         :meth:`reset` first to adapt from the source model again.
         """
         cfg = self.config
+        _check_not_inference_mode("CASP.adapt")
         data = _in_memory(data, "CASP.adapt")
         if len(data.modalities) < 2:
             raise ValueError(
@@ -510,6 +513,7 @@ class CASP:
         (NT-Xent needs another sample as its negative). Single-process only.
         """
         batch = require_modality_batch(batch, "CASP.forward")
+        _check_not_inference_mode("CASP.forward")
         if len(batch) == 0:
             raise ValueError("CASP.forward got no sample (an empty batch).")
         if self.distributed:
@@ -703,3 +707,13 @@ def _in_memory(data: ModalityBatch | Iterable[ModalityBatch], caller: str) -> Mo
         f"{caller} takes a ModalityBatch or an iterable of them (e.g. a DataLoader with "
         f"collate_fn=collate_modalities), got {type(data).__name__}."
     )
+
+
+def _check_not_inference_mode(caller: str) -> None:
+    """Adaptation needs autograd, which ``torch.inference_mode`` turns off for good."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{caller} updates the model with gradients, which torch.inference_mode() forbids; "
+            "call it outside inference_mode (under torch.no_grad() it turns gradients on for "
+            "its own updates, as Tent does)."
+        )

@@ -147,12 +147,13 @@ def test_call_padding_mask_reads_the_fields_conventions(tmp_path):
     ``attention_mask`` given to a module that is not a ``transformers`` model (a causal one)."""
     pad = torch.tensor([[False, False, True], [False, True, True]])
     bert, plain = tiny_bert(tmp_path), nn.Linear(2, 2)
-    assert call_padding_mask(bert, {}) is None
+    assert call_padding_mask(bert, {}, 2) is None
     for name in ("padding_mask", "src_key_padding_mask", "key_padding_mask"):
-        assert torch.equal(call_padding_mask(plain, {name: pad}), pad)
-    assert torch.equal(call_padding_mask(bert, {"attention_mask": (~pad).long()}), pad)
-    assert torch.equal(call_padding_mask(bert, {"attention_mask": (~pad).float()}), pad)
-    assert call_padding_mask(plain, {"attention_mask": (~pad).long()}) is None
-    assert call_padding_mask(plain, {"src_key_padding_mask": pad.float() * -1e9}) is None
-    assert call_padding_mask(bert, {"attention_mask": (~pad).long()[:, None, None]}) is None
-    assert call_padding_mask(plain, {"mask": pad}) is None  # torch's attention mask, not padding
+        assert torch.equal(call_padding_mask(plain, {name: pad}, 2), pad)
+    assert torch.equal(call_padding_mask(bert, {"attention_mask": (~pad).long()}, 2), pad)
+    assert torch.equal(call_padding_mask(bert, {"attention_mask": (~pad).float()}, 2), pad)
+    assert call_padding_mask(plain, {"attention_mask": (~pad).long()}, 2) is None
+    assert call_padding_mask(plain, {"src_key_padding_mask": pad.float() * -1e9}, 2) is None
+    assert call_padding_mask(bert, {"attention_mask": (~pad).long()[:, None, None]}, 2) is None
+    assert call_padding_mask(plain, {"mask": pad}, 2) is None  # torch's attention mask, not padding
+    assert call_padding_mask(plain, {"padding_mask": pad}, 3) is None  # not one row a sample

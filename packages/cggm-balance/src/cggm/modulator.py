@@ -187,7 +187,7 @@ class CGGM:
         #: (StackedClassifiers.forward_backward); False: through autograd, the reference
         self.hand_backward = True
         self._captured: dict[str, Tensor] = {}
-        self._call_masks: dict[str, Tensor] = {}  # padding masks the encoders were called with
+        self._call_masks: dict[str, Tensor | None] = {}  # padding masks the encoders were given
         self._batch: ModalityBatch | None = None
         self._names_checked = False  # the batch's modality names, against ours (warn once)
         self._length_warned: set[str] = set()  # modalities whose features change the length
@@ -445,10 +445,8 @@ class CGGM:
         mask, source = None, "batch's padding mask"
         if batch is not None and modality in batch:
             mask = batch.padding_mask(modality)
-        called = self._call_masks.get(modality)
-        # a call's mask of another batch size is no per-sample padding mask (a [T, T] one)
-        if mask is None and called is not None and called.shape[0] == features.shape[0]:
-            mask, source = called, "padding mask its encoder was given"
+        if mask is None and self._call_masks.get(modality) is not None:
+            mask, source = self._call_masks[modality], "padding mask its encoder was given"
         if mask is None or mask.shape == features.shape[:2]:
             return mask
         # an encoder (or feature_fn) that changed the length: the batch's mask no longer fits
@@ -502,21 +500,18 @@ class CGGM:
     def _capture(
         self, modality: str, module: nn.Module, _args: tuple, kwargs: dict, output: Any
     ) -> None:
-        mask = call_padding_mask(module, kwargs)  # model(input_ids, attention_mask=...): no batch
-        if mask is not None:
-            self._call_masks[modality] = mask
-        else:
-            self._call_masks.pop(modality, None)
         if self.feature_fn is None:
-            self._captured[modality] = encoder_features(output).detach()
-            return
-        features = self.feature_fn(modality, output)
-        if not isinstance(features, Tensor):
-            raise TypeError(
-                f"CGGM feature_fn returned a {type(features).__name__} for modality "
-                f"'{modality}'; it must return the features as a Tensor."
-            )
+            features = encoder_features(output)
+        else:
+            features = self.feature_fn(modality, output)
+            if not isinstance(features, Tensor):
+                raise TypeError(
+                    f"CGGM feature_fn returned a {type(features).__name__} for modality "
+                    f"'{modality}'; it must return the features as a Tensor."
+                )
         self._captured[modality] = features.detach()
+        # model(input_ids, attention_mask=...): no batch to read the mask from
+        self._call_masks[modality] = call_padding_mask(module, kwargs, features.shape[0])
 
     def remove(self) -> None:
         """Remove the hooks from the model; :meth:`step` then refuses to run."""

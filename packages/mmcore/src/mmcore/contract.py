@@ -313,7 +313,9 @@ def find_modality_batch(args: tuple, kwargs: dict) -> ModalityBatch | None:
     return None
 
 
-def call_padding_mask(module: nn.Module, kwargs: Mapping[str, Any]) -> Tensor | None:
+def call_padding_mask(
+    module: nn.Module, kwargs: Mapping[str, Any], batch_size: int
+) -> Tensor | None:
     """The padding mask ``[B, T]`` (``True`` = padding) ``module`` was called with, if any.
 
     For forward hooks on encoders of a model whose input is not a :class:`ModalityBatch` (say
@@ -323,16 +325,21 @@ def call_padding_mask(module: nn.Module, kwargs: Mapping[str, Any]) -> Tensor | 
     padding; and, for a ``transformers`` model only, a 2-D ``attention_mask`` (1 = real token,
     0 = padding), a name other modules also give to attention masks that are no padding masks
     (a causal ``[T, T]`` one). Positional arguments are not read: their meaning depends on the
-    module.
+    module. A mask whose first axis is not ``batch_size`` (the module output's) is no
+    per-sample padding mask.
     """
-    for name in ("padding_mask", "src_key_padding_mask", "key_padding_mask"):
+
+    def per_sample(name: str) -> Tensor | None:
         mask = kwargs.get(name)
-        if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.ndim == 2:
+        ok = isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[0] == batch_size
+        return mask if ok else None
+
+    for name in ("padding_mask", "src_key_padding_mask", "key_padding_mask"):
+        mask = per_sample(name)
+        if mask is not None and mask.dtype == torch.bool:
             return mask
-    mask = kwargs.get("attention_mask")
-    if _is_transformers_model(module) and isinstance(mask, Tensor) and mask.ndim == 2:
-        return mask == 0
-    return None
+    mask = per_sample("attention_mask") if _is_transformers_model(module) else None
+    return None if mask is None else mask == 0
 
 
 def masked_mean(features: Tensor, padding_mask: Tensor | None) -> Tensor:

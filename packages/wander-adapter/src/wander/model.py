@@ -323,12 +323,9 @@ class Wander(nn.Module):
         if self._disabled:
             return
         call = self._call()
-        call.features[modality] = encoder_features(output)
-        mask = call_padding_mask(module, kwargs)  # model(input_ids, attention_mask=...): no batch
-        if mask is not None:
-            call.masks[modality] = mask
-        else:
-            call.masks.pop(modality, None)
+        x = call.features[modality] = encoder_features(output)
+        # model(input_ids, attention_mask=...): no batch to read the mask from
+        call.masks[modality] = call_padding_mask(module, kwargs, x.shape[0])
 
     def _padding_masks(self, call: _Call) -> dict[str, Tensor | None]:
         """Each modality's padding mask (``None`` for vectors or where none is known).
@@ -341,8 +338,7 @@ class Wander(nn.Module):
             mask, source = None, "the batch's padding mask"
             if call.batch is not None and m in call.batch:
                 mask = call.batch.padding_mask(m)
-            # a call's mask of another batch size is no per-sample padding mask (a [T, T] one)
-            if mask is None and m in call.masks and call.masks[m].shape[0] == x.shape[0]:
+            if mask is None and call.masks.get(m) is not None:
                 mask, source = call.masks[m], "the padding mask it was called with"
             if mask is not None and x.ndim == 3 and tuple(mask.shape) != tuple(x.shape[:2]):
                 self._warn_length_changed(m, tuple(mask.shape), x.shape[1], source)
@@ -720,4 +716,4 @@ class _Call:
 
     batch: ModalityBatch | None = None
     features: dict[str, Tensor] = field(default_factory=dict)  # the target modules' outputs
-    masks: dict[str, Tensor] = field(default_factory=dict)  # padding masks they were called with
+    masks: dict[str, Tensor | None] = field(default_factory=dict)  # the masks they were given

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -128,30 +129,40 @@ def modulation(
     return cggm, cggm.direction_loss, lambda batch: cggm.step(batch.require_target())
 
 
+@dataclass(frozen=True)
+class Problem:
+    """What one task trains its methods on: the ``*_SETTINGS`` dict, the loss and the score.
+
+    ``settings`` holds ``epochs`` (per profile), ``lr``, ``batch_size``, ``optimizer``,
+    ``cggm`` (the CGGM options) and ``methods``; ``score_fn(pred, target)`` picks the epoch on
+    validation data (higher is better); ``task`` and ``num_outputs`` are CGGM's.
+    """
+
+    settings: dict[str, Any]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    score_fn: Callable[[Tensor, Tensor], float]
+    task: str
+    num_outputs: int
+
+
 def train_modulated(
     model: torch.nn.Module,
     train: ModalityBatch,
     valid: ModalityBatch,
     *,
     method: str,
-    loss_fn: Callable,
-    score_fn: Callable,
-    epochs: int,
-    task: str,
-    num_outputs: int,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    seed: int = 0,
-    cggm_options: dict | None = None,
-    optimizer: str = "adamw",
+    problem: Problem,
+    ctx: RunContext,
 ) -> tuple[int, dict[str, float]]:
     """Train with ``method`` (see :func:`modulation`); keeps the best-validation weights.
 
     Returns the best epoch and, for CGGM with magnitude modulation, what its gradient factors
     ``ρ B_m`` did over training (:func:`scale_summary`; empty for the other methods).
     """
+    s = problem.settings
+    task, num_outputs, batch_size = problem.task, problem.num_outputs, s["batch_size"]
     modulator, extra_loss, after_backward = modulation(
-        model, method, task=task, num_outputs=num_outputs, cggm_options=cggm_options or {}
+        model, method, task=task, num_outputs=num_outputs, cggm_options=s["cggm"]
     )
     coefficients: list[list[float]] = []
     cggm = modulator if isinstance(modulator, CGGM) else None
@@ -166,16 +177,16 @@ def train_modulated(
         model,
         train,
         valid,
-        loss_fn=loss_fn,
-        score_fn=score_fn,
-        epochs=epochs,
-        lr=lr,
+        loss_fn=problem.loss_fn,
+        score_fn=problem.score_fn,
+        epochs=s["epochs"][ctx.profile],
+        lr=s["lr"],
         weight_decay=0.0,
         batch_size=batch_size,
-        seed=seed,
+        seed=ctx.seed,
         extra_loss=extra_loss,
         after_backward=after_backward,
-        optimizer=optimizer,
+        optimizer=s["optimizer"],
     )
     if cggm is not None:
         cggm.remove()
@@ -247,29 +258,60 @@ def method_step_times(
     return seconds
 
 
+def train_each_method(
+    ctx: RunContext,
+    problem: Problem,
+    make_model: Callable[[], torch.nn.Module],
+    train: ModalityBatch,
+    valid: ModalityBatch,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+    *,
+    dataset: str,
+    config: dict[str, Any],
+) -> list[dict]:
+    """A record per method of ``problem``: a fresh model trained, then ``evaluate(model)``.
+
+    Each record's config is the best epoch and ``config``; CGGM's rows add what its gradient
+    factors did (:func:`scale_summary`).
+    """
+    records = []
+    for method in problem.settings["methods"]:
+        ctx.progress(method)
+        model = make_model()
+        best_epoch, scales = train_modulated(
+            model, train, valid, method=method, problem=problem, ctx=ctx
+        )
+        records.append(
+            {
+                "method": method,
+                "dataset": dataset,
+                "metrics": {**evaluate(model), **scales},
+                "config": {"best_epoch": best_epoch, **config},
+            }
+        )
+    return records
+
+
 def add_step_times(
     records: list[dict],
     make_model: Callable[[], torch.nn.Module],
     train: ModalityBatch,
-    settings: dict,
+    problem: Problem,
     *,
-    loss_fn: Callable,
-    task: str,
-    num_outputs: int,
     calls: int = 10,
 ) -> list[dict]:
     """Add each method's ``ms_per_step`` and its ratio to joint training's to ``records``.
 
     Timed by :func:`method_step_times` on the first training batch.
     """
-    batch = next(iter(train.split(settings["batch_size"])))
+    batch = next(iter(train.split(problem.settings["batch_size"])))
     seconds = method_step_times(
         make_model,
         batch,
-        settings,
-        loss_fn=loss_fn,
-        task=task,
-        num_outputs=num_outputs,
+        problem.settings,
+        loss_fn=problem.loss_fn,
+        task=problem.task,
+        num_outputs=problem.num_outputs,
         calls=calls,
     )
     for record in records:
@@ -380,64 +422,34 @@ def run_uci(ctx: RunContext) -> list[dict]:
             train, 10, width=s["width"], hidden=s["hidden"], head="linear"
         )
 
-    def train_model(model: LateFusionModel, method: str) -> tuple[int, dict[str, float]]:
-        return train_modulated(
-            model,
-            train,
-            splits["valid"],
-            method=method,
-            loss_fn=F.cross_entropy,
-            score_fn=accuracy,
-            epochs=s["epochs"][ctx.profile],
-            task="classification",
-            num_outputs=10,
-            lr=s["lr"],
-            batch_size=s["batch_size"],
-            seed=ctx.seed,
-            cggm_options=s["cggm"],
-            optimizer=s["optimizer"],
-        )
+    problem = Problem(s, F.cross_entropy, accuracy, "classification", 10)
+    test = splits["test"]
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        metrics = held_out_metrics(predict(model, test), test.require_target())
+        return {**metrics, **probe_accuracies(cast(LateFusionModel, model), splits["train"], test)}
 
     dataset = UCI_DATASET
-    records = []
-    for method in s["methods"]:
-        ctx.progress(method)
-        model = make_model()
-        best_epoch, scales = train_model(model, method)
-        metrics = held_out_metrics(predict(model, splits["test"]), splits["test"].require_target())
-        probes = probe_accuracies(model, splits["train"], splits["test"])
-        records.append(
-            {
-                "method": method,
-                "dataset": dataset,
-                "metrics": {**metrics, **probes, **scales},
-                "config": {
-                    "best_epoch": best_epoch,
-                    "train_size": len(train),
-                    **{k: v for k, v in s.items() if k != "epochs"},
-                    "epochs": s["epochs"][ctx.profile],
-                },
-            }
-        )
-    ctx.progress("step times")
-    records = add_step_times(
-        records,
-        make_model,
-        train,
-        s,
-        loss_fn=F.cross_entropy,
-        task="classification",
-        num_outputs=10,
+    config = {
+        "train_size": len(train),
+        **{k: v for k, v in s.items() if k != "epochs"},
+        "epochs": s["epochs"][ctx.profile],
+    }
+    records = train_each_method(
+        ctx, problem, make_model, train, splits["valid"], evaluate, dataset=dataset, config=config
     )
+    ctx.progress("step times")
+    records = add_step_times(records, make_model, train, problem)
     # what each encoder learns with no other modality to compete with: the probes' ceiling
-    probes, alone = {}, {}
+    probes: dict[str, float] = {}
+    alone: dict[str, LateFusionModel] = {}
     for m in train.modalities:
         ctx.progress(f"{m} alone")
         torch.manual_seed(ctx.seed)
         model = LateFusionModel.from_batch(
             train, 10, modalities=(m,), width=s["width"], hidden=s["hidden"], head="linear"
         )
-        train_model(model, "joint")
+        train_modulated(model, train, splits["valid"], method="joint", problem=problem, ctx=ctx)
         probes |= probe_accuracies(model, splits["train"], splits["test"])
         alone[m] = model
     records.append({"method": UNIMODAL_REFERENCE, "dataset": dataset, "metrics": probes})
@@ -538,45 +550,25 @@ def run_mosi(ctx: RunContext) -> list[dict]:
             data["train"], 1, width=s["width"], num_layers=1, num_heads=2, head="linear"
         )
 
-    records = []
-    for method in s["methods"]:
-        ctx.progress(method)
-        model = make_model()
-        best_epoch, scales = train_modulated(
-            model,
-            data["train"],
-            data["valid"],
-            method=method,
-            loss_fn=l1,
-            score_fn=neg_mae,
-            epochs=s["epochs"][ctx.profile],
-            task="regression",
-            num_outputs=1,
-            lr=s["lr"],
-            batch_size=s["batch_size"],
-            seed=ctx.seed,
-            cggm_options=s["cggm"],
-            optimizer=s["optimizer"],
-        )
-        pred = predict(model, data["test"]).squeeze(-1)
-        records.append(
-            {
-                "method": method,
-                "dataset": dataset,
-                "metrics": {
-                    **msa_regression_metrics(pred, data["test"].require_target()),
-                    **scales,
-                },
-                "config": {
-                    "best_epoch": best_epoch,
-                    **{k: v for k, v in s.items() if k not in ("n", "epochs")},
-                },
-            }
-        )
-    ctx.progress("step times")
-    return add_step_times(
-        records, make_model, data["train"], s, loss_fn=l1, task="regression", num_outputs=1
+    problem = Problem(s, l1, neg_mae, "regression", 1)
+    test = data["test"]
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return msa_regression_metrics(predict(model, test).squeeze(-1), test.require_target())
+
+    config = {k: v for k, v in s.items() if k not in ("n", "epochs")}
+    records = train_each_method(
+        ctx,
+        problem,
+        make_model,
+        data["train"],
+        data["valid"],
+        evaluate,
+        dataset=dataset,
+        config=config,
     )
+    ctx.progress("step times")
+    return add_step_times(records, make_model, data["train"], problem)
 
 
 register_task(
@@ -754,54 +746,22 @@ def run_brats(ctx: RunContext) -> list[dict]:
         torch.manual_seed(ctx.seed)
         return MultiEncoderSegNet(train.modalities, 4, channels=s["channels"])
 
-    records = []
-    for method in s["methods"]:
-        ctx.progress(method)
-        model = make_model()
-        best_epoch, scales = train_modulated(
-            model,
-            train,
-            valid,
-            method=method,
-            loss_fn=F.cross_entropy,
-            score_fn=mean_dice,
-            epochs=s["epochs"][ctx.profile],
-            task="segmentation",
-            num_outputs=4,
-            lr=s["lr"],
-            batch_size=s["batch_size"],
-            seed=ctx.seed,
-            cggm_options=s["cggm"],
-            optimizer=s["optimizer"],
-        )
+    problem = Problem(s, F.cross_entropy, mean_dice, "segmentation", 4)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
         pred = predict(model, test, batch_size=16).max(dim=1).indices
-        records.append(
-            {
-                "method": method,
-                "dataset": name,
-                "metrics": {
-                    **brats_dice(pred, test.require_target(), "remapped", ignore_empty=False),
-                    **scales,
-                },
-                "config": {
-                    "best_epoch": best_epoch,
-                    "train_slices": len(train),
-                    "test_slices": len(test),
-                    **{k: v for k, v in s.items() if k not in ("cases", "epochs")},
-                },
-            }
-        )
-    ctx.progress("step times")
-    return add_step_times(
-        records,
-        make_model,
-        train,
-        s,
-        loss_fn=F.cross_entropy,
-        task="segmentation",
-        num_outputs=4,
-        calls=3,
+        return brats_dice(pred, test.require_target(), "remapped", ignore_empty=False)
+
+    config = {
+        "train_slices": len(train),
+        "test_slices": len(test),
+        **{k: v for k, v in s.items() if k not in ("cases", "epochs")},
+    }
+    records = train_each_method(
+        ctx, problem, make_model, train, valid, evaluate, dataset=name, config=config
     )
+    ctx.progress("step times")
+    return add_step_times(records, make_model, train, problem, calls=3)
 
 
 register_task(

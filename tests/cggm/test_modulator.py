@@ -1357,3 +1357,24 @@ def test_an_attention_mask_that_is_no_padding_mask_is_left_alone():
         warnings.simplefilter("error")
         F.cross_entropy(model(batch), batch.target).backward()
         cggm.step(batch.target)
+
+
+def test_encoders_run_without_gradients_are_named_in_the_error():
+    """Encoders the model runs under no_grad get no gradient: the error says so, not 'backward'."""
+    batch = vector_batch(3)
+    model = make_model(batch)
+    cggm = CGGM(model, num_outputs=3)
+    encode = model.encode
+
+    def encode_without_gradients(b):  # a model that "freezes" its encoders this way
+        with torch.no_grad():
+            return encode(b)
+
+    model.encode = encode_without_gradients
+    F.cross_entropy(model(batch), batch.target).backward()
+    with pytest.raises(RuntimeError, match=r"\['m0', 'm1', 'm2'\] ran under torch.no_grad\(\)"):
+        cggm.step(batch.target)
+    model.encode = encode  # fixed: the same step now runs
+    model.zero_grad()
+    F.cross_entropy(model(batch), batch.target).backward()
+    assert set(cggm.step(batch.target)) == set(batch.modalities)

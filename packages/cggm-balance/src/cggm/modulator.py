@@ -188,6 +188,7 @@ class CGGM:
         self.hand_backward = True
         self._captured: dict[str, Tensor] = {}
         self._call_masks: dict[str, Tensor | None] = {}  # padding masks the encoders were given
+        self._ran_without_grad: set[str] = set()  # encoders the last forward ran under no_grad
         self._batch: ModalityBatch | None = None
         self._names_checked = False  # the batch's modality names, against ours (warn once)
         self._length_warned: set[str] = set()  # modalities whose features change the length
@@ -486,6 +487,7 @@ class CGGM:
     # ------------------------------------------------------------------ hooks
     def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured, self._call_masks = {}, {}
+        self._ran_without_grad = set()
         self._forward_ran = True
         self._batch = find_modality_batch(args, kwargs)
         if self._batch is not None and len(self._named) < len(self.modalities):
@@ -512,6 +514,10 @@ class CGGM:
         self._captured[modality] = features.detach()
         # model(input_ids, attention_mask=...): no batch to read the mask from
         self._call_masks[modality] = call_padding_mask(module, kwargs, features.shape[0])
+        if torch.is_grad_enabled():
+            self._ran_without_grad.discard(modality)
+        else:
+            self._ran_without_grad.add(modality)
 
     def remove(self) -> None:
         """Remove the hooks from the model; :meth:`step` then refuses to run."""
@@ -583,6 +589,15 @@ class CGGM:
             target = self._class_targets(target, maps)
         self._check_target(target, next(iter(feats.values())).shape[0])
         if sync and cfg.rho is not None and self._no_encoder_gradients():
+            without_grad = [m for m in self.modalities if m in self._ran_without_grad]
+            if without_grad:
+                raise RuntimeError(
+                    f"CGGM.step: no encoder parameter has a gradient to scale: the encoders "
+                    f"{without_grad} ran under torch.no_grad() (or inference_mode) in the "
+                    "forward pass, so the backward cannot reach them. CGGM modulates encoders "
+                    "that train: run them with gradients (freeze one with requires_grad_(False) "
+                    "instead)."
+                )
             raise RuntimeError(
                 "CGGM.step: no encoder parameter has a gradient to scale; call loss.backward() "
                 "(and scaler.unscale_ under AMP) before cggm.step()."
@@ -632,6 +647,7 @@ class CGGM:
             w_fusion = self.head_weight.clone()
         optimizer.step()
         self._captured, self._call_masks = {}, {}  # used: the next step needs the next forward's
+        self._ran_without_grad = set()
         self._direction = None  # the classifiers moved (and B may change below)
         self._totals += total
         self._counts += count
@@ -858,6 +874,7 @@ class CGGM:
             return False
         bad = [m for m, ok in zip(self.modalities, finite.tolist(), strict=True) if not ok]
         self._batch, self._captured, self._call_masks, self._forward_ran = None, {}, {}, False
+        self._ran_without_grad = set()
         warnings.warn(
             f"CGGM.step: the classifiers' outputs for {bad} are NaN or infinite on this step's "
             f"batch{' of some rank' if distributed else ''} (non-finite encoder features?); the "

@@ -216,12 +216,21 @@ def test_a_padding_mask_the_features_no_longer_fit_is_dropped_with_one_warning()
     assert "'text' have 2 steps but the batch's padding mask 5" in str(caught[0].message)
 
 
-def _segmentation_batch():
+def _segmentation_batch(classes=3):
     g = torch.Generator().manual_seed(0)
     return ModalityBatch(
         {m: torch.randn(2, 1, 8, 8, generator=g) for m in ("flair", "t1", "t2")},
-        target=torch.randint(0, 3, (2, 8, 8), generator=g),
+        target=torch.randint(0, classes, (2, 8, 8), generator=g),
     )
+
+
+def _binary_loss(pred, target):
+    """A one-logit binary model's loss: BCE on ``[B, 1]`` or ``[B, 1, *spatial]`` logits."""
+    return F.binary_cross_entropy_with_logits(pred[:, 0], target.float())
+
+
+#: the one-logit binary tasks of :func:`_train_three_steps`, with CGGM's task for each
+BINARY_TASKS = {"binary": "classification", "binary segmentation": "segmentation"}
 
 
 def _modulated_sgd(model, cggm, batch, loss_fn, lr, steps=3):
@@ -244,6 +253,10 @@ def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, 
         batch, out, loss_fn = vector_batch(4), 3, F.cross_entropy
     elif task == "segmentation":
         batch, out, loss_fn = _segmentation_batch(), 3, F.cross_entropy
+    elif task == "binary":
+        batch, out, loss_fn = vector_batch(4, classes=2), 1, _binary_loss
+    elif task == "binary segmentation":
+        batch, out, loss_fn = _segmentation_batch(classes=2), 1, _binary_loss
     else:
         batch, out = _padded_regression_batch(), 1
 
@@ -253,13 +266,14 @@ def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, 
     if prepare is not None:
         batch = prepare(batch)
     torch.manual_seed(0)
-    if task == "classification":
+    if task in ("classification", "binary"):
         model = make_model(batch, out)
-    elif task == "segmentation":
-        model = SegModel(stride=2)
+    elif task in ("segmentation", "binary segmentation"):
+        model = SegModel(stride=2, classes=out)
     else:
         model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
-    cggm = CGGM(model, task=task, num_outputs=out, rho=1.3, lam=0.1, classifiers=classifiers)
+    cggm_task = BINARY_TASKS.get(task, task)
+    cggm = CGGM(model, task=cggm_task, num_outputs=out, rho=1.3, lam=0.1, classifiers=classifiers)
     configure(cggm)
     history = _modulated_sgd(model, cggm, batch, loss_fn, lr)
     per_modality = {
@@ -277,7 +291,9 @@ def _assert_same_runs(first, second):
             torch.testing.assert_close(state1[k], state2[k], msg=k)
 
 
-@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+@pytest.mark.parametrize(
+    "task", ["classification", "regression", "segmentation", "binary", "binary segmentation"]
+)
 def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
     """The default classifiers run as one batched MLP; a per-modality loop gives the same run.
 
@@ -682,7 +698,7 @@ def test_stacked_classifiers_round_trip_and_lookup_before_the_first_step():
         cggm.classifier("text")
 
 
-@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("task", ["classification", "regression", "binary"])
 def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
     outputs = 3 if task == "classification" else 1
     torch.manual_seed(0)
@@ -695,6 +711,11 @@ def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
 
         def loss_of(logits):
             return sum(F.cross_entropy(logits[i], target) for i in range(3))
+    elif task == "binary":
+        target = torch.randint(0, 2, (6,))
+
+        def loss_of(logits):
+            return sum(_binary_loss(logits[i], target) for i in range(3))
     else:
         target = torch.randn(6, dtype=torch.float64)
 
@@ -705,14 +726,14 @@ def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
     expected = {n: p.grad.clone() for n, p in stacked.named_parameters()}
     stacked.zero_grad(set_to_none=True)
     cggm = CGGM.__new__(CGGM)  # only _logit_grads is used: it reads the config
-    cggm.config = CGGMConfig(task=task, num_outputs=outputs)
+    cggm.config = CGGMConfig(task=BINARY_TASKS.get(task, task), num_outputs=outputs)
     logits = stacked.forward_backward(x, lambda z: cggm._logit_grads(target, z))
     torch.testing.assert_close(logits, stacked(x))
     for n, p in stacked.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], msg=n)
 
 
-@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("task", ["classification", "regression", "binary"])
 def test_hand_written_classifier_backward_trains_as_autograd_does(task):
     """``hand_backward=False`` (autograd through the stacked MLP) gives the same run."""
 
@@ -749,9 +770,9 @@ PATHS = {"by hand": lambda cggm: None, "autograd": _through_autograd, "loop": _p
 
 @pytest.mark.parametrize(
     ("task", "path"),
-    [(t, p) for t in ("classification", "regression") for p in PATHS]
+    [(t, p) for t in ("classification", "regression", "binary") for p in PATHS]
     # feature maps always train through autograd: no hand-written path to test there
-    + [("segmentation", "autograd"), ("segmentation", "loop")],
+    + [(t, p) for t in ("segmentation", "binary segmentation") for p in ("autograd", "loop")],
 )
 def test_samples_lacking_a_modality_neither_train_nor_score_its_classifier(task, path):
     """With the model held still (lr 0), what a missing modality's features hold changes
@@ -1378,3 +1399,39 @@ def test_encoders_run_without_gradients_are_named_in_the_error():
     model.zero_grad()
     F.cross_entropy(model(batch), batch.target).backward()
     assert set(cggm.step(batch.target)) == set(batch.modalities)
+
+
+def test_one_logit_binary_models():
+    """``num_outputs=1``: a binary model with one logit (BCE). Each classifier scores the
+    accuracy of ``logit > 0``, the encoders' gradients are scaled by exactly ``ρ B_m``, and
+    targets other than 0 and 1 are a clear error."""
+    batch = vector_batch(3, classes=2)
+    model = make_model(batch, out_dim=1)
+    cggm = CGGM(model, task="classification", num_outputs=1, rho=1.3, lam=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        (_binary_loss(model(batch), batch.target) + cggm.direction_loss()).backward()
+        with torch.no_grad():  # the classifiers as they score this batch, before their update
+            feats = model.encode(batch)
+            expected = (
+                [
+                    ((cggm.classifier(m)(feats[m])[:, 0] > 0).long() == batch.target).float().mean()
+                    for m in batch.modalities
+                ]
+                if step
+                else None
+            )
+        before = grads(model)
+        b = cggm.step(batch.target.bool())  # bool targets read as 0 / 1
+        assert cggm.classifier("m0").net[2].out_features == 1
+        if expected is not None:
+            torch.testing.assert_close(cggm.last_scores, torch.stack(expected))
+        for name, g in grads(model).items():
+            if name.startswith("encoders."):
+                torch.testing.assert_close(g, 1.3 * b[name.split(".")[1]] * before[name])
+        opt.step()
+    assert torch.isfinite(cggm.direction_loss())
+    model(batch)
+    with pytest.raises(ValueError, match=r"num_outputs=1 is a binary model.*from 0 to 2"):
+        cggm.step(batch.target * 2)

@@ -29,7 +29,9 @@ class CGGMConfig:
         task: ``"classification"`` (accuracy), ``"regression"`` (``regression_score``) or
             ``"segmentation"`` (mean foreground Dice) — the score each modality's classifier is
             judged by.
-        num_outputs: classes (classification, segmentation) or 1 (regression).
+        num_outputs: classes (classification, segmentation), or 1 for a binary model with one
+            logit per sample (or pixel) trained with ``binary_cross_entropy_with_logits``;
+            1 for regression.
         rho: ``ρ``, the magnitude of the gradient scaling ``ρ · B_m``; ``None`` turns the
             magnitude modulation off (direction term only).
         lam: ``λ``, the weight of the direction term ``L_gm`` (0 turns it off).
@@ -64,6 +66,11 @@ class CGGMConfig:
     eps: float = 1e-3
     classifier_hidden: int | None = None
 
+    @property
+    def binary(self) -> bool:
+        """One logit per sample (or pixel) for two classes: the classifiers use BCE."""
+        return self.task != "regression" and self.num_outputs == 1
+
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
@@ -72,8 +79,6 @@ class CGGMConfig:
             raise ValueError(f"num_outputs must be a positive integer, got {self.num_outputs!r}.")
         if self.task == "regression" and self.num_outputs != 1:
             raise ValueError(f"task='regression' needs num_outputs=1, got {self.num_outputs}.")
-        if self.task != "regression" and self.num_outputs < 2:
-            raise ValueError(f"task='{self.task}' needs num_outputs >= 2 classes.")
         if self.rho is not None and not self.rho > 0:
             raise ValueError(f"rho must be > 0 or None, got {self.rho}.")
         if not self.lam >= 0:  # NaN fails too

@@ -28,7 +28,8 @@ def batch_score_counts(
 ) -> tuple[Tensor, Tensor]:
     """``(total, count)`` of a classifier's score on one batch, so ranks can all-reduce them.
 
-    The score is ``total / count``: accuracy (classification), sign accuracy with zero labels
+    The score is ``total / count``: accuracy (classification; one logit per sample reads as
+    class 1 where it is positive), sign accuracy with zero labels
     negative, as the released code (regression, ``"sign"``), minus the MAE (``"neg_mae"``), or
     the mean foreground Dice over the batch (segmentation; ``count`` is 1 per sample).
     ``stacked=True`` takes every modality's predictions at once, ``[M, B, C]`` (classification),
@@ -54,6 +55,8 @@ def _per_sample_scores(task: str, pred: Tensor, target: Tensor, regression_score
     """Each classifier's score on each sample, ``[M, B]``, from stacked predictions."""
     m, n = pred.shape[0], target.shape[0]
     if task == "classification":
+        if pred.shape[-1] == 1:  # one binary logit: class 1 where it is positive
+            return ((pred[..., 0] > 0).long() == target).float()
         return (pred.argmax(dim=-1) == target).float()
     if task == "regression":
         p = pred.reshape(m, n, -1).mean(dim=-1)  # one output per sample (num_outputs=1)
@@ -64,9 +67,13 @@ def _per_sample_scores(task: str, pred: Tensor, target: Tensor, regression_score
     if task == "segmentation":
         # max().indices, not argmax(): the same first-maximum index, but argmax over a
         # non-last axis is ~20x slower on CPU (it dominated the segmentation step)
-        labels = pred.flatten(0, 1).max(dim=1).indices
+        logits = pred.flatten(0, 1)
+        if logits.shape[1] == 1:  # one binary logit per pixel: foreground where it is positive
+            labels, classes = (logits[:, 0] > 0).long(), 2
+        else:
+            labels, classes = logits.max(dim=1).indices, logits.shape[1]
         repeated = target.repeat(m, *([1] * (target.ndim - 1)))
-        return segmentation_dice(labels, repeated, pred.shape[2]).view(m, -1)
+        return segmentation_dice(labels, repeated, classes).view(m, -1)
     raise ValueError(f"unknown task {task!r}")
 
 

@@ -336,6 +336,8 @@ class CGGM:
                     f"{logits.shape[2]} outputs per sample."
                 )
             return torch.sign(logits - t)
+        if self.config.binary:  # binary cross-entropy with logits: sigmoid − target
+            return logits.sigmoid() - target.to(logits.dtype).view(1, -1, 1)
         classes = logits.shape[2]
         # one device-to-host copy for both bounds
         low, high = torch.stack(torch.aminmax(target)).tolist() if target.numel() else (0, 0)
@@ -432,7 +434,13 @@ class CGGM:
                 pred.reshape(n, -1), target.reshape(n, -1).to(pred.dtype), reduction="none"
             )
             return diff.mean(dim=1)
-        return F.cross_entropy(pred, target, reduction="none").reshape(n, -1).mean(dim=1)
+        if self.config.binary:
+            loss = F.binary_cross_entropy_with_logits(
+                pred[:, 0], target.to(pred.dtype), reduction="none"
+            )
+        else:
+            loss = F.cross_entropy(pred, target, reduction="none")
+        return loss.reshape(n, -1).mean(dim=1)
 
     def _padding_mask(self, modality: str, features: Tensor) -> Tensor | None:
         """The padding mask of ``modality`` where it fits ``features`` ``[B, T, d]``.
@@ -842,6 +850,14 @@ class CGGM:
                 "values that are not whole numbers (use task='regression' for real-valued "
                 "targets)."
             )
+        if self.config.binary and target.numel():
+            low, high = torch.stack(torch.aminmax(target)).tolist()
+            if low < 0 or high > 1:
+                raise ValueError(
+                    f"CGGM.step: num_outputs=1 is a binary model (one logit); its targets must "
+                    f"be 0 or 1, got values from {low} to {high}. For more classes give the "
+                    "head one output per class and pass num_outputs=<classes>."
+                )
 
     @staticmethod
     def _resize(pred: Tensor, target: Tensor) -> Tensor:
@@ -856,6 +872,8 @@ class CGGM:
     def _task_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         if self.config.task == "regression":
             return F.l1_loss(pred.reshape(-1), target.reshape(-1).to(pred.dtype))
+        if self.config.binary:
+            return F.binary_cross_entropy_with_logits(pred[:, 0], target.to(pred.dtype))
         return F.cross_entropy(pred, target)
 
     def _skip_non_finite(self, finite: Tensor) -> bool:

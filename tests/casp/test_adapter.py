@@ -62,6 +62,32 @@ def test_adapts_models_of_any_floating_dtype(dtype):
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_adapts_as_the_float32_one_does(dtype, recwarn):
+    """Norm scales sit near 1, where bfloat16 values are 2^-7 apart: Adam's steps of about lr
+    (1e-3) rounded away, so the scales of a bfloat16 model never moved (only biases near 0 did),
+    and in float16 Adam's eps (1e-8) is 0, so its first step was NaN and adaptation rolled
+    back. With float32 master copies both follow the float32 model's adaptation."""
+    torch.manual_seed(0)
+    source = _VectorLateFusion()
+    target = ModalityBatch({m: data(n=48)[m] + 1.0 for m in ("a", "b")})
+    options = {**FAST, "epochs_ca": 8}
+    full = CASP(source, **options)
+    full.adapt(target)
+    half = CASP(copy.deepcopy(source).to(dtype), **options)
+    report = half.adapt(target.to(dtype=dtype))
+    assert not report.collapsed and not recwarn.list
+    start = [p.detach() for p in norm_parameters(source)]
+    for p0, p32, p16 in zip(
+        start, norm_parameters(full.model), norm_parameters(half.model), strict=True
+    ):
+        assert p16.dtype == dtype
+        moved = (p32 - p0).abs().max()
+        assert moved > 0.01
+        # the half-precision model follows, to within a fraction of how far it moved
+        assert (p16.float() - p32).abs().max() < 0.3 * moved
+
+
 def test_only_normalisation_parameters_change_and_caller_weights_are_safe():
     source = model()
     before = {k: v.clone() for k, v in source.state_dict().items()}

@@ -29,6 +29,7 @@ from mmcore import (
     modes_kept,
     require_modality_batch,
     resolve_module,
+    trainable_dtype,
 )
 
 __all__ = ["CASP", "AdaptationReport", "is_norm_layer", "norm_parameters"]
@@ -173,7 +174,7 @@ class CASP:
         )
         self._joint_views = not self._batch_norm
         self._source_state = self.snapshot()
-        self._online_opt: torch.optim.Optimizer | None = None
+        self._online_opt: torch.optim.Optimizer | _Float32MasterAdam | None = None
         self.report = AdaptationReport()
 
     # ------------------------------------------------------------------ set-up
@@ -265,16 +266,23 @@ class CASP:
         """Device of the adapted model's parameters (each batch is moved there)."""
         return next(iter(self.model.parameters()), torch.empty(0)).device
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer(self) -> torch.optim.Optimizer | _Float32MasterAdam:
+        if any(trainable_dtype(p.dtype) != p.dtype for p in self.params):
+            return _Float32MasterAdam(self.params, lr=self.config.lr)
         return torch.optim.Adam(self.params, lr=self.config.lr)
 
-    def _step(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    def _step(self, optimizer: torch.optim.Optimizer | _Float32MasterAdam, loss: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.distributed:
             _average_over_ranks(self.params)
+        stepped = (
+            optimizer.masters_with_grads()
+            if isinstance(optimizer, _Float32MasterAdam)
+            else self.params
+        )
         if self.config.clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
+            torch.nn.utils.clip_grad_norm_(stepped, self.config.clip)
         optimizer.step()
         if self.distributed and self._batch_norm:
             _average_buffers_over_ranks(self.model)
@@ -548,10 +556,46 @@ class CASP:
 
     __call__ = forward
 
-    def _online_optimizer(self, episodic: bool) -> torch.optim.Optimizer:
+    def _online_optimizer(self, episodic: bool) -> torch.optim.Optimizer | _Float32MasterAdam:
         if episodic or self._online_opt is None:
             self._online_opt = self._optimizer()
         return self._online_opt
+
+
+class _Float32MasterAdam:
+    """Adam on float32 copies of low-precision parameters, written back rounded after each step.
+
+    A normalisation scale sits near 1, where bfloat16 values are 2^-7 apart (float16: 2^-10):
+    Adam's steps of about ``lr`` (1e-3) round away, and adapting a half-precision model in its
+    own dtype changes nothing at all. As in mixed-precision training, the updates accumulate in
+    the float32 copies instead. A parameter changed from outside since the last step (a
+    ``restore``, an ``adapt`` between online calls) re-seeds its copy.
+    """
+
+    def __init__(self, params: list[nn.Parameter], lr: float) -> None:
+        self.params = params
+        self.masters = [p.detach().to(trainable_dtype(p.dtype), copy=True) for p in params]
+        self.optimizer = torch.optim.Adam(self.masters, lr=lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def masters_with_grads(self) -> list[Tensor]:
+        """The float32 copies, each holding its parameter's gradient (to clip, then step)."""
+        for p, master in zip(self.params, self.masters, strict=True):
+            if not torch.equal(master.to(p.dtype), p):
+                master.copy_(p)
+            master.grad = None if p.grad is None else p.grad.to(master.dtype)
+        return self.masters
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        for p, master in zip(self.params, self.masters, strict=True):
+            p.copy_(master)
 
 
 def _check_equal_shards(size: int) -> None:

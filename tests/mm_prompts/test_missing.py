@@ -50,6 +50,22 @@ def test_apply_case_and_simulation():
     torch.testing.assert_close(
         case_from_presence(torch.stack([sim.is_present(m) for m in MODS], 1)), cases
     )
+    torch.testing.assert_close(case_from_presence(sim), cases)  # the same, from the batch
+
+
+def test_cases_of_a_batch_in_a_models_modality_order():
+    """``case_from_presence(batch, modalities)``: bit i is modalities[i]; a modality the batch
+    lacks is missing from every sample."""
+    b = apply_case(batch(3), torch.tensor([1, 2, 7]))  # bits in (text, audio, vision) order
+    assert case_from_presence(b).tolist() == [1, 2, 7]
+    assert case_from_presence(b, ("vision", "audio", "text")).tolist() == [4, 2, 7]
+    assert case_from_presence(b, (*MODS, "depth")).tolist() == [1, 2, 7]  # bit 3 never set
+    with pytest.raises(TypeError, match="modalities= goes with a ModalityBatch"):
+        case_from_presence(torch.ones(2, 3, dtype=torch.bool), MODS)
+    with pytest.raises(TypeError, match=r"a bool presence matrix .* or a ModalityBatch, got list"):
+        case_from_presence([[True, False]])
+    with pytest.raises(TypeError, match=r"num_modalities must be an int \(len\(modalities\)\)"):
+        presence_from_case(3, MODS)
 
 
 def test_simulation_on_a_batch_that_already_lacks_modalities():

@@ -49,6 +49,10 @@ def all_cases(num_modalities: int, *, include_complete: bool = True) -> list[int
 
 def presence_from_case(cases: Tensor | int, num_modalities: int) -> Tensor:
     """Bool ``[B, M]`` presence (``True`` = present) of case bitmasks ``[B]`` (or one int)."""
+    if isinstance(num_modalities, bool) or not isinstance(num_modalities, int):
+        raise TypeError(
+            f"num_modalities must be an int (len(modalities)), got {type(num_modalities).__name__}."
+        )
     cases = torch.as_tensor(cases).reshape(-1)
     if cases.dtype == torch.bool or cases.is_floating_point() or cases.is_complex():
         raise ValueError(
@@ -66,8 +70,33 @@ def presence_from_case(cases: Tensor | int, num_modalities: int) -> Tensor:
     return (cases[:, None] >> bits) & 1 == 1
 
 
-def case_from_presence(presence: Tensor) -> Tensor:
-    """Case bitmasks ``[B]`` of a bool presence matrix ``[B, M]``."""
+def case_from_presence(
+    presence: Tensor | ModalityBatch, modalities: Sequence[str] | None = None
+) -> Tensor:
+    """Case bitmasks ``[B]`` of a bool presence matrix ``[B, M]``, or of a batch's samples.
+
+    For a :class:`~mmcore.ModalityBatch`, bit ``i`` is ``modalities[i]`` (default: the batch's
+    own order; pass ``model.modalities`` for a model's cases), present where the batch's
+    presence mask says so; a modality the batch lacks is missing from every sample.
+    """
+    if isinstance(presence, ModalityBatch):
+        order = list(presence.modalities if modalities is None else modalities)
+        presence = torch.stack(
+            [
+                presence.is_present(m)
+                if m in presence
+                else torch.zeros(presence.batch_size, dtype=torch.bool, device=presence.device)
+                for m in order
+            ],
+            dim=1,
+        )
+    elif modalities is not None:
+        raise TypeError("modalities= goes with a ModalityBatch, not a presence matrix.")
+    if not isinstance(presence, Tensor):
+        raise TypeError(
+            "case_from_presence takes a bool presence matrix [B, M] or a ModalityBatch, got "
+            f"{type(presence).__name__}."
+        )
     if presence.dtype != torch.bool or presence.ndim != 2:
         raise ValueError(
             f"presence must be a bool [B, M] tensor, got {presence.dtype} {tuple(presence.shape)}."

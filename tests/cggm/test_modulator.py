@@ -1435,3 +1435,45 @@ def test_one_logit_binary_models():
     model(batch)
     with pytest.raises(ValueError, match=r"num_outputs=1 is a binary model.*from 0 to 2"):
         cggm.step(batch.target * 2)
+
+
+class _DictEncoder(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.net = nn.Linear(d, 6)
+
+    def forward(self, x):
+        return {"features": self.net(x)}
+
+
+class _DictEncoderModel(nn.Module):
+    """Encoders that return a dict: no shape convention says where their features are."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.encoders = nn.ModuleDict(
+            {m: _DictEncoder(batch[m].shape[-1]) for m in batch.modalities}
+        )
+        self.fusion = nn.Identity()
+        self.head = nn.Linear(6 * len(batch.modalities), 3)
+
+    def forward(self, batch):
+        feats = [self.encoders[m](batch[m])["features"] for m in self.encoders]
+        return self.head(self.fusion(torch.cat(feats, dim=-1)))
+
+
+def _features_of_dict(modality, output):
+    return output["features"]
+
+
+def test_an_encoder_output_without_features_names_the_modality_and_feature_fn():
+    batch = vector_batch(2)
+    torch.manual_seed(0)
+    model = _DictEncoderModel(batch)
+    cggm = CGGM(model, num_outputs=3)
+    with pytest.raises(TypeError, match=r"modality 'm0': cannot find features .* feature_fn="):
+        model(batch)
+    cggm.remove()
+    cggm = CGGM(model, num_outputs=3, feature_fn=_features_of_dict)
+    F.cross_entropy(model(batch), batch.target).backward()
+    assert set(cggm.step(batch.target)) == {"m0", "m1"}

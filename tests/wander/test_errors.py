@@ -91,6 +91,27 @@ def test_target_output_of_the_wrong_rank():
         Wander(model, RANKS, example_input=example(), target_modules=TARGETS, fusion_module="mixer")
 
 
+class AsDict(nn.Module):
+    def forward(self, x):
+        return {"features": x}
+
+
+def test_a_target_output_without_features_names_the_modality():
+    model = TwoTowers(text_out=lambda t: t["features"])
+    model.text_net = nn.Sequential(nn.Linear(6, 8), AsDict())
+    with pytest.raises(TypeError, match=r"modality 'text': cannot find features .*target_modules"):
+        Wander(model, RANKS, example_input=example(), target_modules=TARGETS, fusion_module="mixer")
+    wander = Wander(  # its linear layer outputs the features
+        model,
+        RANKS,
+        example_input=example(),
+        target_modules={**TARGETS, "text": "text_net.0"},
+        fusion_module="mixer",
+        num_fused_tokens=1,
+    )
+    assert wander(*example()).shape == (2, 2)
+
+
 def test_fused_output_needs_a_tensor_from_the_fusion_module():
     class TupleMixer(nn.Module):
         def forward(self, x):

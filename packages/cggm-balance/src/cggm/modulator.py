@@ -511,7 +511,13 @@ class CGGM:
         self, modality: str, module: nn.Module, _args: tuple, kwargs: dict, output: Any
     ) -> None:
         if self.feature_fn is None:
-            features = encoder_features(output)
+            try:
+                features = encoder_features(output)
+            except TypeError as err:
+                raise TypeError(
+                    f"CGGM: the encoder of modality '{modality}': {err} Pass "
+                    "feature_fn=lambda modality, output: ... to pick its features."
+                ) from None
         else:
             features = self.feature_fn(modality, output)
             if not isinstance(features, Tensor):

@@ -237,10 +237,18 @@ class Wander(nn.Module):
     @torch.no_grad()
     def _read_sizes(self, cfg: WanderConfig, example_input: Any) -> None:
         seen: dict[str, Tensor] = {}
+
+        def read(name: str, _module: nn.Module, _args: tuple, output: Any) -> None:
+            try:
+                seen[name] = encoder_features(output)
+            except TypeError as err:
+                raise TypeError(
+                    f"Wander: the target module of modality '{name}': {err} Name a module whose "
+                    "output is the modality's features (target_modules=)."
+                ) from None
+
         handles = [
-            mod.register_forward_hook(
-                lambda _m, _a, out, name=name: seen.__setitem__(name, encoder_features(out))
-            )
+            mod.register_forward_hook(functools.partial(read, name))
             for name, mod in self._targets.items()
         ]
         handles.append(

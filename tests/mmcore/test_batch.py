@@ -413,6 +413,39 @@ def test_collate_works_with_dataloader_and_rejects_bad_samples():
         collate_modalities([one, {"inputs": {"a": torch.ones(2)}}])
 
 
+def test_collate_reads_flat_rows_with_named_modalities_and_target_key():
+    """A ``datasets`` row ``{modality: ..., label: ..., id: ...}``: the same batch as the nested
+    form, read with ``modalities=`` and ``target_key=``."""
+    import functools
+
+    rows = [
+        {"text": torch.randn(3 + i, 4), "audio": torch.randn(5), "label": i % 2, "id": f"s{i}"}
+        for i in range(4)
+    ]
+    nested = collate_modalities(
+        [{"inputs": {"text": r["text"], "audio": r["audio"]}, "target": r["label"]} for r in rows]
+    )
+    collate = functools.partial(
+        collate_modalities, modalities=("text", "audio"), target_key="label"
+    )
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=collate)
+    flat = next(iter(loader))
+    assert flat.modalities == nested.modalities == ("text", "audio")
+    for m in nested.modalities:
+        torch.testing.assert_close(flat[m], nested[m])
+    torch.testing.assert_close(flat.padding_mask("text"), nested.padding_mask("text"))
+    assert flat.target.tolist() == [0, 1, 0, 1]
+    # without modalities=, every key but the target is one: the id is not a tensor
+    with pytest.raises(TypeError, match=r"sample 0's 'id' is a str, not a tensor.*modalities="):
+        collate_modalities(rows, target_key="label")
+    no_ids = [{k: v for k, v in r.items() if k != "id"} for r in rows]
+    assert collate_modalities(no_ids, target_key="label").modalities == ("text", "audio")
+    with pytest.raises(KeyError, match=r"sample 0 has no \['video'\]; its keys are"):
+        collate_modalities(rows, modalities=("text", "video"), target_key="label")
+    with pytest.raises(KeyError, match=r"sample 0 has no \['y'\]"):
+        collate_modalities(rows, modalities=("text",), target_key="y")
+
+
 def test_batches_pickle_for_dataloader_workers():
     import pickle
 

@@ -566,8 +566,41 @@ def _as_sample_mapping(sample: Any) -> Any:
     return sample
 
 
+def _as_modality_tensor(value: Any, modality: str, index: int) -> Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"collate_modalities: sample {index}'s '{modality}' is a {type(value).__name__}, "
+            f"not a tensor ({err}). A flat row's other fields (ids, raw text) are left out by "
+            "naming the modalities: modalities=(...)."
+        ) from None
+
+
+def _from_flat_row(
+    row: Any, index: int, modalities: Sequence[str] | None, target_key: str | None
+) -> Mapping[str, Any]:
+    """A flat row ``{modality: tensor, ..., target_key: label}`` as ``{"inputs", "target"}``."""
+    if not isinstance(row, Mapping) or "inputs" in row:
+        return row  # already in the nested form (or not a mapping: reported by the caller)
+    names = list(modalities) if modalities is not None else [k for k in row if k != target_key]
+    missing = [k for k in (*names, *([target_key] if target_key else [])) if k not in row]
+    if missing:
+        raise KeyError(
+            f"collate_modalities: sample {index} has no {missing}; its keys are "
+            f"{sorted(map(str, row))[:8]}."
+        )
+    sample: dict[str, Any] = {"inputs": {m: row[m] for m in names}}
+    if target_key is not None:
+        sample["target"] = row[target_key]
+    return sample
+
+
 def collate_modalities(
     samples: Sequence[Mapping[str, Any] | ModalityBatch | tuple[Mapping[str, Any], Any]],
+    *,
+    modalities: Sequence[str] | None = None,
+    target_key: str | None = None,
 ) -> ModalityBatch:
     """``collate_fn`` for :class:`torch.utils.data.DataLoader`.
 
@@ -577,6 +610,12 @@ def collate_modalities(
     ``"sample_id"``, ``"presence"`` (modality → bool) and ``"padding_masks"`` (modality → ``[T]``),
     or an ``(inputs, target)`` pair, the ``(x, y)`` a dataset usually returns.
     Sequences of different lengths are right-padded with zeros and get padding masks.
+
+    A flat row, as a ``datasets.Dataset`` (with ``set_format("torch")``) gives it,
+    ``{"text": ..., "audio": ..., "label": 3, "id": "a1"}``, is read with ``modalities`` (the
+    keys that are modalities; default: every key but ``target_key``) and ``target_key`` (the
+    label's key): ``collate_fn=functools.partial(collate_modalities, modalities=("text",
+    "audio"), target_key="label")``.
 
     The batch holds every modality any sample has. A sample without one (no key, or ``None``)
     gets zeros shaped like the first sample's that has it, and is marked missing there, as
@@ -592,6 +631,8 @@ def collate_modalities(
             "collate_modalities: the samples mix ModalityBatch and mapping items; give one kind."
         )
     samples = [_as_sample_mapping(s) for s in samples]
+    if modalities is not None or target_key is not None:
+        samples = [_from_flat_row(s, i, modalities, target_key) for i, s in enumerate(samples)]
     for i, s in enumerate(samples):
         if not isinstance(s, Mapping) or "inputs" not in s:
             found = (
@@ -601,8 +642,8 @@ def collate_modalities(
             )
             raise TypeError(
                 f"collate_modalities: sample {i} is {found}; expected a ModalityBatch, a "
-                "mapping {'inputs': {modality: unbatched tensor}, 'target': ... (optional)} or "
-                "an (inputs, target) pair."
+                "mapping {'inputs': {modality: unbatched tensor}, 'target': ... (optional)}, "
+                "an (inputs, target) pair, or a flat row read with modalities= and target_key="
             )
     mappings = cast(Sequence[Mapping[str, Any]], samples)
     names = list(dict.fromkeys(m for s in mappings for m in s["inputs"]))
@@ -612,8 +653,8 @@ def collate_modalities(
     padding: dict[str, Tensor] = {}
     for m in names:
         given_tensors = [
-            None if lacks else torch.as_tensor(s["inputs"][m])
-            for s, lacks in zip(mappings, lacking[m], strict=True)
+            None if lacks else _as_modality_tensor(s["inputs"][m], m, i)
+            for i, (s, lacks) in enumerate(zip(mappings, lacking[m], strict=True))
         ]
         first = next((t for t in given_tensors if t is not None), None)
         if first is None:

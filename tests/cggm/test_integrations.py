@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cggm import CGGM
+from mmcore import ModalityBatch
 from tests.cggm.test_modulator import make_model, vector_batch
 
 BATCHES = [vector_batch(3, seed=s) for s in range(6)]
@@ -104,3 +105,74 @@ def test_lightning_on_before_optimizer_step_modulates_as_the_plain_loop():
     trainer.fit(module, DataLoader(BATCHES, batch_size=None))
     run = (module.model.state_dict(), module.coefficients)
     _assert_same(run, _plain_loop(step_on_micro_batches=False))
+
+
+class _KeywordModel(torch.nn.Module):
+    """The late-fusion model called as ``transformers.Trainer`` calls one: a keyword per
+    column, returning ``{"loss", "logits"}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model(BATCHES[0])
+
+    def forward(self, m0, m1, m2, labels=None):
+        logits = self.net(ModalityBatch({"m0": m0, "m1": m1, "m2": m2}))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+def test_transformers_trainer_recipe_modulates_as_the_plain_loop(tmp_path):
+    """The README's ``Trainer`` subclass: the direction term in ``compute_loss``, ``cggm.step``
+    after each ``training_step`` with ``sync=self.accelerator.sync_gradients``."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # Trainer needs it
+
+    class CGGMTrainer(transformers.Trainer):
+        def __init__(self, *args, cggm, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.cggm, self.coefficients = cggm, []
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            loss = loss + self.cggm.direction_loss()
+            return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            b = self.cggm.step(inputs["labels"], sync=self.accelerator.sync_gradients)
+            self.coefficients.append(b)
+            return loss
+
+        def get_train_dataloader(self):  # the plain loop's order, for the comparison only
+            rows = [{**b.inputs, "labels": b.target} for b in BATCHES]
+            return DataLoader(rows, batch_size=None)
+
+    class SeedAtStart(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            torch.manual_seed(1)  # as the plain loop: the classifiers are built at the first step
+
+    model = _KeywordModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=len(BATCHES) // 2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.0,  # no clipping: the plain loop has none
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = CGGMTrainer(
+        model=model,
+        args=args,
+        optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)),
+        callbacks=[SeedAtStart()],
+        cggm=_modulator(model.net),
+    )
+    trainer.train()
+    _assert_same(
+        (model.net.state_dict(), trainer.coefficients), _plain_loop(step_on_micro_batches=True)
+    )

@@ -34,7 +34,6 @@ BAD = [
     (CGGMConfig, {"regression_score": "mse"}, "regression_score must be one of"),
     (CGGMConfig, {"num_outputs": 0}, "num_outputs must be a positive integer"),
     (CGGMConfig, {"num_outputs": True}, "num_outputs must be a positive integer"),
-    (CGGMConfig, {"task": "regression", "num_outputs": 3}, "needs num_outputs=1"),
     (CGGMConfig, {"rho": 0.0}, "rho must be > 0 or None"),
     (CGGMConfig, {"rho": math.nan}, "rho must be > 0 or None"),
     (CGGMConfig, {"lam": -0.1}, "lam must be >= 0"),

@@ -168,13 +168,15 @@ def test_regression_on_padded_sequences():
     assert cggm.classifier("text")(torch.randn(2, 5, 4), pad[:2]).shape == (2, 1)
 
 
-def _padded_regression_batch():
+def _padded_regression_batch(outputs=1):
     g = torch.Generator().manual_seed(0)
     pad = torch.zeros(8, 5, dtype=torch.bool)
     pad[:2, 3:] = True
     return ModalityBatch(
         {"text": torch.randn(8, 5, 4, generator=g), "audio": torch.randn(8, 6, 3, generator=g)},
-        target=torch.randn(8, generator=g),
+        target=torch.randn(8, generator=g)
+        if outputs == 1
+        else torch.randn(8, outputs, generator=g),
         padding_masks={"text": pad},
     )
 
@@ -257,11 +259,12 @@ def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, 
         batch, out, loss_fn = vector_batch(4, classes=2), 1, _binary_loss
     elif task == "binary segmentation":
         batch, out, loss_fn = _segmentation_batch(classes=2), 1, _binary_loss
-    else:
-        batch, out = _padded_regression_batch(), 1
+    else:  # "regression", or "regression, 2 outputs" (valence and arousal, say)
+        out = 2 if task.endswith("2 outputs") else 1
+        batch = _padded_regression_batch(out)
 
         def loss_fn(p, y):
-            return F.l1_loss(p.squeeze(-1), y)
+            return F.l1_loss(p.reshape(y.shape), y)
 
     if prepare is not None:
         batch = prepare(batch)
@@ -271,8 +274,8 @@ def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, 
     elif task in ("segmentation", "binary segmentation"):
         model = SegModel(stride=2, classes=out)
     else:
-        model = LateFusionModel.from_batch(batch, 1, width=4, num_heads=2, head="linear")
-    cggm_task = BINARY_TASKS.get(task, task)
+        model = LateFusionModel.from_batch(batch, out, width=4, num_heads=2, head="linear")
+    cggm_task = BINARY_TASKS.get(task, task.split(",")[0])
     cggm = CGGM(model, task=cggm_task, num_outputs=out, rho=1.3, lam=0.1, classifiers=classifiers)
     configure(cggm)
     history = _modulated_sgd(model, cggm, batch, loss_fn, lr)
@@ -292,7 +295,15 @@ def _assert_same_runs(first, second):
 
 
 @pytest.mark.parametrize(
-    "task", ["classification", "regression", "segmentation", "binary", "binary segmentation"]
+    "task",
+    [
+        "classification",
+        "regression",
+        "segmentation",
+        "binary",
+        "binary segmentation",
+        "regression, 2 outputs",
+    ],
 )
 def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
     """The default classifiers run as one batched MLP; a per-modality loop gives the same run.
@@ -599,8 +610,6 @@ def test_bad_configuration_raises():
     model = make_model(batch)
     with pytest.raises(ValueError, match="task must be one of"):
         CGGMConfig(task="ranking")
-    with pytest.raises(ValueError, match="num_outputs=1"):
-        CGGMConfig(task="regression", num_outputs=3)
     with pytest.raises(ValueError, match="rho must be > 0"):
         CGGMConfig(rho=-1.0)
     with pytest.raises(ValueError, match="smoothing is a default-mode safeguard"):
@@ -698,9 +707,11 @@ def test_stacked_classifiers_round_trip_and_lookup_before_the_first_step():
         cggm.classifier("text")
 
 
-@pytest.mark.parametrize("task", ["classification", "regression", "binary"])
+@pytest.mark.parametrize(
+    "task", ["classification", "regression", "binary", "regression, 2 outputs"]
+)
 def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
-    outputs = 3 if task == "classification" else 1
+    outputs = {"classification": 3, "regression, 2 outputs": 2}.get(task, 1)
     torch.manual_seed(0)
     stacked = StackedClassifiers(("a", "b", "c"), 5, 7, outputs).double()
     for p in stacked.parameters():
@@ -717,23 +728,25 @@ def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
         def loss_of(logits):
             return sum(_binary_loss(logits[i], target) for i in range(3))
     else:
-        target = torch.randn(6, dtype=torch.float64)
+        target = torch.randn(6, outputs, dtype=torch.float64).squeeze(-1)
 
         def loss_of(logits):
-            return sum(F.l1_loss(logits[i].reshape(-1), target) for i in range(3))
+            return sum(F.l1_loss(logits[i].reshape(target.shape), target) for i in range(3))
 
     loss_of(stacked(x)).backward()
     expected = {n: p.grad.clone() for n, p in stacked.named_parameters()}
     stacked.zero_grad(set_to_none=True)
     cggm = CGGM.__new__(CGGM)  # only _logit_grads is used: it reads the config
-    cggm.config = CGGMConfig(task=BINARY_TASKS.get(task, task), num_outputs=outputs)
+    cggm.config = CGGMConfig(task=BINARY_TASKS.get(task, task.split(",")[0]), num_outputs=outputs)
     logits = stacked.forward_backward(x, lambda z: cggm._logit_grads(target, z))
     torch.testing.assert_close(logits, stacked(x))
     for n, p in stacked.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], msg=n)
 
 
-@pytest.mark.parametrize("task", ["classification", "regression", "binary"])
+@pytest.mark.parametrize(
+    "task", ["classification", "regression", "binary", "regression, 2 outputs"]
+)
 def test_hand_written_classifier_backward_trains_as_autograd_does(task):
     """``hand_backward=False`` (autograd through the stacked MLP) gives the same run."""
 
@@ -770,7 +783,11 @@ PATHS = {"by hand": lambda cggm: None, "autograd": _through_autograd, "loop": _p
 
 @pytest.mark.parametrize(
     ("task", "path"),
-    [(t, p) for t in ("classification", "regression", "binary") for p in PATHS]
+    [
+        (t, p)
+        for t in ("classification", "regression", "binary", "regression, 2 outputs")
+        for p in PATHS
+    ]
     # feature maps always train through autograd: no hand-written path to test there
     + [(t, p) for t in ("segmentation", "binary segmentation") for p in ("autograd", "loop")],
 )
@@ -1477,3 +1494,43 @@ def test_an_encoder_output_without_features_names_the_modality_and_feature_fn():
     cggm = CGGM(model, num_outputs=3, feature_fn=_features_of_dict)
     F.cross_entropy(model(batch), batch.target).backward()
     assert set(cggm.step(batch.target)) == {"m0", "m1"}
+
+
+def test_regression_with_several_outputs():
+    """``num_outputs=2`` (valence and arousal): each classifier's score is its sign accuracy on
+    each output, averaged; the encoders' gradients are scaled by exactly ``ρ B_m``; targets
+    that are not two values per sample are a clear error."""
+    batch = _padded_regression_batch(outputs=2)
+    torch.manual_seed(0)
+    model = LateFusionModel.from_batch(batch, 2, width=4, num_heads=2, head="linear")
+    cggm = CGGM(model, task="regression", num_outputs=2, rho=1.3, lam=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        (F.l1_loss(model(batch), batch.target) + cggm.direction_loss()).backward()
+        with torch.no_grad():  # the classifiers as they score this batch, before their update
+            feats = model.encode(batch)
+            expected = (
+                [
+                    (
+                        (cggm.classifier(m)(feats[m], batch.padding_mask(m)) > 0)
+                        == (batch.target > 0)
+                    )
+                    .float()
+                    .mean()
+                    for m in batch.modalities
+                ]
+                if step
+                else None
+            )
+        before = grads(model)
+        b = cggm.step(batch.target)
+        if expected is not None:
+            torch.testing.assert_close(cggm.last_scores, torch.stack(expected))
+        for name, g in grads(model).items():
+            if name.startswith("encoders."):
+                torch.testing.assert_close(g, 1.3 * b[name.split(".")[1]] * before[name])
+        opt.step()
+    model(batch)
+    with pytest.raises(ValueError, match=r"num_outputs=2 needs 2 target value\(s\) per sample"):
+        cggm.step(batch.target[:, 0])

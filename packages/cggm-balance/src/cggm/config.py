@@ -31,7 +31,8 @@ class CGGMConfig:
             judged by.
         num_outputs: classes (classification, segmentation), or 1 for a binary model with one
             logit per sample (or pixel) trained with ``binary_cross_entropy_with_logits``;
-            1 for regression.
+            the number of regressed values for regression (1, or e.g. 2 for valence and
+            arousal).
         rho: ``ρ``, the magnitude of the gradient scaling ``ρ · B_m``; ``None`` turns the
             magnitude modulation off (direction term only).
         lam: ``λ``, the weight of the direction term ``L_gm`` (0 turns it off).
@@ -77,8 +78,6 @@ class CGGMConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
         if not _is_int(self.num_outputs) or self.num_outputs < 1:
             raise ValueError(f"num_outputs must be a positive integer, got {self.num_outputs!r}.")
-        if self.task == "regression" and self.num_outputs != 1:
-            raise ValueError(f"task='regression' needs num_outputs=1, got {self.num_outputs}.")
         if self.rho is not None and not self.rho > 0:
             raise ValueError(f"rho must be > 0 or None, got {self.rho}.")
         if not self.lam >= 0:  # NaN fails too

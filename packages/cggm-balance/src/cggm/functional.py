@@ -29,11 +29,11 @@ def batch_score_counts(
     """``(total, count)`` of a classifier's score on one batch, so ranks can all-reduce them.
 
     The score is ``total / count``: accuracy (classification; one logit per sample reads as
-    class 1 where it is positive), sign accuracy with zero labels
+    class 1 where it is positive), sign accuracy (of each output, averaged) with zero labels
     negative, as the released code (regression, ``"sign"``), minus the MAE (``"neg_mae"``), or
     the mean foreground Dice over the batch (segmentation; ``count`` is 1 per sample).
     ``stacked=True`` takes every modality's predictions at once, ``[M, B, C]`` (classification),
-    ``[M, B, 1]`` (regression) or ``[M, B, C, *spatial]`` (segmentation), and returns ``[M]``
+    ``[M, B, K]`` (regression) or ``[M, B, C, *spatial]`` (segmentation), and returns ``[M]``
     totals and counts. ``weights`` (``[B]``, or ``[M, B]`` stacked; 1 = counted, 0 = not, e.g.
     a sample that lacks the modality): only the weighted samples are scored and counted.
     """
@@ -58,12 +58,17 @@ def _per_sample_scores(task: str, pred: Tensor, target: Tensor, regression_score
         if pred.shape[-1] == 1:  # one binary logit: class 1 where it is positive
             return ((pred[..., 0] > 0).long() == target).float()
         return (pred.argmax(dim=-1) == target).float()
-    if task == "regression":
-        p = pred.reshape(m, n, -1).mean(dim=-1)  # one output per sample (num_outputs=1)
-        t = target.reshape(-1).to(pred.dtype)
+    if task == "regression":  # each output scored, then averaged over a sample's outputs
+        p = pred.reshape(m, n, -1)
+        t = target.reshape(1, n, -1).to(pred.dtype)
+        if t.shape[2] != p.shape[2]:
+            raise ValueError(
+                f"regression targets of shape {tuple(target.shape)} for {p.shape[2]} outputs "
+                "per sample."
+            )
         if regression_score == "sign":
-            return ((p > 0) == (t > 0)).float()
-        return -(p - t).abs()
+            return ((p > 0) == (t > 0)).float().mean(dim=-1)
+        return -(p - t).abs().mean(dim=-1)
     if task == "segmentation":
         # max().indices, not argmax(): the same first-maximum index, but argmax over a
         # non-last axis is ~20x slower on CPU (it dominated the segmentation step)

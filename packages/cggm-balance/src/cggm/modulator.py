@@ -335,7 +335,8 @@ class CGGM:
                     f"CGGM.step: regression targets of shape {tuple(target.shape)} for "
                     f"{logits.shape[2]} outputs per sample."
                 )
-            return torch.sign(logits - t)
+            # L1's mean runs over every output too
+            return torch.sign(logits - t).div_(logits.shape[2])
         if self.config.binary:  # binary cross-entropy with logits: sigmoid − target
             return logits.sigmoid() - target.to(logits.dtype).view(1, -1, 1)
         classes = logits.shape[2]
@@ -855,6 +856,12 @@ class CGGM:
                 f"CGGM.step: task='{self.config.task}' needs class indices, got {target.dtype} "
                 "values that are not whole numbers (use task='regression' for real-valued "
                 "targets)."
+            )
+        k = self.config.num_outputs
+        if self.config.task == "regression" and target.numel() != batch_size * k:
+            raise ValueError(
+                f"CGGM.step: task='regression' with num_outputs={k} needs {k} target value(s) "
+                f"per sample ([B] or [B, {k}]); got shape {tuple(target.shape)}."
             )
         if self.config.binary and target.numel():
             low, high = torch.stack(torch.aminmax(target)).tolist()

@@ -324,6 +324,47 @@ def test_online_adaptation_skips_a_non_finite_update():
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_regression_with_several_outputs_adapts_as_one_output_repeated():
+    """``num_outputs=2``: a model whose two outputs are one output twice (its head's row
+    repeated) keeps the same samples, with that output's pseudo-labels in both columns, and
+    ends with the norm weights the one-output model ends with."""
+    one = model(out_dim=1)
+    two = model(out_dim=1)
+    head = two.head.out  # MulT's residual head: its last linear layer
+    with torch.no_grad():
+        doubled = nn.Linear(head.in_features, 2)
+        doubled.weight.copy_(head.weight.repeat(2, 1))
+        doubled.bias.copy_(head.bias.repeat(2))
+    _replace_module(two, head, doubled)
+    target = data(n=32)
+    first = CASP(one, **FAST)
+    second = CASP(two, num_outputs=2, **FAST)
+    torch.manual_seed(0)  # the same dropout masks for both
+    r1 = first.adapt(target)
+    torch.manual_seed(0)
+    r2 = second.adapt(target)
+    assert second.predict(target).shape == (32, 2)
+    assert r2.kept_indices.tolist() == r1.kept_indices.tolist()
+    torch.testing.assert_close(r2.pseudo_labels, r1.pseudo_labels[:, None].repeat(1, 2))
+    for a, b in zip(norm_parameters(first.model), norm_parameters(second.model), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"num_outputs=1 needs one score per sample.*\(32, 2\)"):
+        CASP(two, **FAST).adapt(target)
+    with pytest.raises(ValueError, match=r"num_outputs=3 needs \[N, 3\].*\(32, 2\)"):
+        CASP(two, num_outputs=3, **FAST).adapt(target)
+    with pytest.raises(ValueError, match="num_outputs is the number of regressed values"):
+        CASPConfig(task="classification", num_outputs=2)
+
+
+def _replace_module(root, old, new):
+    for module in root.modules():
+        for child_name, child in module.named_children():
+            if child is old:
+                setattr(module, child_name, new)
+                return
+    raise LookupError("module not found")
+
+
 def test_classification_and_online_episodic_mode():
     target = data(seed=7, classes=3)
     casp = CASP(model(out_dim=3), task="classification", **FAST)

@@ -336,7 +336,7 @@ class CASP:
         out = torch.cat(outs).to(data.device)
         if self.config.task == "classification":
             return _class_logits(out).softmax(dim=-1)
-        return _scores(out)
+        return _scores(out, self.config.num_outputs)
 
     def reset(self) -> None:
         """Restore the source weights exactly and forget the online optimiser's state.
@@ -490,7 +490,7 @@ class CASP:
                     # soft targets: mean probabilities
                     loss = F.cross_entropy(_class_logits(pred), target)
                 else:
-                    loss = F.l1_loss(_scores(pred), target)
+                    loss = F.l1_loss(_scores(pred, cfg.num_outputs), target)
                 value = loss.item()  # the one host sync per step, for the check and the log
                 if self._any_rank(not math.isfinite(value)):
                     self.restore(start)
@@ -691,13 +691,20 @@ def _class_logits(out: Tensor) -> Tensor:
     return out
 
 
-def _scores(out: Tensor) -> Tensor:
-    """A regression model's output ``[N]`` or ``[N, 1]`` as ``[N]``; anything else is an error."""
-    if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
+def _scores(out: Tensor, num_outputs: int = 1) -> Tensor:
+    """A regression model's output: ``[N]`` or ``[N, 1]`` as ``[N]``, or ``[N, K]`` as it is.
+
+    Any other shape (class logits under the default task, say) is an error.
+    """
+    if num_outputs == 1 and (out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)):
         return out.reshape(-1)
+    if num_outputs > 1 and out.ndim == 2 and out.shape[1] == num_outputs:
+        return out
+    expected = "one score per sample ([N] or [N, 1])" if num_outputs == 1 else f"[N, {num_outputs}]"
     raise ValueError(
-        f"CASP task='regression' needs one score per sample ([N] or [N, 1]), but the model "
-        f"outputs {tuple(out.shape)}; for class logits use task='classification'."
+        f"CASP task='regression' with num_outputs={num_outputs} needs {expected}, but the model "
+        f"outputs {tuple(out.shape)}; for class logits use task='classification', for K "
+        "regressed values num_outputs=K."
     )
 
 

@@ -23,6 +23,10 @@ class CASPConfig:
     Args:
         task: ``"regression"`` (pseudo-labels are mean predictions, L1 in stage 2) or
             ``"classification"`` (pseudo-labels are mean probabilities, soft cross-entropy).
+        num_outputs: regressed values per sample (``task="regression"``): 1 for a model that
+            returns ``[N]`` or ``[N, 1]``, ``K`` for ``[N, K]`` (valence and arousal, say; a
+            sample's stability is then its mean change over the ``K`` values). Declared, so that
+            class logits under the default task stay an error rather than pass for ``K`` scores.
         tau: NT-Xent temperature.
         epochs_ca: stage-1 (contrastive adaptation) epochs over the unlabeled target data.
         snapshot_every: a prediction snapshot of all target samples every this many epochs (and
@@ -48,6 +52,7 @@ class CASPConfig:
     """
 
     task: Literal["regression", "classification"] = "regression"
+    num_outputs: int = 1
     tau: float = 0.5
     epochs_ca: int = 15
     snapshot_every: int = 3
@@ -66,6 +71,13 @@ class CASPConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        if not _is_int(self.num_outputs) or self.num_outputs < 1:
+            raise ValueError(f"num_outputs must be a positive integer, got {self.num_outputs!r}.")
+        if self.task == "classification" and self.num_outputs != 1:
+            raise ValueError(
+                "num_outputs is the number of regressed values (task='regression'); "
+                "task='classification' reads the classes from the model's logits."
+            )
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau}.")
         for name in ("epochs_ca", "snapshot_every", "batch_size"):

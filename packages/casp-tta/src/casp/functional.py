@@ -46,8 +46,9 @@ def stability_scores(snapshots: Tensor) -> Tensor:
     """Mean absolute change between consecutive snapshots, per sample (lower = more stable).
 
     Args:
-        snapshots: ``[K, N]`` predictions (regression) or ``[K, N, C]`` probabilities
-            (classification; the change is the mean over classes).
+        snapshots: ``[K, N]`` predictions (regression), or ``[K, N, C]`` probabilities
+            (classification) or values (regression with ``C`` outputs); the change is then the
+            mean over the last axis.
     """
     if snapshots.ndim not in (2, 3) or snapshots.shape[0] < 2:
         raise ValueError(
@@ -60,7 +61,7 @@ def stability_scores(snapshots: Tensor) -> Tensor:
 
 
 def pseudo_labels(snapshots: Tensor) -> Tensor:
-    """Mean over snapshots: ``[N]`` predictions or ``[N, C]`` probabilities."""
+    """Mean over snapshots: ``[N]`` predictions, or ``[N, C]`` probabilities or values."""
     return snapshots.mean(dim=0)
 
 

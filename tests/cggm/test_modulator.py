@@ -1425,29 +1425,15 @@ def test_one_logit_binary_models():
     batch = vector_batch(3, classes=2)
     model = make_model(batch, out_dim=1)
     cggm = CGGM(model, task="classification", num_outputs=1, rho=1.3, lam=0.1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
-        opt.zero_grad()
-        (_binary_loss(model(batch), batch.target) + cggm.direction_loss()).backward()
-        with torch.no_grad():  # the classifiers as they score this batch, before their update
-            feats = model.encode(batch)
-            expected = (
-                [
-                    ((cggm.classifier(m)(feats[m])[:, 0] > 0).long() == batch.target).float().mean()
-                    for m in batch.modalities
-                ]
-                if step
-                else None
-            )
-        before = grads(model)
-        b = cggm.step(batch.target.bool())  # bool targets read as 0 / 1
-        assert cggm.classifier("m0").net[2].out_features == 1
-        if expected is not None:
-            torch.testing.assert_close(cggm.last_scores, torch.stack(expected))
-        for name, g in grads(model).items():
-            if name.startswith("encoders."):
-                torch.testing.assert_close(g, 1.3 * b[name.split(".")[1]] * before[name])
-        opt.step()
+    _steps_checking_scores_and_scaling(
+        model,
+        cggm,
+        batch,
+        _binary_loss,
+        lambda logits: ((logits[:, 0] > 0).long() == batch.target).float().mean(),
+        target=batch.target.bool(),  # bool targets read as 0 / 1
+    )
+    assert cggm.classifier("m0").net[2].out_features == 1
     assert torch.isfinite(cggm.direction_loss())
     model(batch)
     with pytest.raises(ValueError, match=r"num_outputs=1 is a binary model.*from 0 to 2"):
@@ -1504,33 +1490,44 @@ def test_regression_with_several_outputs():
     torch.manual_seed(0)
     model = LateFusionModel.from_batch(batch, 2, width=4, num_heads=2, head="linear")
     cggm = CGGM(model, task="regression", num_outputs=2, rho=1.3, lam=0.1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
-        opt.zero_grad()
-        (F.l1_loss(model(batch), batch.target) + cggm.direction_loss()).backward()
-        with torch.no_grad():  # the classifiers as they score this batch, before their update
-            feats = model.encode(batch)
-            expected = (
-                [
-                    (
-                        (cggm.classifier(m)(feats[m], batch.padding_mask(m)) > 0)
-                        == (batch.target > 0)
-                    )
-                    .float()
-                    .mean()
-                    for m in batch.modalities
-                ]
-                if step
-                else None
-            )
-        before = grads(model)
-        b = cggm.step(batch.target)
-        if expected is not None:
-            torch.testing.assert_close(cggm.last_scores, torch.stack(expected))
-        for name, g in grads(model).items():
-            if name.startswith("encoders."):
-                torch.testing.assert_close(g, 1.3 * b[name.split(".")[1]] * before[name])
-        opt.step()
+    _steps_checking_scores_and_scaling(
+        model,
+        cggm,
+        batch,
+        F.l1_loss,
+        lambda outputs: ((outputs > 0) == (batch.target > 0)).float().mean(),
+    )
     model(batch)
     with pytest.raises(ValueError, match=r"num_outputs=2 needs 2 target value\(s\) per sample"):
         cggm.step(batch.target[:, 0])
+
+
+def _steps_checking_scores_and_scaling(model, cggm, batch, loss_fn, score, target=None):
+    """Three modulated SGD steps. From the second on (the classifiers exist), CGGM's scores
+    must be ``score(outputs)`` of each classifier before its update, and every encoder
+    gradient must be scaled by exactly ``ρ B_m``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
+        expected = None
+        if step:
+            with torch.no_grad():
+                feats = model.encode(batch)
+                expected = torch.stack(
+                    [
+                        score(cggm.classifier(m)(feats[m], batch.padding_mask(m)))
+                        for m in batch.modalities
+                    ]
+                )
+        before = grads(model)
+        b = cggm.step(batch.target if target is None else target)
+        if expected is not None:
+            torch.testing.assert_close(cggm.last_scores, expected)
+        for name, g in grads(model).items():
+            if name.startswith("encoders."):
+                torch.testing.assert_close(
+                    g, cggm.config.rho * b[name.split(".")[1]] * before[name]
+                )
+        opt.step()
+    assert torch.isfinite(cggm.direction_loss())

@@ -46,3 +46,25 @@ def test_online_mode_on_the_gpu():
     again = online(target.select(slice(0, 8)).to(CUDA), episodic=True)
     assert again.device.type == "cuda"
     torch.testing.assert_close(again.cpu(), first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_gpu_model_adapts_as_the_float32_one(dtype):
+    """The float32 master copies on the GPU: a half-precision model follows the float32 one."""
+    target = data(n=48, seed=7)
+    model = source_model()
+    full = CASP(copy.deepcopy(model).to(CUDA), **{**FAST, "epochs_ca": 8})
+    half = CASP(copy.deepcopy(model).to(CUDA, dtype), **{**FAST, "epochs_ca": 8})
+    full.adapt(target)
+    report = half.adapt(target.to(dtype=dtype))
+    assert not report.collapsed
+    for p0, p32, p16 in zip(
+        norm_parameters(model),
+        norm_parameters(full.model),
+        norm_parameters(half.model),
+        strict=True,
+    ):
+        assert p16.dtype == dtype
+        moved = (p32.cpu() - p0).abs().max()
+        rounding = p32.abs().max().cpu() * torch.finfo(dtype).eps  # of the written-back value
+        assert (p16.float().cpu() - p32.cpu()).abs().max() < 0.3 * moved + rounding

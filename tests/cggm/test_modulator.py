@@ -1531,3 +1531,19 @@ def _steps_checking_scores_and_scaling(model, cggm, batch, loss_fn, score, targe
                 )
         opt.step()
     assert torch.isfinite(cggm.direction_loss())
+
+
+def test_data_parallel_over_several_devices_is_refused():
+    """Each replica's hooks would report a slice of the batch: a clear error, not a silent
+    modulation on one slice. On one device (or the CPU) DataParallel calls the model itself."""
+    batch = vector_batch(2)
+    model = make_model(batch)
+    single = nn.DataParallel(model)  # no GPU here: it calls the module it holds
+    cggm = CGGM(single, num_outputs=3)
+    F.cross_entropy(single(batch), batch.target).backward()
+    assert set(cggm.step(batch.target)) == {"m0", "m1"}
+    cggm.remove()
+    several = nn.DataParallel(model)
+    several.device_ids = [0, 1]  # as on a machine with two GPUs
+    with pytest.raises(TypeError, match=r"DataParallel over 2 devices .* DistributedDataParallel"):
+        CGGM(several, num_outputs=3)

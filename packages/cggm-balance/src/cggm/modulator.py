@@ -126,6 +126,13 @@ class CGGM:
         if config is not None and config_kwargs:
             raise ValueError("pass either config= or its fields as keyword arguments, not both.")
         self.config = config or make_config(CGGMConfig, "CGGM", **config_kwargs)
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+            raise TypeError(
+                f"CGGM: nn.DataParallel over {len(model.device_ids)} devices runs a replica of "
+                "the model on each, and each replica's encoders would report only its slice of "
+                "the batch to CGGM's hooks. Use DistributedDataParallel (one process per "
+                "device; CGGM all-reduces its statistics), or DataParallel on one device."
+            )
         # DDP calls the module it holds: hook that (a compiled one as it is, before its first
         # call, so that dynamo traces the hooks)
         model = held_module(model, compiled=False)

@@ -79,7 +79,8 @@ class AdaptationReport:
 
     ``kept_indices`` ``[K]``: the samples kept for stage 2 (the most stable by default);
     ``pseudo_labels``: their pseudo-labels, the mean of the stage-1 prediction snapshots
-    (``[K]`` for regression, ``[K, C]`` probabilities for classification). ``collapsed``: a
+    (``[K]`` for regression, ``[K, num_outputs]`` for several regressed values, ``[K, C]``
+    probabilities for classification). ``collapsed``: a
     stage stopped early and rolled back (a collapsed or non-finite representation in stage 1, a
     non-finite pseudo-label loss in stage 2); ``message`` says which.
     """
@@ -321,7 +322,9 @@ class CASP:
     def predict(
         self, data: ModalityBatch | Iterable[ModalityBatch], batch_size: int = 256
     ) -> Tensor:
-        """Predictions on ``data`` (eval mode): ``[N]`` regression, ``[N, C]`` probabilities.
+        """Predictions on ``data`` (eval mode): regression scores, or ``[N, C]`` probabilities.
+
+        Scores are ``[N]``, or ``[N, K]`` with ``num_outputs=K``.
 
         ``data`` may live on another device than the model (e.g. a large unlabeled set in CPU
         memory): each batch is moved to the model's, and the predictions come back on ``data``'s.

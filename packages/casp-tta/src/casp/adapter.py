@@ -470,8 +470,8 @@ class CASP:
         data: ModalityBatch,
         labels: Tensor,
         validation: ModalityBatch | None,
-        score_fn: Callable | None,
-        bar: tqdm,
+        score_fn: Callable[[Tensor, Tensor], float] | None,
+        bar: tqdm[Any],
     ) -> None:
         cfg = self.config
         if cfg.epochs_pl == 0:
@@ -715,7 +715,10 @@ class _Best:
     """The released code's epoch selection by labelled target-validation score (opt-in only)."""
 
     def __init__(
-        self, casp: CASP, validation: ModalityBatch | None, score_fn: Callable | None
+        self,
+        casp: CASP,
+        validation: ModalityBatch | None,
+        score_fn: Callable[[Tensor, Tensor], float] | None,
     ) -> None:
         self.validation, self.score_fn = self.check(validation, score_fn)
         self.casp, self.target = casp, self.validation.require_target()
@@ -724,8 +727,8 @@ class _Best:
 
     @staticmethod
     def check(
-        validation: ModalityBatch | None, score_fn: Callable | None
-    ) -> tuple[ModalityBatch, Callable]:
+        validation: ModalityBatch | None, score_fn: Callable[[Tensor, Tensor], float] | None
+    ) -> tuple[ModalityBatch, Callable[[Tensor, Tensor], float]]:
         """``validation`` and ``score_fn``, or a clear error when either is missing."""
         if validation is None or score_fn is None or validation.target is None:
             raise ValueError(

@@ -501,7 +501,9 @@ class CGGM:
         )
 
     # ------------------------------------------------------------------ hooks
-    def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_model_call(
+        self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         self._captured, self._call_masks = {}, {}
         self._ran_without_grad = set()
         self._forward_ran = True
@@ -516,7 +518,12 @@ class CGGM:
                 warnings.warn(message, stacklevel=stacklevel_outside(cggm))
 
     def _capture(
-        self, modality: str, module: nn.Module, _args: tuple, kwargs: dict, output: Any
+        self,
+        modality: str,
+        module: nn.Module,
+        _args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
     ) -> None:
         if self.feature_fn is None:
             try:

@@ -232,7 +232,9 @@ def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(owner_path) if owner_path else module), leaf
 
 
-def _unstack_state(module: _TransformerStack, state: dict, prefix: str, _metadata: Any) -> None:
+def _unstack_state(
+    module: _TransformerStack, state: dict[str, Any], prefix: str, _metadata: Any
+) -> None:
     """State-dict post-hook: ``stack.<param>`` ``[P, ...]`` → one ``<name>.<param>`` per member.
 
     Member by member, as a ``ModuleDict`` of separate transformers lists them.
@@ -248,7 +250,7 @@ def _unstack_state(module: _TransformerStack, state: dict, prefix: str, _metadat
 
 def _stack_state(
     module: _TransformerStack,
-    state: dict,
+    state: dict[str, Any],
     prefix: str,
     _metadata: Any,
     _strict: bool,
@@ -532,11 +534,11 @@ class MulTBackbone(nn.Module):
             self.project(batch), {k: batch.padding_mask(k) for k in self.modalities}
         )
 
-    def config_dict(self) -> dict:
+    def config_dict(self) -> dict[str, Any]:
         """JSON-ready config."""
         return asdict(self.config)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """``config.json`` + ``model.safetensors`` (state dict, never a pickled module).
 
         The pretraining stage's output: :meth:`from_pretrained` rebuilds it, and ``MPLMM`` wraps
@@ -546,7 +548,7 @@ class MulTBackbone(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, dtype: torch.dtype | None = None
+        cls, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
     ) -> MulTBackbone:
         """Rebuild a backbone saved with :meth:`save_pretrained`, on the CPU.
 

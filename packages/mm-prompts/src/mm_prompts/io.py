@@ -22,7 +22,7 @@ CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
 def write_pretrained(
-    directory: str | os.PathLike, state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
+    directory: str | os.PathLike[str], state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
 ) -> None:
     """Write ``state_dict`` and ``config`` to ``directory`` (created), each file atomically."""
     directory = Path(directory)
@@ -35,7 +35,7 @@ def write_pretrained(
 
 
 def read_pretrained(
-    directory: str | os.PathLike, caller: str
+    directory: str | os.PathLike[str], caller: str
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(config, state_dict)`` from a folder :func:`write_pretrained` wrote (on the CPU)."""
     directory = Path(directory)

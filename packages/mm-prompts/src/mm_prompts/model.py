@@ -307,7 +307,7 @@ class MPLMM(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.backbone.parameters())
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """``config.json`` + ``model.safetensors`` (state dict, never a pickled module)."""
         config = {
             "backbone": self.backbone.config_dict(),
@@ -320,7 +320,7 @@ class MPLMM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, dtype: torch.dtype | None = None
+        cls, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
     ) -> MPLMM:
         """Rebuild a model saved with :meth:`save_pretrained` (the same parameters trainable).
 

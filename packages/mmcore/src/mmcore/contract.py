@@ -305,7 +305,7 @@ def modalities_not_in_batch(names: Iterable[str], batch: ModalityBatch, what: st
     )
 
 
-def find_modality_batch(args: tuple, kwargs: dict) -> ModalityBatch | None:
+def find_modality_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ModalityBatch | None:
     """The first :class:`ModalityBatch` among a call's arguments (for forward pre-hooks)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, ModalityBatch):

@@ -82,7 +82,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+def atomic_write(
+    path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any
+) -> Iterator[IO[Any]]:
     """Write ``path`` atomically: to a temporary file beside it, renamed over it on success.
 
     A crash inside the block leaves any previous version of ``path`` intact.
@@ -123,7 +125,7 @@ def modes_kept(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             m.training = training
 
 
-def read_json(path: str | os.PathLike, caller: str) -> dict[str, Any]:
+def read_json(path: str | os.PathLike[str], caller: str) -> dict[str, Any]:
     """The JSON object in ``path``; a missing, damaged or non-object file is an error naming it.
 
     Raises:

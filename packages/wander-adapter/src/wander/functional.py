@@ -150,7 +150,7 @@ def fusion_product_stacked(
         )
 
 
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     try:
         return torch.autocast(device_type, enabled=False)
     except RuntimeError:  # a device type autocast does not support: it cannot be on there

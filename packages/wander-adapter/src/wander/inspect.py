@@ -129,7 +129,7 @@ def inspect_targets(
 def _run_example(
     model: nn.Module, example_input: Any, rows: list[TargetRow], modules: dict[int, nn.Module]
 ) -> None:
-    def record(i: int, _module: nn.Module, _args: tuple, output: Any) -> None:
+    def record(i: int, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
         rows[i].calls = (rows[i].calls or 0) + 1
         try:
             features: Tensor = encoder_features(output)

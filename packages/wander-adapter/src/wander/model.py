@@ -238,7 +238,7 @@ class Wander(nn.Module):
     def _read_sizes(self, cfg: WanderConfig, example_input: Any) -> None:
         seen: dict[str, Tensor] = {}
 
-        def read(name: str, _module: nn.Module, _args: tuple, output: Any) -> None:
+        def read(name: str, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
             try:
                 seen[name] = encoder_features(output)
             except TypeError as err:
@@ -319,14 +319,21 @@ class Wander(nn.Module):
         """
         return self._calls.setdefault(_thread_key(), _Call())
 
-    def _on_base_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_base_call(
+        self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         batch = None if self._disabled else find_modality_batch(args, kwargs)
         self._calls[_thread_key()] = _Call(batch)
         if batch is not None and len(self._named) < len(self._targets):
             self._named.update(m for m in self._targets if m in batch)
 
     def _capture(
-        self, modality: str, module: nn.Module, _args: tuple, kwargs: dict, output: Any
+        self,
+        modality: str,
+        module: nn.Module,
+        _args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
     ) -> None:
         if self._disabled:
             return
@@ -411,7 +418,7 @@ class Wander(nn.Module):
         self._calls.pop(_thread_key(), None)  # hold no tensors between calls
         return out
 
-    def _fuse_output(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
+    def _fuse_output(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
         if self._disabled:
             return output
         fused = cast(Tensor, self._adapter_output(self._call()))  # [B, T', D]
@@ -425,7 +432,9 @@ class Wander(nn.Module):
         t_out = fused.shape[1]
         return torch.cat([output[:, :t_out] + fused, output[:, t_out:]], dim=1)
 
-    def _add_residuals(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    def _add_residuals(
+        self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
         if self._disabled:
             return None
         call = self._call()
@@ -627,7 +636,7 @@ def _unshared(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str,
     """
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
-    seen_views: dict[tuple, str] = {}
+    seen_views: dict[tuple[Any, ...], str] = {}
     seen_storages: set[int] = set()
     for key, value in state.items():
         value = value.detach()

@@ -9,6 +9,7 @@ first, so correlation and F1 are computed on all predictions, never averaged per
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ __all__ = ["CumulativeMetric", "all_gather_cat", "first_occurrences", "to_numpy"
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
-def to_numpy(x: Tensor | np.ndarray | list | float) -> np.ndarray:
+def to_numpy(x: Tensor | np.ndarray | list[Any] | float) -> np.ndarray:
     """A detached CPU numpy copy of a tensor, array or list.
 
     Floating dtypes numpy lacks (``bfloat16``, the float8 types) come as float32.

@@ -1434,6 +1434,10 @@ def test_one_logit_binary_models():
         target=batch.target.bool(),  # bool targets read as 0 / 1
     )
     assert cggm.classifier("m0").net[2].out_features == 1
+    onehot = F.one_hot(batch.target, 2).float()  # two classes one-hot, as pipelines give them
+    model.zero_grad()
+    _binary_loss(model(batch), batch.target).backward()
+    assert set(cggm.step(onehot)) == set(batch.modalities)
     assert torch.isfinite(cggm.direction_loss())
     model(batch)
     with pytest.raises(ValueError, match=r"num_outputs=1 is a binary model.*from 0 to 2"):

@@ -829,6 +829,7 @@ class CGGM:
         clear error: the classifiers score mutually exclusive classes.
         """
         task, classes = self.config.task, self.config.num_outputs
+        classes = 2 if self.config.binary else classes  # one logit, two classes one-hot
         layout = "[B, *spatial]" if task == "segmentation" else "[B]"
         if target.ndim == spatial_dims + 2:  # a channel axis
             if target.shape[1] == 1:

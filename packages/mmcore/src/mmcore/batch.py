@@ -584,7 +584,8 @@ def _from_flat_row(
     if not isinstance(row, Mapping) or "inputs" in row:
         return row  # already in the nested form (or not a mapping: reported by the caller)
     names = list(modalities) if modalities is not None else [k for k in row if k != target_key]
-    missing = [k for k in (*names, *([target_key] if target_key else [])) if k not in row]
+    needed = [*names, target_key] if target_key is not None else names
+    missing = [k for k in needed if k not in row]
     if missing:
         raise KeyError(
             f"collate_modalities: sample {index} has no {missing}; its keys are "

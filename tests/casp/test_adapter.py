@@ -830,3 +830,38 @@ def test_adapts_when_called_under_no_grad_as_from_an_evaluation_loop():
             with pytest.raises(RuntimeError, match=r"outside inference_mode"):
                 call(target)
         assert casp.predict(target).shape == (len(target),)
+
+
+class _CheckpointedVectorLateFusion(_VectorLateFusion):
+    """Each encoder under activation checkpointing (as large models train)."""
+
+    use_reentrant = False
+
+    def forward(self, batch):
+        from torch.utils.checkpoint import checkpoint
+
+        feats = [
+            checkpoint(enc, batch[m], use_reentrant=self.use_reentrant)
+            for m, enc in self.encoders.items()
+        ]
+        return self.head(self.fusion(torch.cat(feats, dim=-1)))
+
+
+def test_checkpointed_encoders_adapt_as_without_checkpointing():
+    """Non-reentrant checkpointing re-runs the encoders in the backward: same adaptation.
+    Reentrant checkpointing of encoders whose inputs need no gradient leaves their norms
+    without one (torch's own pitfall): a clear error, not autograd's."""
+    target = ModalityBatch({m: data()[m] + 1.0 for m in ("a", "b")})
+    torch.manual_seed(0)
+    plain, checkpointed = _VectorLateFusion(), _CheckpointedVectorLateFusion()
+    checkpointed.load_state_dict(plain.state_dict())
+    casps = [CASP(net, **FAST) for net in (plain, checkpointed)]
+    reports = [casp.adapt(target) for casp in casps]
+    assert torch.equal(reports[0].kept_indices, reports[1].kept_indices)
+    adapted = casps[0].predict(target)
+    torch.testing.assert_close(casps[1].predict(target), adapted)
+    assert not torch.equal(adapted, CASP(plain, **FAST).predict(target))  # it did adapt
+
+    checkpointed.use_reentrant = True
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="use_reentrant=False"):
+        CASP(checkpointed, **FAST).adapt(target)

@@ -274,6 +274,13 @@ class CASP:
 
     def _step(self, optimizer: torch.optim.Optimizer | _Float32MasterAdam, loss: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
+        if not loss.requires_grad:
+            raise RuntimeError(
+                "CASP: the adaptation loss does not depend on any adapted parameter: the model "
+                "ran the layers CASP adapts without gradients (under torch.no_grad() inside its "
+                "forward, or under activation checkpointing with use_reentrant=True whose inputs "
+                "need no gradient: use use_reentrant=False)."
+            )
         loss.backward()
         if self.distributed:
             _average_over_ranks(self.params)

@@ -625,7 +625,9 @@ class CGGM:
                     f"{without_grad} ran under torch.no_grad() (or inference_mode) in the "
                     "forward pass, so the backward cannot reach them. CGGM modulates encoders "
                     "that train: run them with gradients (freeze one with requires_grad_(False) "
-                    "instead)."
+                    "instead). Under activation checkpointing with use_reentrant=True, an "
+                    "encoder whose inputs need no gradient gets none: use use_reentrant=False "
+                    "(or make an input require grad)."
                 )
             raise RuntimeError(
                 "CGGM.step: no encoder parameter has a gradient to scale; call loss.backward() "

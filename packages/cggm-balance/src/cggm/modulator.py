@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import cggm
@@ -27,6 +26,14 @@ from cggm.functional import (
     direction_loss_from_target,
     direction_target,
     magnitude_coefficients,
+)
+from cggm.targets import (
+    check_target,
+    class_targets,
+    per_sample_loss,
+    resize_to_target,
+    target_tensor,
+    task_loss,
 )
 from mmcore import (
     ModalityBatch,
@@ -434,22 +441,6 @@ class CGGM:
                 )
         return feats
 
-    def _per_sample_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        """The task loss of each sample ``[N]`` (averaged over its outputs or pixels)."""
-        n = target.shape[0]
-        if self.config.task == "regression":
-            diff = F.l1_loss(
-                pred.reshape(n, -1), target.reshape(n, -1).to(pred.dtype), reduction="none"
-            )
-            return diff.mean(dim=1)
-        if self.config.binary:
-            loss = F.binary_cross_entropy_with_logits(
-                pred[:, 0], target.to(pred.dtype), reduction="none"
-            )
-        else:
-            loss = F.cross_entropy(pred, target, reduction="none")
-        return loss.reshape(n, -1).mean(dim=1)
-
     def _padding_mask(self, modality: str, features: Tensor) -> Tensor | None:
         """The padding mask of ``modality`` where it fits ``features`` ``[B, T, d]``.
 
@@ -591,7 +582,7 @@ class CGGM:
                 "CGGM.step: remove() took this modulator's hooks off the model, so it sees no "
                 "encoder output; build a new CGGM (load_state_dict this one's state to resume)."
             )
-        target = _target_tensor(target)
+        target = target_tensor(target)
         # encoders the forward pass did not run (a model that skips absent modalities)
         not_run = [m for m in self.modalities if m not in self._captured]
         if not_run:
@@ -615,8 +606,8 @@ class CGGM:
         target = target.to(self.head_weight.device)
         if cfg.task != "regression":
             maps = next(iter(feats.values())).ndim - 2 if cfg.task == "segmentation" else 0
-            target = self._class_targets(target, maps)
-        self._check_target(target, next(iter(feats.values())).shape[0])
+            target = class_targets(target, cfg, maps)
+        check_target(target, next(iter(feats.values())).shape[0], cfg)
         if sync and cfg.rho is not None and self._no_encoder_gradients():
             without_grad = [m for m in self.modalities if m in self._ran_without_grad]
             if without_grad:
@@ -722,12 +713,14 @@ class CGGM:
                 logits = classifiers(self._stacked_inputs(feats))  # [M, B, C]
             n_mod = len(self.modalities)
             if maps and logits.shape[3:] != target.shape[1:]:
-                logits = self._resize(logits.flatten(0, 1), target).unflatten(0, logits.shape[:2])
+                logits = resize_to_target(logits.flatten(0, 1), target).unflatten(
+                    0, logits.shape[:2]
+                )
             repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
             if weights is None:
-                loss = n_mod * self._task_loss(logits.flatten(0, 1), repeated)
+                loss = n_mod * task_loss(logits.flatten(0, 1), repeated, self.config)
             else:
-                per_sample = self._per_sample_loss(logits.flatten(0, 1), repeated)
+                per_sample = per_sample_loss(logits.flatten(0, 1), repeated, self.config)
                 loss = _weighted_means(per_sample.view(n_mod, -1), weights).sum()
             logits = logits.detach()
         total, count = batch_score_counts(
@@ -759,12 +752,12 @@ class CGGM:
                 continue
             pred = classify(classifiers[m], feats[m], self._padding_mask(m, feats[m]))
             if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
-                pred = self._resize(pred, target)
+                pred = resize_to_target(pred, target)
             w = None if weights is None else weights[i]
             if w is None:
-                losses.append(self._task_loss(pred, target))
+                losses.append(task_loss(pred, target, self.config))
             else:
-                per_sample = self._per_sample_loss(pred, target)
+                per_sample = per_sample_loss(pred, target, self.config)
                 losses.append(_weighted_means(per_sample.unsqueeze(0), w.unsqueeze(0))[0])
             t, c = batch_score_counts(
                 cfg.task, pred.detach(), target, cfg.regression_score, weights=w
@@ -821,90 +814,6 @@ class CGGM:
                     return False
                 trainable = trainable or p.requires_grad
         return trainable
-
-    def _class_targets(self, target: Tensor, spatial_dims: int) -> Tensor:
-        """Class targets as indices: ``[B]`` (classification) or ``[B, *spatial]`` (segmentation).
-
-        Also taken, as data pipelines (MONAI's among them) give them: a channel axis of one
-        (``[B, 1, …]``), whole-number floats (``LoadImage``'s labels) and one-hot targets
-        ``[B, C, …]``. Soft or overlapping targets (mixup, MONAI's ``[TC, WT, ET]`` masks) are a
-        clear error: the classifiers score mutually exclusive classes.
-        """
-        task, classes = self.config.task, self.config.num_outputs
-        classes = 2 if self.config.binary else classes  # one logit, two classes one-hot
-        layout = "[B, *spatial]" if task == "segmentation" else "[B]"
-        if target.ndim == spatial_dims + 2:  # a channel axis
-            if target.shape[1] == 1:
-                target = target[:, 0]
-            elif target.shape[1] == classes and _is_one_hot(target):
-                target = target.max(dim=1).indices
-            else:
-                regions = (
-                    " Overlapping region masks (MONAI's [TC, WT, ET] for BraTS) need exclusive "
-                    "classes first: for BraTS, label 3 where ET, else 1 where TC, else 2 where "
-                    "WT, else 0."
-                    if task == "segmentation"
-                    else ""
-                )
-                raise ValueError(
-                    f"CGGM.step: task='{task}' takes class indices {layout} (or one-hot "
-                    f"[B, {classes}{', *spatial' if spatial_dims else ''}]); got shape "
-                    f"{tuple(target.shape)}, not one-hot.{regions}"
-                )
-        if target.dtype == torch.bool:
-            target = target.long()
-        elif target.is_floating_point() and bool((target == target.round()).all()):
-            target = target.long()  # else the integer check of _check_target says more
-        return target
-
-    def _check_target(self, target: Tensor, batch_size: int) -> None:
-        if batch_size == 0:
-            raise ValueError(
-                "CGGM.step: the forward pass saw an empty batch (0 samples): no score can "
-                "improve on it; skip the step (a DataLoader filter or a sampler left no sample)."
-            )
-        if target.ndim == 0 or target.shape[0] != batch_size:
-            raise ValueError(
-                f"CGGM.step: target has shape {tuple(target.shape)} but the forward pass saw "
-                f"{batch_size} samples; pass this batch's targets."
-            )
-        if self.config.task != "regression" and target.is_floating_point():
-            raise ValueError(
-                f"CGGM.step: task='{self.config.task}' needs class indices, got {target.dtype} "
-                "values that are not whole numbers (use task='regression' for real-valued "
-                "targets)."
-            )
-        k = self.config.num_outputs
-        if self.config.task == "regression" and target.numel() != batch_size * k:
-            raise ValueError(
-                f"CGGM.step: task='regression' with num_outputs={k} needs {k} target value(s) "
-                f"per sample ([B] or [B, {k}]); got shape {tuple(target.shape)}."
-            )
-        if self.config.binary and target.numel():
-            low, high = torch.stack(torch.aminmax(target)).tolist()
-            if low < 0 or high > 1:
-                raise ValueError(
-                    f"CGGM.step: num_outputs=1 is a binary model (one logit); its targets must "
-                    f"be 0 or 1, got values from {low} to {high}. For more classes give the "
-                    "head one output per class and pass num_outputs=<classes>."
-                )
-
-    @staticmethod
-    def _resize(pred: Tensor, target: Tensor) -> Tensor:
-        """Segmentation logits ``[N, C, *s]`` resized to the label map's spatial shape."""
-        return F.interpolate(
-            pred,
-            size=target.shape[1:],
-            mode="bilinear" if pred.ndim == 4 else "trilinear",
-            align_corners=False,
-        )
-
-    def _task_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        if self.config.task == "regression":
-            return F.l1_loss(pred.reshape(-1), target.reshape(-1).to(pred.dtype))
-        if self.config.binary:
-            return F.binary_cross_entropy_with_logits(pred[:, 0], target.to(pred.dtype))
-        return F.cross_entropy(pred, target)
 
     def _skip_non_finite(self, finite: Tensor) -> bool:
         """Skip this step where a classifier's logits are not finite, on any rank.
@@ -1011,12 +920,6 @@ class CGGM:
 _STRUCTURAL = ("task", "num_outputs", "mode", "classifier_hidden", "regression_score")
 
 
-def _is_one_hot(target: Tensor) -> bool:
-    """Whether ``[B, C, *spatial]`` holds exactly one 1 per position (and 0 elsewhere)."""
-    binary = bool(((target == 0) | (target == 1)).all())
-    return binary and bool((target.sum(dim=1) == 1).all())
-
-
 def _zero_absent(features: Tensor, present: Tensor) -> Tensor:
     """``features`` with the rows of samples that lack the modality (``present == 0``) zeroed."""
     if not features.is_floating_point():
@@ -1029,15 +932,3 @@ def _weighted_means(per_sample: Tensor, weights: Tensor) -> Tensor:
     """``[M]``: each row's mean over the samples its weights keep (0 when it keeps none)."""
     w = weights.to(per_sample.dtype)
     return (per_sample * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
-
-
-def _target_tensor(target: Any) -> Tensor:
-    """``step``'s targets: a tensor as it is, a ``ModalityBatch``'s ``target``."""
-    if isinstance(target, ModalityBatch):
-        return target.require_target()
-    if not isinstance(target, Tensor):
-        raise TypeError(
-            f"CGGM.step takes the batch's targets as a tensor (or the ModalityBatch), got "
-            f"{type(target).__name__}; convert them with torch.as_tensor."
-        )
-    return target

@@ -1104,13 +1104,23 @@ def test_segmentation_needs_feature_maps_from_every_encoder():
         cggm.step(batch.target)
 
 
-def test_out_of_range_class_targets_are_a_clear_error():
-    batch = vector_batch(2)
-    model = make_model(batch)
-    cggm = CGGM(model, task="classification", num_outputs=3)
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+@pytest.mark.parametrize("bad", [5, -100])
+def test_out_of_range_class_targets_are_a_clear_error(task, bad):
+    """Both classifier paths (the hand-written backward for vectors, autograd for per-pixel
+    classifiers) refuse labels outside the classes, ignore labels included."""
+    if task == "classification":
+        batch = vector_batch(2)
+        model = make_model(batch)
+    else:
+        batch, model = _segmentation_batch(), SegModel()
+    cggm = CGGM(model, task=task, num_outputs=3)
     F.cross_entropy(model(batch), batch.target).backward()
-    with pytest.raises(ValueError, match=r"must lie in \[0, 3\); got values from 0 to 5"):
-        cggm.step(torch.tensor([0, 5] * 8))
+    target = batch.target.clone()
+    target.view(-1)[1] = bad
+    low, high = min(bad, 0), max(bad, 2)
+    with pytest.raises(ValueError, match=rf"must lie in \[0, 3\); got values from {low} to {high}"):
+        cggm.step(target)
 
 
 @pytest.mark.parametrize("mistake", ["no backward", "bad targets"])

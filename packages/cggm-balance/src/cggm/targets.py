@@ -94,14 +94,22 @@ def check_target(target: Tensor, batch_size: int, config: CGGMConfig) -> None:
             f"CGGM.step: task='regression' with num_outputs={k} needs {k} target value(s) "
             f"per sample ([B] or [B, {k}]); got shape {tuple(target.shape)}."
         )
-    if config.binary and target.numel():
-        low, high = torch.stack(torch.aminmax(target)).tolist()
-        if low < 0 or high > 1:
-            raise ValueError(
-                f"CGGM.step: num_outputs=1 is a binary model (one logit); its targets must "
-                f"be 0 or 1, got values from {low} to {high}. For more classes give the "
-                "head one output per class and pass num_outputs=<classes>."
-            )
+    if config.task == "regression" or not target.numel():
+        return
+    # one device-to-host copy for both bounds
+    low, high = torch.stack(torch.aminmax(target)).tolist()
+    if config.binary and (low < 0 or high > 1):
+        raise ValueError(
+            f"CGGM.step: num_outputs=1 is a binary model (one logit); its targets must "
+            f"be 0 or 1, got values from {low} to {high}. For more classes give the "
+            "head one output per class and pass num_outputs=<classes>."
+        )
+    if not config.binary and (low < 0 or high >= k):
+        raise ValueError(
+            f"CGGM.step: class targets must lie in [0, {k}); got values from {low} to {high}. "
+            "Labels to ignore (-100, 255) are not supported: the classifiers' scores would "
+            "count them; map them to a class, or crop them out."
+        )
 
 
 def is_one_hot(target: Tensor) -> bool:

@@ -7,7 +7,7 @@ without reading a single target label; ``predict``, online ``forward`` and ``res
 
 __version__ = "0.1.0"
 
-from casp.adapter import CASP, AdaptationReport, is_norm_layer, norm_parameters
+from casp.adapter import CASP, AdaptationReport
 from casp.config import CASPConfig
 from casp.functional import (
     gather_with_grad,
@@ -16,6 +16,7 @@ from casp.functional import (
     select_samples,
     stability_scores,
 )
+from casp.norms import is_norm_layer, norm_parameters
 
 __all__ = [
     "CASP",

@@ -7,7 +7,7 @@ import copy
 import math
 import random
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +18,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from casp.config import CASPConfig
+from casp.distributed import (
+    average_buffers_over_ranks,
+    average_grads_over_ranks,
+    check_equal_shards,
+    mean_over_ranks,
+)
 from casp.functional import nt_xent, pseudo_labels, select_samples, stability_scores
+from casp.norms import norm_parameters
+from casp.optim import Float32MasterAdam
+from casp.outputs import class_logits, describe_kind, model_predictions, regression_scores
 from mmcore import (
     ModalityBatch,
     ModulePathError,
-    collective_device,
     encoder_features,
     held_module,
     make_config,
@@ -32,45 +40,7 @@ from mmcore import (
     trainable_dtype,
 )
 
-__all__ = ["CASP", "AdaptationReport", "is_norm_layer", "norm_parameters"]
-
-_NORMS: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),  # torch >= 2.4
-)
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalisation layer whose affine parameters CASP adapts.
-
-    torch's LayerNorm, RMSNorm, BatchNorm, GroupNorm and InstanceNorm are, and so is a module
-    without submodules whose class name ends in ``Norm``. The name rule catches the
-    normalisation layers that libraries write as plain modules, such as ``transformers``'
-    ``LlamaRMSNorm``, ``Qwen2RMSNorm`` or ``T5LayerNorm``, which subclass none of torch's; a
-    module with submodules (a whole model named ``...BatchNorm``) is not one.
-    """
-    if isinstance(module, _NORMS):
-        return True
-    return type(module).__name__.endswith("Norm") and next(module.children(), None) is None
-
-
-def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The affine parameters of every normalisation layer of ``model`` (:func:`is_norm_layer`).
-
-    A layer's own ``weight`` and ``bias`` count, not those of modules inside it; a parameter
-    that two layers share is listed once.
-    """
-    params: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        if is_norm_layer(module):
-            own = dict(module.named_parameters(recurse=False))
-            for name in ("weight", "bias"):
-                if name in own:
-                    params.setdefault(id(own[name]), own[name])
-    return list(params.values())
+__all__ = ["CASP", "AdaptationReport"]
 
 
 @dataclass
@@ -175,7 +145,7 @@ class CASP:
         )
         self._joint_views = not self._batch_norm
         self._source_state = self.snapshot()
-        self._online_opt: torch.optim.Optimizer | _Float32MasterAdam | None = None
+        self._online_opt: torch.optim.Optimizer | Float32MasterAdam | None = None
         self.report = AdaptationReport()
 
     # ------------------------------------------------------------------ set-up
@@ -240,7 +210,8 @@ class CASP:
             if not (isinstance(out, tuple | list) and len(out) == 2 and isinstance(out[1], Tensor)):
                 raise TypeError(
                     "CASP: representation_fn(model, batch) must return (prediction, "
-                    f"representation [B, d]) with the representation a Tensor; got {_kind(out)}."
+                    "representation [B, d]) with the representation a Tensor; got "
+                    f"{describe_kind(out)}."
                 )
             pred, rep = out
             return pred, rep.flatten(1) if rep.ndim > 2 else rep
@@ -267,12 +238,12 @@ class CASP:
         """Device of the adapted model's parameters (each batch is moved there)."""
         return next(iter(self.model.parameters()), torch.empty(0)).device
 
-    def _optimizer(self) -> torch.optim.Optimizer | _Float32MasterAdam:
+    def _optimizer(self) -> torch.optim.Optimizer | Float32MasterAdam:
         if any(trainable_dtype(p.dtype) != p.dtype for p in self.params):
-            return _Float32MasterAdam(self.params, lr=self.config.lr)
+            return Float32MasterAdam(self.params, lr=self.config.lr)
         return torch.optim.Adam(self.params, lr=self.config.lr)
 
-    def _step(self, optimizer: torch.optim.Optimizer | _Float32MasterAdam, loss: Tensor) -> None:
+    def _step(self, optimizer: torch.optim.Optimizer | Float32MasterAdam, loss: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         if not loss.requires_grad:
             raise RuntimeError(
@@ -283,17 +254,17 @@ class CASP:
             )
         loss.backward()
         if self.distributed:
-            _average_over_ranks(self.params)
+            average_grads_over_ranks(self.params)
         stepped = (
             optimizer.masters_with_grads()
-            if isinstance(optimizer, _Float32MasterAdam)
+            if isinstance(optimizer, Float32MasterAdam)
             else self.params
         )
         if self.config.clip is not None:
             torch.nn.utils.clip_grad_norm_(stepped, self.config.clip)
         optimizer.step()
         if self.distributed and self._batch_norm:
-            _average_buffers_over_ranks(self.model)
+            average_buffers_over_ranks(self.model)
 
     # ------------------------------------------------------------------ pieces
     def contrastive_loss(self, batch: ModalityBatch, modality: str) -> tuple[Tensor, Tensor]:
@@ -322,7 +293,7 @@ class CASP:
         """Mean per-feature variance of the normalised representation (over the ranks too)."""
         variance = F.normalize(rep.detach(), dim=1).var(dim=0).mean()
         if self.distributed:  # every rank takes the same collapse decision
-            (variance,) = _mean_over_ranks([variance])
+            (variance,) = mean_over_ranks([variance])
         return variance.item()
 
     @torch.no_grad()
@@ -342,11 +313,13 @@ class CASP:
             raise ValueError("CASP.predict got no sample to predict (an empty batch).")
         with modes_kept(self.model):
             self.model.eval()
-            outs = [_prediction(self.model(b.to(self.device))) for b in data.split(batch_size)]
+            outs = [
+                model_predictions(self.model(b.to(self.device))) for b in data.split(batch_size)
+            ]
         out = torch.cat(outs).to(data.device)
         if self.config.task == "classification":
-            return _class_logits(out).softmax(dim=-1)
-        return _scores(out, self.config.num_outputs)
+            return class_logits(out).softmax(dim=-1)
+        return regression_scores(out, self.config.num_outputs)
 
     def reset(self) -> None:
         """Restore the source weights exactly and forget the online optimiser's state.
@@ -397,7 +370,7 @@ class CASP:
         if cfg.select_by == "target_validation":
             _Best.check(validation, score_fn)
         if self.distributed:
-            _check_equal_shards(data.batch_size)
+            check_equal_shards(data.batch_size)
         data = data.replace(target=None)  # no target label is read
         with self._adapting():
             return self._run_stages(data, validation, score_fn, progress)
@@ -495,12 +468,12 @@ class CASP:
                 if len(batch) < 2 and self._batch_norm:
                     continue  # a trailing one-sample batch: BatchNorm has no variance to use
                 batch = batch.to(self.device)
-                pred, target = _prediction(self.model(batch)), batch.require_target()
+                pred, target = model_predictions(self.model(batch)), batch.require_target()
                 if cfg.task == "classification":
                     # soft targets: mean probabilities
-                    loss = F.cross_entropy(_class_logits(pred), target)
+                    loss = F.cross_entropy(class_logits(pred), target)
                 else:
-                    loss = F.l1_loss(_scores(pred, cfg.num_outputs), target)
+                    loss = F.l1_loss(regression_scores(pred, cfg.num_outputs), target)
                 value = loss.item()  # the one host sync per step, for the check and the log
                 if self._any_rank(not math.isfinite(value)):
                     self.restore(start)
@@ -566,156 +539,10 @@ class CASP:
 
     __call__ = forward
 
-    def _online_optimizer(self, episodic: bool) -> torch.optim.Optimizer | _Float32MasterAdam:
+    def _online_optimizer(self, episodic: bool) -> torch.optim.Optimizer | Float32MasterAdam:
         if episodic or self._online_opt is None:
             self._online_opt = self._optimizer()
         return self._online_opt
-
-
-class _Float32MasterAdam:
-    """Adam on float32 copies of low-precision parameters, written back rounded after each step.
-
-    A normalisation scale sits near 1, where bfloat16 values are 2^-7 apart (float16: 2^-10):
-    Adam's steps of about ``lr`` (1e-3) round away, and adapting a half-precision model in its
-    own dtype changes nothing at all. As in mixed-precision training, the updates accumulate in
-    the float32 copies instead. A parameter changed from outside since the last step (a
-    ``restore``, an ``adapt`` between online calls) re-seeds its copy.
-    """
-
-    def __init__(self, params: list[nn.Parameter], lr: float) -> None:
-        self.params = params
-        self.masters = [p.detach().to(trainable_dtype(p.dtype), copy=True) for p in params]
-        self.optimizer = torch.optim.Adam(self.masters, lr=lr)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def masters_with_grads(self) -> list[Tensor]:
-        """The float32 copies, each holding its parameter's gradient (to clip, then step)."""
-        for p, master in zip(self.params, self.masters, strict=True):
-            if not torch.equal(master.to(p.dtype), p):
-                master.copy_(p)
-            master.grad = None if p.grad is None else p.grad.to(master.dtype)
-        return self.masters
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.optimizer.step()
-        for p, master in zip(self.params, self.masters, strict=True):
-            p.copy_(master)
-
-
-def _check_equal_shards(size: int) -> None:
-    """Every rank of the default group holds ``size`` samples (else a clear error on all)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "CASP(distributed=True) needs an initialised process group "
-            "(torch.distributed.init_process_group); without one, use distributed=False."
-        )
-    device = collective_device()
-    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor(size, device=device))
-    found = [int(n) for n in sizes]
-    if len(set(found)) > 1:
-        raise ValueError(
-            f"CASP(distributed=True): the ranks hold {found} samples; each must hold the same "
-            "number, so that they take the same number of steps (a DistributedSampler pads)."
-        )
-
-
-def _average_buffers_over_ranks(model: nn.Module) -> None:
-    """Average the floating buffers (BatchNorm's running statistics) over the ranks.
-
-    Each rank's forward passes update them from its own batches; averaged after every step, the
-    ranks keep one model (DDP would broadcast rank 0's instead).
-    """
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    for buffer, mean in zip(buffers, _mean_over_ranks(buffers), strict=True):
-        buffer.copy_(mean)
-
-
-def _average_over_ranks(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the ranks.
-
-    A parameter with no gradient on this rank counts as a zero gradient: another rank may have
-    one, and every rank must take part in the same call.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    for p, mean in zip(params, _mean_over_ranks(grads), strict=True):
-        p.grad = mean
-
-
-def _mean_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
-    """Each tensor's mean over the ranks, in one all-reduce whatever their dtypes."""
-    if not tensors:
-        return []
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    chunks = flat.split([t.numel() for t in tensors])
-    return [c.view_as(t).to(t.dtype) for t, c in zip(tensors, chunks, strict=True)]
-
-
-def _prediction(out: Any) -> Tensor:
-    """The model's predictions: its output, or its ``logits`` field.
-
-    A ``transformers`` output or a dict carries them as ``logits``; anything else is an error.
-    """
-    if isinstance(out, Tensor):
-        return out
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(
-        f"CASP reads the model's predictions from its output, which must be a Tensor (class "
-        f"logits [N, C], or scores [N] / [N, 1]) or carry one as `logits` (a transformers "
-        f"output or a dict); got {type(out).__name__}. Wrap the model so that its forward "
-        "returns the predictions."
-    )
-
-
-def _kind(value: Any) -> str:
-    """``value``'s type, and for a tuple or list the types of its items."""
-    if isinstance(value, tuple | list):
-        return f"a {type(value).__name__} of ({', '.join(type(v).__name__ for v in value)})"
-    return f"a {type(value).__name__}"
-
-
-def _class_logits(out: Tensor) -> Tensor:
-    """Class logits ``[N, C]``; a single-logit binary model's ``[N]`` or ``[N, 1]`` as ``[0, z]``.
-
-    The softmax of ``[0, z]`` is ``(1 − σ(z), σ(z))``: the probabilities of the sigmoid model,
-    so its pseudo-labels and soft cross-entropy are those of binary cross-entropy.
-    """
-    if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
-        z = out.reshape(-1, 1)
-        return torch.cat([torch.zeros_like(z), z], dim=1)
-    if out.ndim != 2:
-        raise ValueError(
-            f"CASP task='classification' needs class logits [N, C] (or one binary logit [N] / "
-            f"[N, 1]), but the model outputs {tuple(out.shape)}."
-        )
-    return out
-
-
-def _scores(out: Tensor, num_outputs: int = 1) -> Tensor:
-    """A regression model's output: ``[N]`` or ``[N, 1]`` as ``[N]``, or ``[N, K]`` as it is.
-
-    Any other shape (class logits under the default task, say) is an error.
-    """
-    if num_outputs == 1 and (out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)):
-        return out.reshape(-1)
-    if num_outputs > 1 and out.ndim == 2 and out.shape[1] == num_outputs:
-        return out
-    expected = "one score per sample ([N] or [N, 1])" if num_outputs == 1 else f"[N, {num_outputs}]"
-    raise ValueError(
-        f"CASP task='regression' with num_outputs={num_outputs} needs {expected}, but the model "
-        f"outputs {tuple(out.shape)}; for class logits use task='classification', for K "
-        "regressed values num_outputs=K."
-    )
 
 
 class _Best:

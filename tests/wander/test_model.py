@@ -495,6 +495,30 @@ def test_deep_copy_and_pickle_give_independent_working_models(base_model, batch)
         torch.testing.assert_close(torch.load(buffer, weights_only=False)(batch), expected)
 
 
+def test_attributes_the_wrapper_lacks_are_the_base_models(base_model, batch):
+    """As on PEFT's models: ``wander.head`` is the base's head, its methods stay callable, and
+    tools that look parts up by name (CASP, CGGM) find them through the wrapper."""
+    from casp import CASP
+
+    wander = Wander(base_model, RANKS, example_input=batch)
+    assert wander.head is base_model.head and wander.fusion is base_model.fusion
+    assert wander.get_submodule("encoders.text") is base_model.encoders["text"]
+    assert wander.adapter is not None and wander.config.bottleneck_dim == RANKS["bottleneck"]
+    with pytest.raises(AttributeError, match=r"nor has its base model \(LateFusionModel\)"):
+        _ = wander.no_such_attribute
+    assert not hasattr(wander, "no_such_attribute")
+    train_steps(wander, batch)
+    wander.eval()
+    with torch.no_grad():
+        before = wander(batch).squeeze(-1)
+    casp = CASP(wander, epochs_ca=2, snapshot_every=1, epochs_pl=1, keep_ratio=0.5)
+    shifted = batch.replace(inputs={m: batch[m] + 0.5 for m in batch.modalities})
+    casp.adapt(shifted)  # finds `fusion` (base_model.fusion) through the wrapper
+    assert casp.params and not torch.equal(casp.predict(batch), before)
+    with torch.no_grad():
+        torch.testing.assert_close(wander(batch).squeeze(-1), before)  # a copy adapted
+
+
 def assert_compiled_matches_eager(wander, batch, tolerance=None, **compile_options):
     """``torch.compile(wander, **compile_options)`` gives ``wander``'s outputs and gradients."""
     trainable = [p for p in wander.parameters() if p.requires_grad]

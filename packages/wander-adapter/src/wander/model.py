@@ -474,6 +474,26 @@ class Wander(nn.Module):
         """Call the base model (same signature, same output type) with the adapter active."""
         return self.base_model(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """An attribute the wrapper lacks is the base model's (as on PEFT's models).
+
+        Code that reads ``model.head`` or ``model.fusion`` keeps working after wrapping, and so
+        do tools that find a model's parts by those names (CASP, CGGM).
+        """
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":  # not set yet (a copy being built): no base to ask
+                raise
+        base = self.base_model
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'Wander' object has no attribute '{name}', nor has its base model "
+                f"({type(base).__name__})."
+            ) from None
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: inside it the model behaves exactly as the base model."""

@@ -865,3 +865,48 @@ def test_checkpointed_encoders_adapt_as_without_checkpointing():
     checkpointed.use_reentrant = True
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="use_reentrant=False"):
         CASP(checkpointed, **FAST).adapt(target)
+
+
+class _PositionalModel(nn.Module):
+    """A model that takes no ModalityBatch: ``model(a, b) -> (prediction, representation)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(d, 6), nn.LayerNorm(6)) for m, d in (("a", 5), ("b", 4))}
+        )
+        self.head = nn.Linear(12, 1)
+
+    def forward(self, a, b):
+        z = torch.cat([self.encoders["a"](a), self.encoders["b"](b)], dim=-1)
+        return self.head(z), z
+
+
+class _BatchCalling(nn.Module):
+    """The same model behind the mmcore call, its representation at ``fusion``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.fusion = inner, nn.Identity()
+
+    def forward(self, batch):
+        pred, z = self.inner(batch["a"], batch["b"])
+        self.fusion(z)
+        return pred
+
+
+def test_representation_fn_also_gives_the_predictions():
+    """With ``representation_fn``, every forward pass (stage 1, the snapshots, stage 2,
+    ``predict``) goes through it, so a model that takes no ModalityBatch adapts, exactly as
+    the same model behind the mmcore call."""
+    target = ModalityBatch({m: data()[m] + 1.0 for m in ("a", "b")})
+    torch.manual_seed(0)
+    positional = _PositionalModel()
+    through_fn = CASP(positional, representation_fn=lambda m, b: m(b["a"], b["b"]), **FAST)
+    through_hook = CASP(_BatchCalling(copy.deepcopy(positional)), **FAST)
+    reports = [casp.adapt(target) for casp in (through_fn, through_hook)]
+    assert torch.equal(reports[0].kept_indices, reports[1].kept_indices)
+    assert reports[0].contrastive_losses == reports[1].contrastive_losses
+    torch.testing.assert_close(through_fn.predict(target), through_hook.predict(target))
+    source = positional(target["a"], target["b"])[0].squeeze(-1).detach()
+    assert not torch.allclose(through_fn.predict(target), source)  # it did adapt

@@ -79,7 +79,9 @@ class CASP:
             follow the mmcore contract (its ``fusion`` output is the representation) unless
             ``representation_fn`` or ``representation_module`` says where the representation is.
         config: a :class:`CASPConfig` (or give its fields as keyword arguments).
-        representation_fn: ``fn(model, batch) -> (prediction, representation [B, d])``.
+        representation_fn: ``fn(model, batch) -> (prediction, representation [B, d])``. Every
+            forward pass then goes through it (the predictions too), so it may call a model
+            that takes no ``ModalityBatch``, e.g. ``lambda m, b: m(b["text"], b["audio"])``.
         representation_module: dotted path of the module whose output is the representation.
         inplace: adapt ``model`` itself; by default a deep copy is adapted and the caller's
             weights are never modified. Either way the model's ``requires_grad`` flags and
@@ -204,6 +206,16 @@ class CASP:
         for name, value in snapshot.items():
             current[name].copy_(value)
 
+    def _predictions(self, batch: ModalityBatch) -> Tensor:
+        """The model's predictions on ``batch``.
+
+        The first item ``representation_fn`` returns where one is given (it may call a model
+        that takes no ``ModalityBatch``), else the model's output.
+        """
+        if self._representation_fn is not None:
+            return model_predictions(self._forward(batch)[0])
+        return model_predictions(self.model(batch))
+
     def _forward(self, batch: ModalityBatch) -> tuple[Tensor, Tensor]:
         if self._representation_fn is not None:
             out = self._representation_fn(self.model, batch)
@@ -313,9 +325,7 @@ class CASP:
             raise ValueError("CASP.predict got no sample to predict (an empty batch).")
         with modes_kept(self.model):
             self.model.eval()
-            outs = [
-                model_predictions(self.model(b.to(self.device))) for b in data.split(batch_size)
-            ]
+            outs = [self._predictions(b.to(self.device)) for b in data.split(batch_size)]
         out = torch.cat(outs).to(data.device)
         if self.config.task == "classification":
             return class_logits(out).softmax(dim=-1)
@@ -468,7 +478,7 @@ class CASP:
                 if len(batch) < 2 and self._batch_norm:
                     continue  # a trailing one-sample batch: BatchNorm has no variance to use
                 batch = batch.to(self.device)
-                pred, target = model_predictions(self.model(batch)), batch.require_target()
+                pred, target = self._predictions(batch), batch.require_target()
                 if cfg.task == "classification":
                     # soft targets: mean probabilities
                     loss = F.cross_entropy(class_logits(pred), target)

@@ -123,6 +123,29 @@ def test_fused_output_needs_a_tensor_from_the_fusion_module():
         Wander(model, RANKS, example_input=example(), target_modules=TARGETS, fusion_module="mixer")
 
 
+def test_a_call_whose_fusion_output_is_shorter_than_the_fused_tokens():
+    """Sequences shorter than at wrap time are fine, until the fusion module's output has fewer
+    tokens than the adapter adds (batches padded to their longest sequence): a clear error."""
+
+    class PerToken(TwoTowers):  # the mixer sees (and outputs) every token of both towers
+        def forward(self, text, audio):
+            mixed = self.mixer(torch.cat([self.text_net(text), self.audio_net(audio)], dim=1))
+            return self.classifier(mixed.mean(dim=1))
+
+    text, audio = example()  # 5 + 4 tokens
+    wander = Wander(
+        PerToken(),
+        RANKS,
+        example_input=(text, audio),
+        target_modules=TARGETS,
+        fusion_module="mixer",
+        num_fused_tokens=4,
+    )
+    assert wander(text[:, :2], audio[:, :2]).shape == (2, 2)  # 4 tokens out: enough
+    with pytest.raises(ValueError, match="output 3 tokens in this call, fewer than the 4 fused"):
+        wander(text[:, :2], audio[:, :1])
+
+
 def test_fusion_module_called_before_the_encoders():
     with pytest.raises(RuntimeError, match="ran before the target modules"):
         wrap({"mix_first": True}, {})(*example())

@@ -430,6 +430,13 @@ class Wander(nn.Module):
         if output.ndim == 2:
             return output + fused.mean(dim=1)
         t_out = fused.shape[1]
+        if output.shape[1] < t_out:
+            raise ValueError(
+                f"Wander: the fusion module output {output.shape[1]} tokens in this call, fewer "
+                f"than the {t_out} fused tokens (num_fused_tokens) added to its first positions. "
+                f"Pad the inputs so that it outputs at least {t_out}, or build the adapter with "
+                "num_fused_tokens no larger than the shortest output."
+            )
         return torch.cat([output[:, :t_out] + fused, output[:, t_out:]], dim=1)
 
     def _add_residuals(

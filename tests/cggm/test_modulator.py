@@ -231,6 +231,14 @@ def _binary_loss(pred, target):
     return F.binary_cross_entropy_with_logits(pred[:, 0], target.float())
 
 
+def _multilabel_batch(m=3, labels=3):
+    """:func:`vector_batch` with ``labels`` independent 0/1 labels per sample ``[B, labels]``."""
+    batch = vector_batch(m)
+    g = torch.Generator().manual_seed(1)
+    on = torch.randint(0, 2, (batch.batch_size, labels), generator=g)
+    return batch.replace(target=on.float())
+
+
 #: the one-logit binary tasks of :func:`_train_three_steps`, with CGGM's task for each
 BINARY_TASKS = {"binary": "classification", "binary segmentation": "segmentation"}
 
@@ -259,6 +267,8 @@ def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, 
         batch, out, loss_fn = vector_batch(4, classes=2), 1, _binary_loss
     elif task == "binary segmentation":
         batch, out, loss_fn = _segmentation_batch(classes=2), 1, _binary_loss
+    elif task == "multilabel":  # 3 yes/no labels per sample (emotions, say)
+        batch, out, loss_fn = _multilabel_batch(4), 3, F.binary_cross_entropy_with_logits
     else:  # "regression", or "regression, 2 outputs" (valence and arousal, say)
         out = 2 if task.endswith("2 outputs") else 1
         batch = _padded_regression_batch(out)
@@ -269,7 +279,7 @@ def _train_three_steps(task, configure=lambda cggm: None, prepare=None, lr=0.1, 
     if prepare is not None:
         batch = prepare(batch)
     torch.manual_seed(0)
-    if task in ("classification", "binary"):
+    if task in ("classification", "binary", "multilabel"):
         model = make_model(batch, out)
     elif task in ("segmentation", "binary segmentation"):
         model = SegModel(stride=2, classes=out)
@@ -303,6 +313,7 @@ def _assert_same_runs(first, second):
         "binary",
         "binary segmentation",
         "regression, 2 outputs",
+        "multilabel",
     ],
 )
 def test_batched_classifiers_equal_the_per_modality_loop(task, monkeypatch):
@@ -708,10 +719,10 @@ def test_stacked_classifiers_round_trip_and_lookup_before_the_first_step():
 
 
 @pytest.mark.parametrize(
-    "task", ["classification", "regression", "binary", "regression, 2 outputs"]
+    "task", ["classification", "regression", "binary", "regression, 2 outputs", "multilabel"]
 )
 def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
-    outputs = {"classification": 3, "regression, 2 outputs": 2}.get(task, 1)
+    outputs = {"classification": 3, "regression, 2 outputs": 2, "multilabel": 4}.get(task, 1)
     torch.manual_seed(0)
     stacked = StackedClassifiers(("a", "b", "c"), 5, 7, outputs).double()
     for p in stacked.parameters():
@@ -727,6 +738,12 @@ def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
 
         def loss_of(logits):
             return sum(_binary_loss(logits[i], target) for i in range(3))
+    elif task == "multilabel":
+        target = torch.randint(0, 2, (6, outputs)).bool()  # as a boolean mask, say
+
+        def loss_of(logits):
+            bce = F.binary_cross_entropy_with_logits
+            return sum(bce(logits[i], target.double()) for i in range(3))
     else:
         target = torch.randn(6, outputs, dtype=torch.float64).squeeze(-1)
 
@@ -745,7 +762,7 @@ def test_stacked_classifiers_hand_written_backward_equals_autograd(task):
 
 
 @pytest.mark.parametrize(
-    "task", ["classification", "regression", "binary", "regression, 2 outputs"]
+    "task", ["classification", "regression", "binary", "regression, 2 outputs", "multilabel"]
 )
 def test_hand_written_classifier_backward_trains_as_autograd_does(task):
     """``hand_backward=False`` (autograd through the stacked MLP) gives the same run."""
@@ -785,7 +802,7 @@ PATHS = {"by hand": lambda cggm: None, "autograd": _through_autograd, "loop": _p
     ("task", "path"),
     [
         (t, p)
-        for t in ("classification", "regression", "binary", "regression, 2 outputs")
+        for t in ("classification", "regression", "binary", "regression, 2 outputs", "multilabel")
         for p in PATHS
     ]
     # feature maps always train through autograd: no hand-written path to test there
@@ -878,7 +895,7 @@ def test_a_batch_with_non_finite_features_is_skipped(path):
             torch.testing.assert_close(v, second[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation", "multilabel"])
 def test_presence_masks_marking_every_sample_present_change_nothing(task):
     def all_present(batch):
         return batch.replace(
@@ -1452,6 +1469,32 @@ def test_one_logit_binary_models():
     model(batch)
     with pytest.raises(ValueError, match=r"num_outputs=1 is a binary model.*from 0 to 2"):
         cggm.step(batch.target * 2)
+
+
+def test_multilabel_models():
+    """``task="multilabel"``: K independent yes/no labels per sample (MOSEI's emotions, say),
+    one logit each, BCE. Each classifier scores label accuracy (the share of a sample's labels
+    whose logit sign is right), the encoders' gradients are scaled by exactly ``ρ B_m``, and
+    targets that are no 0/1 labels of the right count are a clear error."""
+    batch = _multilabel_batch(3, labels=4)
+    model = make_model(batch, out_dim=4)
+    cggm = CGGM(model, task="multilabel", num_outputs=4, rho=1.3, lam=0.1)
+    _steps_checking_scores_and_scaling(
+        model,
+        cggm,
+        batch,
+        F.binary_cross_entropy_with_logits,
+        lambda logits: ((logits > 0) == batch.target.bool()).float().mean(),
+        target=batch.target.bool(),  # a boolean mask reads as 0 / 1
+    )
+    assert cggm.classifier("m0").net[2].out_features == 4
+    for bad, match in [
+        (batch.target * 2, r"each label as 0 or 1.*from 0.0 to 2.0"),
+        (batch.target[:, :3], r"num_outputs=4 needs 4 label\(s\) per sample.*\(16, 3\)"),
+    ]:
+        model(batch)
+        with pytest.raises(ValueError, match=match):
+            cggm.step(bad)
 
 
 class _DictEncoder(nn.Module):

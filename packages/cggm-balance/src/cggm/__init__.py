@@ -3,7 +3,7 @@
 A modulator called inside your own training loop keeps one modality from dominating: per-modality
 classifiers on detached encoder features measure how much each modality improves, and the
 encoders' gradients are rescaled (and the head steered) towards the lagging ones. Any number of
-modalities >= 2; classification, regression and segmentation.
+modalities >= 2; classification (multi-label too), regression and segmentation.
 """
 
 __version__ = "0.1.0"

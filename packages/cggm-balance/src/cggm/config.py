@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 __all__ = ["CGGMConfig"]
 
-Task = Literal["classification", "regression", "segmentation"]
+Task = Literal["classification", "regression", "segmentation", "multilabel"]
 Mode = Literal["default", "reference"]
 
 _CHOICES = {
-    "task": ("classification", "regression", "segmentation"),
+    "task": ("classification", "regression", "segmentation", "multilabel"),
     "mode": ("default", "reference"),
     "regression_score": ("sign", "neg_mae"),
 }
@@ -26,13 +26,15 @@ class CGGMConfig:
     Learning", NeurIPS 2024 (arXiv 2411.01409).
 
     Args:
-        task: ``"classification"`` (accuracy), ``"regression"`` (``regression_score``) or
-            ``"segmentation"`` (mean foreground Dice) — the score each modality's classifier is
-            judged by.
+        task: ``"classification"`` (accuracy), ``"regression"`` (``regression_score``),
+            ``"segmentation"`` (mean foreground Dice) or ``"multilabel"`` (several independent
+            yes/no labels per sample, one logit each, trained with
+            ``binary_cross_entropy_with_logits``; label accuracy: the share of a sample's labels
+            whose logit sign is right) — the score each modality's classifier is judged by.
         num_outputs: classes (classification, segmentation), or 1 for a binary model with one
             logit per sample (or pixel) trained with ``binary_cross_entropy_with_logits``;
             the number of regressed values for regression (1, or e.g. 2 for valence and
-            arousal).
+            arousal); the number of labels for multilabel (e.g. CMU-MOSEI's 6 emotions).
         rho: ``ρ``, the magnitude of the gradient scaling ``ρ · B_m``; ``None`` turns the
             magnitude modulation off (direction term only).
         lam: ``λ``, the weight of the direction term ``L_gm`` (0 turns it off).
@@ -70,7 +72,12 @@ class CGGMConfig:
     @property
     def binary(self) -> bool:
         """One logit per sample (or pixel) for two classes: the classifiers use BCE."""
-        return self.task != "regression" and self.num_outputs == 1
+        return self.task in ("classification", "segmentation") and self.num_outputs == 1
+
+    @property
+    def class_indices(self) -> bool:
+        """Targets are class indices (classification, segmentation)."""
+        return self.task in ("classification", "segmentation")
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():

@@ -30,12 +30,15 @@ def batch_score_counts(
 
     The score is ``total / count``: accuracy (classification; one logit per sample reads as
     class 1 where it is positive), sign accuracy (of each output, averaged) with zero labels
-    negative, as the released code (regression, ``"sign"``), minus the MAE (``"neg_mae"``), or
-    the mean foreground Dice over the batch (segmentation; ``count`` is 1 per sample).
+    negative, as the released code (regression, ``"sign"``), minus the MAE (``"neg_mae"``), the
+    mean foreground Dice over the batch (segmentation; ``count`` is 1 per sample), or label
+    accuracy (multilabel: the share of a sample's ``K`` labels, targets ``[B, K]`` in ``[0, 1]``
+    read as on above 0.5, whose logit is positive exactly where the label is on).
     ``stacked=True`` takes every modality's predictions at once, ``[M, B, C]`` (classification),
-    ``[M, B, K]`` (regression) or ``[M, B, C, *spatial]`` (segmentation), and returns ``[M]``
-    totals and counts. ``weights`` (``[B]``, or ``[M, B]`` stacked; 1 = counted, 0 = not, e.g.
-    a sample that lacks the modality): only the weighted samples are scored and counted.
+    ``[M, B, K]`` (regression, multilabel) or ``[M, B, C, *spatial]`` (segmentation), and
+    returns ``[M]`` totals and counts. ``weights`` (``[B]``, or ``[M, B]`` stacked; 1 = counted,
+    0 = not, e.g. a sample that lacks the modality): only the weighted samples are scored and
+    counted.
     """
     with torch.no_grad():
         if not stacked:  # one classifier: a stack of one
@@ -69,6 +72,9 @@ def _per_sample_scores(task: str, pred: Tensor, target: Tensor, regression_score
         if regression_score == "sign":
             return ((p > 0) == (t > 0)).float().mean(dim=-1)
         return -(p - t).abs().mean(dim=-1)
+    if task == "multilabel":  # each label's logit sign right or wrong, averaged over the labels
+        p = pred.reshape(m, n, -1) > 0
+        return (p == (target.reshape(1, n, -1) > 0.5)).float().mean(dim=-1)
     if task == "segmentation":
         # max().indices, not argmax(): the same first-maximum index, but argmax over a
         # non-last axis is ~20x slower on CPU (it dominated the segmentation step)

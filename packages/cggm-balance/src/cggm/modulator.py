@@ -351,6 +351,9 @@ class CGGM:
                 )
             # L1's mean runs over every output too
             return torch.sign(logits - t).div_(logits.shape[2])
+        if self.config.task == "multilabel":  # BCE averaged over the labels: (sigmoid − t) / K
+            t = target.reshape(1, logits.shape[1], -1).to(logits.dtype)
+            return (logits.sigmoid() - t).div_(logits.shape[2])
         if self.config.binary:  # binary cross-entropy with logits: sigmoid − target
             return logits.sigmoid() - target.to(logits.dtype).view(1, -1, 1)
         # cross-entropy: softmax − one-hot (check_target has checked the class range)
@@ -596,7 +599,7 @@ class CGGM:
         feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)
-        if cfg.task != "regression":
+        if cfg.class_indices:
             maps = next(iter(feats.values())).ndim - 2 if cfg.task == "segmentation" else 0
             target = class_targets(target, cfg, maps)
         check_target(target, next(iter(feats.values())).shape[0], cfg)

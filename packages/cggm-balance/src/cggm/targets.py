@@ -82,22 +82,30 @@ def check_target(target: Tensor, batch_size: int, config: CGGMConfig) -> None:
             f"CGGM.step: target has shape {tuple(target.shape)} but the forward pass saw "
             f"{batch_size} samples; pass this batch's targets."
         )
-    if config.task != "regression" and target.is_floating_point():
+    if config.class_indices and target.is_floating_point():
         raise ValueError(
             f"CGGM.step: task='{config.task}' needs class indices, got {target.dtype} "
             "values that are not whole numbers (use task='regression' for real-valued "
             "targets)."
         )
     k = config.num_outputs
-    if config.task == "regression" and target.numel() != batch_size * k:
+    if not config.class_indices and target.numel() != batch_size * k:
+        what = "label" if config.task == "multilabel" else "target value"
         raise ValueError(
-            f"CGGM.step: task='regression' with num_outputs={k} needs {k} target value(s) "
+            f"CGGM.step: task='{config.task}' with num_outputs={k} needs {k} {what}(s) "
             f"per sample ([B] or [B, {k}]); got shape {tuple(target.shape)}."
         )
     if config.task == "regression" or not target.numel():
         return
     # one device-to-host copy for both bounds
     low, high = torch.stack(torch.aminmax(target)).tolist()
+    if config.task == "multilabel":
+        if low < 0 or high > 1:
+            raise ValueError(
+                "CGGM.step: task='multilabel' takes each label as 0 or 1 (or a probability in "
+                f"[0, 1]); got values from {low} to {high}."
+            )
+        return
     if config.binary and (low < 0 or high > 1):
         raise ValueError(
             f"CGGM.step: num_outputs=1 is a binary model (one logit); its targets must "
@@ -122,6 +130,8 @@ def task_loss(pred: Tensor, target: Tensor, config: CGGMConfig) -> Tensor:
     """The task loss a classifier trains on, averaged over the batch."""
     if config.task == "regression":
         return F.l1_loss(pred.reshape(-1), target.reshape(-1).to(pred.dtype))
+    if config.task == "multilabel":  # the mean over samples and labels
+        return F.binary_cross_entropy_with_logits(pred, target.reshape(pred.shape).to(pred.dtype))
     if config.binary:
         return F.binary_cross_entropy_with_logits(pred[:, 0], target.to(pred.dtype))
     return F.cross_entropy(pred, target)
@@ -135,7 +145,11 @@ def per_sample_loss(pred: Tensor, target: Tensor, config: CGGMConfig) -> Tensor:
             pred.reshape(n, -1), target.reshape(n, -1).to(pred.dtype), reduction="none"
         )
         return diff.mean(dim=1)
-    if config.binary:
+    if config.task == "multilabel":
+        loss = F.binary_cross_entropy_with_logits(
+            pred, target.reshape(pred.shape).to(pred.dtype), reduction="none"
+        )
+    elif config.binary:
         loss = F.binary_cross_entropy_with_logits(
             pred[:, 0], target.to(pred.dtype), reduction="none"
         )

@@ -324,6 +324,35 @@ def test_online_adaptation_skips_a_non_finite_update():
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_multilabel_adapts_as_one_binary_logit_repeated():
+    """``task="multilabel"``: a model whose two labels are one binary logit twice keeps the
+    samples, and ends with the norm weights, of that one-logit model under
+    ``task="classification"``, whose softmax over ``[0, z]`` is the sigmoid (soft cross-entropy
+    on it is binary cross-entropy)."""
+    one = model(out_dim=1)
+    two = model(out_dim=1)
+    head = two.head.out
+    with torch.no_grad():
+        doubled = nn.Linear(head.in_features, 2)
+        doubled.weight.copy_(head.weight.repeat(2, 1))
+        doubled.bias.copy_(head.bias.repeat(2))
+    _replace_module(two, head, doubled)
+    target = data(n=32)
+    binary = CASP(one, task="classification", **FAST)
+    labels = CASP(two, task="multilabel", num_outputs=2, **FAST)
+    torch.manual_seed(0)  # the same dropout masks for both
+    r1 = binary.adapt(target)
+    torch.manual_seed(0)
+    r2 = labels.adapt(target)
+    assert r2.kept_indices.tolist() == r1.kept_indices.tolist()
+    torch.testing.assert_close(r2.pseudo_labels, r1.pseudo_labels[:, 1:].repeat(1, 2))
+    for a, b in zip(norm_parameters(binary.model), norm_parameters(labels.model), strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(labels.predict(target), binary.predict(target)[:, 1:].repeat(1, 2))
+    with pytest.raises(ValueError, match=r"num_outputs=3 needs one logit per label.*\(32, 2\)"):
+        CASP(two, task="multilabel", num_outputs=3, **FAST).adapt(target)
+
+
 def test_regression_with_several_outputs_adapts_as_one_output_repeated():
     """``num_outputs=2``: a model whose two outputs are one output twice (its head's row
     repeated) keeps the same samples, with that output's pseudo-labels in both columns, and
@@ -352,7 +381,7 @@ def test_regression_with_several_outputs_adapts_as_one_output_repeated():
         CASP(two, **FAST).adapt(target)
     with pytest.raises(ValueError, match=r"num_outputs=3 needs \[N, 3\].*\(32, 2\)"):
         CASP(two, num_outputs=3, **FAST).adapt(target)
-    with pytest.raises(ValueError, match="num_outputs is the number of regressed values"):
+    with pytest.raises(ValueError, match=r"regressed values .* or of labels"):
         CASPConfig(task="classification", num_outputs=2)
 
 

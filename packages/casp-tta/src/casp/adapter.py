@@ -27,7 +27,13 @@ from casp.distributed import (
 from casp.functional import nt_xent, pseudo_labels, select_samples, stability_scores
 from casp.norms import norm_parameters
 from casp.optim import Float32MasterAdam
-from casp.outputs import class_logits, describe_kind, model_predictions, regression_scores
+from casp.outputs import (
+    class_logits,
+    describe_kind,
+    label_logits,
+    model_predictions,
+    regression_scores,
+)
 from mmcore import (
     ModalityBatch,
     ModulePathError,
@@ -50,7 +56,8 @@ class AdaptationReport:
     ``kept_indices`` ``[K]``: the samples kept for stage 2 (the most stable by default);
     ``pseudo_labels``: their pseudo-labels, the mean of the stage-1 prediction snapshots
     (``[K]`` for regression, ``[K, num_outputs]`` for several regressed values, ``[K, C]``
-    probabilities for classification). ``collapsed``: a
+    probabilities for classification, ``[K, num_outputs]`` label probabilities for multilabel).
+    ``collapsed``: a
     stage stopped early and rolled back (a collapsed or non-finite representation in stage 1, a
     non-finite pseudo-label loss in stage 2); ``message`` says which.
     """
@@ -314,7 +321,8 @@ class CASP:
     ) -> Tensor:
         """Predictions on ``data`` (eval mode): regression scores, or ``[N, C]`` probabilities.
 
-        Scores are ``[N]``, or ``[N, K]`` with ``num_outputs=K``.
+        Scores are ``[N]``, or ``[N, K]`` with ``num_outputs=K``; under ``task="multilabel"``
+        each label's probability, ``[N, K]``.
 
         ``data`` may live on another device than the model (e.g. a large unlabeled set in CPU
         memory): each batch is moved to the model's, and the predictions come back on ``data``'s.
@@ -329,6 +337,8 @@ class CASP:
         out = torch.cat(outs).to(data.device)
         if self.config.task == "classification":
             return class_logits(out).softmax(dim=-1)
+        if self.config.task == "multilabel":
+            return label_logits(out, self.config.num_outputs).sigmoid()
         return regression_scores(out, self.config.num_outputs)
 
     def reset(self) -> None:
@@ -482,6 +492,9 @@ class CASP:
                 if cfg.task == "classification":
                     # soft targets: mean probabilities
                     loss = F.cross_entropy(class_logits(pred), target)
+                elif cfg.task == "multilabel":  # soft targets: each label's mean probability
+                    logits = label_logits(pred, cfg.num_outputs)
+                    loss = F.binary_cross_entropy_with_logits(logits, target)
                 else:
                     loss = F.l1_loss(regression_scores(pred, cfg.num_outputs), target)
                 value = loss.item()  # the one host sync per step, for the check and the log

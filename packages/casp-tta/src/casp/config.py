@@ -9,7 +9,7 @@ from typing import Any, Literal
 __all__ = ["CASPConfig"]
 
 _CHOICES = {
-    "task": ("regression", "classification"),
+    "task": ("regression", "classification", "multilabel"),
     "keep": ("most_stable", "least_stable"),
     "select_by": ("last", "target_validation"),
     "trainable": ("norm", "all"),
@@ -21,12 +21,15 @@ class CASPConfig:
     """Hyper-parameters of CASP (Guo et al., AAAI 2025, arXiv 2412.07121).
 
     Args:
-        task: ``"regression"`` (pseudo-labels are mean predictions, L1 in stage 2) or
-            ``"classification"`` (pseudo-labels are mean probabilities, soft cross-entropy).
+        task: ``"regression"`` (pseudo-labels are mean predictions, L1 in stage 2),
+            ``"classification"`` (pseudo-labels are mean probabilities, soft cross-entropy) or
+            ``"multilabel"`` (``K`` independent yes/no labels, one logit each: pseudo-labels
+            are mean sigmoid probabilities ``[N, K]``, binary cross-entropy in stage 2).
         num_outputs: regressed values per sample (``task="regression"``): 1 for a model that
             returns ``[N]`` or ``[N, 1]``, ``K`` for ``[N, K]`` (valence and arousal, say; a
             sample's stability is then its mean change over the ``K`` values). Declared, so that
             class logits under the default task stay an error rather than pass for ``K`` scores.
+            Under ``task="multilabel"``, the number of labels ``K``.
         tau: NT-Xent temperature.
         epochs_ca: stage-1 (contrastive adaptation) epochs over the unlabeled target data.
         snapshot_every: a prediction snapshot of all target samples every this many epochs (and
@@ -51,7 +54,7 @@ class CASPConfig:
         seed: seed of the per-batch modality draw and the shuffling.
     """
 
-    task: Literal["regression", "classification"] = "regression"
+    task: Literal["regression", "classification", "multilabel"] = "regression"
     num_outputs: int = 1
     tau: float = 0.5
     epochs_ca: int = 15
@@ -75,8 +78,9 @@ class CASPConfig:
             raise ValueError(f"num_outputs must be a positive integer, got {self.num_outputs!r}.")
         if self.task == "classification" and self.num_outputs != 1:
             raise ValueError(
-                "num_outputs is the number of regressed values (task='regression'); "
-                "task='classification' reads the classes from the model's logits."
+                "num_outputs is the number of regressed values (task='regression') or of labels "
+                "(task='multilabel'); task='classification' reads the classes from the model's "
+                "logits."
             )
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau}.")

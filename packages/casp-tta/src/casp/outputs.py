@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["class_logits", "describe_kind", "model_predictions", "regression_scores"]
+__all__ = [
+    "class_logits",
+    "describe_kind",
+    "label_logits",
+    "model_predictions",
+    "regression_scores",
+]
 
 
 def model_predictions(out: Any) -> Tensor:
@@ -51,6 +57,21 @@ def class_logits(out: Tensor) -> Tensor:
             f"[N, 1]), but the model outputs {tuple(out.shape)}."
         )
     return out
+
+
+def label_logits(out: Tensor, num_labels: int) -> Tensor:
+    """A multi-label model's logits ``[N, K]`` (one label: ``[N]`` too).
+
+    Any other shape is an error.
+    """
+    if num_labels == 1 and out.ndim == 1:
+        return out.reshape(-1, 1)
+    if out.ndim == 2 and out.shape[1] == num_labels:
+        return out
+    raise ValueError(
+        f"CASP task='multilabel' with num_outputs={num_labels} needs one logit per label, "
+        f"[N, {num_labels}], but the model outputs {tuple(out.shape)}."
+    )
 
 
 def regression_scores(out: Tensor, num_outputs: int = 1) -> Tensor:

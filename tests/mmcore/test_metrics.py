@@ -11,12 +11,14 @@ from mmcore.metrics import (
     ClassificationMetric,
     IEMOCAPMetric,
     MSAMetric,
+    MultiLabelMetric,
     SIMSMetric,
     brats_dice,
     brats_region_masks,
     classification_metrics,
     iemocap_metrics,
     msa_regression_metrics,
+    multilabel_metrics,
     sims_regression_metrics,
 )
 
@@ -198,6 +200,34 @@ def test_iemocap_metrics_by_hand():
     assert never["happy_f1"] == pytest.approx(weighted_f1_by_hand([1, 0, 0], [0, 0, 0]))
 
 
+def test_multilabel_metrics_by_hand():
+    labels = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 1]])
+    logits = torch.tensor([[2.0, -1.0, 0.5], [1.0, -2.0, -0.5], [-1.0, 0.5, 1.0], [-3.0, -1, 2]])
+    m = multilabel_metrics(logits, labels, names=("happy", "sad", "angry"))
+    # happy: predicted [1, 1, 0, 0] for [1, 0, 1, 0]: TPR 1/2, TNR 1/2
+    assert m["happy_acc"] == pytest.approx(2 / 4)
+    assert m["happy_wacc"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert m["happy_f1"] == pytest.approx(weighted_f1_by_hand([1, 0, 1, 0], [1, 1, 0, 0]))
+    # sad: predicted [0, 0, 1, 0] for [0, 0, 1, 0]: all right
+    assert m["sad_acc"] == m["sad_wacc"] == m["sad_f1"] == pytest.approx(1.0)
+    # angry: every label on, one predicted off: TNR undefined, so the weighted accuracy is TPR
+    assert m["angry_acc"] == pytest.approx(3 / 4) and m["angry_wacc"] == pytest.approx(3 / 4)
+    assert m["mean_acc"] == pytest.approx((2 / 4 + 1 + 3 / 4) / 3)
+    # positive class over all labels: TP 5 (happy 1, sad 1, angry 3), FP 1, FN 2
+    assert m["micro_f1"] == pytest.approx(2 * 5 / (2 * 5 + 1 + 2))
+    assert m["subset_acc"] == pytest.approx(2 / 4)  # samples 0 and 3 have all three right
+    probabilities = multilabel_metrics(logits.sigmoid(), labels.bool(), threshold=0.5)
+    assert probabilities["label0_acc"] == m["happy_acc"] and set(probabilities) != set(m)
+    with pytest.raises(ValueError, match=r"y must hold labels 0 or 1, found values such as \[2\]"):
+        multilabel_metrics(logits, labels * 2)
+    with pytest.raises(ValueError, match=r"y_pred is \(4, 2\) but y is \(4, 3\)"):
+        multilabel_metrics(logits[:, :2], labels)
+    with pytest.raises(ValueError, match="names must be 3 distinct label names"):
+        multilabel_metrics(logits, labels, names=("a", "a", "b"))
+    with pytest.raises(ValueError, match="y_pred holds NaN"):
+        multilabel_metrics(logits.masked_fill(logits > 1, math.nan), labels)
+
+
 def test_cumulative_metrics_equal_functional_twins():
     g = torch.Generator().manual_seed(0)
     pred, true = torch.randn(50, 1, generator=g) * 2, torch.randn(50, generator=g) * 2
@@ -226,6 +256,14 @@ def test_cumulative_metrics_equal_functional_twins():
     lab = torch.randint(0, 2, (10, 4), generator=g)
     iem(torch.randn(10, 4, 2, generator=g), lab)
     assert set(iem.aggregate()) >= {"happy_f1", "mean_acc"}
+
+    multi = MultiLabelMetric(names=("a", "b", "c"))
+    scores, on = torch.randn(20, 3, generator=g), torch.randint(0, 2, (20, 3), generator=g)
+    multi(scores[:7], on[:7])
+    multi(scores[7:], on[7:])
+    assert multi.aggregate() == multilabel_metrics(scores, on, names=("a", "b", "c"))
+    with pytest.raises(ValueError, match="this batch has 2 labels, earlier batches 3"):
+        multi(scores[:, :2], on[:, :2])
 
 
 def test_brats_regions_from_each_label_style():

@@ -8,6 +8,7 @@ from mmcore.metrics.classification import (
     classification_metrics,
     iemocap_metrics,
 )
+from mmcore.metrics.multilabel import MultiLabelMetric, multilabel_metrics
 from mmcore.metrics.regression import (
     MSAMetric,
     SIMSMetric,
@@ -29,6 +30,7 @@ __all__ = [
     "CumulativeMetric",
     "IEMOCAPMetric",
     "MSAMetric",
+    "MultiLabelMetric",
     "SIMSMetric",
     "all_gather_cat",
     "brats_dice",
@@ -36,5 +38,6 @@ __all__ = [
     "classification_metrics",
     "iemocap_metrics",
     "msa_regression_metrics",
+    "multilabel_metrics",
     "sims_regression_metrics",
 ]

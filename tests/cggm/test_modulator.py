@@ -1445,6 +1445,40 @@ def test_encoders_run_without_gradients_are_named_in_the_error():
     assert set(cggm.step(batch.target)) == set(batch.modalities)
 
 
+@pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
+def test_an_evaluation_pass_between_backward_and_step_changes_nothing(no_autograd):
+    """A validation forward under no_grad between ``backward()`` and ``step()`` (same batch
+    size, so no check on the target can tell) must not replace the training pass's features:
+    the run equals one without it, coefficients, classifiers and weights alike."""
+    batch, other = vector_batch(3, seed=0), vector_batch(3, seed=1)
+    runs = []
+    for validate in (False, True):
+        model = make_model(batch)
+        cggm = CGGM(model, num_outputs=3, rho=1.0, lam=0.1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        coefficients = []
+        for _ in range(3):
+            opt.zero_grad()
+            (F.cross_entropy(model(batch), batch.target) + cggm.direction_loss()).backward()
+            if validate:
+                with no_autograd():
+                    model(other)
+            coefficients.append(cggm.step(batch.target))
+            opt.step()
+        runs.append((coefficients, model.state_dict(), cggm.state_dict()["classifiers"]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in ((runs[0][1], runs[1][1]), (runs[0][2], runs[1][2])):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # an evaluation pass alone is no training forward: the error says why nothing was seen
+    model = make_model(batch)
+    cggm = CGGM(model, num_outputs=3)
+    with torch.no_grad():
+        model(batch)
+    with pytest.raises(RuntimeError, match="evaluation pass, which CGGM does not capture"):
+        cggm.step(batch.target)
+
+
 def test_one_logit_binary_models():
     """``num_outputs=1``: a binary model with one logit (BCE). Each classifier scores the
     accuracy of ``logit > 0``, the encoders' gradients are scaled by exactly ``ρ B_m``, and

@@ -211,6 +211,9 @@ class CGGM:
         self._named: set[str] = set()
         self._compiled = compiled_inner(model) is not None
         self._forward_ran = False  # since the last step: the model's own pre-hook fired
+        #: the model's last call ran without autograd (an evaluation pass): its encoders' outputs
+        #: are not captured, so a validation pass between backward() and step() changes nothing
+        self._evaluating = False
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         for name, enc in self.encoders.items():
             # a partial of a bound method, not a closure: a model carrying it can be pickled, and
@@ -400,9 +403,15 @@ class CGGM:
                 "compiled model's first call, or call torch._dynamo.reset() after building it."
             )
         if not self._forward_ran or none_seen:
+            evaluated = (
+                " (the model's last call ran under torch.no_grad() or inference_mode: an "
+                "evaluation pass, which CGGM does not capture)"
+                if self._evaluating
+                else ""
+            )
             raise RuntimeError(
                 f"CGGM.step: no encoder output captured for {not_run}; call the model's forward "
-                "on this batch first."
+                f"on this batch first{evaluated}."
             )
         if self.config.mode == "reference":
             raise RuntimeError(
@@ -490,6 +499,9 @@ class CGGM:
     def _on_model_call(
         self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
+        self._evaluating = not torch.is_grad_enabled()
+        if self._evaluating:  # no backward can follow this pass: it is not a training step's
+            return
         self._captured, self._call_masks = {}, {}
         self._ran_without_grad = set()
         self._forward_ran = True
@@ -511,6 +523,8 @@ class CGGM:
         kwargs: dict[str, Any],
         output: Any,
     ) -> None:
+        if self._evaluating:
+            return
         if self.feature_fn is None:
             try:
                 features = encoder_features(output)

@@ -847,3 +847,42 @@ def test_tied_weights_among_the_saved_modules_round_trip(tmp_path, batch):
     assert fresh.out_in.weight is fresh.head.weight
     with torch.no_grad():
         torch.testing.assert_close(again(batch), wander(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_base_methods_called_through_the_wrapper_read_the_batchs_masks(base_model, output):
+    """``wander.fused(batch)`` (a base method other than ``forward``) runs the adapter with the
+    batch's padding and presence masks, as ``wander(batch)`` does: the head on it gives the
+    model's output, and the missing sample's kept values reach nothing."""
+    g = torch.Generator().manual_seed(1)
+    pad = torch.zeros(4, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    batch = make_batch().replace(padding_masks={"text": pad})
+    wander = Wander(base_model, RANKS, example_input=batch, output=output)
+    train_steps(wander, batch, steps=2)
+    kept = batch.with_missing("audio", torch.tensor([True, False, False, False]), fill=None)
+    with torch.no_grad():
+        torch.testing.assert_close(wander.head(wander.fused(kept)), wander(kept))
+        text = kept["text"].clone()
+        text[1, 4:] = torch.randn(3, text.shape[-1], generator=g) * 5  # padded positions
+        moved = kept.replace(inputs={**kept.inputs, "text": text})
+        torch.testing.assert_close(wander.fused(moved), wander.fused(kept))
+    assert not wander._calls  # no tensor held between calls
+    assert wander.fused.__doc__ == base_model.fused.__doc__
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_a_fusion_module_given_the_batch_supplies_its_masks(base_model, output):
+    """Where no base forward saw the batch (the base's method called directly, or a model
+    with an injected adapter), a fusion module called with it (``fusion(features, batch)``)
+    still gives the adapter the batch's masks."""
+    batch = make_batch()
+    kept = batch.with_missing("audio", torch.tensor([True, False, False, False]), fill=None)
+    wander = Wander(copy.deepcopy(base_model), RANKS, example_input=batch, output=output)
+    injected = inject_wander(copy.deepcopy(base_model), RANKS, example_input=batch, output=output)
+    for model in (wander, injected):
+        train_steps(model, batch, steps=2)
+        with torch.no_grad():
+            expected = model(kept)
+            base = model.base_model if model is wander else model
+            torch.testing.assert_close(base.head(base.fused(kept)), expected)

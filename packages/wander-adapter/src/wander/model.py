@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -209,7 +210,9 @@ class Wander(nn.Module):
                 module.register_forward_hook(functools.partial(self._capture, m), with_kwargs=True)
             )
         if cfg.output == "fused":
-            self._handles.append(self._consumer.register_forward_hook(self._fuse_output))
+            self._handles.append(
+                self._consumer.register_forward_hook(self._fuse_output, with_kwargs=True)
+            )
         else:
             self._handles.append(
                 self._consumer.register_forward_pre_hook(self._add_residuals, with_kwargs=True)
@@ -418,10 +421,24 @@ class Wander(nn.Module):
         self._calls.pop(_thread_key(), None)  # hold no tensors between calls
         return out
 
-    def _fuse_output(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+    def _consumer_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        """This thread's call, with the batch the fusion module was given where none was seen.
+
+        A call that bypassed the base model's forward (a method of the base called directly,
+        or of a model with an injected adapter) registered no batch; a fusion module that
+        takes the batch (``fusion(features, batch)``) still gives its masks.
+        """
+        call = self._call()
+        if call.batch is None:
+            call.batch = find_modality_batch(args, kwargs)
+        return call
+
+    def _fuse_output(
+        self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
         if self._disabled:
             return output
-        fused = cast(Tensor, self._adapter_output(self._call()))  # [B, T', D]
+        fused = cast(Tensor, self._adapter_output(self._consumer_call(args, kwargs)))  # [B, T', D]
         if not isinstance(output, Tensor):
             raise TypeError(f"Wander: fusion module output {_describe(output)} is not a tensor.")
         if fused.shape[-1] != output.shape[-1]:  # fused_dim: tiled to the output size
@@ -444,7 +461,7 @@ class Wander(nn.Module):
     ) -> tuple[Any, ...] | None:
         if self._disabled:
             return None
-        call = self._call()
+        call = self._consumer_call(args, kwargs)
         originals = dict(call.features)
         deltas = cast(dict[str, Tensor], self._adapter_output(call))
         unused = [deltas[m] for m in deltas if m not in originals]  # encoders the model skipped
@@ -494,12 +511,33 @@ class Wander(nn.Module):
                 raise
         base = self.base_model
         try:
-            return getattr(base, name)
+            value = getattr(base, name)
         except AttributeError:
             raise AttributeError(
                 f"'Wander' object has no attribute '{name}', nor has its base model "
                 f"({type(base).__name__})."
             ) from None
+        if inspect.ismethod(value) and value.__self__ is base:
+            return self._with_batch_masks(value)
+        return value
+
+    def _with_batch_masks(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """``method`` of the base model, reading the masks of the batch it is given.
+
+        The masks reach the adapter through the base model's forward pre-hook; a method other
+        than ``forward`` (``wander.fused(batch)``, ``wander.predict(batch)``) does not fire it,
+        so the call's batch is registered here for the hooks its target modules fire.
+        """
+
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._on_base_call(self.base_model, args, kwargs)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._calls.pop(_thread_key(), None)  # hold no tensors between calls
+
+        return call
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -34,6 +34,7 @@ from benchmarks.backbones import LateFusionModel
 from benchmarks.baselines.peft import add_houlsby_adapters, apply_lora, freeze_all_but
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
+from benchmarks.memory import StepMemory, step_memory
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import FOOD101_DIR, count_progress, real_data, uci_splits
@@ -194,6 +195,22 @@ def step_times(
         forward = torch.compile(model) if compiled else model
         steps[method] = functools.partial(train_step, forward, optimiser, batch, loss_fn)
     return median_times(steps, rounds=7, calls=calls)
+
+
+def step_memories(
+    base: LateFusionModel, train: ModalityBatch, settings: dict, loss_fn: Callable, seed: int
+) -> dict[str, StepMemory]:
+    """What one training step of each method holds (:mod:`benchmarks.memory`).
+
+    On the batch that :func:`step_times` times, from fresh copies of ``base``.
+    """
+    batch = next(iter(train.split(settings["batch_size"])))
+    memories = {}
+    for method in methods(settings):
+        model = build_method(method, base, train, settings, seed).train()
+        optimiser = make_optimizer(model, lr=settings["lr"][method])
+        memories[method] = step_memory(model, optimiser, batch, loss_fn)
+    return memories
 
 
 UCI_DATASET = "uci-mfeat 0-4 → 5-9"

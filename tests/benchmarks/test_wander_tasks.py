@@ -127,8 +127,19 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
     assert not results["failures"], results["failures"]
     records = results["records"]
     compiled = [r for r in records if r["config"].get("compiled")]
-    records = [r for r in records if not r["config"].get("compiled")]
-    assert len({r["dataset"] for r in records}) == 2
+    memory = [r for r in records if r["dataset"].endswith(", memory")]
+    records = [r for r in records if not r["config"].get("compiled") and r not in memory]
+    assert len({r["dataset"] for r in records}) == len({r["dataset"] for r in memory}) == 2
+    # memory per step at each size: full fine-tuning holds the most, head-only the least
+    for dataset in {r["dataset"] for r in memory}:
+        totals = {r["method"]: r["metrics"]["total_mib"] for r in memory if r["dataset"] == dataset}
+        assert set(totals) == set(wt.methods(wander_overhead.sized_settings(8, 16, 8)))
+        assert min(totals, key=totals.__getitem__) == "head-only"
+        assert max(totals, key=totals.__getitem__) == "full fine-tuning"
+        full = next(
+            r for r in memory if r["method"] == "full fine-tuning" and r["dataset"] == dataset
+        )
+        assert full["metrics"]["memory_vs_full_fine_tuning"] == 1.0
     settings = wander_overhead.sized_settings(8, 16, 8)
     assert {r["method"] for r in records} == set(wt.methods(settings))
     # the first size again, every model through torch.compile, its own head-only as reference

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import wander.functional
 from wander import dense_fusion, fusion_product
 from wander.functional import fusion_product_sets, fusion_product_stacked
 
@@ -80,9 +81,18 @@ def test_bad_arguments():
         fusion_product_stacked(h, q, p, torch.zeros(1, 3, 2))
 
 
+@pytest.fixture(params=["saved", "recomputed"])
+def projections(request, monkeypatch):
+    """Both ways the fused kernel's backward gets the per-modality projections: saved by the
+    forward (small shapes) or recomputed (large ones: here, every shape)."""
+    if request.param == "recomputed":
+        monkeypatch.setattr(wander.functional, "_SAVED_PROJECTIONS_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("cp_mode", ["true", "reference"])
 @pytest.mark.parametrize("lens", [(2, 1), (1, 1, 1), (3, 2, 1, 2)])
-def test_hand_written_backward_matches_finite_differences(cp_mode, lens):
+def test_hand_written_backward_matches_finite_differences(cp_mode, lens, projections):
     """gradcheck of the fused kernel, with zero rows (padding) so some products are exactly 0."""
     g = torch.Generator().manual_seed(0)
     s, m, b, t, r, rt, t_out, rd, d = 2, len(lens), 3, max(lens), 2, 2, 2, 3, 2
@@ -113,7 +123,7 @@ def test_hand_written_backward_matches_finite_differences(cp_mode, lens):
         torch.testing.assert_close(got, want)
 
 
-def test_second_derivatives_match_finite_differences():
+def test_second_derivatives_match_finite_differences(projections):
     """A gradient penalty differentiates the hand-written backward: it must be exact too."""
     g = torch.Generator().manual_seed(0)
 
@@ -124,7 +134,7 @@ def test_second_derivatives_match_finite_differences():
     assert torch.autograd.gradgradcheck(fusion_product_stacked, args)
 
 
-def test_constant_sets_skip_the_backward_with_exact_gradients_of_the_others():
+def test_constant_sets_skip_the_backward_with_exact_gradients_of_the_others(projections):
     """``trainable_sets=1``: set 0 differentiates exactly (first and second order), the
     constant set 1 (the centred init's frozen copy) gets zeros."""
     g = torch.Generator().manual_seed(0)
@@ -150,3 +160,36 @@ def test_constant_sets_skip_the_backward_with_exact_gradients_of_the_others():
     assert all(not x.grad[1].any() for x in stacked)
     with pytest.raises(ValueError, match=r"trainable_sets must be in \[1, 2\]"):
         fusion_product_stacked(*stacked, trainable_sets=3)
+
+
+def test_large_projections_are_recomputed_not_saved():
+    """Above ``_SAVED_PROJECTIONS_MAX`` values, the forward saves neither the per-modality
+    projections nor their product (M + 1 times the output's size) and the backward recomputes
+    them: the same gradients, bit for bit, from a fraction of the saved bytes."""
+    g = torch.Generator().manual_seed(0)
+    s_, m, b, t, r, rt, t_out, rd, d = 2, 3, 128, 1, 4, 1, 1, 1, 512
+    shapes = ((s_, m, b, t, r), (s_, m, rt, t, t_out), (s_, m, rd, r, d), (s_, rt, rd))
+    inputs = [torch.randn(*x, generator=g).requires_grad_() for x in shapes]
+
+    def run():
+        saved = []
+
+        def pack(x):
+            saved.append(x.untyped_storage().nbytes())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out = fusion_product_stacked(*inputs, trainable_sets=1)
+        grads = torch.autograd.grad(out.square().sum(), inputs)
+        return sum(saved), grads
+
+    z_values = s_ * m * b * d
+    assert z_values > wander.functional._SAVED_PROJECTIONS_MAX
+    recomputed_bytes, recomputed = run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wander.functional, "_SAVED_PROJECTIONS_MAX", z_values)
+        saved_bytes, saved = run()
+    for a, b_ in zip(recomputed, saved, strict=True):
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+    # z and its product, each saved as a slice of a storage that holds every set
+    assert saved_bytes - recomputed_bytes == 4 * (m + 1) * s_ * b * d

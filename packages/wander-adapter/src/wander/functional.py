@@ -157,6 +157,11 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
 
+#: the most values of the per-modality projections (every set's) that the forward pass saves
+#: for the backward; above, the backward recomputes them (1 MiB of float32 at 2^18)
+_SAVED_PROJECTIONS_MAX = 1 << 18
+
+
 class _CPFusion(torch.autograd.Function):
     """``F = Σ_{jk} λ_jk ⊙_m Q_m^{jᵀ} H_m P_m^k`` with a hand-written backward.
 
@@ -176,9 +181,15 @@ class _CPFusion(torch.autograd.Function):
         # the backward needs the trainable sets' slices only (views, no copies); the
         # intermediates flattened over (set, modality) hold them in their first n rows. The
         # inputs are saved whole: sliced in the backward, they keep their graph for
-        # second derivatives
+        # second derivatives. The per-modality projections z [.., B, R_d, D] and their
+        # product are M + 1 times the output's size, the largest activations by far (every
+        # set's storage behind a slice): above _SAVED_PROJECTIONS_MAX values, the backward
+        # recomputes them from g (one batched matmul and M - 1 multiplies) instead; below,
+        # those few kernel calls would cost more than the memory is worth
         k, n = trainable, trainable * h.shape[1]
-        ctx.save_for_backward(h, q, p, w, h_t[:n], q_flat[:n], p_flat[:n], g[:n], z[:k], prod[:k])
+        saved = [h, q, p, w, h_t[:n], q_flat[:n], p_flat[:n], g[:n]]
+        ctx.recompute = z.numel() > _SAVED_PROJECTIONS_MAX
+        ctx.save_for_backward(*saved, *(() if ctx.recompute else (z[:k], prod[:k])))
         ctx.trainable = trainable
         return out
 
@@ -189,6 +200,8 @@ class _CPFusion(torch.autograd.Function):
         h, q, p, w = h[:k], q[:k], p[:k], w[:k]
         if torch.is_grad_enabled():  # create_graph: intermediates with a graph to the inputs
             parts = _fusion_parts(h, q, p, w)[:-1]
+        elif ctx.recompute:
+            parts = [*parts, *_projections(parts[3], parts[2], h.shape, q.shape, p.shape)]
         grads = _CPFusion._input_grads(ctx, grad_out[:k], h, q, p, w, parts)
         if k < n_sets:  # the constant sets get zeros: one fill per input
             grads = [
@@ -241,10 +254,23 @@ def _fusion_parts(h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> tuple[Tensor, .
     q_flat = q.transpose(3, 4).reshape(n, rt * t_out, t)  # [N, (j u), T]
     p_flat = p.permute(0, 1, 3, 2, 4).reshape(n, r, rd * d)  # [N, r, (k d)]
     g = torch.bmm(q_flat, h_t).view(n, rt * t_out * b, r)  # Σ_t Q H: [N, (j u b), r]
-    z = torch.bmm(g, p_flat).view(s, m, rt, t_out, b, rd, d)
-    prod = _product(z.unbind(1))  # [S, R_t, T', B, R_d, D]
+    z, prod = _projections(g, p_flat, h.shape, q.shape, p.shape)
     out = (prod * w.view(s, rt, 1, 1, rd, 1)).sum(dim=(1, 4))  # [S, T', B, D]
     return h_t, q_flat, p_flat, g, z, prod, out.transpose(1, 2)
+
+
+def _projections(
+    g: Tensor, p_flat: Tensor, h_shape: torch.Size, q_shape: torch.Size, p_shape: torch.Size
+) -> tuple[Tensor, Tensor]:
+    """``z = G P`` per (set, modality) and its product over the modalities.
+
+    For the sets ``g`` holds: ``z`` ``[S, M, R_t, T', B, R_d, D]``, the product
+    ``[S, R_t, T', B, R_d, D]``.
+    """
+    m, b = h_shape[1], h_shape[2]
+    rt, t_out, rd, d = q_shape[2], q_shape[4], p_shape[2], p_shape[4]
+    z = torch.bmm(g, p_flat).view(-1, m, rt, t_out, b, rd, d)
+    return z, _product(z.unbind(1))
 
 
 def _product(factors: Sequence[Tensor]) -> Tensor:

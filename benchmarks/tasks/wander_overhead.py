@@ -14,13 +14,16 @@ most of those small calls: the same ratio when the fixed cost is compiled away.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks.backbones import LateFusionModel
 from benchmarks.memory import StepMemory
 from benchmarks.registry import RunContext, Task, register_task
+from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import uci_splits
 from benchmarks.tasks.wander_transfer import (
     UCI_SETTINGS,
@@ -100,6 +103,59 @@ def run(ctx: RunContext) -> list[dict]:
     return records
 
 
+def plot_memory(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
+    """What a training step holds per method, split by kind, one panel per backbone size."""
+    plt = pyplot()
+
+    rows = [r for r in records if r["dataset"].endswith(", memory")]
+    if not rows:
+        return []
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    kinds = (
+        ("parameters (frozen and trained)", "#8C8C8C"),
+        ("gradients + optimiser state", "#4C72B0"),
+        ("activations saved for the backward", "#DD8452"),
+    )
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(4.2 * len(datasets), 0.35 * len(methods) + 1.8), sharey=True
+    )
+    for ax, dataset in zip(np.atleast_1d(axes), datasets, strict=True):
+        # deterministic counts: every seed gives the same figure, so the mean is the value
+        mean = {
+            (method, key): summarise(
+                [
+                    r["metrics"][key]
+                    for r in rows
+                    if r["dataset"] == dataset and r["method"] == method
+                ]
+            )[0]
+            for method in methods
+            for key in ("total_mib", "grad_and_optimiser_mib", "activation_mib")
+        }
+        parts = [
+            [
+                mean[m, "total_mib"] - mean[m, "grad_and_optimiser_mib"] - mean[m, "activation_mib"]
+                for m in methods
+            ],
+            [mean[m, "grad_and_optimiser_mib"] for m in methods],
+            [mean[m, "activation_mib"] for m in methods],
+        ]
+        left = np.zeros(len(methods))
+        for values, (label, colour) in zip(parts, kinds, strict=True):
+            ax.barh(methods, values, left=left, color=colour, label=label)
+            left += np.array(values)
+        ax.set_title(dataset.removeprefix("uci-mfeat 5-9, ").removesuffix(", memory"), fontsize=9)
+        ax.set_xlabel("MiB per training step")
+        ax.grid(axis="x", alpha=0.3)
+    first = np.atleast_1d(axes)[0]
+    first.invert_yaxis()
+    first.legend(loc="lower right", fontsize=7)
+    path = plot_dir / "wander-step-overhead--memory.png"
+    save_figure(fig, path)
+    return [("Memory one training step holds, by kind (counted tensor by tensor)", path)]
+
+
 register_task(
     Task(
         name="wander-step-overhead",
@@ -111,6 +167,7 @@ register_task(
             "Wander all through torch.compile (ratio to compiled head-only)."
         ),
         run=run,
+        plots=plot_memory,
         primary_metric="step_time_vs_head_only",
         higher_is_better=False,
         metrics=(

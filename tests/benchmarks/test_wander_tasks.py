@@ -140,6 +140,8 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
             r for r in memory if r["method"] == "full fine-tuning" and r["dataset"] == dataset
         )
         assert full["metrics"]["memory_vs_full_fine_tuning"] == 1.0
+    ((caption, path),) = wander_overhead.plot_memory(results["records"], tmp_path)
+    assert path.stat().st_size > 0 and "Memory" in caption
     settings = wander_overhead.sized_settings(8, 16, 8)
     assert {r["method"] for r in records} == set(wt.methods(settings))
     # the first size again, every model through torch.compile, its own head-only as reference

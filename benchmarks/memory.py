@@ -22,7 +22,7 @@ overhead, so it sits below a GPU's peak allocation; methods are compared by thei
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,18 +73,28 @@ def unique_bytes(tensors: Iterable[Tensor], exclude: Iterable[tuple[Any, int, in
     return sum(key[2] for key in seen)
 
 
+def _optimiser_state(optimiser: torch.optim.Optimizer) -> list[Tensor]:
+    return [v for state in optimiser.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
 def step_memory(
     model: nn.Module,
     optimiser: torch.optim.Optimizer,
     batch: ModalityBatch,
     loss_fn: LossFn,
+    extra_loss: Callable[[], Tensor] | None = None,
     after_backward: Callable[[ModalityBatch], Any] | None = None,
+    held_beside: Callable[[], Sequence[tuple[nn.Module, torch.optim.Optimizer | None]]]
+    | None = None,
 ) -> StepMemory:
     """Run one training step of ``model`` on ``batch`` and count what it held.
 
-    The step is :func:`benchmarks.training.train_step`'s: forward, ``loss_fn``, backward,
-    ``after_backward(batch)`` (a modulator's step, say), ``optimiser.step()``. The parameters
-    move, so measure a copy when the model is needed afterwards.
+    The step is :func:`benchmarks.training.train_step`'s: forward, ``loss_fn`` (+
+    ``extra_loss()``), backward, ``after_backward(batch)`` (a modulator's step, say),
+    ``optimiser.step()``. ``held_beside()``, called after the step, names what a method keeps
+    outside the model (a modulator's classifiers and their optimiser): their parameters,
+    gradients and optimiser state are counted too. The parameters move, so measure a copy
+    when the model is needed afterwards.
     """
     held = [*model.parameters(), *model.buffers()]
     own = {_storage_key(t) for t in held}
@@ -97,22 +107,23 @@ def step_memory(
     optimiser.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(model(batch), batch.require_target())
+        if extra_loss is not None:
+            loss = loss + extra_loss()
     activations = unique_bytes(saved, exclude=own)
     saved.clear()
     loss.backward()
     if after_backward is not None:
         after_backward(batch)
-    gradients = unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     optimiser.step()
-    state = [
-        v
-        for per_param in optimiser.state.values()
-        for v in per_param.values()
-        if torch.is_tensor(v)
-    ]
+    state = _optimiser_state(optimiser)
+    for module, its_optimiser in held_beside() if held_beside is not None else ():
+        held += [*module.parameters(), *module.buffers()]
+        grads += [p.grad for p in module.parameters() if p.grad is not None]
+        state += [] if its_optimiser is None else _optimiser_state(its_optimiser)
     return StepMemory(
         parameters=unique_bytes(held),
-        gradients=gradients,
+        gradients=unique_bytes(grads),
         optimiser_state=unique_bytes(state),
         activations=activations,
     )

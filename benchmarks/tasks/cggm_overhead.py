@@ -23,22 +23,68 @@ is left once the implementation's own calls are gone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from benchmarks.backbones import LateFusionModel
+from benchmarks.memory import StepMemory, step_memory
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.cggm_balance import (
     AUTOGRAD_CGGM,
     LEAN_CGGM,
     UCI_SETTINGS,
     method_step_times,
+    modulation,
 )
 from benchmarks.tasks.common import uci_splits
-from benchmarks.training import step_time_records, steps_per_round
+from benchmarks.training import (
+    add_ratio_column,
+    make_optimizer,
+    step_time_records,
+    steps_per_round,
+)
+from cggm import CGGM
+from mmcore import ModalityBatch
+
+#: the methods whose memory is counted: the two implementation rows hold what CGGM holds
+MEMORY_METHODS = ("joint", "OGM-GE", "CGGM", "CGGM (λ=0, 64-unit classifiers)")
 
 #: (encoder width, encoder hidden size, batch size); the first is ``cggm-uci-balance``'s.
 SIZES = ((16, 64, 32), (64, 256, 128), (256, 1024, 256))
+
+
+def step_memories(
+    make_model: Callable[[], nn.Module], batch: ModalityBatch, settings: dict
+) -> dict[str, StepMemory]:
+    """What one training step of each of :data:`MEMORY_METHODS` holds.
+
+    Counted by :mod:`benchmarks.memory`, CGGM's classifiers and their optimiser included.
+    """
+    memories = {}
+    for method in MEMORY_METHODS:
+        model = make_model().train()
+        modulator, extra_loss, after_backward = modulation(
+            model, method, task="classification", num_outputs=10, cggm_options=settings["cggm"]
+        )
+        optimiser = make_optimizer(
+            model, settings["optimizer"], lr=settings["lr"], weight_decay=0.0
+        )
+
+        def beside(modulator: object = modulator) -> list[tuple[nn.Module, Any]]:
+            if isinstance(modulator, CGGM) and modulator.classifiers is not None:
+                return [(modulator.classifiers, modulator.optimizer)]
+            return []
+
+        memories[method] = step_memory(
+            model, optimiser, batch, F.cross_entropy, extra_loss, after_backward, beside
+        )
+        if isinstance(modulator, CGGM):
+            modulator.remove()
+    return memories
 
 
 def run(ctx: RunContext) -> list[dict]:
@@ -75,12 +121,18 @@ def run(ctx: RunContext) -> list[dict]:
             rounds=7 if ctx.profile == "quick" else 15,
             calls=steps_per_round(batch_size, SIZES[0][2]),
         )
-        records += step_time_records(
-            seconds,
-            "joint",
-            dataset=f"uci-mfeat, {name}",
-            config={"width": width, "hidden": hidden, "batch_size": batch_size},
-        )
+        config = {"width": width, "hidden": hidden, "batch_size": batch_size}
+        records += step_time_records(seconds, "joint", dataset=f"uci-mfeat, {name}", config=config)
+        memory = [
+            {
+                "method": method,
+                "dataset": f"uci-mfeat, {name}, memory",
+                "metrics": counted.metrics(),
+                "config": dict(config),
+            }
+            for method, counted in step_memories(make_model, batch, settings).items()
+        ]
+        records += add_ratio_column(memory, "joint", "total_mib", "memory_vs_joint")
     return records
 
 
@@ -98,6 +150,14 @@ register_task(
         run=run,
         primary_metric="step_time_vs_joint",
         higher_is_better=False,
-        metrics=("ms_per_step", "overhead_ms_vs_joint", "step_time_vs_joint"),
+        metrics=(
+            "ms_per_step",
+            "overhead_ms_vs_joint",
+            "step_time_vs_joint",
+            "memory_vs_joint",
+            "total_mib",
+            "grad_and_optimiser_mib",
+            "activation_mib",
+        ),
     )
 )

@@ -77,7 +77,20 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
     results = run_tasks(["cggm-step-overhead"], profile="quick", seeds=[0], out_dir=tmp_path)
     assert not results["failures"], results["failures"]
     records = results["records"]
-    assert len({r["dataset"] for r in records}) == 2
+    memory = [r for r in records if r["dataset"].endswith(", memory")]
+    records = [r for r in records if r not in memory]
+    assert len({r["dataset"] for r in records}) == len({r["dataset"] for r in memory}) == 2
+    for dataset in {r["dataset"] for r in memory}:
+        counted = {r["method"]: r["metrics"] for r in memory if r["dataset"] == dataset}
+        assert set(counted) == set(cggm_overhead.MEMORY_METHODS)
+        # OGM-GE keeps nothing; CGGM keeps its classifiers, their gradients and Adam moments
+        assert counted["OGM-GE"] == counted["joint"]
+        assert counted["joint"]["memory_vs_joint"] == 1.0
+        assert counted["CGGM"]["memory_vs_joint"] > 1.0
+        assert (
+            counted["CGGM"]["grad_and_optimiser_mib"] > counted["joint"]["grad_and_optimiser_mib"]
+        )
+        assert len({m["activation_mib"] for m in counted.values()}) == 1
     for r in records:
         m = r["metrics"]
         assert m["ms_per_step"] > 0

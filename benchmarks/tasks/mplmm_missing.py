@@ -52,6 +52,7 @@ from torch import Tensor
 from benchmarks.baselines.missing_prompts import MissingAwarePrompts
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
+from benchmarks.memory import step_memory
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
@@ -59,6 +60,7 @@ from benchmarks.training import (
     LossFn,
     ScoreFn,
     accuracy,
+    add_ratio_column,
     count_parameters,
     fit,
     make_optimizer,
@@ -557,7 +559,7 @@ def run_throughput(ctx: RunContext) -> list[dict]:
             _time(stage_loop, repeats),
         ),
     }
-    records = _training_step_records(ctx)
+    records = _training_step_records(ctx) + _training_memory_records(ctx)
     for what, (vectorised, loop) in timings.items():
         records.append(
             {
@@ -645,6 +647,52 @@ def _training_step_records(ctx: RunContext) -> list[dict]:
         }
         for name, t in seconds.items()
     ]
+
+
+TRAINING_MEMORY = "training-step memory (mplmm-mosi-missing's sizes)"
+
+
+@torch.enable_grad()
+def _training_memory_records(ctx: RunContext) -> list[dict]:
+    """What one training step holds for the methods trained with missing modalities.
+
+    Counted by :mod:`benchmarks.memory` at the ``mplmm-mosi-missing`` sizes, as a ratio to
+    modality dropout's (the whole backbone trained).
+    """
+    s = MOSI_SETTINGS
+    dims, length = MOSI_DIMS, s["seq_len"]
+    g = torch.Generator().manual_seed(ctx.seed)
+    batch = ModalityBatch(
+        {m: torch.randn(64, length, d, generator=g) for m, d in dims.items()},
+        target=torch.randn(64, generator=g),
+    )
+    config = MulTConfig(
+        dims, d=s["d"], num_heads=s["heads"], cross_layers=s["layers"], memory_layers=s["layers"]
+    )
+    torch.manual_seed(ctx.seed)
+    backbone = MulTBackbone(config)
+    models: dict[str, torch.nn.Module] = {
+        "modality dropout": copy.deepcopy(backbone),
+        "missing-aware prompts": MissingAwarePrompts(
+            copy.deepcopy(backbone), prompt_length=s["prompt_length"]
+        ),
+        "MPLMM": MPLMM(
+            copy.deepcopy(backbone), dict.fromkeys(dims, length), prompt_length=s["prompt_length"]
+        ),
+    }
+    records = []
+    for name, model in models.items():
+        training = _MissingTraining(model, s["train_rate"], ctx.seed).train()
+        counted = step_memory(training, make_optimizer(training, lr=1e-3), batch, _l1)
+        records.append(
+            {
+                "method": name,
+                "dataset": TRAINING_MEMORY,
+                "metrics": counted.metrics(),
+                "config": {"batch": 64, "seq_len": length, "d": s["d"], "layers": s["layers"]},
+            }
+        )
+    return add_ratio_column(records, "modality dropout", "total_mib", "memory_vs_modality_dropout")
 
 
 register_task(
@@ -753,7 +801,8 @@ register_task(
             "the released backbone size (d=30, 5+5 layers): whole forward and missing-case stage, "
             "vectorised vs. a per-sample loop, same run (the released code: ~83 samples/s here); "
             "and a training step as shipped (fast CPU dropout masks, 1x1 projections as matrix "
-            "products) against torch's dropout and against nn.Conv1d projections."
+            "products) against torch's dropout and against nn.Conv1d projections; the memory a "
+            "training step holds for MPLMM, missing-aware prompts and modality dropout."
         ),
         run=run_throughput,
         primary_metric="samples_per_s",
@@ -764,6 +813,10 @@ register_task(
             "ms_per_step",
             "step_time_vs_shipped",
             "step_time_vs_torch_dropout",
+            "memory_vs_modality_dropout",
+            "total_mib",
+            "grad_and_optimiser_mib",
+            "activation_mib",
         ),
         targets=(
             Target(

@@ -38,6 +38,14 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     assert list(steps) == [mt.SHIPPED, mt.TORCH_DROPOUT, mt.CONV1D_PROJECTIONS]
     assert steps[mt.SHIPPED]["step_time_vs_shipped"] == 1.0
     assert all(m["ms_per_step"] > 0 for m in steps.values())
+    memory = {
+        r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == mt.TRAINING_MEMORY
+    }
+    assert list(memory) == ["modality dropout", "missing-aware prompts", "MPLMM"]
+    assert memory["modality dropout"]["memory_vs_modality_dropout"] == 1.0
+    # a frozen backbone: gradients and Adam moments for the prompts, projections and head only
+    dropout_state = memory["modality dropout"]["grad_and_optimiser_mib"]
+    assert memory["MPLMM"]["grad_and_optimiser_mib"] < dropout_state / 4
     uci = [r for r in results["records"] if r["task"] == "mplmm-uci-missing"]
     assert {"accuracy_all_cases", "accuracy_single_modality"} <= set(uci[0]["metrics"])
     report = write_report(tmp_path).read_text()

@@ -22,14 +22,14 @@ overhead, so it sits below a GPU's peak allocation; methods are compared by thei
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from benchmarks.training import LossFn
+from benchmarks.training import LossFn, add_ratio_column
 from mmcore import ModalityBatch
 
 MIB = 2**20
@@ -127,3 +127,19 @@ def step_memory(
         optimiser_state=unique_bytes(state),
         activations=activations,
     )
+
+
+def memory_records(
+    memories: Mapping[str, StepMemory], reference: str, *, dataset: str, config: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One benchmark record per method: MiB held by a training step, by kind.
+
+    Beside them, the total as ``memory_vs_<reference>`` (``reference`` lower-cased, spaces
+    and dashes as underscores).
+    """
+    records = [
+        {"method": method, "dataset": dataset, "metrics": memory.metrics(), "config": dict(config)}
+        for method, memory in memories.items()
+    ]
+    key = reference.lower().replace("-", "_").replace(" ", "_")
+    return add_ratio_column(records, reference, "total_mib", f"memory_vs_{key}")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.backbones import LateFusionModel
-from benchmarks.memory import StepMemory, step_memory
+from benchmarks.memory import StepMemory, memory_records, step_memory
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.cggm_balance import (
     AUTOGRAD_CGGM,
@@ -42,7 +42,6 @@ from benchmarks.tasks.cggm_balance import (
 )
 from benchmarks.tasks.common import uci_splits
 from benchmarks.training import (
-    add_ratio_column,
     make_optimizer,
     step_time_records,
     steps_per_round,
@@ -123,16 +122,10 @@ def run(ctx: RunContext) -> list[dict]:
         )
         config = {"width": width, "hidden": hidden, "batch_size": batch_size}
         records += step_time_records(seconds, "joint", dataset=f"uci-mfeat, {name}", config=config)
-        memory = [
-            {
-                "method": method,
-                "dataset": f"uci-mfeat, {name}, memory",
-                "metrics": counted.metrics(),
-                "config": dict(config),
-            }
-            for method, counted in step_memories(make_model, batch, settings).items()
-        ]
-        records += add_ratio_column(memory, "joint", "total_mib", "memory_vs_joint")
+        memories = step_memories(make_model, batch, settings)
+        records += memory_records(
+            memories, "joint", dataset=f"uci-mfeat, {name}, memory", config=config
+        )
     return records
 
 

@@ -52,7 +52,7 @@ from torch import Tensor
 from benchmarks.baselines.missing_prompts import MissingAwarePrompts
 from benchmarks.data.generators import PlantedStructure, write_mult_pickle
 from benchmarks.data.pickles import load_mult_pickle
-from benchmarks.memory import step_memory
+from benchmarks.memory import memory_records, step_memory
 from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
@@ -60,7 +60,6 @@ from benchmarks.training import (
     LossFn,
     ScoreFn,
     accuracy,
-    add_ratio_column,
     count_parameters,
     fit,
     make_optimizer,
@@ -597,6 +596,23 @@ TORCH_DROPOUT = "torch dropout"
 CONV1D_PROJECTIONS = "fast CPU dropout, nn.Conv1d projections"
 
 
+def _training_problem(ctx: RunContext) -> tuple[ModalityBatch, MulTConfig]:
+    """A random training batch of 64 and the backbone config, at ``mplmm-mosi-missing``'s sizes.
+
+    For the training-step timings and memory counts.
+    """
+    s, dims, length = MOSI_SETTINGS, MOSI_DIMS, MOSI_SETTINGS["seq_len"]
+    g = torch.Generator().manual_seed(ctx.seed)
+    batch = ModalityBatch(
+        {m: torch.randn(64, length, d, generator=g) for m, d in dims.items()},
+        target=torch.randn(64, generator=g),
+    )
+    config = MulTConfig(
+        dims, d=s["d"], num_heads=s["heads"], cross_layers=s["layers"], memory_layers=s["layers"]
+    )
+    return batch, config
+
+
 @torch.enable_grad()
 def _training_step_records(ctx: RunContext) -> list[dict]:
     """MPLMM's training step as shipped against torch's dropout and ``nn.Conv1d`` projections.
@@ -608,16 +624,8 @@ def _training_step_records(ctx: RunContext) -> list[dict]:
     puts ``nn.Conv1d`` modules with the same weights in the projections' place. Interleaved
     rounds (:func:`median_times`), same run.
     """
-    s = MOSI_SETTINGS
-    dims, length = MOSI_DIMS, s["seq_len"]
-    g = torch.Generator().manual_seed(ctx.seed)
-    batch = ModalityBatch(
-        {m: torch.randn(64, length, d, generator=g) for m, d in dims.items()},
-        target=torch.randn(64, generator=g),
-    )
-    config = MulTConfig(
-        dims, d=s["d"], num_heads=s["heads"], cross_layers=s["layers"], memory_layers=s["layers"]
-    )
+    s, dims, length = MOSI_SETTINGS, MOSI_DIMS, MOSI_SETTINGS["seq_len"]
+    batch, config = _training_problem(ctx)
     steps = {}
     for name in (SHIPPED, TORCH_DROPOUT, CONV1D_PROJECTIONS):
         torch.manual_seed(ctx.seed)
@@ -659,16 +667,8 @@ def _training_memory_records(ctx: RunContext) -> list[dict]:
     Counted by :mod:`benchmarks.memory` at the ``mplmm-mosi-missing`` sizes, as a ratio to
     modality dropout's (the whole backbone trained).
     """
-    s = MOSI_SETTINGS
-    dims, length = MOSI_DIMS, s["seq_len"]
-    g = torch.Generator().manual_seed(ctx.seed)
-    batch = ModalityBatch(
-        {m: torch.randn(64, length, d, generator=g) for m, d in dims.items()},
-        target=torch.randn(64, generator=g),
-    )
-    config = MulTConfig(
-        dims, d=s["d"], num_heads=s["heads"], cross_layers=s["layers"], memory_layers=s["layers"]
-    )
+    s, dims, length = MOSI_SETTINGS, MOSI_DIMS, MOSI_SETTINGS["seq_len"]
+    batch, config = _training_problem(ctx)
     torch.manual_seed(ctx.seed)
     backbone = MulTBackbone(config)
     models: dict[str, torch.nn.Module] = {
@@ -680,19 +680,14 @@ def _training_memory_records(ctx: RunContext) -> list[dict]:
             copy.deepcopy(backbone), dict.fromkeys(dims, length), prompt_length=s["prompt_length"]
         ),
     }
-    records = []
+    memories = {}
     for name, model in models.items():
         training = _MissingTraining(model, s["train_rate"], ctx.seed).train()
-        counted = step_memory(training, make_optimizer(training, lr=1e-3), batch, _l1)
-        records.append(
-            {
-                "method": name,
-                "dataset": TRAINING_MEMORY,
-                "metrics": counted.metrics(),
-                "config": {"batch": 64, "seq_len": length, "d": s["d"], "layers": s["layers"]},
-            }
-        )
-    return add_ratio_column(records, "modality dropout", "total_mib", "memory_vs_modality_dropout")
+        memories[name] = step_memory(training, make_optimizer(training, lr=1e-3), batch, _l1)
+    config_record = {"batch": 64, "seq_len": length, "d": s["d"], "layers": s["layers"]}
+    return memory_records(
+        memories, "modality dropout", dataset=TRAINING_MEMORY, config=config_record
+    )
 
 
 register_task(

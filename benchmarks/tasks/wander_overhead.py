@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.backbones import LateFusionModel
-from benchmarks.memory import StepMemory
+from benchmarks.memory import memory_records
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import uci_splits
@@ -31,7 +31,7 @@ from benchmarks.tasks.wander_transfer import (
     step_memories,
     step_times,
 )
-from benchmarks.training import add_ratio_column, step_time_records, steps_per_round
+from benchmarks.training import step_time_records, steps_per_round
 
 #: (encoder width, encoder hidden size, batch size); the first is ``wander-uci-transfer``'s.
 SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
@@ -54,19 +54,6 @@ def sized_settings(width: int, hidden: int, batch_size: int) -> dict:
     }
 
 
-def memory_records(memories: dict[str, StepMemory], *, dataset: str, config: dict) -> list[dict]:
-    """One record per method: MiB held by a training step.
-
-    Beside it, the total as a ratio to full fine-tuning's: the memory that parameter-efficient
-    methods exist to save.
-    """
-    records = [
-        {"method": method, "dataset": dataset, "metrics": memory.metrics(), "config": dict(config)}
-        for method, memory in memories.items()
-    ]
-    return add_ratio_column(records, "full fine-tuning", "total_mib", "memory_vs_full_fine_tuning")
-
-
 def run(ctx: RunContext) -> list[dict]:
     """Every method's time per training step at each size, as a ratio to head-only."""
     train = select_classes(uci_splits(ctx)["train"], range(5, 10))
@@ -84,7 +71,9 @@ def run(ctx: RunContext) -> list[dict]:
             seconds, "head-only", dataset=f"uci-mfeat 5-9, {name}", config=config
         )
         memories = step_memories(base, train, settings, F.cross_entropy, ctx.seed)
-        records += memory_records(memories, dataset=f"uci-mfeat 5-9, {name}, memory", config=config)
+        records += memory_records(
+            memories, "full fine-tuning", dataset=f"uci-mfeat 5-9, {name}, memory", config=config
+        )
         if (width, hidden, batch_size) == SIZES[0] and COMPILED:
             ctx.progress(f"{name}, torch.compile")
             try:

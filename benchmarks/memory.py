@@ -96,6 +96,35 @@ def step_memory(
     gradients and optimiser state are counted too. The parameters move, so measure a copy
     when the model is needed afterwards.
     """
+
+    def loss() -> Tensor:
+        value = loss_fn(model(batch), batch.require_target())
+        return value if extra_loss is None else value + extra_loss()
+
+    return loss_step_memory(
+        model,
+        optimiser,
+        loss,
+        after_backward=None if after_backward is None else lambda: after_backward(batch),
+        held_beside=held_beside,
+    )
+
+
+def loss_step_memory(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    compute_loss: Callable[[], Tensor],
+    *,
+    after_backward: Callable[[], Any] | None = None,
+    held_beside: Callable[[], Sequence[tuple[nn.Module, torch.optim.Optimizer | None]]]
+    | None = None,
+) -> StepMemory:
+    """:func:`step_memory` for a step whose loss is not ``loss_fn(model(batch), target)``.
+
+    ``compute_loss()`` runs the forward passes and returns the loss (a test-time objective:
+    an entropy, a contrastive loss between two views); then backward, ``after_backward()``,
+    ``optimiser.step()``, and the same count.
+    """
     held = [*model.parameters(), *model.buffers()]
     own = {_storage_key(t) for t in held}
     saved: list[Tensor] = []
@@ -106,14 +135,12 @@ def step_memory(
 
     optimiser.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(batch), batch.require_target())
-        if extra_loss is not None:
-            loss = loss + extra_loss()
+        loss = compute_loss()
     activations = unique_bytes(saved, exclude=own)
     saved.clear()
     loss.backward()
     if after_backward is not None:
-        after_backward(batch)
+        after_backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     optimiser.step()
     state = _optimiser_state(optimiser)

@@ -29,7 +29,21 @@ def test_casp_tasks_record_every_method(tmp_path, tiny):
     datasets = {}
     for r in results["records"]:
         datasets.setdefault((r["task"], r["dataset"]), []).append(r)
-    assert len(datasets) == 4
+    memory = {k: datasets.pop(k) for k in list(datasets) if k[1].endswith("step memory")}
+    assert len(datasets) == 4 and len(memory) == 2
+    for (task, _), records in memory.items():
+        assert [r["method"] for r in records] == list(ct.MEMORY_ROWS)
+        tent, self_training, casp = (r["metrics"] for r in records)
+        assert tent["memory_vs_tent"] == 1.0
+        # the same normalisation parameters adapted by each, with Adam
+        assert tent["grad_and_optimiser_mib"] == casp["grad_and_optimiser_mib"] > 0
+        assert self_training["grad_and_optimiser_mib"] == tent["grad_and_optimiser_mib"]
+        # CASP's stage 1 saves two views; Tent's entropy one, its regression surrogate two
+        assert casp["activation_mib"] > self_training["activation_mib"]
+        if task == "casp-uci-corruption":
+            assert casp["activation_mib"] > 1.5 * tent["activation_mib"]
+        else:
+            assert tent["activation_mib"] > 1.5 * self_training["activation_mib"]
     for records in datasets.values():
         assert [r["method"] for r in records] == list(ct.METHODS)
         tent = records[ct.METHODS.index("Tent")]["metrics"]

@@ -8,7 +8,7 @@ from torch import nn
 
 from benchmarks.backbones import LateFusionModel
 from cggm import CGGM, CGGMConfig, ModalityClassifier, StackedClassifiers
-from mmcore import ModalityBatch, ModulePathError, encoder_features
+from mmcore import ModalityBatch, ModulePathError, encoder_features, masked_mean
 
 
 def vector_batch(m=3, b=16, classes=3, seed=0):
@@ -1579,7 +1579,8 @@ def test_regression_with_several_outputs():
     that are not two values per sample are a clear error."""
     batch = _padded_regression_batch(outputs=2)
     torch.manual_seed(0)
-    model = LateFusionModel.from_batch(batch, 2, width=4, num_heads=2, head="linear")
+    # no dropout: the expected scores come from a second pass, which must see what the first saw
+    model = LateFusionModel.from_batch(batch, 2, width=4, num_heads=2, head="linear", dropout=0.0)
     cggm = CGGM(model, task="regression", num_outputs=2, rho=1.3, lam=0.1)
     _steps_checking_scores_and_scaling(
         model,
@@ -1596,7 +1597,8 @@ def test_regression_with_several_outputs():
 def _steps_checking_scores_and_scaling(model, cggm, batch, loss_fn, score, target=None):
     """Three modulated SGD steps. From the second on (the classifiers exist), CGGM's scores
     must be ``score(outputs)`` of each classifier before its update, and every encoder
-    gradient must be scaled by exactly ``ρ B_m``."""
+    gradient must be scaled by exactly ``ρ B_m``. The expected scores come from a second pass
+    under ``no_grad``, which CGGM does not capture: ``model`` must have no dropout."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(3):
         opt.zero_grad()
@@ -1638,3 +1640,83 @@ def test_data_parallel_over_several_devices_is_refused():
     several.device_ids = [0, 1]  # as on a machine with two GPUs
     with pytest.raises(TypeError, match=r"DataParallel over 2 devices .* DistributedDataParallel"):
         CGGM(several, num_outputs=3)
+
+
+class _PoolingFusion(nn.Module):
+    """Linear encoders on sequences, pooled over their real steps in ``logits``: the encoders
+    never see a padding mask, so only the batch can tell CGGM which steps are padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleDict({"text": nn.Linear(4, 4), "audio": nn.Linear(3, 4)})
+        self.head = nn.Linear(8, 1)
+
+    def logits(self, batch):
+        feats = [
+            masked_mean(self.encoders[m](batch[m]), batch.padding_mask(m))
+            for m in ("text", "audio")
+        ]
+        return self.head(torch.cat(feats, dim=-1))
+
+    def forward(self, batch):
+        return self.logits(batch)
+
+
+def _pooling_run(batch, call, between=lambda model: None, steps=3):
+    torch.manual_seed(0)
+    model = _PoolingFusion()
+    cggm = CGGM(model, task="regression", num_outputs=1, rho=1.0, lam=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    coefficients = []
+    for _ in range(steps):
+        opt.zero_grad()
+        pred = call(model, batch).squeeze(-1)
+        (F.l1_loss(pred, batch.target) + cggm.direction_loss()).backward()
+        between(model)
+        coefficients.append(cggm.step(batch))
+        opt.step()
+        between(model)
+    return coefficients, model.state_dict(), cggm.state_dict()["classifiers"]
+
+
+def _assert_bitwise_equal_runs(a, b):
+    assert a[0] == b[0]
+    for x, y in ((a[1], b[1]), (a[2], b[2])):
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+
+
+def test_training_through_another_method_reads_the_masks_of_the_batch_given_to_step():
+    """A model trained through a method other than ``forward`` (``model.logits(batch)``) fires
+    no pre-hook, so CGGM sees no batch there; ``step(batch)`` supplies its presence and padding
+    masks, and the run equals one through ``forward``."""
+    batch = _padded_regression_batch().with_missing("audio", torch.arange(8) >= 5)
+    through_forward = _pooling_run(batch, lambda model, b: model(b))
+    through_method = _pooling_run(batch, lambda model, b: model.logits(b))
+    _assert_bitwise_equal_runs(through_forward, through_method)
+    # the masks matter here: the same run without them differs
+    unmasked = _pooling_run(
+        batch.replace(presence={}, padding_masks={}), lambda model, b: model.logits(b)
+    )
+    assert unmasked[0] != through_method[0]
+
+
+def test_evaluation_passes_leave_training_through_another_method_unchanged():
+    """Validation calls under ``no_grad`` (through ``forward`` or the method) between
+    ``backward()`` and ``step()`` and between steps change nothing in a run trained through
+    ``model.logits``: a ``forward`` call's evaluation mode does not outlive it, and outside a
+    model call a pass without autograd does not replace the training pass's features."""
+    batch = _padded_regression_batch()
+    other = _padded_regression_batch().replace(
+        inputs={m: torch.randn_like(batch[m]) for m in batch.modalities}
+    )
+
+    def validate(model):
+        with torch.no_grad():
+            model(other)
+            model.logits(other)
+
+    plain = _pooling_run(batch, lambda model, b: model.logits(b))
+    validated = _pooling_run(batch, lambda model, b: model.logits(b), between=validate)
+    _assert_bitwise_equal_runs(plain, validated)

@@ -214,7 +214,13 @@ class CGGM:
         #: the model's last call ran without autograd (an evaluation pass): its encoders' outputs
         #: are not captured, so a validation pass between backward() and step() changes nothing
         self._evaluating = False
-        self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
+        #: model calls in progress: an encoder that runs outside one runs from another of the
+        #: model's methods (``model.head(model.fused(batch))``), which the pre-hook does not see
+        self._model_calls = 0
+        self._handles = [
+            model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
+            model.register_forward_hook(self._after_model_call, always_call=True),
+        ]
         for name, enc in self.encoders.items():
             # a partial of a bound method, not a closure: a model carrying it can be pickled, and
             # a deep copy of the model binds it to a copy of the modulator
@@ -499,6 +505,7 @@ class CGGM:
     def _on_model_call(
         self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
+        self._model_calls += 1
         self._evaluating = not torch.is_grad_enabled()
         if self._evaluating:  # no backward can follow this pass: it is not a training step's
             return
@@ -515,6 +522,25 @@ class CGGM:
             if message:
                 warnings.warn(message, stacklevel=stacklevel_outside(cggm))
 
+    def _after_model_call(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        self._model_calls = max(self._model_calls - 1, 0)
+
+    def _is_evaluation_pass(self, modality: str) -> bool:
+        """Whether this encoder call belongs to a pass without autograd (validation).
+
+        Inside a model call, the call's own mode decides (an encoder under ``no_grad`` inside a
+        training forward is captured, and flagged). Outside one (another method of the model),
+        a call without autograd does not replace features captured with it since the last step:
+        those are the training pass's, and ``backward()`` may already have used them.
+        """
+        if self._model_calls:
+            return self._evaluating
+        return (
+            not torch.is_grad_enabled()
+            and modality in self._captured
+            and modality not in self._ran_without_grad
+        )
+
     def _capture(
         self,
         modality: str,
@@ -523,7 +549,7 @@ class CGGM:
         kwargs: dict[str, Any],
         output: Any,
     ) -> None:
-        if self._evaluating:
+        if self._is_evaluation_pass(modality):
             return
         if self.feature_fn is None:
             try:
@@ -591,6 +617,10 @@ class CGGM:
                 "CGGM.step: remove() took this modulator's hooks off the model, so it sees no "
                 "encoder output; build a new CGGM (load_state_dict this one's state to resume)."
             )
+        if isinstance(target, ModalityBatch) and self._batch is None:
+            # no model forward saw a batch (the model trained through another of its methods):
+            # the one given here has the presence and padding masks
+            self._batch = target
         target = target_tensor(target)
         # encoders the forward pass did not run (a model that skips absent modalities)
         not_run = [m for m in self.modalities if m not in self._captured]

@@ -872,6 +872,29 @@ def test_base_methods_called_through_the_wrapper_read_the_batchs_masks(base_mode
 
 
 @pytest.mark.parametrize("output", ["fused", "residual"])
+def test_a_forward_that_raised_leaves_no_batch_behind(base_model, output):
+    """A forward that fails after its target modules ran (here: in the fusion module) must not
+    leave its batch for the next call that registers none: the base's method called directly
+    then reads its own batch's masks, not the failed call's."""
+    batch = make_batch()
+    kept = batch.with_missing("audio", torch.tensor([True, False, False, False]), fill=None)
+    wander = Wander(base_model, RANKS, example_input=batch, output=output)
+    train_steps(wander, batch, steps=2)
+
+    def fail(*_):
+        raise RuntimeError("boom")
+
+    handle = wander.base_model.fusion.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        wander(kept)
+    handle.remove()
+    assert not wander._calls
+    base = wander.base_model
+    with torch.no_grad():
+        torch.testing.assert_close(base.head(base.fused(batch)), wander(batch))
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
 def test_a_fusion_module_given_the_batch_supplies_its_masks(base_model, output):
     """Where no base forward saw the batch (the base's method called directly, or a model
     with an injected adapter), a fusion module called with it (``fusion(features, batch)``)

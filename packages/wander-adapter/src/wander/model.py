@@ -202,7 +202,10 @@ class Wander(nn.Module):
         # (a threaded inference server) each pair their own features and masks
         self._calls: dict[int, _Call] = {}
         self._length_warned: set[str] = set()  # modalities whose encoder changes the length
-        self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True)]
+        self._handles = [
+            model.register_forward_pre_hook(self._on_base_call, with_kwargs=True),
+            model.register_forward_hook(self._after_base_call, always_call=True),
+        ]
         for m, module in self._targets.items():
             # a partial of a bound method, not a closure: a deep copy of the wrapped model binds
             # its hooks to the copy, and torch.save can pickle them
@@ -329,6 +332,12 @@ class Wander(nn.Module):
         self._calls[_thread_key()] = _Call(batch)
         if batch is not None and len(self._named) < len(self._targets):
             self._named.update(m for m in self._targets if m in batch)
+
+    def _after_base_call(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        # the fusion hook has used and dropped the call; a forward that raised (or returned
+        # before its fusion module ran) leaves it, and its batch must not reach a later call
+        # that registers none (a base method called directly)
+        self._calls.pop(_thread_key(), None)
 
     def _capture(
         self,

@@ -411,6 +411,19 @@ def test_collate_works_with_dataloader_and_rejects_bad_samples():
     one = ModalityBatch({"a": torch.ones(1, 2)})
     with pytest.raises(TypeError, match="mix ModalityBatch and mapping"):
         collate_modalities([one, {"inputs": {"a": torch.ones(2)}}])
+    # targets on some samples only: an error, whichever sample comes first (the first sample's
+    # lack of one used to drop every label silently)
+    labelled, unlabelled = (
+        {"inputs": {"a": torch.ones(2)}, "target": 1},
+        {"inputs": {"a": torch.ones(2)}},
+    )
+    for samples in ([unlabelled, labelled, labelled], [labelled, unlabelled, labelled]):
+        with pytest.raises(ValueError, match=r"samples \[\d\] have no target but the others do"):
+            collate_modalities(samples)
+    assert collate_modalities([unlabelled, unlabelled]).target is None
+    ragged = [{"inputs": {"a": torch.ones(2)}, "target": torch.ones(k)} for k in (2, 3)]
+    with pytest.raises(ValueError, match=r"targets have different shapes \[\(2,\), \(3,\)\]"):
+        collate_modalities(ragged)
 
 
 def test_collate_reads_flat_rows_with_named_modalities_and_target_key():

@@ -597,6 +597,30 @@ def _from_flat_row(
     return sample
 
 
+def _collate_targets(targets: list[Any]) -> Tensor | None:
+    """The samples' targets stacked, or ``None`` when no sample has one.
+
+    Some samples with a target and others without (a labelled and an unlabelled set mixed) is
+    an error: stacking the first sample's choice would drop every label, or fail on a ``None``.
+    """
+    lacking = [i for i, t in enumerate(targets) if t is None]
+    if len(lacking) == len(targets):
+        return None
+    if lacking:
+        raise ValueError(
+            f"collate_modalities: samples {lacking[:10]} have no target but the others do; "
+            "give every sample of a batch a target, or none."
+        )
+    values = [torch.as_tensor(t) for t in targets]
+    shapes = {tuple(v.shape) for v in values}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"collate_modalities: the samples' targets have different shapes {sorted(shapes)}; "
+            "a batch stacks them, so each sample needs one of the same shape."
+        )
+    return torch.stack(values)
+
+
 def collate_modalities(
     samples: Sequence[Mapping[str, Any] | ModalityBatch | tuple[Mapping[str, Any], Any]],
     *,
@@ -696,9 +720,7 @@ def collate_modalities(
         flags = [bool(f) and not lacks for f, lacks in zip(flags, lacking[m], strict=True)]
         if not all(flags):
             presence[m] = torch.tensor([bool(f) for f in flags], device=inputs[m].device)
-    target = None
-    if mappings[0].get("target") is not None:
-        target = torch.stack([torch.as_tensor(s["target"]) for s in mappings])
+    target = _collate_targets([s.get("target") for s in mappings])
     ids = [s.get("sample_id") for s in mappings]
     return ModalityBatch(
         inputs,

@@ -197,6 +197,13 @@ def test_select_split_concat_round_trip():
     assert [p.sample_ids for p in batch.split(1)] == [[i] for i in batch.sample_ids]
     by_slice, by_list = batch.select(slice(2, 5)), batch.select([2, 3, 4])
     assert by_slice.sample_ids == by_list.sample_ids == ["s2", "s3", "s4"]
+    # a part without ids keeps the others' (they used to be dropped), None for its own
+    unnamed = parts[1].replace(sample_ids=None)
+    assert ModalityBatch.concat([parts[0], unnamed]).sample_ids == [
+        *parts[0].sample_ids,
+        *[None] * 4,
+    ]
+    assert ModalityBatch.concat([unnamed, unnamed]).sample_ids is None
     assert all(torch.equal(by_slice[m], by_list[m]) for m in batch.modalities)
 
 

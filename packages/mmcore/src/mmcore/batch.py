@@ -432,7 +432,8 @@ class ModalityBatch:
         as :func:`collate_modalities` does for single samples (so a ``Dataset`` may return a
         one-sample batch per item). Any other difference of shape is a ``ValueError``. The
         result holds every modality of any batch: in a batch without one, it is missing for
-        every sample (zeros shaped like another batch's, marked missing).
+        every sample (zeros shaped like another batch's, marked missing). Sample ids are kept
+        where any batch has them, ``None`` for the samples of a batch without.
         """
         if not batches:
             raise ValueError("concat() needs at least one batch.")
@@ -452,10 +453,10 @@ class ModalityBatch:
             raise ValueError("concat(): some batches have a target and others do not.")
         else:
             target = torch.cat(targets)  # type: ignore[arg-type]
-        ids_list = [b.sample_ids for b in batches]
+        # a batch without ids gives None for its samples, as collate_modalities does
         ids = None
-        if all(i is not None for i in ids_list):
-            ids = [x for i in ids_list for x in i]  # type: ignore[union-attr]
+        if any(b.sample_ids is not None for b in batches):
+            ids = [x for b in batches for x in (b.sample_ids or [None] * len(b))]
         return cls(inputs, target, presence=presence, padding_masks=padding, sample_ids=ids)
 
 

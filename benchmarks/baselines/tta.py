@@ -96,10 +96,13 @@ class SelfTraining(Tent):
             return F.cross_entropy(out, batch.require_target())
         return F.l1_loss(out.reshape(-1), batch.require_target())
 
-    def adapt(self, data: ModalityBatch) -> None:
-        """Label every target sample with the source model's prediction, then train on them."""
+    def pseudo_labels(self, data: ModalityBatch) -> Tensor:
+        """The model's predictions on ``data`` (eval mode): probabilities, or scores ``[N]``."""
         self.model.eval()
         with torch.no_grad():
             out = torch.cat([self.model(b) for b in data.split(256)])
-        labels = out.softmax(dim=-1) if self.task == "classification" else out.reshape(-1)
-        self._train(data.replace(target=labels))
+        return out.softmax(dim=-1) if self.task == "classification" else out.reshape(-1)
+
+    def adapt(self, data: ModalityBatch) -> None:
+        """Label every target sample with the source model's prediction, then train on them."""
+        self._train(data.replace(target=self.pseudo_labels(data)))

@@ -164,10 +164,7 @@ def adaptation_memories(
         )
     }
     trainer = SelfTraining(source, task, lr=s["lr"], seed=seed)
-    with torch.no_grad():
-        out = trainer.model.eval()(batch)
-    labels = out.softmax(dim=-1) if task == "classification" else out.reshape(-1)
-    labelled = batch.replace(target=labels)
+    labelled = batch.replace(target=trainer.pseudo_labels(batch))
     trainer.model.train()
     memories[MEMORY_ROWS[1]] = loss_step_memory(
         trainer.model, trainer.optimizer, lambda: trainer.objective(labelled, rng)

@@ -101,7 +101,7 @@ class LeanCGGM:
 
         scores = correct.float() / len(target)
         deltas, self.prev_scores = scores - self.prev_scores, scores
-        shifted = deltas - deltas.min() + 1e-3
+        shifted = deltas - deltas.min().clamp(max=0) + 1e-3
         b = (shifted.sum() - shifted) / shifted.sum()
         self.coefficients = b
         heads = w2.reshape(len(b), -1)

@@ -40,6 +40,20 @@ def test_reference_coefficients_blow_up_where_default_stays_bounded():
     assert b.argmax().item() == 1 and b.argmin().item() == 0  # least improving gets the most
 
 
+def test_default_coefficients_are_the_papers_when_every_modality_improves():
+    deltas = torch.tensor([0.30, 0.36, 0.30], dtype=torch.float64)
+    paper = magnitude_coefficients(deltas, "reference")  # (S - Δ) / S: 0.69, 0.625, 0.69
+    torch.testing.assert_close(magnitude_coefficients(deltas), paper, atol=2e-3, rtol=0)
+    # the safeguard shifts only as far as a negative improvement needs: the most negative
+    # counts as 0, the others keep their distances
+    shifted = magnitude_coefficients(torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64))
+    by_hand = magnitude_coefficients(torch.tensor([0.3, 0.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(shifted, by_hand)
+    torch.testing.assert_close(
+        by_hand, torch.tensor([0.502 / 0.803, 0.802 / 0.803, 0.302 / 0.803], dtype=torch.float64)
+    )
+
+
 def test_direction_loss_by_hand():
     w = torch.randn(3, 4, requires_grad=True)
     b = torch.tensor([0.5, 1.0])

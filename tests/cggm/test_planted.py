@@ -59,7 +59,7 @@ def test_the_lagging_modality_gets_the_larger_coefficient():
         early = history[: len(history) // 2]  # while the strong modality's classifier leads
         b_strong = sum(b["strong"] for b in early) / len(early)
         b_weak = sum(b["weak"] for b in early) / len(early)
-        assert b_weak > b_strong + 0.2, (seed, b_strong, b_weak)
+        assert b_weak > b_strong + 0.1, (seed, b_strong, b_weak)
 
 
 def test_the_weak_modality_encoder_learns_more_than_under_joint_training():

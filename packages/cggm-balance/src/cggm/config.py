@@ -49,7 +49,8 @@ class CGGMConfig:
             (see the package README).
         regression_score: ``"sign"`` (binary sign accuracy, the released code's choice) or
             ``"neg_mae"`` (minus the mean absolute error).
-        eps: default mode: the floor added to the shifted improvements, which bounds ``B``.
+        eps: default mode: added to each improvement once a negative one is shifted to 0
+            (:func:`cggm.magnitude_coefficients`); it keeps ``B`` finite and in ``[0, 1)``.
         classifier_hidden: hidden units of the default classifiers. ``None``: the width ``F``
             of the head's input, so the classifiers' final weights have the head's shape, as
             the direction term needs. Their cost is ``d · F`` multiply-adds per sample and

@@ -110,9 +110,11 @@ def magnitude_coefficients(deltas: Tensor, mode: str = "default", eps: float = 1
 
     * ``"reference"``: ``B_m = (S − Δ_m) / S`` with ``S = Σ_k Δ_k + 1e-8``, as the released code:
       ``Σ_m B_m = M − 1``, but unbounded (negative, or huge when ``S ≈ 0``).
-    * ``"default"``: the same formula on shifted improvements ``Δ'_m = Δ_m − min_k Δ_k + eps``,
-      so every ``B_m`` lies in ``[0, 1)``, ``Σ_m B_m = M − 1`` still holds, the least-improving
-      modality still gets the largest share, and equal improvements give ``(M − 1) / M`` each.
+    * ``"default"``: the same formula on ``Δ'_m = Δ_m − min(min_k Δ_k, 0) + eps``: shifted only
+      as far as a negative improvement needs, so whenever every ``Δ_m ≥ 0`` it is the paper's
+      ``B`` (up to ``eps``), and otherwise the most negative ``Δ`` counts as ``0``. Every ``B_m``
+      lies in ``[0, 1)``, ``Σ_m B_m = M − 1`` still holds, the least-improving modality still
+      gets the largest share, and equal improvements give ``(M − 1) / M`` each.
     """
     if deltas.ndim != 1 or deltas.numel() < 2:
         raise ValueError(
@@ -124,7 +126,7 @@ def magnitude_coefficients(deltas: Tensor, mode: str = "default", eps: float = 1
     if mode != "default":
         raise ValueError(f"mode must be 'default' or 'reference', got {mode!r}.")
     deltas = torch.nan_to_num(deltas, nan=0.0, posinf=0.0, neginf=0.0)
-    shifted = deltas - deltas.min() + eps
+    shifted = deltas - deltas.min().clamp(max=0) + eps
     s = shifted.sum()
     return (s - shifted) / s
 

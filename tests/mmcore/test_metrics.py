@@ -101,6 +101,19 @@ def test_regression_metrics_reject_bad_input():
         sims_regression_metrics(torch.zeros(1), torch.zeros(1))
 
 
+def test_regression_metrics_take_one_score_per_sample():
+    pred, true = torch.tensor(PRED, dtype=torch.float64), torch.tensor(TRUE, dtype=torch.float64)
+    flat = msa_regression_metrics(pred, true)
+    # a model's [N, 1] output beside a MulT pickle's [N, 1, 1] labels: the same N scores
+    assert msa_regression_metrics(pred[:, None], true[:, None, None]) == flat
+    two_columns = torch.stack([pred, -pred], dim=1)  # [N, 2]: valence and arousal, say
+    for metric in (msa_regression_metrics, sims_regression_metrics):
+        with pytest.raises(ValueError, match=r"y_pred has shape \(\d+, 2\); expected one score"):
+            metric(two_columns, torch.cat([true, -true]))
+    with pytest.raises(ValueError, match=r"MSAMetric: y has shape \(2, 2\)"):
+        MSAMetric()(torch.zeros(4), torch.zeros(2, 2))
+
+
 def test_constant_prediction_gives_nan_correlation():
     assert math.isnan(msa_regression_metrics(np.zeros(4), np.arange(4.0))["corr"])
 

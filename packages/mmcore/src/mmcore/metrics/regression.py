@@ -35,9 +35,26 @@ _SIMS_EDGES = {
 }
 
 
+def _check_one_score_per_sample(name: str, **arrays: Tensor | np.ndarray) -> None:
+    """Each array holds one score per sample: ``[N]``, ``[N, 1]`` or MulT's ``[N, 1, 1]``.
+
+    Flattening ``[N, K]`` scores would pool K regressed values into one metric, and pair them
+    with a ``[N K]`` target in whatever order each was laid out.
+    """
+    for arg, x in arrays.items():
+        shape = tuple(np.shape(x))
+        if sum(size != 1 for size in shape) > 1:
+            raise ValueError(
+                f"{name}: {arg} has shape {shape}; expected one score per sample ([N], [N, 1] or "
+                "[N, 1, 1]). For several regressed values per sample (e.g. valence and "
+                "arousal), compute the metrics once per column."
+            )
+
+
 def _flat_pair(
     y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray, name: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    _check_one_score_per_sample(name, y_pred=y_pred, y=y)
     p = to_numpy(y_pred).astype(np.float64).reshape(-1)
     t = to_numpy(y).astype(np.float64).reshape(-1)
     if p.shape != t.shape:
@@ -70,8 +87,9 @@ def msa_regression_metrics(y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) 
     """MOSI/MOSEI regression metrics on gathered predictions.
 
     Args:
-        y_pred: predicted sentiment, ``[N]`` (or any shape with ``N`` elements, e.g. ``[N, 1]``).
-        y: true sentiment in ``[-3, 3]``, same number of elements.
+        y_pred: predicted sentiment, ``[N]`` (or ``[N, 1]``, ``[N, 1, 1]``: one score per
+            sample; ``[N, K]`` raises a ``ValueError``).
+        y: true sentiment in ``[-3, 3]``, ``N`` scores likewise.
 
     Returns:
         ``mae, corr, acc2_has0, f1_has0, acc2_non0, f1_non0, acc2_gt0, f1_gt0, acc5, acc7``
@@ -127,6 +145,7 @@ def sims_regression_metrics(
 
 class _ScoreMetric(CumulativeMetric):
     def _check(self, y_pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        _check_one_score_per_sample(type(self).__name__, y_pred=y_pred, y=y)
         if y_pred.numel() != y.numel():
             raise ValueError(
                 f"{type(self).__name__}: y_pred shape {tuple(y_pred.shape)} and y shape "

@@ -82,7 +82,7 @@ def step_memory(
     optimiser: torch.optim.Optimizer,
     batch: ModalityBatch,
     loss_fn: LossFn,
-    extra_loss: Callable[[], Tensor] | None = None,
+    extra_loss: Callable[[Tensor], Tensor] | None = None,
     after_backward: Callable[[ModalityBatch], Any] | None = None,
     held_beside: Callable[[], Sequence[tuple[nn.Module, torch.optim.Optimizer | None]]]
     | None = None,
@@ -90,7 +90,7 @@ def step_memory(
     """Run one training step of ``model`` on ``batch`` and count what it held.
 
     The step is :func:`benchmarks.training.train_step`'s: forward, ``loss_fn`` (+
-    ``extra_loss()``), backward, ``after_backward(batch)`` (a modulator's step, say),
+    ``extra_loss(loss)``), backward, ``after_backward(batch)`` (a modulator's step, say),
     ``optimiser.step()``. ``held_beside()``, called after the step, names what a method keeps
     outside the model (a modulator's classifiers and their optimiser): their parameters,
     gradients and optimiser state are counted too. The parameters move, so measure a copy
@@ -99,7 +99,7 @@ def step_memory(
 
     def loss() -> Tensor:
         value = loss_fn(model(batch), batch.require_target())
-        return value if extra_loss is None else value + extra_loss()
+        return value if extra_loss is None else value + extra_loss(value)
 
     return loss_step_memory(
         model,

@@ -55,7 +55,7 @@ def fit(
     weight_decay: float = 1e-4,
     batch_size: int = 64,
     seed: int = 0,
-    extra_loss: Callable[[], Tensor] | None = None,
+    extra_loss: Callable[[Tensor], Tensor] | None = None,
     after_backward: Callable[[ModalityBatch], Any] | None = None,
     optimizer: str = "adamw",
 ) -> FitResult:
@@ -63,8 +63,8 @@ def fit(
 
     Only parameters with ``requires_grad`` are optimised. ``score_fn(outputs, targets)`` is
     higher-is-better (negate an error). The model ends in eval mode with the best weights.
-    ``extra_loss()`` is added to every step's loss and ``after_backward(batch)`` runs between
-    ``backward()`` and the optimiser step (where gradient modulators such as CGGM act).
+    ``extra_loss(task_loss)`` is added to every step's loss and ``after_backward(batch)`` runs
+    between ``backward()`` and the optimiser step (where gradient modulators such as CGGM act).
     ``optimizer="sgd"`` (momentum 0.9) for such modulators: Adam divides each gradient by its
     running RMS, which undoes any constant scaling of an encoder's gradients.
     """
@@ -113,14 +113,14 @@ def train_step(
     optimiser: torch.optim.Optimizer,
     batch: ModalityBatch,
     loss_fn: LossFn,
-    extra_loss: Callable[[], Tensor] | None = None,
+    extra_loss: Callable[[Tensor], Tensor] | None = None,
     after_backward: Callable[[ModalityBatch], Any] | None = None,
 ) -> None:
-    """One step of :func:`fit`: forward, loss (+ ``extra_loss()``), backward, hook, update."""
+    """One step of :func:`fit`: forward, loss (+ ``extra_loss(loss)``), backward, hook, update."""
     optimiser.zero_grad(set_to_none=True)
     loss = loss_fn(model(batch), batch.require_target())
     if extra_loss is not None:
-        loss = loss + extra_loss()
+        loss = loss + extra_loss(loss)
     loss.backward()
     if after_backward is not None:
         after_backward(batch)

@@ -61,8 +61,8 @@ class LeanCGGM:
         self.params = [p.detach().clone() for p in stacked.parameters()]
         self.optimizer = fused_optimizer(torch.optim.Adam, self.params, lr=self.cls_lr)
 
-    def direction_loss(self) -> Tensor:
-        """``λ · L_gm`` from the head's current weight and the last ``B``."""
+    def direction_loss(self, _task_loss: Tensor | None = None) -> Tensor:
+        """``λ · L_gm`` from the head's current weight and the last ``B`` (the weights proxy)."""
         if self.coefficients is None or self.lam == 0:
             return self.head_weight.new_zeros(())
         w = self.head_weight.reshape(-1)

@@ -10,12 +10,14 @@ from benchmarks.tasks import wander_overhead
 from benchmarks.tasks import wander_shapes
 from benchmarks.tasks import cggm_balance
 from benchmarks.tasks import cggm_overhead
+from benchmarks.tasks import cggm_lambda
 from benchmarks.tasks import casp_tta
 from benchmarks.tasks import mplmm_missing
 
 __all__ = [
     "casp_tta",
     "cggm_balance",
+    "cggm_lambda",
     "cggm_overhead",
     "mplmm_missing",
     "uci_modalities",

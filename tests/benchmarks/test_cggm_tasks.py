@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from benchmarks.backbones import LateFusionModel
+from benchmarks.cli import _resolve_tasks
 from benchmarks.report import write_report
 from benchmarks.runner import run_tasks
 from benchmarks.tasks import cggm_balance as cb
+from benchmarks.tasks import cggm_lambda
 from mmcore import ModalityBatch
 
 
@@ -214,3 +216,24 @@ def test_real_brats_cases_are_capped_at_the_profiles_counts(tmp_path, tiny):
         case.rmdir()
     with pytest.raises(DataFormatError, match="1 BraTS case folder"):
         cb.brats_splits(ctx)
+
+
+def test_lambda_sweep_runs_only_when_named_and_gives_one_table_per_cosine(
+    tmp_path, tiny, monkeypatch
+):
+    assert "cggm-uci-lambda" not in _resolve_tasks(None, "quick") + _resolve_tasks(None, "full")
+    # the report's variant takes a λ the sweep tries
+    assert cb.CGGM_VARIANTS["CGGM (gradient directions, λ=2)"]["lam"] in cggm_lambda.LAMBDAS
+    monkeypatch.setattr(cggm_lambda, "LAMBDAS", (0.5, 2.0))
+    variants_before = dict(cb.CGGM_VARIANTS)
+    results = run_tasks(["cggm-uci-lambda"], profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    tables = {}
+    for r in results["records"]:
+        tables.setdefault(r["dataset"], []).append(r["method"])
+        assert {"valid_score", "accuracy"} <= set(r["metrics"])
+    assert tables == {
+        "cosine of weights": ["joint", "λ 0.5", "λ 2"],
+        "cosine of gradients": ["joint", "λ 0.5", "λ 2"],
+    }
+    assert variants_before == cb.CGGM_VARIANTS  # the sweep's options stay its own

@@ -122,3 +122,28 @@ def test_two_ranks_on_halves_of_each_batch_equal_one_process_on_the_whole():
             torch.testing.assert_close(w[k], w_one[k], msg=k)
         for k in c_one:
             torch.testing.assert_close(c[k], c_one[k], msg=k)
+
+
+def _train_with_gradient_directions(rank, world):
+    model = make_model(vector_batch(3))
+    cggm = CGGM(
+        model, task="classification", num_outputs=3, rho=1.3, lam=0.5, direction="gradients"
+    )
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    history = []
+    for step in range(3):
+        batch = vector_batch(3, seed=100 * rank + step)
+        opt.zero_grad()
+        loss = F.cross_entropy(ddp(batch), batch.target)
+        (loss + cggm.direction_loss(loss)).backward()  # a double backward through the head
+        history.append(cggm.step(batch.target))
+        opt.step()
+    return history, model.state_dict()
+
+
+def test_gradient_directions_keep_the_ranks_identical():
+    (h0, w0), (h1, w1) = run_ranks(_train_with_gradient_directions)
+    assert h0 == h1
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], msg=k)

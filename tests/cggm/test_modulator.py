@@ -1720,3 +1720,101 @@ def test_evaluation_passes_leave_training_through_another_method_unchanged():
     plain = _pooling_run(batch, lambda model, b: model.logits(b))
     validated = _pooling_run(batch, lambda model, b: model.logits(b), between=validate)
     _assert_bitwise_equal_runs(plain, validated)
+
+
+def _gradient_direction_step(direction, lam, batch, model, classifiers=None):
+    """One modulated step, then the next step's loss with its direction term, backward."""
+    cggm = CGGM(
+        model,
+        task="classification",
+        num_outputs=3,
+        rho=None,
+        lam=lam,
+        direction=direction,
+        classifiers=classifiers,
+    )
+    loss = F.cross_entropy(model(batch), batch.target)
+    (loss + cggm.direction_loss(loss)).backward()
+    cggm.step(batch)
+    model.zero_grad()
+    loss = F.cross_entropy(model(batch), batch.target)
+    term = cggm.direction_loss(loss)
+    (loss + term).backward()
+    return cggm, loss, term, grads(model)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_gradient_directions_compare_the_heads_loss_gradient_with_the_classifiers(stacked):
+    batch = vector_batch(3)
+    model = make_model(batch)
+    own = None if stacked else {m: ModalityClassifier((6,), 18, 3) for m in batch.modalities}
+    cggm, _, term, _ = _gradient_direction_step("gradients", 0.5, batch, model, own)
+    # by hand: g_Ω = ∂L/∂W^Ω now; g_m = each classifier's final-weight gradient of the last step
+    (g_head,) = torch.autograd.grad(F.cross_entropy(model(batch), batch.target), model.head.weight)
+    if stacked:
+        g_cls = cggm.classifiers.weight2.grad.flatten(1)  # [M, C · F]
+    else:
+        g_cls = torch.stack([own[m].layers()[-1].weight.grad.reshape(-1) for m in own])
+    b = cggm.coefficients
+    cos = F.cosine_similarity(g_cls, g_head.reshape(1, -1), dim=1)
+    torch.testing.assert_close(term.detach(), 0.5 * (b.abs().sum() - (b * cos).sum()) / 3)
+
+
+def test_gradient_directions_reach_the_encoders_where_the_weights_proxy_does_not():
+    batch = vector_batch(3)
+    runs = {
+        (direction, lam): _gradient_direction_step(direction, lam, batch, make_model(batch))[3]
+        for direction in ("weights", "gradients")
+        for lam in (0.0, 0.5)
+    }
+    for direction in ("weights", "gradients"):
+        with_term, without = runs[(direction, 0.5)], runs[(direction, 0.0)]
+        moved = {
+            name
+            for name in without
+            if not torch.allclose(with_term[name], without[name], rtol=0, atol=1e-7)
+        }
+        if direction == "weights":  # a function of the head's weight alone
+            assert moved == {"head.weight"}
+        else:  # through the head's gradient, which depends on the features
+            assert "head.weight" in moved
+            assert any(name.startswith("encoders.") for name in moved), moved
+
+
+def test_gradient_directions_need_the_task_loss_and_resume_exactly():
+    batches = [vector_batch(3, seed=s) for s in range(4)]
+    model = make_model(batches[0])
+    cggm = CGGM(model, task="classification", num_outputs=3, direction="gradients", lam=0.5)
+    with pytest.raises(ValueError, match=r"pass it, loss = task_loss \+ cggm.direction_loss"):
+        cggm.direction_loss()
+    with pytest.raises(ValueError, match="direction='gradients' is a default-mode option"):
+        CGGMConfig(mode="reference", direction="gradients")
+    with pytest.raises(ValueError, match="direction must be one of"):
+        CGGMConfig(direction="gradient")
+
+    def run(modulator, net, data):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        out = []
+        for batch in data:
+            opt.zero_grad()
+            loss = F.cross_entropy(net(batch), batch.target)
+            (loss + modulator.direction_loss(loss)).backward()
+            out.append(modulator.step(batch))
+            opt.step()
+        return out, [p.detach().clone() for p in net.parameters()]
+
+    run(cggm, model, batches[:2])
+    # evaluation: no gradient, no term (and no error)
+    with torch.no_grad():
+        assert cggm.direction_loss(F.cross_entropy(model(batches[0]), batches[0].target)) == 0
+    state, weights = copy.deepcopy(cggm.state_dict()), copy.deepcopy(model.state_dict())
+    assert state["classifier_head_grads"] is not None
+    expected = run(cggm, model, batches[2:])
+    model2 = make_model(batches[0])
+    model2.load_state_dict(weights)
+    resumed = CGGM(model2, task="classification", num_outputs=3, direction="gradients", lam=0.5)
+    resumed.load_state_dict(state)
+    got = run(resumed, model2, batches[2:])
+    assert got[0] == expected[0]
+    for a, b in zip(got[1], expected[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

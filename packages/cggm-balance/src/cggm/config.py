@@ -10,11 +10,13 @@ __all__ = ["CGGMConfig"]
 
 Task = Literal["classification", "regression", "segmentation", "multilabel"]
 Mode = Literal["default", "reference"]
+Direction = Literal["weights", "gradients"]
 
 _CHOICES = {
     "task": ("classification", "regression", "segmentation", "multilabel"),
     "mode": ("default", "reference"),
     "regression_score": ("sign", "neg_mae"),
+    "direction": ("weights", "gradients"),
 }
 
 
@@ -56,6 +58,12 @@ class CGGMConfig:
             the direction term needs. Their cost is ``d · F`` multiply-adds per sample and
             modality (``F = M · d`` for concatenation fusion), about the model's own cost at
             large widths. A smaller width makes them cheaper; it needs ``lam=0``.
+        direction: what the direction term's cosine compares. ``"weights"``: each classifier's
+            final weight with the head's (the proxy the released code uses and the author
+            confirmed). ``"gradients"`` (default mode only): as the paper writes it, the
+            gradient of the task loss w.r.t. the head's final weight (pass the loss:
+            ``cggm.direction_loss(loss)``; differentiated, so the term reaches the encoders)
+            with each classifier's final-weight gradient of its last step.
     """
 
     task: Task = "classification"
@@ -69,6 +77,7 @@ class CGGMConfig:
     regression_score: Literal["sign", "neg_mae"] = "sign"
     eps: float = 1e-3
     classifier_hidden: int | None = None
+    direction: Direction = "weights"
 
     @property
     def binary(self) -> bool:
@@ -96,6 +105,11 @@ class CGGMConfig:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}.")
         if self.mode == "reference" and self.smoothing:
             raise ValueError("smoothing is a default-mode safeguard; mode='reference' has none.")
+        if self.mode == "reference" and self.direction != "weights":
+            raise ValueError(
+                "direction='gradients' is a default-mode option; mode='reference' compares "
+                "weights, as the released code does."
+            )
         if self.classifier_hidden is not None and (
             not _is_int(self.classifier_hidden) or self.classifier_hidden < 1
         ):

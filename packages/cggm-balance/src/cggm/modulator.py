@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -197,6 +197,9 @@ class CGGM:
         self._counts = torch.zeros(m)
         self._pending: Tensor | None = None  # reference mode: last step's L_gm, graph kept
         self._direction: Tensor | None = None  # default mode: Σ_m B_m W_m/‖W_m‖ of this step
+        #: direction="gradients": the classifiers' final-weight gradients of their last step,
+        #: [M, *W^Ω.shape] (W_m's gradient where the weights mode uses W_m)
+        self._classifier_head_grads: Tensor | None = None
         #: stacked classifiers of vectors or sequences take their backward by hand
         #: (StackedClassifiers.forward_backward); False: through autograd, the reference
         self.hand_backward = True
@@ -581,7 +584,7 @@ class CGGM:
         self._handles = []
 
     # ------------------------------------------------------------------ the two calls per step
-    def direction_loss(self) -> Tensor:
+    def direction_loss(self, task_loss: Tensor | None = None) -> Tensor:
         """``λ · L_gm`` to add to the task loss before ``backward()`` (0 until the first step).
 
         Default mode computes it fresh from the head's current weight and the last ``B``; the
@@ -590,17 +593,59 @@ class CGGM:
         was built from copies of the weights one step earlier, as the released code does; that
         graph can be used once, so only the first call after a syncing step returns it (later
         calls return 0).
+
+        ``task_loss``: this step's task loss, which ``direction="gradients"`` needs (and the
+        weights proxy ignores): the cosine then compares its gradient w.r.t. the head's final
+        weight, taken with ``create_graph=True`` so that the term's own gradient reaches the
+        head and, through the features, the encoders (a double backward through the head),
+        with each classifier's final-weight gradient of its last step. It returns 0 where the
+        loss carries no gradient (an evaluation pass).
         """
         zero = self.head_weight.new_zeros(())
-        if self.config.lam == 0 or self.classifiers is None or self.coefficients is None:
+        cfg = self.config
+        if cfg.lam == 0:
             return zero
-        if self.config.mode == "reference":
+        if cfg.direction == "gradients" and task_loss is None:  # from the first call on
+            _missing_task_loss()
+        if self.classifiers is None or self.coefficients is None:
+            return zero
+        if cfg.mode == "reference":
             pending, self._pending = self._pending, None
-            return zero if pending is None else self.config.lam * pending
+            return zero if pending is None else cfg.lam * pending
         b = self.coefficients.to(self.head_weight.device)
+        if cfg.direction == "weights":
+            classifier_side, fusion_side = self._classifier_heads, self.head_weight
+        else:
+            if task_loss is None:  # (checked above; narrows the type)
+                _missing_task_loss()
+            if self._classifier_head_grads is None or not (
+                torch.is_grad_enabled() and task_loss.requires_grad
+            ):
+                return zero
+            classifier_side = self._classifier_head_grads
+            fusion_side = self._head_gradient(task_loss)
         if self._direction is None:  # B and the classifiers change only in step()
-            self._direction = direction_target(b, self._classifier_heads)
-        return self.config.lam * direction_loss_from_target(b, self._direction, self.head_weight)
+            self._direction = direction_target(b, classifier_side)
+        return cfg.lam * direction_loss_from_target(b, self._direction, fusion_side)
+
+    def _head_gradient(self, task_loss: Tensor) -> Tensor:
+        """``∂ task_loss / ∂ W^Ω``, itself differentiable (``create_graph``)."""
+        if not self.head_weight.requires_grad:
+            raise RuntimeError(
+                "CGGM(direction='gradients'): the head's final weight does not require "
+                "gradients, so the task loss has no gradient w.r.t. it; train the head, or use "
+                "direction='weights'."
+            )
+        (grad,) = torch.autograd.grad(
+            task_loss, self.head_weight, create_graph=True, allow_unused=True
+        )
+        if grad is None:
+            raise RuntimeError(
+                "CGGM(direction='gradients'): the loss given to direction_loss() does not "
+                "depend on the head's final weight; pass the task loss computed from the "
+                "model's output (or name the head that produces it: head_module=)."
+            )
+        return grad
 
     def step(self, target: Tensor | ModalityBatch, *, sync: bool = True) -> dict[str, float] | None:
         """Train the classifiers on this batch, update the scores and scale the gradients.
@@ -699,6 +744,8 @@ class CGGM:
         self._batch = None  # its padding masks are used; hold no batch between steps
         self._forward_ran = False
         self._average_classifier_grads()
+        if cfg.direction == "gradients" and cfg.lam > 0:
+            self._classifier_head_grads = self._final_weight_grads()
         if cfg.mode == "reference" and sync and cfg.lam > 0:
             heads = (
                 self._classifier_heads.clone()
@@ -833,6 +880,21 @@ class CGGM:
         self.coefficients = b
         return b
 
+    def _final_weight_grads(self) -> Tensor:
+        """The classifiers' final-weight gradients of this step, ``[M, n]`` (0 where none)."""
+        heads = self._classifier_heads
+        with torch.no_grad():
+            if isinstance(heads, Tensor):  # stacked: [M, C, F]
+                return torch.zeros_like(heads) if heads.grad is None else heads.grad.clone()
+            return torch.stack(
+                [
+                    torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
+                    if w.grad is None
+                    else w.grad.reshape(-1).clone()
+                    for w in heads
+                ]
+            )
+
     def _scale_encoder_gradients(self, factors: Tensor) -> None:
         """Multiply each modality's encoder gradients by its factor ``rho * B_m`` (in place)."""
         grads, per_grad = [], []
@@ -903,6 +965,9 @@ class CGGM:
             "totals": self._totals.clone(),
             "counts": self._counts.clone(),
             "named": sorted(self._named),
+            "classifier_head_grads": None
+            if self._classifier_head_grads is None
+            else self._classifier_head_grads.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -931,6 +996,8 @@ class CGGM:
         self._totals = state["totals"].clone()
         self._counts = state["counts"].clone()
         self._named = set(state.get("named", ()))  # absent from states saved before it was recorded
+        grads = state.get("classifier_head_grads")  # likewise; None under direction="weights"
+        self._classifier_head_grads = None if grads is None else grads.to(self.head_weight.device)
 
     def _check_compatible(self, state: Mapping[str, Any]) -> None:
         saved = state.get("modalities")  # absent from states saved before it was recorded
@@ -957,6 +1024,13 @@ class CGGM:
 
 #: config fields that shape the classifiers or the scores: a state saved under others cannot load
 _STRUCTURAL = ("task", "num_outputs", "mode", "classifier_hidden", "regression_score")
+
+
+def _missing_task_loss() -> NoReturn:
+    raise ValueError(
+        "CGGM(direction='gradients') compares the task loss's gradient with the classifiers': "
+        "pass it, loss = task_loss + cggm.direction_loss(task_loss)."
+    )
 
 
 def _zero_absent(features: Tensor, present: Tensor) -> Tensor:

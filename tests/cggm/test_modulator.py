@@ -1791,6 +1791,8 @@ def test_gradient_directions_need_the_task_loss_and_resume_exactly():
         CGGMConfig(mode="reference", direction="gradients")
     with pytest.raises(ValueError, match="direction must be one of"):
         CGGMConfig(direction="gradient")
+    with pytest.raises(ValueError, match=r"a double backward.*torch.compile does not support"):
+        CGGM(torch.compile(make_model(batches[0])), num_outputs=3, direction="gradients")
 
     def run(modulator, net, data):
         opt = torch.optim.SGD(net.parameters(), lr=0.1)

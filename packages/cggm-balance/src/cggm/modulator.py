@@ -213,6 +213,12 @@ class CGGM:
         #: (any other is named otherwise in the batch, the mismatch the first batch warns of)
         self._named: set[str] = set()
         self._compiled = compiled_inner(model) is not None
+        if self._compiled and self.config.direction == "gradients" and self.config.lam > 0:
+            raise ValueError(
+                "CGGM(direction='gradients') differentiates the head's gradient (a double "
+                "backward), which torch.compile does not support; compile the encoders only "
+                "(the head's backward then stays eager), or use direction='weights'."
+            )
         self._forward_ran = False  # since the last step: the model's own pre-hook fired
         #: the model's last call ran without autograd (an evaluation pass): its encoders' outputs
         #: are not captured, so a validation pass between backward() and step() changes nothing

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 import torch.distributed as dist
@@ -622,14 +622,13 @@ class CGGM:
         if cfg.direction == "weights":
             classifier_side, fusion_side = self._classifier_heads, self.head_weight
         else:
-            if task_loss is None:  # (checked above; narrows the type)
-                _missing_task_loss()
+            loss = cast(Tensor, task_loss)  # checked above
             if self._classifier_head_grads is None or not (
-                torch.is_grad_enabled() and task_loss.requires_grad
+                torch.is_grad_enabled() and loss.requires_grad
             ):
                 return zero
             classifier_side = self._classifier_head_grads
-            fusion_side = self._head_gradient(task_loss)
+            fusion_side = self._head_gradient(loss)
         if self._direction is None:  # B and the classifiers change only in step()
             self._direction = direction_target(b, classifier_side)
         return cfg.lam * direction_loss_from_target(b, self._direction, fusion_side)

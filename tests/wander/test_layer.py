@@ -300,3 +300,21 @@ def test_frozen_inputs_skip_the_anchor_backward_with_the_same_gradients(output):
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in live_inputs.values())
     for name, g in frozen.items():
         torch.testing.assert_close(g, full[name], msg=name)
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+@pytest.mark.parametrize("cp_mode", ["true", "reference"])
+@pytest.mark.parametrize("same_dims", [False, True])
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(output, cp_mode, same_dims):
+    # a sampler or a filter can leave no sample; the fused kernel's reshapes must not guess B
+    dims = {f"m{i}": 4 for i in range(3)} if same_dims else None
+    layer, xs = build(output=output, cp_mode=cp_mode, dims=dims, init="gate")
+    empty = {k: x[:0] for k, x in xs.items()}
+    out = layer(empty)
+    values = list(out.values()) if isinstance(out, dict) else [out]
+    if output == "residual":
+        assert {k: v.shape for k, v in out.items()} == {k: x.shape for k, x in empty.items()}
+    else:
+        assert out.shape == (0, 2, 5)
+    sum(v.sum() for v in values).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in layer.parameters())

@@ -269,7 +269,8 @@ def _projections(
     """
     m, b = h_shape[1], h_shape[2]
     rt, t_out, rd, d = q_shape[2], q_shape[4], p_shape[2], p_shape[4]
-    z = torch.bmm(g, p_flat).view(-1, m, rt, t_out, b, rd, d)
+    # the set count spelled out: with an empty batch, -1 would be ambiguous
+    z = torch.bmm(g, p_flat).view(g.shape[0] // m, m, rt, t_out, b, rd, d)
     return z, _product(z.unbind(1))
 
 

@@ -133,6 +133,9 @@ def test_save_load_round_trip(tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(data)
+    (tmp_path / "a file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"MPLMM\.save_pretrained: cannot save into"):
+        model.save_pretrained(tmp_path / "a file")
     model.save_pretrained(tmp_path)
     loaded = MPLMM.from_pretrained(tmp_path).eval()
     with torch.no_grad():

@@ -10,6 +10,7 @@ from mmcore import (
     is_compiling,
     modes_kept,
     read_json,
+    save_directory,
     sinusoidal_positions,
     stacklevel_outside,
     trainable_dtype,
@@ -74,6 +75,15 @@ def test_read_json_returns_the_object_and_names_a_bad_file(tmp_path):
         path.write_bytes(text.encode("utf-8", "surrogateescape"))
         with pytest.raises(ValueError, match=match):
             read_json(path, "Loader")
+
+
+def test_save_directory_creates_folders_and_refuses_a_file_in_the_way(tmp_path):
+    nested = save_directory(tmp_path / "a" / "b", "Saver")
+    assert nested.is_dir() and save_directory(nested, "Saver") == nested  # again: no error
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file", tmp_path / "file" / "inside"):
+        with pytest.raises(NotADirectoryError, match=r"Saver: cannot save into .*file is a file"):
+            save_directory(path, "Saver")
 
 
 def test_stacklevel_outside_names_the_first_frame_outside_the_packages(tmp_path):

@@ -442,6 +442,9 @@ def test_save_load_round_trip(tmp_path, base_model, batch, fused_dim):
     train_steps(wander, batch)
     with torch.no_grad():
         expected = wander(batch)
+    (tmp_path / "a file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"Wander\.save_pretrained: cannot save into"):
+        wander.save_pretrained(tmp_path / "a file")
     wander.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["fused_dim"] == fused_dim

@@ -544,7 +544,12 @@ class MulTBackbone(nn.Module):
         The pretraining stage's output: :meth:`from_pretrained` rebuilds it, and ``MPLMM`` wraps
         it for the missing-modality stage.
         """
-        write_pretrained(directory, self.state_dict(), {"backbone": self.config_dict()})
+        write_pretrained(
+            directory,
+            self.state_dict(),
+            {"backbone": self.config_dict()},
+            "MulTBackbone.save_pretrained",
+        )
 
     @classmethod
     def from_pretrained(

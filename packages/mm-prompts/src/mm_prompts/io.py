@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from mmcore import atomic_write, read_json
+from mmcore import atomic_write, read_json, save_directory
 
 __all__ = ["read_pretrained", "saved_dtype", "write_pretrained"]
 
@@ -22,11 +22,13 @@ CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
 def write_pretrained(
-    directory: str | os.PathLike[str], state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
+    directory: str | os.PathLike[str],
+    state_dict: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+    caller: str,
 ) -> None:
     """Write ``state_dict`` and ``config`` to ``directory`` (created), each file atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = save_directory(directory, caller)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with atomic_write(directory / WEIGHTS, "wb") as f:
         f.write(safetensors_bytes(tensors, metadata={"format": "pt", "library": "mm_prompts"}))

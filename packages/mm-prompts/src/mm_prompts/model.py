@@ -316,7 +316,7 @@ class MPLMM(nn.Module):
             "init": self.init_mode,
             "freeze_backbone": self.freeze_backbone,
         }
-        write_pretrained(directory, self.state_dict(), config)
+        write_pretrained(directory, self.state_dict(), config, "MPLMM.save_pretrained")
 
     @classmethod
     def from_pretrained(

@@ -28,6 +28,7 @@ __all__ = [
     "is_compiling",
     "make_config",
     "read_json",
+    "save_directory",
     "seed_everything",
     "sinusoidal_positions",
     "stacklevel_outside",
@@ -123,6 +124,22 @@ def modes_kept(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def save_directory(path: str | os.PathLike[str], caller: str) -> Path:
+    """``path`` as a folder to save into, created with its parents where missing.
+
+    Raises:
+        NotADirectoryError: ``path``, or a folder above it, is a file.
+    """
+    directory = Path(path)
+    for folder in (directory, *directory.parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(
+                f"{caller}: cannot save into {directory}: {folder} is a file, not a folder."
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def read_json(path: str | os.PathLike[str], caller: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from mmcore import (
     parallel_inner,
     read_json,
     resolve_module,
+    save_directory,
     stacklevel_outside,
     trainable_dtype,
 )
@@ -637,8 +638,7 @@ class Wander(nn.Module):
         Only the adapter and the ``modules_to_save`` weights are written, never the frozen base.
         Weights tied to one another are written once, the other names kept as aliases.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = save_directory(directory, "Wander.save_pretrained")
         tensors, aliases = _unshared(self.adapter_state_dict())
         metadata = {"format": "pt", "library": "wander"}
         if aliases:  # tied weights (a head tied to an embedding) are written once

@@ -957,7 +957,12 @@ class CGGM:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: classifiers, their optimiser, the running scores."""
+        """Everything a resumed run needs: classifiers, their optimiser, the running scores.
+
+        As with ``nn.Module.state_dict``, the classifiers' weights and moments are the live
+        tensors, which later steps change in place: save the state (``torch.save``) or
+        ``copy.deepcopy`` it before training on, to keep this step's.
+        """
         return {
             "config": self.config.to_dict(),
             "modalities": list(self.modalities),

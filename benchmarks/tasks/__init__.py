@@ -13,12 +13,14 @@ from benchmarks.tasks import cggm_overhead
 from benchmarks.tasks import cggm_lambda
 from benchmarks.tasks import casp_tta
 from benchmarks.tasks import mplmm_missing
+from benchmarks.tasks import mplmm_lr
 
 __all__ = [
     "casp_tta",
     "cggm_balance",
     "cggm_lambda",
     "cggm_overhead",
+    "mplmm_lr",
     "mplmm_missing",
     "uci_modalities",
     "wander_overhead",

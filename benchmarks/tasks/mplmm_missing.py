@@ -57,6 +57,7 @@ from benchmarks.registry import RunContext, Target, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import real_mult_pickle, uci_splits
 from benchmarks.training import (
+    FitResult,
     LossFn,
     ScoreFn,
     accuracy,
@@ -86,6 +87,9 @@ METHODS = (
     "missing-aware prompts",
     "MPLMM",
 )
+
+#: the methods trained with simulated missing modalities, from the pretrained backbone
+TRAINED = ("modality dropout", "missing-aware prompts", "MPLMM")
 
 #: The reference row of ``mplmm-mosi-missing``: one model per missing case (train_case_models).
 CASE_MODELS = "one model per case (reference)"
@@ -117,7 +121,7 @@ def _substitute(batch: ModalityBatch, means: dict[str, torch.Tensor]) -> Modalit
     return batch.replace(inputs=inputs)
 
 
-def _train_backbone(
+def train_backbone(
     ctx: RunContext,
     data: Splits,
     out_dim: int,
@@ -172,7 +176,7 @@ def train_case_models(
             continue
         ctx.progress(f"case model {case_name(case, data['train'].modalities)}")
         in_case = {split: apply_case(batch, case) for split, batch in data.items()}
-        models[case] = _train_backbone(ctx, in_case, out_dim, s, loss_fn, score_fn)
+        models[case] = train_backbone(ctx, in_case, out_dim, s, loss_fn, score_fn)
     return models
 
 
@@ -186,41 +190,60 @@ def train_methods(
 ) -> dict[str, torch.nn.Module]:
     """Pretrain a backbone sized from ``data`` on complete data; derive every method."""
     ctx.progress("pretraining the backbone (complete data)")
-    backbone = _train_backbone(ctx, data, out_dim, s, loss_fn, score_fn)
+    backbone = train_backbone(ctx, data, out_dim, s, loss_fn, score_fn)
     models: dict[str, torch.nn.Module] = {"lower bound": backbone}
-    # the methods trained for missing modalities pick their epoch on a validation split with
-    # the training missing rate (one fixed draw per seed), not on complete validation data
+    means = {m: data["train"][m].mean(dim=0, keepdim=True) for m in data["train"].modalities}
+    for method in TRAINED:
+        if method == "missing-aware prompts":  # the one method not trained, in METHODS order
+            models["modality substitution"] = _Substituting(backbone, means)
+        ctx.progress(method)
+        models[method], _ = train_with_missing(
+            ctx, method, backbone, data, s, loss_fn, score_fn, lr=s["lr"][method]
+        )
+    return models
+
+
+def train_with_missing(
+    ctx: RunContext,
+    method: str,
+    backbone: MulTBackbone,
+    data: Splits,
+    s: dict[str, Any],
+    loss_fn: LossFn,
+    score_fn: ScoreFn,
+    *,
+    lr: float,
+) -> tuple[torch.nn.Module, FitResult]:
+    """``method`` (one of :data:`TRAINED`) from a copy of ``backbone``, trained at ``lr``.
+
+    Training batches get the training missing rate; the epoch is picked on the validation
+    split with that rate applied (one fixed draw per seed), not on complete validation data.
+    """
+    torch.manual_seed(ctx.seed)
+    model: torch.nn.Module
+    if method == "modality dropout":
+        model = copy.deepcopy(backbone)
+    elif method == "missing-aware prompts":
+        model = MissingAwarePrompts(copy.deepcopy(backbone), prompt_length=s["prompt_length"])
+    elif method == "MPLMM":
+        lens = {m: data["train"][m].shape[1] for m in data["train"].modalities}
+        model = MPLMM(copy.deepcopy(backbone), lens, prompt_length=s["prompt_length"])
+    else:
+        raise ValueError(f"unknown method {method!r}; trained methods: {TRAINED}")
     valid_missing, _ = simulate_missing(
         data["valid"], s["train_rate"], generator=torch.Generator().manual_seed(500 + ctx.seed)
     )
-
-    def train_with_missing(name: str, model: torch.nn.Module) -> None:
-        ctx.progress(name)
-        fit(
-            _MissingTraining(model, s["train_rate"], ctx.seed),
-            data["train"],
-            valid_missing,
-            loss_fn=loss_fn,
-            score_fn=score_fn,
-            epochs=s["epochs"][ctx.profile],
-            seed=ctx.seed,
-        )
-        models[name] = model
-
-    train_with_missing("modality dropout", copy.deepcopy(backbone))
-    means = {m: data["train"][m].mean(dim=0, keepdim=True) for m in data["train"].modalities}
-    models["modality substitution"] = _Substituting(backbone, means)
-    torch.manual_seed(ctx.seed)
-    train_with_missing(
-        "missing-aware prompts",
-        MissingAwarePrompts(copy.deepcopy(backbone), prompt_length=s["prompt_length"]),
+    result = fit(
+        _MissingTraining(model, s["train_rate"], ctx.seed),
+        data["train"],
+        valid_missing,
+        loss_fn=loss_fn,
+        score_fn=score_fn,
+        epochs=s["epochs"][ctx.profile],
+        lr=lr,
+        seed=ctx.seed,
     )
-    torch.manual_seed(ctx.seed)
-    lens = {m: data["train"][m].shape[1] for m in data["train"].modalities}
-    train_with_missing(
-        "MPLMM", MPLMM(copy.deepcopy(backbone), lens, prompt_length=s["prompt_length"])
-    )
-    return models
+    return model, result
 
 
 def trainable_pct(model: torch.nn.Module) -> float:
@@ -264,6 +287,8 @@ MOSI_SETTINGS: dict[str, Any] = {
     "epochs": {"quick": 8, "full": 30},
     "prompt_length": 8,
     "train_rate": 0.7,
+    # AdamW's rate per trained method (the backbone pretrains at 1e-3)
+    "lr": dict.fromkeys(TRAINED, 1e-3),
     "test_rates": tuple(round(0.1 * i, 1) for i in range(10)),
     # one backbone per case, trained on that case only (train_case_models): the reference row
     "case_models": True,
@@ -278,39 +303,51 @@ def _neg_mae(pred: Tensor, target: Tensor) -> float:
     return -float((pred.squeeze(-1) - target).abs().mean())
 
 
+def mosi_data(ctx: RunContext, s: dict[str, Any]) -> tuple[Splits, str]:
+    """The user's CMU-MOSI pickle (``--data-root``), else a generated one: splits and name."""
+    data = real_mult_pickle(ctx)
+    if data is not None:
+        return data, "CMU-MOSI"
+    lens = dict.fromkeys(("text", "audio", "vision"), s["seq_len"])
+    path = write_mult_pickle(
+        ctx.work_dir / f"mosi_seed{ctx.seed}.pkl",
+        "mosi",
+        n=s["n"][ctx.profile],
+        seq_lens=lens,
+        seed=ctx.seed,
+        structure=PlantedStructure(
+            shared=s["shared"],
+            feature_mean=s["feature_mean"],
+            imbalance=s["imbalance"],
+            dominant=s["dominant"],
+        ),
+    )
+    return load_mult_pickle(path), "MOSI-format"
+
+
+def mosi_case_metrics(
+    method: str, name: str, model: torch.nn.Module, test: ModalityBatch
+) -> tuple[list[dict], dict[str, float]]:
+    """``model``'s MSA metrics on ``test`` in each of the 7 cases: records, and their average."""
+    modalities = test.modalities
+    cases = all_cases(len(modalities))
+    outputs = predict_cases(model, test, cases).squeeze(-1)  # [cases, N]
+    return _per_case_records(
+        method, name, modalities, dict(zip(cases, outputs, strict=True)), test.require_target()
+    )
+
+
 def run_mosi(ctx: RunContext) -> list[dict]:
     """Per-case table, average and test-time missing-rate sweep on MOSI-format data."""
     s = MOSI_SETTINGS
-    data = real_mult_pickle(ctx)
-    name = "CMU-MOSI"
-    if data is None:
-        lens = dict.fromkeys(("text", "audio", "vision"), s["seq_len"])
-        path = write_mult_pickle(
-            ctx.work_dir / f"mosi_seed{ctx.seed}.pkl",
-            "mosi",
-            n=s["n"][ctx.profile],
-            seq_lens=lens,
-            seed=ctx.seed,
-            structure=PlantedStructure(
-                shared=s["shared"],
-                feature_mean=s["feature_mean"],
-                imbalance=s["imbalance"],
-                dominant=s["dominant"],
-            ),
-        )
-        data = load_mult_pickle(path)
-        name = "MOSI-format"
+    data, name = mosi_data(ctx, s)
     models = train_methods(ctx, data, 1, s, _l1, _neg_mae)
     test, modalities = data["test"], data["test"].modalities
     labels = test.require_target()
     records = []
     for method, model in models.items():
         ctx.progress(f"evaluating {method}")
-        cases = all_cases(len(modalities))
-        outputs = predict_cases(model, test, cases).squeeze(-1)  # [cases, N]
-        case_records, average = _per_case_records(
-            method, name, modalities, dict(zip(cases, outputs, strict=True)), labels
-        )
+        case_records, average = mosi_case_metrics(method, name, model, test)
         records += case_records
         g = torch.Generator().manual_seed(1000 + ctx.seed)
         for rate in s["test_rates"]:
@@ -325,7 +362,7 @@ def run_mosi(ctx: RunContext) -> list[dict]:
                 "method": method,
                 "dataset": f"{name}, {AVERAGE}",
                 "metrics": average,
-                "config": {k: v for k, v in s.items() if not isinstance(v, dict)},
+                "config": _method_config(s, method),
             }
         )
     if s["case_models"]:
@@ -452,6 +489,8 @@ UCI_SETTINGS: dict[str, Any] = {
     "epochs": {"quick": 20, "full": 40},
     "prompt_length": 4,
     "train_rate": 0.7,
+    # AdamW's rate per trained method (the backbone pretrains at 1e-3)
+    "lr": dict.fromkeys(TRAINED, 1e-3),
 }
 
 
@@ -459,34 +498,43 @@ def _as_sequences(batch: ModalityBatch) -> ModalityBatch:
     return batch.replace(inputs={m: x.unsqueeze(1) for m, x in batch.inputs.items()})
 
 
+def uci_case_data(ctx: RunContext) -> Splits:
+    """UCI mfeat's splits, each modality's vectors as length-1 sequences (MulT's input)."""
+    return {k: _as_sequences(v) for k, v in uci_splits(ctx).items()}
+
+
+def uci_case_metrics(model: torch.nn.Module, test: ModalityBatch) -> dict[str, float]:
+    """Test accuracy over the 63 cases, over the six single-modality ones, and per case."""
+    modalities, labels = test.modalities, test.require_target()
+    cases = all_cases(len(modalities))
+    logits = predict_cases(model, test, cases)  # [cases, N, classes]
+    scores = {
+        # the count over N: sklearn's accuracy_score exactly, without its per-call cost
+        # (63 cases x 5 methods per seed)
+        case: int((logits[i].argmax(dim=-1) == labels).sum()) / len(labels)
+        for i, case in enumerate(cases)
+    }
+    single = [1 << i for i in range(len(modalities))]
+    metrics = {
+        "accuracy_all_cases": float(np.mean(list(scores.values()))),
+        "accuracy_single_modality": float(np.mean([scores[c] for c in single])),
+        "accuracy_complete": scores[(1 << len(modalities)) - 1],
+    }
+    metrics.update(
+        {f"accuracy_only_{modalities[i]}": scores[1 << i] for i in range(len(modalities))}
+    )
+    return metrics
+
+
 def run_uci(ctx: RunContext) -> list[dict]:
     """Six real modalities, 63 missing cases: average and single-modality accuracy."""
     s = UCI_SETTINGS
-    raw = uci_splits(ctx)
-    data = {k: _as_sequences(v) for k, v in raw.items()}  # vectors as length-1 sequences
+    data = uci_case_data(ctx)
     models = train_methods(ctx, data, 10, s, F.cross_entropy, accuracy)
-    test, modalities = data["test"], data["test"].modalities
-    labels = test.require_target()
     records = []
     for method, model in models.items():
         ctx.progress(f"evaluating {method}")
-        cases = all_cases(len(modalities))
-        logits = predict_cases(model, test, cases)  # [cases, N, classes]
-        scores = {
-            # the count over N: sklearn's accuracy_score exactly, without its per-call cost
-            # (63 cases x 5 methods per seed)
-            case: int((logits[i].argmax(dim=-1) == labels).sum()) / len(labels)
-            for i, case in enumerate(cases)
-        }
-        single = [1 << i for i in range(len(modalities))]
-        metrics = {
-            "accuracy_all_cases": float(np.mean(list(scores.values()))),
-            "accuracy_single_modality": float(np.mean([scores[c] for c in single])),
-            "accuracy_complete": scores[(1 << len(modalities)) - 1],
-        }
-        metrics.update(
-            {f"accuracy_only_{modalities[i]}": scores[1 << i] for i in range(len(modalities))}
-        )
+        metrics = uci_case_metrics(model, data["test"])
         if hasattr(model, "backbone"):
             metrics["trainable_pct_of_backbone"] = trainable_pct(model)
         records.append(
@@ -494,10 +542,16 @@ def run_uci(ctx: RunContext) -> list[dict]:
                 "method": method,
                 "dataset": UCI_CASES,
                 "metrics": metrics,
-                "config": {k: v for k, v in s.items() if not isinstance(v, dict)},
+                "config": _method_config(s, method),
             }
         )
     return records
+
+
+def _method_config(s: dict[str, Any], method: str) -> dict[str, Any]:
+    """The task's scalar settings, and the method's learning rate where it trains."""
+    config = {k: v for k, v in s.items() if not isinstance(v, dict)}
+    return {**config, "lr": s["lr"][method]} if method in TRAINED else config
 
 
 def predict_cases(model: torch.nn.Module, data: ModalityBatch, cases: list[int]) -> torch.Tensor:

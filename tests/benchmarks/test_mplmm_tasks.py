@@ -81,3 +81,31 @@ def test_case_models_see_only_their_case_and_reuse_the_complete_one(tmp_path, ti
     text_only.eval()
     with torch.no_grad():
         torch.testing.assert_close(text_only(apply_case(test, 1)), text_only(apply_case(noisy, 1)))
+
+
+def test_learning_rate_sweep_runs_only_when_named_and_trains_each_method_at_each_rate(
+    tmp_path, tiny, monkeypatch
+):
+    from benchmarks.cli import _resolve_tasks
+    from benchmarks.tasks import mplmm_lr
+
+    assert "mplmm-lr" not in _resolve_tasks(None, "quick") + _resolve_tasks(None, "full")
+    # the rates the report's tables use are among those the sweep tries
+    for settings in (mt.MOSI_SETTINGS, mt.UCI_SETTINGS):
+        assert set(settings["lr"]) == set(mt.TRAINED)
+        assert set(settings["lr"].values()) <= set(mplmm_lr.RATES)
+    monkeypatch.setattr(mplmm_lr, "RATES", (1e-3, 1e-2))
+    results = run_tasks(["mplmm-lr"], profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    tables: dict[str, list[str]] = {}
+    for r in results["records"]:
+        tables.setdefault(r["dataset"], []).append(r["method"])
+        metric = "acc2_non0" if r["dataset"].startswith("MOSI") else "accuracy_all_cases"
+        assert {"valid_score", metric} <= set(r["metrics"])
+    assert list(tables.values()) == [["lr 0.001", "lr 0.01"]] * 6
+    assert [t.split(": ")[1] for t in tables] == list(mt.TRAINED) * 2
+    # the rate reaches the optimiser: each method's two rates train differently
+    for table in tables:
+        scores = {r["metrics"]["valid_score"] for r in results["records"] if r["dataset"] == table}
+        assert len(scores) == 2, table
+    assert "mplmm-lr" in write_report(tmp_path).read_text()

@@ -203,6 +203,18 @@ def train_methods(
     return models
 
 
+def method_seed(seed: int, method: str) -> int:
+    """The seed of ``method``'s initialisation and training: its own, not the pretraining's.
+
+    Reseeded with the run's seed, a method replays the random stream that initialised the
+    backbone: its dropout masks and new parameters are drawn from the numbers behind the
+    backbone's first weights. Measured on mfeat (seeds 0-2, rate 1e-3), modality dropout
+    trained on that replayed stream scored 92.05 ± 0.31 over the 63 cases against 93.17 to
+    93.97 on three other streams, and on no seed above any of them.
+    """
+    return seed + 1000 * (1 + TRAINED.index(method))
+
+
 def train_with_missing(
     ctx: RunContext,
     method: str,
@@ -219,7 +231,7 @@ def train_with_missing(
     Training batches get the training missing rate; the epoch is picked on the validation
     split with that rate applied (one fixed draw per seed), not on complete validation data.
     """
-    torch.manual_seed(ctx.seed)
+    torch.manual_seed(method_seed(ctx.seed, method))
     model: torch.nn.Module
     if method == "modality dropout":
         model = copy.deepcopy(backbone)
@@ -287,8 +299,9 @@ MOSI_SETTINGS: dict[str, Any] = {
     "epochs": {"quick": 8, "full": 30},
     "prompt_length": 8,
     "train_rate": 0.7,
-    # AdamW's rate per trained method (the backbone pretrains at 1e-3)
-    "lr": dict.fromkeys(TRAINED, 1e-3),
+    # AdamW's rate per trained method (the backbone pretrains at 1e-3), each the best by
+    # validation score in the mplmm-lr task on seeds 10-12, which the report does not use
+    "lr": {"modality dropout": 1e-3, "missing-aware prompts": 1e-2, "MPLMM": 3e-3},
     "test_rates": tuple(round(0.1 * i, 1) for i in range(10)),
     # one backbone per case, trained on that case only (train_case_models): the reference row
     "case_models": True,
@@ -489,8 +502,9 @@ UCI_SETTINGS: dict[str, Any] = {
     "epochs": {"quick": 20, "full": 40},
     "prompt_length": 4,
     "train_rate": 0.7,
-    # AdamW's rate per trained method (the backbone pretrains at 1e-3)
-    "lr": dict.fromkeys(TRAINED, 1e-3),
+    # AdamW's rate per trained method (the backbone pretrains at 1e-3), each the best by
+    # validation accuracy in the mplmm-lr task on seeds 10-12, which the report does not use
+    "lr": {"modality dropout": 1e-2, "missing-aware prompts": 3e-3, "MPLMM": 3e-3},
 }
 
 

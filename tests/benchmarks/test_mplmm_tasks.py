@@ -109,3 +109,14 @@ def test_learning_rate_sweep_runs_only_when_named_and_trains_each_method_at_each
         scores = {r["metrics"]["valid_score"] for r in results["records"] if r["dataset"] == table}
         assert len(scores) == 2, table
     assert "mplmm-lr" in write_report(tmp_path).read_text()
+
+
+def test_each_trained_method_draws_from_its_own_seed_not_the_backbones():
+    # reseeded with the run's seed, a method replays the stream that initialised the backbone
+    for seed in (0, 1, 12):
+        seeds = [mt.method_seed(seed, method) for method in mt.TRAINED]
+        assert len(set(seeds)) == len(mt.TRAINED) and seed not in seeds
+        others = {mt.method_seed(other, m) for other in range(20) for m in mt.TRAINED}
+        assert seed not in others  # nor another run's
+    with pytest.raises(ValueError):
+        mt.method_seed(0, "lower bound")  # not trained: no seed of its own

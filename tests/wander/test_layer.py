@@ -318,3 +318,114 @@ def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(output, cp_mode, 
         assert out.shape == (0, 2, 5)
     sum(v.sum() for v in values).backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in layer.parameters())
+
+
+def layouts(output, init="centered", dims=None, lens=None):
+    """The same adapter (same seed, so the same initial values) in both parameter layouts."""
+    dims = dims or dict.fromkeys(("a", "b", "c"), 6)
+    lens = lens or dict.fromkeys(dims, 3)
+    cfg = WanderConfig(
+        bottleneck_dim=4, feature_rank=2, token_rank=2, num_fused_tokens=2, init=init, output=output
+    )
+    built = []
+    for stack in (True, False):
+        torch.manual_seed(0)
+        built.append(WanderFusion(dims, lens, out_dim=5, config=cfg, stack_parameters=stack))
+    g = torch.Generator().manual_seed(1)
+    xs = {k: torch.randn(4, lens[k], d, generator=g) for k, d in dims.items()}
+    return *built, xs
+
+
+def outputs_and_grads(layer, xs):
+    layer.zero_grad()
+    out = layer(xs)
+    values = list(out.values()) if isinstance(out, dict) else [out]
+    sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in values).backward()
+    return values, {k: v.grad.clone() for k, v in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+@pytest.mark.parametrize("init", ["centered", "gate", "reference"])
+def test_stacked_parameters_are_few_and_their_state_dict_is_per_modality(output, init):
+    stacked, per_modality, _ = layouts(output, init)
+    # one tensor per kind instead of one per modality and kind
+    assert stacked.stacked_kinds == (
+        ("down_weight", "down_bias", "token_factors", "feature_factors")
+        + (("up_tokens", "up_features") if output == "residual" else ())
+    )
+    assert per_modality.stacked_kinds == ()
+    n_kinds = len(stacked.stacked_kinds)
+    assert len(list(per_modality.parameters())) - len(list(stacked.parameters())) == 2 * n_kinds
+    # the checkpoint format does not depend on the layout: the same keys, shapes and values
+    a, b = stacked.state_dict(), per_modality.state_dict()
+    assert sorted(a) == sorted(b)
+    assert "down.a.weight" in a and "token_factors.c" in a and "feature_factors.b" in a
+    if init == "centered":
+        assert "anchor__down__a__weight" in a and "anchor__feature_factors__c" in a
+    for key in b:
+        assert a[key].shape == b[key].shape, key
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("output", ["fused", "residual"])
+def test_both_layouts_compute_the_same_and_load_each_others_state(output):
+    stacked, per_modality, xs = layouts(output)
+    with torch.no_grad():
+        for p in stacked.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from the zero-output init
+    per_modality.load_state_dict(stacked.state_dict())
+    out_a, grads_a = outputs_and_grads(stacked, xs)
+    out_b, grads_b = outputs_and_grads(per_modality, xs)
+    for a, b in zip(out_a, out_b, strict=True):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b)
+    # a stacked parameter's gradient holds each modality's, in the state dict's order
+    for i, m in enumerate(stacked.modalities):
+        torch.testing.assert_close(grads_a["down_weight"][i], grads_b[f"down.{m}.weight"])
+        torch.testing.assert_close(grads_a["feature_factors"][i], grads_b[f"feature_factors.{m}"])
+    fresh, _, _ = layouts(output)
+    fresh.load_state_dict(per_modality.state_dict())  # and back
+    for a, b in zip(outputs_and_grads(fresh, xs)[0], out_a, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_state_dict_entries_of_stacked_parameters_are_live_views():
+    stacked, _, _ = layouts("fused")
+    state = stacked.state_dict()
+    with torch.no_grad():
+        state["token_factors.b"].fill_(3.0)
+    assert (stacked.token_factors[1] == 3.0).all() and not (stacked.token_factors[0] == 3.0).any()
+
+
+def test_loading_reports_a_missing_or_misshapen_modality_entry_by_its_own_name():
+    stacked, _, _ = layouts("fused")
+    before = stacked.feature_factors.detach().clone()
+    state = stacked.state_dict()
+    state = {k: v.clone() + 1 for k, v in state.items()}
+    del state["feature_factors.b"]
+    state["down.c.weight"] = torch.zeros(4, 7)
+    with pytest.raises(RuntimeError) as err:
+        stacked.load_state_dict(state)
+    message = str(err.value)
+    assert 'Missing key(s) in state_dict: "feature_factors.b"' in message
+    assert "size mismatch for down.c.weight" in message
+    result = stacked.load_state_dict(
+        {k: v for k, v in state.items() if k != "down.c.weight"}, False
+    )
+    assert result.missing_keys == ["down.c.weight", "feature_factors.b"]
+    assert not result.unexpected_keys
+    # the missing modality keeps its value; the others are loaded
+    torch.testing.assert_close(stacked.feature_factors[1], before[1], rtol=0, atol=0)
+    torch.testing.assert_close(stacked.feature_factors[0], before[0] + 1)
+
+
+def test_modalities_of_different_shapes_keep_one_tensor_each_where_they_differ():
+    dims, lens = {"a": 6, "b": 6, "c": 5}, {"a": 3, "b": 2, "c": 3}
+    stacked, per_modality, xs = layouts("residual", dims=dims, lens=lens)
+    # the hidden sizes differ (down, up_features) and so do the lengths (token factors,
+    # up_tokens): only the feature factors share one shape
+    assert stacked.stacked_kinds == ("feature_factors",)
+    assert sorted(stacked.state_dict()) == sorted(per_modality.state_dict())
+    out_a, out_b = outputs_and_grads(stacked, xs)[0], outputs_and_grads(per_modality, xs)[0]
+    for a, b in zip(out_a, out_b, strict=True):
+        torch.testing.assert_close(a, b)

@@ -727,8 +727,9 @@ def test_vector_features_are_one_token_each():
     batch = ModalityBatch({m: torch.randn(6, d) for m, d in dims.items()})
     wander = Wander(SkipsAbsent(dims, skip_absent=False), RANKS, example_input=batch)
     assert wander.adapter.config.seq_lens == {"a": 1, "b": 1}
-    token_factors = [p for n, p in wander.adapter.named_parameters() if "token" in n]
-    assert token_factors and all(p.shape[1] == 1 for p in token_factors)
+    state = wander.adapter.state_dict()
+    token_factors = [state[f"token_factors.{m}"] for m in dims]  # [R_t, T, T'] each
+    assert all(p.shape[1] == 1 for p in token_factors)
 
 
 def test_padding_masks_of_a_model_called_with_tokenizer_inputs(tmp_path):

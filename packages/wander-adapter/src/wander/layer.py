@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,15 @@ __all__ = ["WanderFusion"]
 
 # E[gelu(z)^2] for z ~ N(0, 1): the second moment of a bottleneck feature at init
 _GELU_SECOND_MOMENT = 0.4252
+#: the parameters held per modality (stacked into one ``[M, ...]`` tensor where shapes agree)
+_KINDS = (
+    "down_weight",
+    "down_bias",
+    "token_factors",
+    "feature_factors",
+    "up_tokens",
+    "up_features",
+)
 
 
 class WanderFusion(nn.Module):
@@ -35,6 +44,13 @@ class WanderFusion(nn.Module):
             are accepted and treated as right-padded; longer ones raise a ``ValueError``.
         out_dim: ``D``, the feature size of the fused tokens.
         config: ranks, modes and init (see :class:`~wander.config.WanderConfig`).
+        stack_parameters: hold each kind of per-modality parameter (down-projections, token
+            and feature factors, residual up-projections) as one ``[M, ...]`` tensor where every
+            modality's has the same shape: a few tensors for the optimiser instead of a few per
+            modality, and no stacking on each call. ``False`` keeps one tensor per modality
+            (e.g. for a learning rate per modality). The state dict is the same either way,
+            one entry per modality (``down.<m>.weight``, ``token_factors.<m>``, ...), so a
+            checkpoint loads into both layouts.
 
     Shapes:
         ``forward(xs, padding_masks, presence)`` takes ``xs[m]`` ``[B, T, D_m]`` (or
@@ -56,6 +72,8 @@ class WanderFusion(nn.Module):
         seq_lens: Mapping[str, int],
         out_dim: int,
         config: WanderConfig,
+        *,
+        stack_parameters: bool = True,
     ) -> None:
         super().__init__()
         if set(hidden_dims) != set(seq_lens):
@@ -78,26 +96,34 @@ class WanderFusion(nn.Module):
             config.fused_tokens,
         )
         r_in = r + int(config.bias_augment)
-        self.down = nn.ModuleDict({m: nn.Linear(hidden_dims[m], r) for m in self.modalities})
-        self.token_factors = nn.ParameterDict(
-            {m: nn.Parameter(torch.empty(rt, self.seq_lens[m], t_out)) for m in self.modalities}
-        )
-        self.feature_factors = nn.ParameterDict(
-            {m: nn.Parameter(torch.empty(rd, r_in, out_dim)) for m in self.modalities}
-        )
+        n_mod = len(self.modalities)
+        self.stack_parameters = stack_parameters
+        # modalities of one hidden size (as in a transformer) share every bottleneck kernel call
+        self.stack_modalities = len(set(self.hidden_dims.values())) == 1
+        if stack_parameters and self.stack_modalities:
+            d_in = self.hidden_dims[self.modalities[0]]
+            self.down_weight = nn.Parameter(torch.empty(n_mod, r, d_in))
+            self.down_bias = nn.Parameter(torch.empty(n_mod, r))
+            # the draws of nn.Linear's construction, as the per-modality layout makes them:
+            # both layouts use the same random numbers, so they initialise alike
+            with torch.no_grad():
+                for w, b in zip(self.down_weight, self.down_bias, strict=True):
+                    _linear_init_(w, b)
+        else:
+            self.down = nn.ModuleDict({m: nn.Linear(hidden_dims[m], r) for m in self.modalities})
+        self.token_factors = self._per_modality(lambda m: (rt, self.seq_lens[m], t_out))
+        self.feature_factors = self._per_modality(lambda m: (rd, r_in, out_dim))
         self.cp_weights = nn.Parameter(torch.empty(rt, rd)) if config.cp_mode == "true" else None
         self.gate = nn.Parameter(torch.zeros(out_dim)) if config.init == "gate" else None
         self.residual = config.output == "residual"
         if self.residual:
-            self.up_tokens = nn.ParameterDict(
-                {m: nn.Parameter(torch.empty(self.seq_lens[m], t_out)) for m in self.modalities}
-            )
-            self.up_features = nn.ParameterDict(
-                {m: nn.Parameter(torch.empty(out_dim, hidden_dims[m])) for m in self.modalities}
-            )
+            self.up_tokens = self._per_modality(lambda m: (self.seq_lens[m], t_out))
+            self.up_features = self._per_modality(lambda m: (out_dim, hidden_dims[m]))
         self.output_dropout = nn.Dropout(config.dropout)
-        # modalities of one hidden size (as in a transformer) share every bottleneck kernel call
-        self.stack_modalities = len(set(self.hidden_dims.values())) == 1
+        #: the kinds of per-modality parameter held as one ``[M, ...]`` tensor
+        self.stacked_kinds = tuple(
+            kind for kind in _KINDS if isinstance(self._parameters.get(kind), nn.Parameter)
+        )
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -116,33 +142,44 @@ class WanderFusion(nn.Module):
         # "reference" cp_mode sums R factors before use: shrink each by 1/sqrt(R) to compensate
         t_sum = rt if cfg.cp_mode == "reference" else 1
         d_sum = rd if cfg.cp_mode == "reference" else 1
-        for m in self.modalities:
+        params = self._current()
+        for i, m in enumerate(self.modalities):
+            # views of one modality's slice where the parameters are stacked
+            down_weight, down_bias = (
+                self._one(params, "down_weight", i),
+                self._one(params, "down_bias", i),
+            )
+            token_factors = self._one(params, "token_factors", i)
+            feature_factors = self._one(params, "feature_factors", i)
+            d_m, t_m = self.hidden_dims[m], self.seq_lens[m]
             if cfg.init == "reference":
                 # the released code: default Linear init, P ~ N(0, 1), Q = 0 (dead, see docs)
-                cast(nn.Linear, self.down[m]).reset_parameters()
-                nn.init.normal_(self.feature_factors[m], 0.0, 1.0)
-                nn.init.zeros_(self.token_factors[m])
+                _linear_init_(down_weight, down_bias)
+                nn.init.normal_(feature_factors, 0.0, 1.0)
+                nn.init.zeros_(token_factors)
             else:
-                d_m, t_m = self.hidden_dims[m], self.seq_lens[m]
-                down = cast(nn.Linear, self.down[m])
-                nn.init.normal_(down.weight, 0.0, 1.0 / math.sqrt(d_m))
-                nn.init.zeros_(down.bias)
+                nn.init.normal_(down_weight, 0.0, 1.0 / math.sqrt(d_m))
+                nn.init.zeros_(down_bias)
                 t_std = 1.0 / math.sqrt(t_m * t_sum)
                 d_std = 1.0 / math.sqrt(r_in * _GELU_SECOND_MOMENT * d_sum)
                 if cfg.bias_augment:
                     # Z_m = 1 + ε_m: token factors average the tokens, the constant channel
                     # maps to 1 (divided by the factors summed in "reference" cp_mode)
                     eps = cfg.interaction_init
-                    nn.init.normal_(self.token_factors[m], 0.0, eps * t_std)
-                    self.token_factors[m].add_(1.0 / (t_m * t_sum))
-                    nn.init.normal_(self.feature_factors[m], 0.0, eps * d_std)
-                    self.feature_factors[m][:, -1].fill_(1.0 / d_sum)
+                    nn.init.normal_(token_factors, 0.0, eps * t_std)
+                    token_factors.add_(1.0 / (t_m * t_sum))
+                    nn.init.normal_(feature_factors, 0.0, eps * d_std)
+                    feature_factors[:, -1].fill_(1.0 / d_sum)
                 else:
-                    nn.init.normal_(self.token_factors[m], 0.0, t_std)
-                    nn.init.normal_(self.feature_factors[m], 0.0, d_std)
+                    nn.init.normal_(token_factors, 0.0, t_std)
+                    nn.init.normal_(feature_factors, 0.0, d_std)
             if self.residual:
-                nn.init.normal_(self.up_tokens[m], 0.0, 1.0 / math.sqrt(cfg.fused_tokens))
-                nn.init.normal_(self.up_features[m], 0.0, 1.0 / math.sqrt(self.out_dim))
+                up_tokens, up_features = (
+                    self._one(params, "up_tokens", i),
+                    self._one(params, "up_features", i),
+                )
+                nn.init.normal_(up_tokens, 0.0, 1.0 / math.sqrt(cfg.fused_tokens))
+                nn.init.normal_(up_features, 0.0, 1.0 / math.sqrt(self.out_dim))
         if self.cp_weights is not None:
             # unit variance for a sum of R_t R_d independent terms; a mean when each term is
             # 1 + ε (bias_augment), so the sum is 1 + ε too
@@ -156,29 +193,122 @@ class WanderFusion(nn.Module):
             for name, p in self.named_parameters():
                 self.register_buffer(_anchor_name(name), p.detach().clone(), persistent=True)
 
+    def _per_modality(
+        self, shape_of: Callable[[str], tuple[int, ...]]
+    ) -> nn.Parameter | nn.ParameterDict:
+        """One parameter per modality: a single ``[M, ...]`` one where the shapes agree."""
+        shapes = {m: shape_of(m) for m in self.modalities}
+        if self.stack_parameters and len(set(shapes.values())) == 1:
+            return nn.Parameter(torch.empty(len(shapes), *shapes[self.modalities[0]]))
+        return nn.ParameterDict(
+            {m: nn.Parameter(torch.empty(shape)) for m, shape in shapes.items()}
+        )
+
     def _current(self) -> dict[str, Tensor]:
         """Every parameter by its ``named_parameters`` name, read directly.
 
         Walking the module tree on each call cost more than the adapter's kernels on small models.
         """
         params: dict[str, Tensor] = {}
-        for m in self.modalities:
-            down = cast(nn.Linear, self.down[m])
-            params[f"down.{m}.weight"], params[f"down.{m}.bias"] = down.weight, down.bias
-            params[f"token_factors.{m}"] = self.token_factors[m]
-            params[f"feature_factors.{m}"] = self.feature_factors[m]
-            if self.residual:
-                params[f"up_tokens.{m}"] = self.up_tokens[m]
-                params[f"up_features.{m}"] = self.up_features[m]
+        for kind in _KINDS:
+            if kind in self.stacked_kinds:
+                params[kind] = self._parameters[kind]  # type: ignore[assignment]
+            elif kind in ("down_weight", "down_bias"):
+                for m in self.modalities:
+                    down = cast(nn.Linear, self.down[m])
+                    params[f"down.{m}.weight"], params[f"down.{m}.bias"] = down.weight, down.bias
+            elif kind in self._modules:
+                holder = cast(nn.ParameterDict, self._modules[kind])
+                params.update({f"{kind}.{m}": holder[m] for m in self.modalities})
         if self.cp_weights is not None:
             params["cp_weights"] = self.cp_weights
         if self.gate is not None:
             params["gate"] = self.gate
         return params
 
+    def _one(self, params: Mapping[str, Tensor], kind: str, i: int) -> Tensor:
+        """Modality ``i``'s tensor of ``kind`` in ``params`` (a view where they are stacked)."""
+        if kind in self.stacked_kinds:
+            return params[kind][i]
+        return params[_modality_key(kind, self.modalities[i])]
+
+    def _all(self, params: Mapping[str, Tensor], kind: str) -> Tensor:
+        """``[M, ...]``: every modality's tensor of ``kind`` (all of one shape) in ``params``."""
+        if kind in self.stacked_kinds:
+            return params[kind]
+        return torch.stack([params[_modality_key(kind, m)] for m in self.modalities])
+
+    def _token_factors(self, params: Mapping[str, Tensor], t_lens: Sequence[int]) -> Tensor:
+        """``[M, R_t, T_max, T']``: the token factors for inputs of lengths ``t_lens``."""
+        t_max = max(t_lens)
+        if "token_factors" in self.stacked_kinds:
+            return _first_tokens(params["token_factors"], t_max)
+        return torch.stack(
+            [
+                pad_tokens(_first_tokens(self._one(params, "token_factors", i), t), t_max, dim=1)
+                for i, t in enumerate(t_lens)
+            ]
+        )
+
     def _anchors(self, names: Iterable[str]) -> dict[str, Tensor]:
         """The frozen initial copy of each named parameter."""
         return {name: cast(Tensor, self._buffers[_anchor_name(name)]) for name in names}
+
+    # ------------------------------------------------------------------ state dict
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        """As ``nn.Module``'s, with a stacked parameter (and its anchor) as one entry per modality.
+
+        The entries are views of the stacked tensor: live, as ``nn.Module.state_dict``'s are.
+        """
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for kind in self.stacked_kinds:
+            for stacked_name, key in _stacked_names(kind):
+                value = destination.pop(prefix + stacked_name, None)
+                if value is not None:  # absent: an anchor of an init without one
+                    for m, v in zip(self.modalities, value, strict=True):
+                        destination[prefix + key(m)] = v
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """As ``nn.Module``'s, reading a stacked parameter from its per-modality entries.
+
+        A modality's missing entry keeps its current value and is reported missing; one of the
+        wrong shape is reported as a size mismatch, as ``nn.Module`` reports them.
+        """
+        for kind in self.stacked_kinds:
+            for stacked_name, key in _stacked_names(kind):
+                current = self._parameters.get(stacked_name, self._buffers.get(stacked_name))
+                if current is None or prefix + stacked_name in state_dict:
+                    continue
+                parts = []
+                for m, now in zip(self.modalities, current.detach(), strict=True):
+                    name = prefix + key(m)
+                    value = state_dict.pop(name, None)
+                    if value is None:
+                        missing_keys.append(name)
+                    elif value.shape != now.shape:
+                        error_msgs.append(
+                            f"size mismatch for {name}: copying a param with shape "
+                            f"{value.shape} from checkpoint, the shape in current model is "
+                            f"{now.shape}."
+                        )
+                    else:
+                        now = value.to(now.device, now.dtype)
+                    parts.append(now)
+                state_dict[prefix + stacked_name] = torch.stack(parts)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ forward
     def _checked(self, m: str, x: Tensor, device: torch.device) -> Tensor:
@@ -237,24 +367,22 @@ class WanderFusion(nn.Module):
             if self.config.normalize_inputs:
                 x = F.layer_norm(x, (x.shape[-1],))
             n_mod, b, d = x.shape[0], x.shape[1], x.shape[-1]
-            # one stack over (modality, set): [M S, r, D] viewed as [M, S r, D]
-            weight = _stack(
-                [p[f"down.{m}.weight"] for m in self.modalities for p in param_sets]
-            ).view(n_mod, n_sets * r, d)
-            bias = _stack([p[f"down.{m}.bias"] for m in self.modalities for p in param_sets]).view(
-                n_mod, 1, n_sets * r
-            )
+            # [M, S, r, D] viewed as [M, S r, D]
+            weight = _stack([self._all(p, "down_weight") for p in param_sets], dim=1)
+            weight = weight.view(n_mod, n_sets * r, d)
+            bias = _stack([self._all(p, "down_bias") for p in param_sets], dim=1)
+            bias = bias.view(n_mod, 1, n_sets * r)
             h = torch.baddbmm(bias, x.flatten(1, 2), weight.transpose(1, 2))  # [M, B T, S r]
             h = F.gelu(h).view(n_mod, b, t_max, n_sets, r)
         else:
             parts = []
-            for i, (m, x) in enumerate(zip(self.modalities, xs, strict=True)):
+            for i, x in enumerate(xs):
                 if keep is not None:
                     x = x.masked_fill(~keep[i, :, : x.shape[1], None], 0.0)
                 if self.config.normalize_inputs:
                     x = F.layer_norm(x, (x.shape[-1],))
-                weight = torch.cat([p[f"down.{m}.weight"] for p in param_sets])  # [S r, D_m]
-                bias = torch.cat([p[f"down.{m}.bias"] for p in param_sets])
+                weight = torch.cat([self._one(p, "down_weight", i) for p in param_sets])
+                bias = torch.cat([self._one(p, "down_bias", i) for p in param_sets])  # [S r]
                 part = F.gelu(F.linear(x, weight, bias)).unflatten(-1, (n_sets, r))
                 parts.append(pad_tokens(part, t_max, dim=1))
             h = torch.stack(parts)  # [M, B, T, S, r]
@@ -280,23 +408,15 @@ class WanderFusion(nn.Module):
         the initial weights together). ``trainable_sets``: see
         :func:`~wander.functional.fusion_product_stacked`.
         """
-        first = self.feature_factors[self.modalities[0]]
+        first = self._all(param_sets[0], "feature_factors")
         inputs = [self._checked(m, xs[m], first.device).to(first.dtype) for m in self.modalities]
         t_lens = [x.shape[1] for x in inputs]
-        t_max = max(t_lens)
         absent = _absent(self.modalities, presence or {}, inputs[0].shape[0], first.device)
         h = self._bottlenecks(inputs, [masks.get(m) for m in self.modalities], param_sets, absent)
-        sets_by_modality = (len(param_sets), len(self.modalities))
-        q = _stack(  # [S, M, R_t, T_max, T']: rows past each modality's length zero
-            [
-                pad_tokens(_first_tokens(p[f"token_factors.{m}"], t), t_max, dim=1)
-                for p in param_sets
-                for m, t in zip(self.modalities, t_lens, strict=True)
-            ]
-        ).unflatten(0, sets_by_modality)
-        f = _stack(
-            [p[f"feature_factors.{m}"] for p in param_sets for m in self.modalities]
-        ).unflatten(0, sets_by_modality)
+        # [S, M, R_t, T_max, T']. Rows past a modality's length add nothing: its features are
+        # zero there. Held per modality, each factor is cut to its length and zero-padded
+        q = _stack([self._token_factors(p, t_lens) for p in param_sets])
+        f = _stack([self._all(p, "feature_factors") for p in param_sets])  # [S, M, R_d, r, D]
         weights = (
             _stack([p["cp_weights"] for p in param_sets]) if self.cp_weights is not None else None
         )
@@ -312,8 +432,8 @@ class WanderFusion(nn.Module):
                 continue
             out = {}
             for i, (m, t) in enumerate(zip(self.modalities, t_lens, strict=True)):
-                u = p[f"up_tokens.{m}"][:t]  # [T, T']
-                delta = torch.einsum("bud,tu,de->bte", fused, u, p[f"up_features.{m}"])
+                u = self._one(p, "up_tokens", i)[:t]  # [T, T']
+                delta = torch.einsum("bud,tu,de->bte", fused, u, self._one(p, "up_features", i))
                 mask = masks.get(m)
                 if mask is not None:
                     delta = delta.masked_fill(mask.unsqueeze(-1), 0.0)
@@ -376,14 +496,14 @@ class WanderFusion(nn.Module):
         )
 
 
-def _stack(tensors: list[Tensor]) -> Tensor:
+def _stack(tensors: list[Tensor], dim: int = 0) -> Tensor:
     """``torch.stack``, or a free view for a single tensor."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim)
 
 
 def _first_tokens(factor: Tensor, length: int) -> Tensor:
-    """``factor[:, :length]`` (the factor itself when it is that long: no slice in the graph)."""
-    return factor if factor.shape[1] == length else factor[:, :length]
+    """``factor[..., :length, :]`` (itself when it is that long: no slice in the graph)."""
+    return factor if factor.shape[-2] == length else factor[..., :length, :]
 
 
 def _absent(
@@ -417,8 +537,30 @@ def _keep_rows(x: Tensor, mask: Tensor | None, t_max: int) -> Tensor:
     return F.pad(keep, (0, t_max - x.shape[1]), value=False)
 
 
+def _linear_init_(weight: Tensor, bias: Tensor) -> None:
+    """``nn.Linear``'s default initialisation of ``weight`` ``[out, in]`` and ``bias``."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    bound = 1.0 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0.0
+    nn.init.uniform_(bias, -bound, bound)
+
+
 def _anchor_name(param_name: str) -> str:
     return "anchor__" + param_name.replace(".", "__")
+
+
+def _modality_key(kind: str, m: str) -> str:
+    """The state-dict name of modality ``m``'s tensor of ``kind``: ``down.m.weight``, ..."""
+    if kind in ("down_weight", "down_bias"):
+        return f"down.{m}.{kind[5:]}"
+    return f"{kind}.{m}"
+
+
+def _stacked_names(kind: str) -> tuple[tuple[str, Callable[[str], str]], ...]:
+    """The stacked parameter of ``kind`` and its anchor, each with its per-modality names."""
+    return (
+        (kind, lambda m: _modality_key(kind, m)),
+        (_anchor_name(kind), lambda m: _anchor_name(_modality_key(kind, m))),
+    )
 
 
 def _apply(

@@ -429,3 +429,19 @@ def test_modalities_of_different_shapes_keep_one_tensor_each_where_they_differ()
     out_a, out_b = outputs_and_grads(stacked, xs)[0], outputs_and_grads(per_modality, xs)[0]
     for a, b in zip(out_a, out_b, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_state_dict_of_stacked_parameters_round_trips_through_a_safetensors_file(tmp_path):
+    """The per-modality entries are views of one tensor; safetensors writes them all the same."""
+    from safetensors.torch import load_file, save_file
+
+    stacked, _, xs = layouts("residual")
+    with torch.no_grad():
+        for p in stacked.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_file(stacked.state_dict(), tmp_path / "adapter.safetensors")
+    fresh, per_modality, _ = layouts("residual")
+    for layer in (fresh, per_modality):
+        layer.load_state_dict(load_file(tmp_path / "adapter.safetensors"))
+        for a, b in zip(layer(xs).values(), stacked(xs).values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -106,3 +106,19 @@ class _CausalEncoder(torch.nn.Module):
     def forward(self, x, attention_mask=None):
         scores = (x @ x.transpose(1, 2)).masked_fill(attention_mask == 0, float("-inf"))
         return self.proj(scores.softmax(-1) @ x)
+
+
+def adapter_grads(adapter) -> dict[str, torch.Tensor | None]:
+    """A Wander adapter's gradients by parameter, a stacked ``[M, ...]`` one split per modality.
+
+    A stacked parameter's gradient can be non-zero while one modality's slice of it is zero:
+    checks that every parameter trains must look at each slice.
+    """
+    grads: dict[str, torch.Tensor | None] = {}
+    for name, p in adapter.named_parameters():
+        if name in adapter.stacked_kinds:
+            for i, m in enumerate(adapter.modalities):
+                grads[f"{name}[{m}]"] = None if p.grad is None else p.grad[i]
+        else:
+            grads[name] = p.grad
+    return grads

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tests.helpers import adapter_grads
 from wander import WanderConfig, WanderFusion
 
 
@@ -25,15 +26,19 @@ def build(m=3, init="centered", output="fused", cp_mode="true", dims=None, lens=
 
 
 def nonzero_grads(layer):
-    return {
-        n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in layer.named_parameters()
-    }
+    """Whether each parameter's gradient is non-zero (each modality's, for a stacked one)."""
+    return {n: g is not None and bool(g.abs().sum() > 0) for n, g in adapter_grads(layer).items()}
 
 
 @pytest.mark.parametrize("m", range(2, 8))
 @pytest.mark.parametrize("output", ["fused", "residual"])
-def test_centered_init_is_identity_with_live_gradients(m, output):
-    layer, xs = build(m, output=output)
+@pytest.mark.parametrize("one_shape", [False, True])
+def test_centered_init_is_identity_with_live_gradients(m, output, one_shape):
+    names = [f"m{i}" for i in range(m)]
+    shapes = {"dims": dict.fromkeys(names, 4), "lens": dict.fromkeys(names, 3)}
+    layer, xs = build(m, output=output, **(shapes if one_shape else {}))
+    # all stacked, or only the feature factors: every modality's slice is checked below
+    assert ("token_factors" in layer.stacked_kinds) == one_shape
     out = layer(xs)
     values = out.values() if isinstance(out, dict) else [out]
     assert all(v.abs().max() == 0 for v in values)

@@ -329,13 +329,19 @@ def layouts(output, init="centered", dims=None, lens=None):
     """The same adapter (same seed, so the same initial values) in both parameter layouts."""
     dims = dims or dict.fromkeys(("a", "b", "c"), 6)
     lens = lens or dict.fromkeys(dims, 3)
-    cfg = WanderConfig(
-        bottleneck_dim=4, feature_rank=2, token_rank=2, num_fused_tokens=2, init=init, output=output
-    )
     built = []
     for stack in (True, False):
+        cfg = WanderConfig(
+            bottleneck_dim=4,
+            feature_rank=2,
+            token_rank=2,
+            num_fused_tokens=2,
+            init=init,
+            output=output,
+            stack_parameters=stack,
+        )
         torch.manual_seed(0)
-        built.append(WanderFusion(dims, lens, out_dim=5, config=cfg, stack_parameters=stack))
+        built.append(WanderFusion(dims, lens, out_dim=5, config=cfg))
     g = torch.Generator().manual_seed(1)
     xs = {k: torch.randn(4, lens[k], d, generator=g) for k, d in dims.items()}
     return *built, xs

@@ -474,6 +474,33 @@ def test_save_load_round_trip(tmp_path, base_model, batch, fused_dim):
         Wander.from_pretrained(two, tmp_path)
 
 
+@pytest.mark.parametrize("saved_stacked", [True, False])
+def test_an_adapter_saved_in_one_parameter_layout_loads_into_the_other(
+    tmp_path, base_model, batch, saved_stacked
+):
+    wander = Wander(base_model, RANKS, example_input=batch, stack_parameters=saved_stacked)
+    # the encoders share a width (down-projections stack), not a length (token factors don't)
+    assert wander.adapter.stacked_kinds == (
+        ("down_weight", "down_bias", "feature_factors") if saved_stacked else ()
+    )
+    train_steps(wander, batch)
+    with torch.no_grad():
+        expected = wander(batch)
+    wander.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["stack_parameters"] is saved_stacked
+    config_path.write_text(json.dumps({**config, "stack_parameters": not saved_stacked}))
+    torch.manual_seed(123)
+    fresh = LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2, dropout=0.0)
+    fresh.encoders.load_state_dict(base_model.encoders.state_dict())
+    loaded = Wander.from_pretrained(fresh.eval(), tmp_path)
+    assert bool(loaded.adapter.stacked_kinds) is not saved_stacked
+    assert loaded.load_report == {"missing_keys": [], "unexpected_keys": []}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), expected)
+
+
 def test_deep_copy_and_pickle_give_independent_working_models(base_model, batch):
     """A deep copy (an EMA model, a best-epoch snapshot) runs its own adapter through its own
     hooks, and the whole wrapped model survives ``torch.save``/``torch.load``."""

@@ -83,6 +83,13 @@ class WanderConfig:
         output_scale: constant multiplying the adapter's output (as LoRA's ``alpha / r``): with
             Adam, it sets how fast the output moves away from the base model's. 0.1 by default:
             at 1.0 the centred init moved the fused representation too fast in our benchmarks.
+        stack_parameters: hold each kind of per-modality parameter (down-projections, token
+            and feature factors, residual up-projections) as one ``[M, ...]`` tensor where every
+            modality's has the same shape: a few tensors for the optimiser instead of a few per
+            modality, and no stacking on each call. ``False`` keeps one tensor per modality
+            (e.g. for a learning rate per modality). Results are the same either way, and so is
+            the state dict: one entry per modality (``down.<m>.weight``, ``token_factors.<m>``,
+            ...), so a checkpoint loads into both layouts.
         target_modules: modality → dotted path of the module whose output is that modality's
             sequence. ``None``: the mmcore contract, ``encoders.<modality>``.
         fusion_module: dotted path of the module that consumes the encoder outputs. ``None``:
@@ -107,6 +114,7 @@ class WanderConfig:
     normalize_inputs: bool = True
     dropout: float = 0.0
     output_scale: float = 0.1
+    stack_parameters: bool = True
     target_modules: dict[str, str] | None = None
     fusion_module: str | None = None
     modules_to_save: list[str] | None = None

@@ -44,14 +44,6 @@ class WanderFusion(nn.Module):
             are accepted and treated as right-padded; longer ones raise a ``ValueError``.
         out_dim: ``D``, the feature size of the fused tokens.
         config: ranks, modes and init (see :class:`~wander.config.WanderConfig`).
-        stack_parameters: hold each kind of per-modality parameter (down-projections, token
-            and feature factors, residual up-projections) as one ``[M, ...]`` tensor where every
-            modality's has the same shape: a few tensors for the optimiser instead of a few per
-            modality, and no stacking on each call. ``False`` keeps one tensor per modality
-            (e.g. for a learning rate per modality). The state dict is the same either way,
-            one entry per modality (``down.<m>.weight``, ``token_factors.<m>``, ...), so a
-            checkpoint loads into both layouts.
-
     Shapes:
         ``forward(xs, padding_masks, presence)`` takes ``xs[m]`` ``[B, T, D_m]`` (or
         ``[B, D_m]``), optional bool ``[B, T]`` masks (``True`` = padding) and optional bool
@@ -72,8 +64,6 @@ class WanderFusion(nn.Module):
         seq_lens: Mapping[str, int],
         out_dim: int,
         config: WanderConfig,
-        *,
-        stack_parameters: bool = True,
     ) -> None:
         super().__init__()
         if set(hidden_dims) != set(seq_lens):
@@ -97,10 +87,9 @@ class WanderFusion(nn.Module):
         )
         r_in = r + int(config.bias_augment)
         n_mod = len(self.modalities)
-        self.stack_parameters = stack_parameters
         # modalities of one hidden size (as in a transformer) share every bottleneck kernel call
         self.stack_modalities = len(set(self.hidden_dims.values())) == 1
-        if stack_parameters and self.stack_modalities:
+        if config.stack_parameters and self.stack_modalities:
             d_in = self.hidden_dims[self.modalities[0]]
             self.down_weight = nn.Parameter(torch.empty(n_mod, r, d_in))
             self.down_bias = nn.Parameter(torch.empty(n_mod, r))
@@ -198,7 +187,7 @@ class WanderFusion(nn.Module):
     ) -> nn.Parameter | nn.ParameterDict:
         """One parameter per modality: a single ``[M, ...]`` one where the shapes agree."""
         shapes = {m: shape_of(m) for m in self.modalities}
-        if self.stack_parameters and len(set(shapes.values())) == 1:
+        if self.config.stack_parameters and len(set(shapes.values())) == 1:
             return nn.Parameter(torch.empty(len(shapes), *shapes[self.modalities[0]]))
         return nn.ParameterDict(
             {m: nn.Parameter(torch.empty(shape)) for m, shape in shapes.items()}

@@ -68,7 +68,31 @@ def test_shape_sweep_runs_only_when_named_and_every_shape_is_under_five_percent(
     for name in ws.SHAPES:
         model = wt.build_method(name, base, train, ws.SETTINGS, seed=0)
         assert 100 * count_parameters(model, trainable_only=True) / backbone < 5, name
-    assert s["wander_variants"]["Wander (r=4, tiled)"] in ws.SHAPES.values()
+    chosen = dict(s["wander_variants"]["Wander (r=4, tiled)"])
+    chosen.pop("interaction_init")  # chosen afterwards, by wander-uci-init
+    assert chosen in ws.SHAPES.values()
+
+
+def test_init_sweep_runs_only_when_named_and_tries_every_pair_beside_lora(
+    tmp_path, tiny, monkeypatch
+):
+    assert "wander-uci-init" not in _resolve_tasks(None, "quick") + _resolve_tasks(None, "full")
+    variants = ws.init_variants()
+    assert len(variants) == len(ws.OUTPUT_SCALES) * len(ws.INTERACTION_INITS)
+    knobs = {"output_scale", "interaction_init"}
+    reported = wt.UCI_SETTINGS["wander_variants"]["Wander (r=4, tiled)"]
+    for options in variants.values():  # the reported variant; only the two knobs move
+        assert {k: v for k, v in options.items() if k not in knobs} == {
+            k: v for k, v in reported.items() if k not in knobs
+        }
+    monkeypatch.setattr(ws, "OUTPUT_SCALES", (0.1, 1.0))
+    monkeypatch.setattr(ws, "INTERACTION_INITS", (0.1,))
+    monkeypatch.setattr(ws, "DRAWS", 1)
+    results = run_tasks(["wander-uci-init"], profile="quick", seeds=[0], out_dir=tmp_path)
+    assert not results["failures"], results["failures"]
+    rows = [(r["method"], r["dataset"]) for r in results["records"]]
+    assert [m for m, _ in rows] == ["LoRA (peft)", "scale 0.1, ε 0.1", "scale 1, ε 0.1"]
+    assert len({d for _, d in rows}) == 1  # one table, paired against LoRA
 
 
 def test_lr_sweep_runs_only_when_named_and_gives_one_table_per_method(tmp_path, tiny, monkeypatch):

@@ -347,9 +347,9 @@ def layouts(output, init="centered", dims=None, lens=None):
     return *built, xs
 
 
-def outputs_and_grads(layer, xs):
+def outputs_and_grads(layer, xs, masks=None):
     layer.zero_grad()
-    out = layer(xs)
+    out = layer(xs, masks)
     values = list(out.values()) if isinstance(out, dict) else [out]
     sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in values).backward()
     return values, {k: v.grad.clone() for k, v in layer.named_parameters()}
@@ -379,24 +379,31 @@ def test_stacked_parameters_are_few_and_their_state_dict_is_per_modality(output,
 
 
 @pytest.mark.parametrize("output", ["fused", "residual"])
-def test_both_layouts_compute_the_same_and_load_each_others_state(output):
+@pytest.mark.parametrize("ragged", [False, True])
+def test_both_layouts_compute_the_same_and_load_each_others_state(output, ragged):
     stacked, per_modality, xs = layouts(output)
+    masks = None
+    if ragged:  # one input shorter than built for, one with padding: the stacked token factors
+        xs = {**xs, "b": xs["b"][:, :2]}  # are read past those lengths, on zero features
+        masks = {"c": torch.tensor([[False, False, True]] * 4)}
     with torch.no_grad():
         for p in stacked.parameters():
             p.add_(0.1 * torch.randn_like(p))  # away from the zero-output init
     per_modality.load_state_dict(stacked.state_dict())
-    out_a, grads_a = outputs_and_grads(stacked, xs)
-    out_b, grads_b = outputs_and_grads(per_modality, xs)
+    out_a, grads_a = outputs_and_grads(stacked, xs, masks)
+    out_b, grads_b = outputs_and_grads(per_modality, xs, masks)
     for a, b in zip(out_a, out_b, strict=True):
         assert a.abs().max() > 0
         torch.testing.assert_close(a, b)
     # a stacked parameter's gradient holds each modality's, in the state dict's order
-    for i, m in enumerate(stacked.modalities):
-        torch.testing.assert_close(grads_a["down_weight"][i], grads_b[f"down.{m}.weight"])
-        torch.testing.assert_close(grads_a["feature_factors"][i], grads_b[f"feature_factors.{m}"])
+    assert len(stacked.stacked_kinds) >= 4
+    for kind in stacked.stacked_kinds:
+        for i, m in enumerate(stacked.modalities):
+            key = f"down.{m}.{kind[5:]}" if kind.startswith("down_") else f"{kind}.{m}"
+            torch.testing.assert_close(grads_a[kind][i], grads_b[key])
     fresh, _, _ = layouts(output)
     fresh.load_state_dict(per_modality.state_dict())  # and back
-    for a, b in zip(outputs_and_grads(fresh, xs)[0], out_a, strict=True):
+    for a, b in zip(outputs_and_grads(fresh, xs, masks)[0], out_a, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -43,7 +43,9 @@ class WanderFusion(nn.Module):
         seq_lens: modality → maximum sequence length ``T_m`` (vectors: 1). Shorter sequences
             are accepted and treated as right-padded; longer ones raise a ``ValueError``.
         out_dim: ``D``, the feature size of the fused tokens.
-        config: ranks, modes and init (see :class:`~wander.config.WanderConfig`).
+        config: ranks, modes and init (see :class:`~wander.config.WanderConfig`; its
+            ``stack_parameters`` chooses the parameter layout).
+
     Shapes:
         ``forward(xs, padding_masks, presence)`` takes ``xs[m]`` ``[B, T, D_m]`` (or
         ``[B, D_m]``), optional bool ``[B, T]`` masks (``True`` = padding) and optional bool
@@ -202,7 +204,7 @@ class WanderFusion(nn.Module):
         for kind in _KINDS:
             if kind in self.stacked_kinds:
                 params[kind] = self._parameters[kind]  # type: ignore[assignment]
-            elif kind in ("down_weight", "down_bias"):
+            elif kind == "down_weight":  # nn.Linear per modality: its bias too
                 for m in self.modalities:
                     down = cast(nn.Linear, self.down[m])
                     params[f"down.{m}.weight"], params[f"down.{m}.bias"] = down.weight, down.bias

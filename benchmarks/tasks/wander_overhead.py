@@ -8,7 +8,9 @@ time does not depend on the weights) on the same real UCI features with wider ba
 larger batches, and reports each step as a ratio to head-only, so the report shows how the
 ratio changes as the backbone's own work grows. At the first size, head-only, Houlsby and
 Wander are timed again with every model through ``torch.compile`` (inductor), which fuses
-most of those small calls: the same ratio when the fixed cost is compiled away.
+most of those small calls: the same ratio when the fixed cost is compiled away. Then once more
+with only Wander's adapter compiled (``wander.adapter.compile()``) beside eager head-only: what
+a user gets by compiling the adapter alone, leaving their own model as it is.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from benchmarks.training import step_time_records, steps_per_round
 SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
 #: timed again through ``torch.compile`` at the first size, where the step is fixed cost
 COMPILED = ("head-only", "Houlsby adapter", "Wander", "Wander (r=4, tiled)")
+#: timed again at the first size with only Wander's adapter compiled, beside eager head-only
+ADAPTER_COMPILED = ("head-only", "Wander", "Wander (r=4, tiled)")
 
 
 def sized_settings(width: int, hidden: int, batch_size: int) -> dict:
@@ -88,6 +92,22 @@ def run(ctx: RunContext) -> list[dict]:
                 "head-only",
                 dataset=f"uci-mfeat 5-9, {name}, every method through torch.compile",
                 config={**config, "compiled": True},
+            )
+            ctx.progress(f"{name}, Wander's adapter through torch.compile")
+            seconds = step_times(
+                base,
+                train,
+                settings,
+                F.cross_entropy,
+                ctx.seed,
+                only=ADAPTER_COMPILED,
+                adapter_compiled=True,
+            )
+            records += step_time_records(
+                seconds,
+                "head-only",
+                dataset=f"uci-mfeat 5-9, {name}, only Wander's adapter through torch.compile",
+                config={**config, "adapter_compiled": True},
             )
     return records
 
@@ -153,7 +173,8 @@ register_task(
             "on real UCI mfeat features as the late-fusion backbone widens and the batch grows "
             "(the first size is wander-uci-transfer's): ratio to head-only and overhead in ms, "
             "median over interleaved rounds; at the first size also head-only, Houlsby and "
-            "Wander all through torch.compile (ratio to compiled head-only)."
+            "Wander all through torch.compile (ratio to compiled head-only), and Wander with only "
+            "its adapter compiled (ratio to eager head-only)."
         ),
         run=run,
         plots=plot_memory,

@@ -180,18 +180,23 @@ def step_times(
     *,
     only: Sequence[str] | None = None,
     compiled: bool = False,
+    adapter_compiled: bool = False,
 ) -> dict[str, float]:
     """Seconds per training step of every method: fresh copies, one batch, interleaved rounds.
 
     ``calls`` steps per method and round (median over 7 rounds). ``only``: these methods
     instead of all. ``compiled``: each model through ``torch.compile`` (inductor; compiled in
-    the warm-up, which is not timed).
+    the warm-up, which is not timed). ``adapter_compiled``: only a Wander model's adapter
+    module through it (``model.adapter.compile()``), the base model and every other method
+    eager.
     """
     batch = next(iter(train.split(settings["batch_size"])))
     steps = {}
     for method in only or methods(settings):
         model = build_method(method, base, train, settings, seed).train()
         optimiser = make_optimizer(model, lr=settings["lr"][method])
+        if adapter_compiled and isinstance(model, Wander):
+            model.adapter.compile()
         forward = torch.compile(model) if compiled else model
         steps[method] = functools.partial(train_step, forward, optimiser, batch, loss_fn)
     return median_times(steps, rounds=7, calls=calls)

@@ -1,6 +1,7 @@
 """The Wander benchmark tasks run end to end (tiny budgets) and record every method."""
 
 import pytest
+import torch
 
 from benchmarks.backbones import LateFusionModel
 from benchmarks.cli import _resolve_tasks
@@ -147,12 +148,24 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
 
     monkeypatch.setattr(wander_overhead, "SIZES", ((8, 16, 8), (16, 32, 16)))
     monkeypatch.setattr(wander_overhead, "COMPILED", ("head-only", "Wander"))
+    monkeypatch.setattr(wander_overhead, "ADAPTER_COMPILED", ("head-only", "Wander"))
+    compiled_modules = []
+    module_compile = torch.nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        compiled_modules.append(type(self).__name__)
+        return module_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
     results = run_tasks(["wander-step-overhead"], profile="quick", seeds=[0], out_dir=tmp_path)
     assert not results["failures"], results["failures"]
     records = results["records"]
     compiled = [r for r in records if r["config"].get("compiled")]
+    adapter_compiled = [r for r in records if r["config"].get("adapter_compiled")]
     memory = [r for r in records if r["dataset"].endswith(", memory")]
-    records = [r for r in records if not r["config"].get("compiled") and r not in memory]
+    records = [
+        r for r in records if r not in compiled and r not in adapter_compiled and r not in memory
+    ]
     assert len({r["dataset"] for r in records}) == len({r["dataset"] for r in memory}) == 2
     # memory per step at each size: full fine-tuning holds the most, head-only the least
     for dataset in {r["dataset"] for r in memory}:
@@ -171,7 +184,11 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
     # the first size again, every model through torch.compile, its own head-only as reference
     assert [r["method"] for r in compiled] == list(wander_overhead.COMPILED)
     assert all("torch.compile" in r["dataset"] and "width 8," in r["dataset"] for r in compiled)
-    records += compiled
+    # and with only Wander's adapter compiled, beside eager head-only
+    assert [r["method"] for r in adapter_compiled] == ["head-only", "Wander"]
+    assert compiled_modules == ["WanderFusion"]  # the adapter alone, once
+    assert all("only Wander's adapter" in r["dataset"] for r in adapter_compiled)
+    records += compiled + adapter_compiled
     for r in records:
         assert r["metrics"]["ms_per_step"] > 0
         if r["method"] == "head-only":

@@ -329,22 +329,11 @@ def layouts(output, init="centered", dims=None, lens=None):
     """The same adapter (same seed, so the same initial values) in both parameter layouts."""
     dims = dims or dict.fromkeys(("a", "b", "c"), 6)
     lens = lens or dict.fromkeys(dims, 3)
-    built = []
-    for stack in (True, False):
-        cfg = WanderConfig(
-            bottleneck_dim=4,
-            feature_rank=2,
-            token_rank=2,
-            num_fused_tokens=2,
-            init=init,
-            output=output,
-            stack_parameters=stack,
-        )
-        torch.manual_seed(0)
-        built.append(WanderFusion(dims, lens, out_dim=5, config=cfg))
-    g = torch.Generator().manual_seed(1)
-    xs = {k: torch.randn(4, lens[k], d, generator=g) for k, d in dims.items()}
-    return *built, xs
+    (stacked, xs), (per_modality, _) = (
+        build(init=init, output=output, dims=dims, lens=lens, stack_parameters=stack)
+        for stack in (True, False)
+    )
+    return stacked, per_modality, xs
 
 
 def outputs_and_grads(layer, xs, masks=None):
@@ -385,7 +374,7 @@ def test_both_layouts_compute_the_same_and_load_each_others_state(output, ragged
     masks = None
     if ragged:  # one input shorter than built for, one with padding: the stacked token factors
         xs = {**xs, "b": xs["b"][:, :2]}  # are read past those lengths, on zero features
-        masks = {"c": torch.tensor([[False, False, True]] * 4)}
+        masks = {"c": torch.tensor([[False, False, True]] * 6)}
     with torch.no_grad():
         for p in stacked.parameters():
             p.add_(0.1 * torch.randn_like(p))  # away from the zero-output init

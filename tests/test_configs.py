@@ -25,6 +25,7 @@ BAD = [
     (WanderConfig, {"interaction_init": -0.1}, "interaction_init must be >= 0"),
     (WanderConfig, {"interaction_init": math.nan}, "interaction_init must be >= 0"),
     (WanderConfig, {"output_scale": 0.0}, "output_scale must be > 0"),
+    (WanderConfig, {"stack_parameters": "yes"}, "stack_parameters must be True or False"),
     (WanderConfig, {"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     (WanderConfig, {"dropout": math.nan}, r"dropout must be in \[0, 1\)"),
     (WanderConfig, {"target_modules": {"text": "enc"}}, "at least 2 modality names"),

@@ -136,6 +136,10 @@ class WanderConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        if not isinstance(self.stack_parameters, bool):
+            raise ValueError(
+                f"stack_parameters must be True or False, got {self.stack_parameters!r}."
+            )
         if not self.interaction_init >= 0:
             raise ValueError(f"interaction_init must be >= 0, got {self.interaction_init}.")
         if not self.output_scale > 0:

@@ -328,6 +328,8 @@ def call_padding_mask(
     module. A mask whose first axis is not ``batch_size`` (the module output's) is no
     per-sample padding mask.
     """
+    if not kwargs:  # the common call, module(x): nothing to read
+        return None
 
     def per_sample(name: str) -> Tensor | None:
         mask = kwargs.get(name)

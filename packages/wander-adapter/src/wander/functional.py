@@ -162,6 +162,11 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
 _SAVED_PROJECTIONS_MAX = 1 << 18
 
 
+def recompute_projections(z: Tensor) -> bool:
+    """Whether a backward recomputes the projections ``z`` rather than the forward saving them."""
+    return z.numel() > _SAVED_PROJECTIONS_MAX
+
+
 class _CPFusion(torch.autograd.Function):
     """``F = Σ_{jk} λ_jk ⊙_m Q_m^{jᵀ} H_m P_m^k`` with a hand-written backward.
 
@@ -188,7 +193,7 @@ class _CPFusion(torch.autograd.Function):
         # those few kernel calls would cost more than the memory is worth
         k, n = trainable, trainable * h.shape[1]
         saved = [h, q, p, w, h_t[:n], q_flat[:n], p_flat[:n], g[:n]]
-        ctx.recompute = z.numel() > _SAVED_PROJECTIONS_MAX
+        ctx.recompute = recompute_projections(z)
         ctx.save_for_backward(*saved, *(() if ctx.recompute else (z[:k], prod[:k])))
         ctx.trainable = trainable
         return out
@@ -202,7 +207,8 @@ class _CPFusion(torch.autograd.Function):
             parts = _fusion_parts(h, q, p, w)[:-1]
         elif ctx.recompute:
             parts = [*parts, *_projections(parts[3], parts[2], h.shape, q.shape, p.shape)]
-        grads = _CPFusion._input_grads(ctx, grad_out[:k], h, q, p, w, parts)
+        needs = tuple(ctx.needs_input_grad[:4])
+        grads = fusion_input_grads(needs, grad_out[:k], h.shape, q, p, w, parts)
         if k < n_sets:  # the constant sets get zeros: one fill per input
             grads = [
                 None if x is None else torch.cat([x, x.new_zeros(n_sets - k, *x.shape[1:])])
@@ -210,39 +216,44 @@ class _CPFusion(torch.autograd.Function):
             ]
         return *grads, None
 
-    @staticmethod
-    def _input_grads(
-        ctx: Any,
-        grad_out: Tensor,
-        h: Tensor,
-        q: Tensor,
-        p: Tensor,
-        w: Tensor,
-        parts: Sequence[Tensor],
-    ) -> list[Tensor | None]:
-        """Gradients of ``h, q, p, w`` for the sets they hold (the trainable ones)."""
-        h_t, q_flat, p_flat, g, z, prod = parts
-        s, m, b, t, r = h.shape
-        rt, t_out, rd, d = q.shape[2], q.shape[4], p.shape[2], p.shape[4]
-        n, a, kd = s * m, rt * t_out, rd * d
-        grad = grad_out.to(z.dtype).transpose(1, 2).reshape(s, 1, t_out, b, 1, d)
-        grad_w = (grad * prod).sum(dim=(2, 3, 5)) if ctx.needs_input_grad[3] else None
-        grad_prod = grad * w.view(s, rt, 1, 1, rd, 1)  # [S, R_t, T', B, R_d, D]
-        grad_z = torch.stack(_products_of_the_others(z.unbind(1), grad_prod), dim=1)
-        grad_z = grad_z.view(n, a * b, kd)
-        grad_p = grad_q = grad_h = None
-        if ctx.needs_input_grad[2]:
-            dp = torch.bmm(g.transpose(1, 2), grad_z)  # [N, r, (k d)]
-            grad_p = dp.view(s, m, r, rd, d).transpose(2, 3)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_g = torch.bmm(grad_z, p_flat.transpose(1, 2)).view(n, a, b * r)
-            if ctx.needs_input_grad[1]:
-                dq = torch.bmm(grad_g, h_t.transpose(1, 2))  # [N, (j u), T]
-                grad_q = dq.view(s, m, rt, t_out, t).transpose(3, 4)
-            if ctx.needs_input_grad[0]:
-                dh = torch.bmm(q_flat.transpose(1, 2), grad_g)  # [N, T, B r]
-                grad_h = dh.view(n, t, b, r).transpose(1, 2).reshape(s, m, b, t, r)
-        return [grad_h, grad_q, grad_p, grad_w]
+
+def fusion_input_grads(
+    needs: Sequence[bool],
+    grad_out: Tensor,
+    h_shape: torch.Size,
+    q: Tensor,
+    p: Tensor,
+    w: Tensor,
+    parts: Sequence[Tensor],
+) -> list[Tensor | None]:
+    """Gradients of ``h, q, p, w`` (those ``needs`` asks for) from the forward's ``parts``.
+
+    For the sets that ``grad_out`` ``[S, B, T', D]``, ``q``, ``p``, ``w`` and the intermediates
+    ``parts`` (``h_t, q_flat, p_flat, g, z, prod`` of :func:`_fusion_parts`) hold;
+    ``h_shape`` is ``h``'s shape for those sets.
+    """
+    h_t, q_flat, p_flat, g, z, prod = parts
+    s, m, b, t, r = h_shape
+    rt, t_out, rd, d = q.shape[2], q.shape[4], p.shape[2], p.shape[4]
+    n, a, kd = s * m, rt * t_out, rd * d
+    grad = grad_out.to(z.dtype).transpose(1, 2).reshape(s, 1, t_out, b, 1, d)
+    grad_w = (grad * prod).sum(dim=(2, 3, 5)) if needs[3] else None
+    grad_prod = grad * w.view(s, rt, 1, 1, rd, 1)  # [S, R_t, T', B, R_d, D]
+    grad_z = torch.stack(_products_of_the_others(z.unbind(1), grad_prod), dim=1)
+    grad_z = grad_z.view(n, a * b, kd)
+    grad_p = grad_q = grad_h = None
+    if needs[2]:
+        dp = torch.bmm(g.transpose(1, 2), grad_z)  # [N, r, (k d)]
+        grad_p = dp.view(s, m, r, rd, d).transpose(2, 3)
+    if needs[0] or needs[1]:
+        grad_g = torch.bmm(grad_z, p_flat.transpose(1, 2)).view(n, a, b * r)
+        if needs[1]:
+            dq = torch.bmm(grad_g, h_t.transpose(1, 2))  # [N, (j u), T]
+            grad_q = dq.view(s, m, rt, t_out, t).transpose(3, 4)
+        if needs[0]:
+            dh = torch.bmm(q_flat.transpose(1, 2), grad_g)  # [N, T, B r]
+            grad_h = dh.view(n, t, b, r).transpose(1, 2).reshape(s, m, b, t, r)
+    return [grad_h, grad_q, grad_p, grad_w]
 
 
 def _fusion_parts(h: Tensor, q: Tensor, p: Tensor, w: Tensor) -> tuple[Tensor, ...]:
@@ -271,19 +282,7 @@ def _projections(
     rt, t_out, rd, d = q_shape[2], q_shape[4], p_shape[2], p_shape[4]
     # the set count spelled out: with an empty batch, -1 would be ambiguous
     z = torch.bmm(g, p_flat).view(g.shape[0] // m, m, rt, t_out, b, rd, d)
-    return z, _product(z.unbind(1))
-
-
-def _product(factors: Sequence[Tensor]) -> Tensor:
-    """Elementwise product of ``factors``.
-
-    ``M − 1`` multiplies: cheaper than ``prod`` over a strided axis for the handful of
-    modalities an adapter fuses.
-    """
-    result = factors[0]
-    for factor in factors[1:]:
-        result = result * factor
-    return result
+    return z, z.prod(dim=1)
 
 
 def _products_of_the_others(factors: Sequence[Tensor], scale: Tensor) -> list[Tensor]:

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from mmcore import check_module_names
 from wander.config import WanderConfig
 from wander.functional import fusion_product_stacked, pad_tokens
+from wander.fused import PARAMETERS as _FUSED
+from wander.fused import bottleneck_fusion
 
 __all__ = ["WanderFusion"]
 
@@ -114,6 +116,13 @@ class WanderFusion(nn.Module):
         #: the kinds of per-modality parameter held as one ``[M, ...]`` tensor
         self.stacked_kinds = tuple(
             kind for kind in _KINDS if isinstance(self._parameters.get(kind), nn.Parameter)
+        )
+        # the whole forward as one autograd node (wander.fused) serves this layout
+        self._fast_path = (
+            set(_FUSED[:4]) <= set(self.stacked_kinds)
+            and config.cp_mode == "true"
+            and self.gate is None
+            and not self.residual
         )
         self.reset_parameters()
 
@@ -447,6 +456,9 @@ class WanderFusion(nn.Module):
         masks = dict(padding_masks or {})
         scale = self.config.output_scale
         params = self._current()
+        fast = self._fast_output(xs, masks, presence or {}, params)
+        if fast is not None:
+            return self.output_dropout(fast)
         if self.config.init != "centered":
             (out,) = self._core(xs, masks, [params], presence=presence)
             return _apply(out, lambda v: self.output_dropout(scale * v))
@@ -468,6 +480,48 @@ class WanderFusion(nn.Module):
             return {m: self.output_dropout(scale * (out[m] - anchors[m])) for m in out}
         return self.output_dropout(scale * (out - cast(Tensor, anchor)))
 
+    def _fast_output(
+        self,
+        xs: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor | None],
+        presence: Mapping[str, Tensor | None],
+        params: Mapping[str, Tensor],
+    ) -> Tensor | None:
+        """The output through :func:`~wander.fused.bottleneck_fusion`, where it applies.
+
+        Stacked parameters, inputs of one length and dtype, no padding or missing samples,
+        ``cp_mode="true"``, fused output without a gate, autocast off; ``None`` otherwise
+        (the general path then computes the same).
+        """
+        if not self._fast_path or any(v is not None for v in (*masks.values(), *presence.values())):
+            return None
+        first = params["feature_factors"]
+        inputs = [self._checked(m, xs[m], first.device) for m in self.modalities]
+        t = inputs[0].shape[1]
+        if any(x.shape[1] != t or x.dtype != first.dtype for x in inputs) or _autocast_on(
+            first.device.type
+        ):
+            return None
+        x = torch.stack(inputs)  # [M, B, T, D]
+        if self.config.normalize_inputs:
+            x = F.layer_norm(x, (x.shape[-1],))
+        tensors = [
+            _first_tokens(params[k], t) if k == "token_factors" else params[k] for k in _FUSED
+        ]
+        anchors = None
+        if self.config.init == "centered":
+            anchors = [
+                _first_tokens(a, t) if k == "token_factors" else a
+                for k, a in zip(_FUSED, self._anchors(_FUSED).values(), strict=True)
+            ]
+        return bottleneck_fusion(
+            x,
+            tensors,
+            anchors,
+            bias_augment=self.config.bias_augment,
+            scale=self.config.output_scale,
+        )
+
     def raw_output(
         self,
         xs: Mapping[str, Tensor],
@@ -485,6 +539,15 @@ class WanderFusion(nn.Module):
             f"R_t={c.token_rank}, T'={c.fused_tokens}, D={self.out_dim}, cp_mode={c.cp_mode}, "
             f"init={c.init}, output={c.output}"
         )
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 
 def _stack(tensors: list[Tensor], dim: int = 0) -> Tensor:

@@ -451,11 +451,9 @@ class Wander(nn.Module):
         fused = cast(Tensor, self._adapter_output(self._consumer_call(args, kwargs)))  # [B, T', D]
         if not isinstance(output, Tensor):
             raise TypeError(f"Wander: fusion module output {_describe(output)} is not a tensor.")
-        if fused.shape[-1] != output.shape[-1]:  # fused_dim: tiled to the output size
-            fused = fused.repeat(1, 1, output.shape[-1] // fused.shape[-1])
         fused = fused.to(output.dtype)  # the base model's output type, whatever the adapter's
-        if output.ndim == 2:
-            return output + fused.mean(dim=1)
+        if output.ndim == 2:  # one vector: the fused tokens' mean (a free view for one token)
+            return _add_tiled(output, fused[:, 0] if fused.shape[1] == 1 else fused.mean(dim=1))
         t_out = fused.shape[1]
         if output.shape[1] < t_out:
             raise ValueError(
@@ -464,7 +462,7 @@ class Wander(nn.Module):
                 f"Pad the inputs so that it outputs at least {t_out}, or build the adapter with "
                 "num_fused_tokens no larger than the shortest output."
             )
-        return torch.cat([output[:, :t_out] + fused, output[:, t_out:]], dim=1)
+        return torch.cat([_add_tiled(output[:, :t_out], fused), output[:, t_out:]], dim=1)
 
     def _add_residuals(
         self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -790,6 +788,19 @@ def _adapter_placement(model: nn.Module) -> dict[str, Any]:
     if weight is None:
         return {}
     return {"device": weight.device, "dtype": trainable_dtype(weight.dtype)}
+
+
+def _add_tiled(output: Tensor, fused: Tensor) -> Tensor:
+    """``output + fused``, ``fused`` tiled along the feature axis to ``output``'s size.
+
+    A broadcast add over a view (``fused_dim`` divides the output size, checked at build):
+    ``repeat`` would copy the fused tokens first, and its backward costs as much again.
+    """
+    d, d_fused = output.shape[-1], fused.shape[-1]
+    if d == d_fused:
+        return output + fused
+    tiled = output.unflatten(-1, (d // d_fused, d_fused)) + fused.unsqueeze(-2)
+    return tiled.flatten(-2)
 
 
 def _thread_key() -> int:

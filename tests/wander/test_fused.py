@@ -167,3 +167,15 @@ def test_inputs_shorter_than_built_for_take_the_one_node_path_alike():
     torch.testing.assert_close(fast, slow)
     for name, g in slow_grads.items():
         torch.testing.assert_close(fast_grads[name], g, msg=name)
+
+
+def test_the_one_node_path_traces_under_torch_compile():
+    """Dynamo traces the Function, forward and hand-written backward, into one graph: the
+    compiled layer gives eager's values and gradients."""
+    layer, xs = layer_and_inputs()
+    eager, eager_grads = outputs_and_grads(layer, xs)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out, grads = outputs_and_grads(compiled, xs)
+    torch.testing.assert_close(out, eager)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(grads[f"_orig_mod.{name}"], g, msg=name)

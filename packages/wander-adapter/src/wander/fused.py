@@ -128,7 +128,7 @@ class _BottleneckFusion(torch.autograd.Function):
         ctx.recompute = recompute_projections(z)
         ctx.save_for_backward(
             x,
-            weight,
+            weight if k > 1 or ctx.needs_input_grad[0] else None,  # for the inputs' gradient
             *tensors,
             pre.view(m, b * t, n_sets, r)[:, :, :k],
             h_t[: k * m],

@@ -324,7 +324,11 @@ class Wander(nn.Module):
         A new one where the base model's pre-hook did not run in this thread: activation
         checkpointing recomputing target modules in the backward.
         """
-        return self._calls.setdefault(_thread_key(), _Call())
+        key = _thread_key()
+        call = self._calls.get(key)
+        if call is None:  # no new _Call on every hook's call: setdefault would build one
+            call = self._calls[key] = _Call()
+        return call
 
     def _on_base_call(
         self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

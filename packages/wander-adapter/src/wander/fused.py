@@ -66,8 +66,11 @@ def bottleneck_fusion(
     """
     if len(params) != len(PARAMETERS) or (anchors is not None and len(anchors) != len(params)):
         raise ValueError(f"bottleneck_fusion takes the tensors {PARAMETERS} (and their anchors).")
+    # decided here, not from ctx.needs_input_grad inside forward, which torch.compile cannot
+    # trace on torch 2.2
+    inputs_need_grad = torch.is_grad_enabled() and x.requires_grad
     return _BottleneckFusion.apply(
-        x, bias_augment, scale, len(anchors or ()), *params, *anchors or ()
+        x, bias_augment, scale, inputs_need_grad, len(anchors or ()), *params, *anchors or ()
     )
 
 
@@ -100,7 +103,13 @@ def bottleneck_fusion_reference(
 class _BottleneckFusion(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, bias_augment: bool, scale: float, n_anchors: int, *tensors: Tensor
+        ctx: Any,
+        x: Tensor,
+        bias_augment: bool,
+        scale: float,
+        inputs_need_grad: bool,
+        n_anchors: int,
+        *tensors: Tensor,
     ) -> Tensor:
         params, anchors = tensors[:5], tensors[5:]
         sets = [params, anchors] if n_anchors else [params]
@@ -124,11 +133,11 @@ class _BottleneckFusion(torch.autograd.Function):
         # inputs need a gradient (the anchor half depends on them): the first k sets, the
         # first k M rows of the intermediates flattened over (set, modality). z and its
         # product are recomputed in the backward when large, as _CPFusion does
-        k = n_sets if ctx.needs_input_grad[0] else 1
+        k = n_sets if inputs_need_grad else 1
         ctx.recompute = recompute_projections(z)
         ctx.save_for_backward(
             x,
-            weight if k > 1 or ctx.needs_input_grad[0] else None,  # for the inputs' gradient
+            weight if inputs_need_grad else None,  # for the inputs' gradient
             *tensors,
             pre.view(m, b * t, n_sets, r)[:, :, :k],
             h_t[: k * m],
@@ -149,8 +158,8 @@ class _BottleneckFusion(torch.autograd.Function):
         params, anchors = tensors[:5], tensors[5:]
         if torch.is_grad_enabled():  # create_graph: differentiate the op-by-op computation
             grads = _BottleneckFusion._differentiable_backward(ctx, grad, x, params, anchors)
-            return (grads[0], None, None, None, *grads[1:], *(None,) * ctx.n_anchors)
-        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[4:9]
+            return (grads[0], None, None, None, None, *grads[1:], *(None,) * ctx.n_anchors)
+        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[5:10]
         k, (_, m, b, t, _) = ctx.k, ctx.h_shape
         r = params[0].shape[1]
         sets = [params, anchors][:k]
@@ -185,7 +194,7 @@ class _BottleneckFusion(torch.autograd.Function):
             grad_bias,
             *(None if gr is None else gr[0] for gr in (grad_q, grad_p, grad_w)),
         ]
-        return (grad_x, None, None, None, *param_grads, *(None,) * ctx.n_anchors)
+        return (grad_x, None, None, None, None, *param_grads, *(None,) * ctx.n_anchors)
 
     @staticmethod
     def _differentiable_backward(
@@ -193,7 +202,7 @@ class _BottleneckFusion(torch.autograd.Function):
     ) -> list[Tensor | None]:
         """The gradients of ``x`` and ``params`` as functions of them (``create_graph``)."""
         inputs = [x, *params]
-        flags = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:9])
+        flags = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:10])
         needed = [i for i, flag in enumerate(flags) if flag]
         with torch.enable_grad():
             out = bottleneck_fusion_reference(

@@ -541,13 +541,28 @@ class WanderFusion(nn.Module):
         )
 
 
-def _autocast_on(device_type: str) -> bool:
+def _takes_device_type() -> bool:
+    """Whether ``torch.is_autocast_enabled`` takes a device type (torch >= 2.4).
+
+    Asked once, at import: under ``torch.compile`` the call with one raises a dynamo error,
+    not a ``TypeError``, on older versions.
+    """
     try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()
+        torch.is_autocast_enabled("cpu")  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        return False
+    return True
+
+
+_AUTOCAST_TAKES_DEVICE = _takes_device_type()
+
+
+def _autocast_on(device_type: str) -> bool:
+    if _AUTOCAST_TAKES_DEVICE:
+        return torch.is_autocast_enabled(device_type)  # type: ignore[call-arg,unused-ignore]
+    if device_type == "cpu":
+        return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled()
 
 
 def _stack(tensors: list[Tensor], dim: int = 0) -> Tensor:

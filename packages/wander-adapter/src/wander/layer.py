@@ -430,18 +430,46 @@ class WanderFusion(nn.Module):
             if not self.residual:
                 outs.append(fused)
                 continue
-            out = {}
-            for i, (m, t) in enumerate(zip(self.modalities, t_lens, strict=True)):
-                u = self._one(p, "up_tokens", i)[:t]  # [T, T']
-                delta = torch.einsum("bud,tu,de->bte", fused, u, self._one(p, "up_features", i))
-                mask = masks.get(m)
-                if mask is not None:
-                    delta = delta.masked_fill(mask.unsqueeze(-1), 0.0)
-                if absent is not None:
-                    delta = delta.masked_fill(absent[i, :, None, None], 0.0)
-                out[m] = delta if xs[m].ndim == 3 else delta.squeeze(1)
-            outs.append(out)
+            outs.append(self._residuals(p, fused, xs, masks, t_lens, absent))
         return outs
+
+    def _residuals(
+        self,
+        p: Mapping[str, Tensor],
+        fused: Tensor,
+        xs: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor | None],
+        t_lens: Sequence[int],
+        absent: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """Each modality's residual ``U_m F V_m`` ``[B, T_m, D_m]`` (zero where padded or absent).
+
+        One batched contraction when the up-projections are stacked and the inputs share a
+        length; one per modality otherwise.
+        """
+        stacked = {"up_tokens", "up_features"} <= set(self.stacked_kinds)
+        if stacked and len(set(t_lens)) == 1:
+            u = _first_tokens(p["up_tokens"], t_lens[0])  # [M, T, T']
+            deltas = torch.einsum("bud,mtu,mde->mbte", fused, u, p["up_features"]).unbind(0)
+        else:
+            deltas = tuple(
+                torch.einsum(
+                    "bud,tu,de->bte",
+                    fused,
+                    self._one(p, "up_tokens", i)[:t],  # [T, T']
+                    self._one(p, "up_features", i),
+                )
+                for i, t in enumerate(t_lens)
+            )
+        out = {}
+        for i, (m, delta) in enumerate(zip(self.modalities, deltas, strict=True)):
+            mask = masks.get(m)
+            if mask is not None:
+                delta = delta.masked_fill(mask.unsqueeze(-1), 0.0)
+            if absent is not None:
+                delta = delta.masked_fill(absent[i, :, None, None], 0.0)
+            out[m] = delta if xs[m].ndim == 3 else delta.squeeze(1)
+        return out
 
     def forward(
         self,

@@ -77,12 +77,16 @@ def test_frozen_parameters_and_anchors_get_no_gradient():
     assert all(a.grad is None for a in anchors)
 
 
-def test_a_wrong_number_of_tensors_is_a_clear_error():
+def test_wrong_tensors_are_a_clear_error():
     x, params, anchors = tensors()
     with pytest.raises(ValueError, match="takes the tensors"):
         bottleneck_fusion(x, params[:4])
     with pytest.raises(ValueError, match="takes the tensors"):
         bottleneck_fusion(x, params, anchors[:3])
+    with pytest.raises(ValueError, match=r"expects x \[M, B, T, D_in\].*got \(3, 4, 2\)"):
+        bottleneck_fusion(x[..., 0], params)
+    with pytest.raises(ValueError, match=r"down_weight \[M, r, D_in\]"):
+        bottleneck_fusion(x[:2], params)  # two modalities' inputs, three modalities' weights
 
 
 def layer_and_inputs(init="centered", **kw):

@@ -66,6 +66,20 @@ def bottleneck_fusion(
     """
     if len(params) != len(PARAMETERS) or (anchors is not None and len(anchors) != len(params)):
         raise ValueError(f"bottleneck_fusion takes the tensors {PARAMETERS} (and their anchors).")
+    weight, token_factors = params[0], params[2]
+    if not (
+        x.ndim == 4
+        and weight.ndim == 3
+        and weight.shape[0] == x.shape[0]
+        and weight.shape[2] == x.shape[3]
+        and token_factors.ndim == 4
+        and token_factors.shape[2] == x.shape[2]
+    ):
+        raise ValueError(
+            "bottleneck_fusion expects x [M, B, T, D_in], down_weight [M, r, D_in] and "
+            f"token_factors [M, R_t, T, T']; got {tuple(x.shape)}, {tuple(weight.shape)} and "
+            f"{tuple(token_factors.shape)}."
+        )
     # decided here, not from ctx.needs_input_grad inside forward, which torch.compile cannot
     # trace on torch 2.2
     inputs_need_grad = torch.is_grad_enabled() and x.requires_grad
@@ -101,6 +115,13 @@ def bottleneck_fusion_reference(
 
 
 class _BottleneckFusion(torch.autograd.Function):
+    """:func:`bottleneck_fusion`: the forward of :func:`bottleneck_fusion_reference` in one node.
+
+    The backward runs the fusion's hand-written backward (:func:`fusion_input_grads`) for the
+    trainable set (and the anchors' set when the inputs need a gradient), then GELU's and the
+    down-projection's by hand.
+    """
+
     @staticmethod
     def forward(
         ctx: Any,

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import wander.functional
 from benchmarks.backbones import LateFusionModel
 from mmcore import ModalityBatch
 from tests.helpers import tiny_bert
@@ -139,3 +140,12 @@ class SkipsAbsent(torch.nn.Module):
             elif not self.skip_absent:
                 batch[m]  # the batch's KeyError
         return self.head(self.fusion(feats, weights))
+
+
+@pytest.fixture(params=["saved", "recomputed"])
+def projections(request, monkeypatch):
+    """Both ways a fused kernel's backward gets the per-modality projections: saved by the
+    forward (small shapes) or recomputed (large ones: here, every shape)."""
+    if request.param == "recomputed":
+        monkeypatch.setattr(wander.functional, "_SAVED_PROJECTIONS_MAX", 0)
+    return request.param

@@ -81,15 +81,6 @@ def test_bad_arguments():
         fusion_product_stacked(h, q, p, torch.zeros(1, 3, 2))
 
 
-@pytest.fixture(params=["saved", "recomputed"])
-def projections(request, monkeypatch):
-    """Both ways the fused kernel's backward gets the per-modality projections: saved by the
-    forward (small shapes) or recomputed (large ones: here, every shape)."""
-    if request.param == "recomputed":
-        monkeypatch.setattr(wander.functional, "_SAVED_PROJECTIONS_MAX", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("cp_mode", ["true", "reference"])
 @pytest.mark.parametrize("lens", [(2, 1), (1, 1, 1), (3, 2, 1, 2)])
 def test_hand_written_backward_matches_finite_differences(cp_mode, lens, projections):

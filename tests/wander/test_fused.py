@@ -9,14 +9,6 @@ from tests.wander.test_layer import build
 from wander.fused import bottleneck_fusion, bottleneck_fusion_reference
 
 
-@pytest.fixture(params=["saved", "recomputed"])
-def projections(request, monkeypatch):
-    """The backward with the per-modality projections saved by the forward, or recomputed."""
-    if request.param == "recomputed":
-        monkeypatch.setattr(wander.functional, "_SAVED_PROJECTIONS_MAX", 0)
-    return request.param
-
-
 def tensors(m=3, b=4, t=2, d=5, r=3, rt=2, rd=2, t_out=2, out=4, bias_augment=True, seed=0):
     """Inputs ``[M, B, T, D]``, parameters (leaves) and anchors, in float64."""
     g = torch.Generator().manual_seed(seed)

@@ -59,6 +59,33 @@ def test_first_and_second_derivatives_match_finite_differences(centred, projecti
     assert torch.autograd.gradgradcheck(fn, (x, *params))
 
 
+@pytest.mark.parametrize("inputs_need_grad", [True, False])
+def test_each_sets_output_without_the_difference(inputs_need_grad, projections):
+    """``difference=False``: ``[S, B, T', D]``, each set's own gradient path (a caller maps
+    the sets further, differently from one another, as the residual output does)."""
+    x, params, anchors = tensors(m=2, b=2, d=3, r=2)
+    x.requires_grad_(inputs_need_grad)
+    fast = bottleneck_fusion(x, params, anchors, scale=0.5, difference=False)
+    slow = bottleneck_fusion_reference(x, params, anchors, scale=0.5, difference=False)
+    assert fast.shape == (2, 2, 2, 4)
+    torch.testing.assert_close(fast, slow)
+    weights = torch.randn_like(fast)  # the sets weighted differently: no cancellation
+    leaves = [*params, x] if inputs_need_grad else params
+    for got, want in zip(
+        torch.autograd.grad((fast * weights).sum(), leaves),
+        torch.autograd.grad((slow * weights).sum(), leaves),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
+    if inputs_need_grad:
+
+        def fn(x, *ps):
+            return bottleneck_fusion(x, ps, anchors, difference=False)
+
+        assert torch.autograd.gradcheck(fn, (x, *params))
+        assert torch.autograd.gradgradcheck(fn, (x, *params))
+
+
 def test_frozen_parameters_and_anchors_get_no_gradient():
     """Only what needs a gradient gets one; the anchors are constants."""
     x, params, anchors = tensors()
@@ -94,19 +121,33 @@ def layer_and_inputs(init="centered", **kw):
 
 
 def outputs_and_grads(layer, xs, **kw):
+    """The output (stacked over modalities in residual mode) and every parameter's gradient."""
     layer.zero_grad()
     out = layer(xs, **kw)
+    if isinstance(out, dict):
+        out = torch.stack(list(out.values()))
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     return out, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
-@pytest.mark.parametrize("init", ["centered", "reference"])
-@pytest.mark.parametrize("bias_augment", [True, False])
+VARIANTS = {
+    "centred": {},
+    "no constant channel": {"bias_augment": False},
+    "reference init": {"init": "reference"},
+    "gate": {"init": "gate"},
+    "residual": {"output": "residual"},
+    "residual, reference init": {"output": "residual", "init": "reference"},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("inputs_need_grad", [True, False])
 def test_the_layer_takes_the_one_node_path_with_the_general_paths_results(
-    init, bias_augment, inputs_need_grad, monkeypatch
+    variant, inputs_need_grad, monkeypatch
 ):
-    layer, xs = layer_and_inputs(init, bias_augment=bias_augment)
+    """Fused output without a gate: the whole output in the node; a gate or the residual
+    output: every parameter set's fused tokens from the node, mapped further op by op."""
+    layer, xs = layer_and_inputs(**VARIANTS[variant])
     calls = []
     real = wander.fused.bottleneck_fusion
     monkeypatch.setattr(
@@ -116,7 +157,7 @@ def test_the_layer_takes_the_one_node_path_with_the_general_paths_results(
     fast, fast_grads = outputs_and_grads(layer, xs)
     fast_input_grads = [x.grad.clone() for x in xs.values()] if inputs_need_grad else []
     assert calls == [1]
-    layer._fast_path = False
+    layer.one_node = False
     for x in xs.values():
         x.grad = None
     slow, slow_grads = outputs_and_grads(layer, xs)
@@ -131,18 +172,17 @@ def test_the_layer_takes_the_one_node_path_with_the_general_paths_results(
 
 
 @pytest.mark.parametrize(
-    "case", ["padding", "presence", "shorter", "gate", "cp reference", "residual", "not stacked"]
+    "case", ["padding", "presence", "shorter", "cp reference", "not stacked", "residual padding"]
 )
 def test_the_layer_takes_the_general_path_where_the_one_node_path_does_not_apply(case, monkeypatch):
     options = {
-        "gate": {"init": "gate"},
         "cp reference": {"cp_mode": "reference"},
-        "residual": {"output": "residual"},
         "not stacked": {"stack_parameters": False},
+        "residual padding": {"output": "residual"},
     }
     layer, xs = layer_and_inputs(**options.get(case, {}))
     kwargs = {}
-    if case == "padding":
+    if case in ("padding", "residual padding"):
         kwargs["padding_masks"] = {"a": torch.zeros(5, 3, dtype=torch.bool)}
     if case == "presence":
         kwargs["presence"] = {"b": torch.tensor([True, False, True, True, True])}
@@ -158,7 +198,7 @@ def test_inputs_shorter_than_built_for_take_the_one_node_path_alike():
     layer, xs = layer_and_inputs()
     short = {m: x[:, :2] for m, x in xs.items()}
     fast, fast_grads = outputs_and_grads(layer, short)
-    layer._fast_path = False
+    layer.one_node = False
     slow, slow_grads = outputs_and_grads(layer, short)
     torch.testing.assert_close(fast, slow)
     for name, g in slow_grads.items():

@@ -45,10 +45,13 @@ def bottleneck_fusion(
     *,
     bias_augment: bool = True,
     scale: float = 1.0,
+    difference: bool = True,
 ) -> Tensor:
     """The adapter's output ``[B, T', D]`` as one autograd node.
 
-    ``scale · (F(x; params) − F(x; anchors))``, or ``scale · F(x; params)`` without anchors.
+    ``scale · (F(x; params) − F(x; anchors))``, or ``scale · F(x; params)`` without anchors;
+    with ``difference=False``, every set's ``scale · F`` ``[S, B, T', D]`` (``S = 2`` with
+    anchors, 1 without), for a caller that maps each set further (the residual output).
 
     Args:
         x: ``[M, B, T, D_in]`` the (normalised) inputs of every modality.
@@ -60,6 +63,7 @@ def bottleneck_fusion(
             ``None``.
         bias_augment: append the constant channel to each bottleneck.
         scale: the output scale.
+        difference: return the difference of the sets (else each set's output).
 
     The backward returns no gradient for ``anchors``; with ``create_graph=True`` it
     differentiates :func:`bottleneck_fusion_reference` instead, so second derivatives work.
@@ -84,7 +88,14 @@ def bottleneck_fusion(
     # trace on torch 2.2
     inputs_need_grad = torch.is_grad_enabled() and x.requires_grad
     return _BottleneckFusion.apply(
-        x, bias_augment, scale, inputs_need_grad, len(anchors or ()), *params, *anchors or ()
+        x,
+        bias_augment,
+        scale,
+        difference,
+        inputs_need_grad,
+        len(anchors or ()),
+        *params,
+        *anchors or (),
     )
 
 
@@ -95,6 +106,7 @@ def bottleneck_fusion_reference(
     *,
     bias_augment: bool = True,
     scale: float = 1.0,
+    difference: bool = True,
 ) -> Tensor:
     """:func:`bottleneck_fusion` through autograd, op by op (the reference tests compare)."""
     sets = [params, *([anchors] if anchors is not None else [])]
@@ -111,6 +123,8 @@ def bottleneck_fusion_reference(
         torch.stack([s[3] for s in sets]),
         torch.stack([s[4] for s in sets]),
     )
+    if not difference:
+        return scale * out
     return scale * (out[0] - out[1] if len(sets) > 1 else out[0])
 
 
@@ -128,6 +142,7 @@ class _BottleneckFusion(torch.autograd.Function):
         x: Tensor,
         bias_augment: bool,
         scale: float,
+        difference: bool,
         inputs_need_grad: bool,
         n_anchors: int,
         *tensors: Tensor,
@@ -147,7 +162,7 @@ class _BottleneckFusion(torch.autograd.Function):
         h = h.permute(3, 0, 1, 2, 4)  # [S, M, B, T, r(+1)]
         q, p, w = (_stack([s[i] for s in sets]) for i in (2, 3, 4))
         h_t, q_flat, p_flat, g, z, prod, out = _fusion_parts(h, q, p, w)
-        result = out[0] - out[1] if n_sets > 1 else out[0]
+        result = (out[0] - out[1] if n_sets > 1 else out[0]) if difference else out
         if scale != 1.0:
             result = result * scale
         # the backward needs the trainable set's intermediates, and the anchors' too when the
@@ -168,6 +183,7 @@ class _BottleneckFusion(torch.autograd.Function):
             *(() if ctx.recompute else (z[:k], prod[:k])),
         )
         ctx.bias_augment, ctx.scale, ctx.n_anchors, ctx.k = bias_augment, scale, n_anchors, k
+        ctx.difference = difference
         ctx.h_shape = torch.Size((k, m, b, t, h.shape[-1]))
         return result
 
@@ -179,8 +195,8 @@ class _BottleneckFusion(torch.autograd.Function):
         params, anchors = tensors[:5], tensors[5:]
         if torch.is_grad_enabled():  # create_graph: differentiate the op-by-op computation
             grads = _BottleneckFusion._differentiable_backward(ctx, grad, x, params, anchors)
-            return (grads[0], None, None, None, None, *grads[1:], *(None,) * ctx.n_anchors)
-        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[5:10]
+            return (grads[0], *(None,) * 5, *grads[1:], *(None,) * ctx.n_anchors)
+        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[6:11]
         k, (_, m, b, t, _) = ctx.k, ctx.h_shape
         r = params[0].shape[1]
         sets = [params, anchors][:k]
@@ -188,7 +204,10 @@ class _BottleneckFusion(torch.autograd.Function):
         if ctx.recompute:
             parts = [*parts, *_projections(parts[3], parts[2], ctx.h_shape, q.shape, p.shape)]
         grad = grad * ctx.scale
-        grad_out = torch.stack([grad, -grad]) if k > 1 else grad.unsqueeze(0)
+        if not ctx.difference:  # each set's own: those of the first k sets
+            grad_out = grad[:k]
+        else:
+            grad_out = torch.stack([grad, -grad]) if k > 1 else grad.unsqueeze(0)
         grad_h, grad_q, grad_p, grad_w = fusion_input_grads(
             (needs_x or needs[0] or needs[1], needs[2], needs[3], needs[4]),
             grad_out,
@@ -215,7 +234,7 @@ class _BottleneckFusion(torch.autograd.Function):
             grad_bias,
             *(None if gr is None else gr[0] for gr in (grad_q, grad_p, grad_w)),
         ]
-        return (grad_x, None, None, None, None, *param_grads, *(None,) * ctx.n_anchors)
+        return (grad_x, *(None,) * 5, *param_grads, *(None,) * ctx.n_anchors)
 
     @staticmethod
     def _differentiable_backward(
@@ -223,11 +242,16 @@ class _BottleneckFusion(torch.autograd.Function):
     ) -> list[Tensor | None]:
         """The gradients of ``x`` and ``params`` as functions of them (``create_graph``)."""
         inputs = [x, *params]
-        flags = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:10])
+        flags = (ctx.needs_input_grad[0], *ctx.needs_input_grad[6:11])
         needed = [i for i, flag in enumerate(flags) if flag]
         with torch.enable_grad():
             out = bottleneck_fusion_reference(
-                x, params, anchors or None, bias_augment=ctx.bias_augment, scale=ctx.scale
+                x,
+                params,
+                anchors or None,
+                bias_augment=ctx.bias_augment,
+                scale=ctx.scale,
+                difference=ctx.difference,
             )
         found = torch.autograd.grad(
             out, [inputs[i] for i in needed], grad, create_graph=True, allow_unused=True

@@ -117,13 +117,10 @@ class WanderFusion(nn.Module):
         self.stacked_kinds = tuple(
             kind for kind in _KINDS if isinstance(self._parameters.get(kind), nn.Parameter)
         )
-        # the whole forward as one autograd node (wander.fused) serves this layout
-        self._fast_path = (
-            set(_FUSED[:4]) <= set(self.stacked_kinds)
-            and config.cp_mode == "true"
-            and self.gate is None
-            and not self.residual
-        )
+        #: whether calls without padding or missing samples run the bottleneck and the fusion
+        #: as one autograd node (:mod:`wander.fused`; this layout, ``cp_mode="true"``). Set it
+        #: to ``False`` for the op-by-op path, which computes the same
+        self.one_node = set(_FUSED[:4]) <= set(self.stacked_kinds) and config.cp_mode == "true"
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -412,17 +409,22 @@ class WanderFusion(nn.Module):
         inputs = [self._checked(m, xs[m], first.device).to(first.dtype) for m in self.modalities]
         t_lens = [x.shape[1] for x in inputs]
         absent = _absent(self.modalities, presence or {}, inputs[0].shape[0], first.device)
-        h = self._bottlenecks(inputs, [masks.get(m) for m in self.modalities], param_sets, absent)
-        # [S, M, R_t, T_max, T']. Rows past a modality's length add nothing: its features are
-        # zero there. Held per modality, each factor is cut to its length and zero-padded
-        q = _stack([self._token_factors(p, t_lens) for p in param_sets])
-        f = _stack([self._all(p, "feature_factors") for p in param_sets])  # [S, M, R_d, r, D]
-        weights = (
-            _stack([p["cp_weights"] for p in param_sets]) if self.cp_weights is not None else None
-        )
-        fused_sets = fusion_product_stacked(  # [S, B, T', D]
-            h, q, f, weights, self.config.cp_mode, trainable_sets=trainable_sets
-        )
+        fused_sets = self._one_node_sets(inputs, masks, absent, param_sets)  # [S, B, T', D]
+        if fused_sets is None:
+            masks_in_order = [masks.get(m) for m in self.modalities]
+            h = self._bottlenecks(inputs, masks_in_order, param_sets, absent)
+            # [S, M, R_t, T_max, T']. Rows past a modality's length add nothing: its features
+            # are zero there. Held per modality, each factor is cut to its length and zero-padded
+            q = _stack([self._token_factors(p, t_lens) for p in param_sets])
+            f = _stack([self._all(p, "feature_factors") for p in param_sets])  # [S, M, R_d, r, D]
+            weights = (
+                _stack([p["cp_weights"] for p in param_sets])
+                if self.cp_weights is not None
+                else None
+            )
+            fused_sets = fusion_product_stacked(
+                h, q, f, weights, self.config.cp_mode, trainable_sets=trainable_sets
+            )
         outs: list[Tensor | dict[str, Tensor]] = []
         for p, fused in zip(param_sets, fused_sets, strict=True):
             if self.gate is not None:
@@ -508,6 +510,43 @@ class WanderFusion(nn.Module):
             return {m: self.output_dropout(scale * (out[m] - anchors[m])) for m in out}
         return self.output_dropout(scale * (out - cast(Tensor, anchor)))
 
+    def _one_node_sets(
+        self,
+        inputs: Sequence[Tensor],
+        masks: Mapping[str, Tensor | None],
+        absent: Tensor | None,
+        param_sets: list[Mapping[str, Tensor]],
+    ) -> Tensor | None:
+        """Every parameter set's fused tokens ``[S, B, T', D]`` through the one node.
+
+        ``None`` where it does not apply: not ``one_node``, padding or missing samples, inputs
+        of different lengths, autocast on, or a set other than the weights and their anchors.
+        """
+        t = inputs[0].shape[1]
+        if (
+            not self.one_node
+            or absent is not None
+            or len(param_sets) > 2
+            or any(masks.get(m) is not None for m in self.modalities)
+            or any(x.shape[1] != t for x in inputs)
+            or _autocast_on(inputs[0].device.type)
+        ):
+            return None
+        x = torch.stack(list(inputs))  # [M, B, T, D]
+        if self.config.normalize_inputs:
+            x = F.layer_norm(x, (x.shape[-1],))
+        sets = [
+            [_first_tokens(p[k], t) if k == "token_factors" else p[k] for k in _FUSED]
+            for p in param_sets
+        ]
+        return bottleneck_fusion(
+            x,
+            sets[0],
+            sets[1] if len(sets) > 1 else None,
+            bias_augment=self.config.bias_augment,
+            difference=False,
+        )
+
     def _fast_output(
         self,
         xs: Mapping[str, Tensor],
@@ -515,13 +554,18 @@ class WanderFusion(nn.Module):
         presence: Mapping[str, Tensor | None],
         params: Mapping[str, Tensor],
     ) -> Tensor | None:
-        """The output through :func:`~wander.fused.bottleneck_fusion`, where it applies.
+        """The whole output through :func:`~wander.fused.bottleneck_fusion`, where it applies.
 
-        Stacked parameters, inputs of one length and dtype, no padding or missing samples,
-        ``cp_mode="true"``, fused output without a gate, autocast off; ``None`` otherwise
-        (the general path then computes the same).
+        ``one_node``, fused output without a gate, inputs of one length and dtype, no padding
+        or missing samples, autocast off; ``None`` otherwise (:meth:`_core` then computes the
+        same, through the one node where only the output mode or the gate kept it from here).
         """
-        if not self._fast_path or any(v is not None for v in (*masks.values(), *presence.values())):
+        if (
+            not self.one_node
+            or self.residual
+            or self.gate is not None
+            or any(v is not None for v in (*masks.values(), *presence.values()))
+        ):
             return None
         first = params["feature_factors"]
         inputs = [self._checked(m, xs[m], first.device) for m in self.modalities]

@@ -301,6 +301,11 @@ def _products_of_the_others(factors: Sequence[Tensor], scale: Tensor) -> list[Te
     return out[::-1]
 
 
+def _stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """``torch.stack``, or a free view for a single tensor."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(list(tensors), dim)
+
+
 def pad_tokens(x: Tensor, length: int, dim: int) -> Tensor:
     """``x`` zero-padded along ``dim`` to ``length`` (itself when it is that long already)."""
     dim %= x.ndim

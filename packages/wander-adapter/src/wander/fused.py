@@ -27,6 +27,7 @@ from torch import Tensor
 from wander.functional import (
     _fusion_parts,
     _projections,
+    _stack,
     fusion_input_grads,
     fusion_product_stacked,
     recompute_projections,
@@ -264,7 +265,3 @@ class _BottleneckFusion(torch.autograd.Function):
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
-
-
-def _stack(tensors: list[Tensor]) -> Tensor:
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mmcore import check_module_names
 from wander.config import WanderConfig
-from wander.functional import fusion_product_stacked, pad_tokens
+from wander.functional import _stack, fusion_product_stacked, pad_tokens
 from wander.fused import PARAMETERS as _FUSED
 from wander.fused import bottleneck_fusion
 
@@ -409,7 +409,8 @@ class WanderFusion(nn.Module):
         inputs = [self._checked(m, xs[m], first.device).to(first.dtype) for m in self.modalities]
         t_lens = [x.shape[1] for x in inputs]
         absent = _absent(self.modalities, presence or {}, inputs[0].shape[0], first.device)
-        fused_sets = self._one_node_sets(inputs, masks, absent, param_sets)  # [S, B, T', D]
+        # [S, B, T', D]
+        fused_sets = self._through_one_node(inputs, masks, absent, param_sets, difference=False)
         if fused_sets is None:
             masks_in_order = [masks.get(m) for m in self.modalities]
             h = self._bottlenecks(inputs, masks_in_order, param_sets, absent)
@@ -510,17 +511,21 @@ class WanderFusion(nn.Module):
             return {m: self.output_dropout(scale * (out[m] - anchors[m])) for m in out}
         return self.output_dropout(scale * (out - cast(Tensor, anchor)))
 
-    def _one_node_sets(
+    def _through_one_node(
         self,
         inputs: Sequence[Tensor],
         masks: Mapping[str, Tensor | None],
         absent: Tensor | None,
         param_sets: list[Mapping[str, Tensor]],
+        *,
+        difference: bool,
+        scale: float = 1.0,
     ) -> Tensor | None:
-        """Every parameter set's fused tokens ``[S, B, T', D]`` through the one node.
+        """:func:`~wander.fused.bottleneck_fusion` on ``inputs`` ``[B, T, D]`` (one dtype).
 
-        ``None`` where it does not apply: not ``one_node``, padding or missing samples, inputs
-        of different lengths, autocast on, or a set other than the weights and their anchors.
+        ``param_sets``: the weights, then optionally their anchors. ``None`` where the node does
+        not apply: not ``one_node``, padding or missing samples, inputs of different lengths,
+        autocast on, or other sets.
         """
         t = inputs[0].shape[1]
         if (
@@ -544,7 +549,8 @@ class WanderFusion(nn.Module):
             sets[0],
             sets[1] if len(sets) > 1 else None,
             bias_augment=self.config.bias_augment,
-            difference=False,
+            scale=scale,
+            difference=difference,
         )
 
     def _fast_output(
@@ -554,43 +560,28 @@ class WanderFusion(nn.Module):
         presence: Mapping[str, Tensor | None],
         params: Mapping[str, Tensor],
     ) -> Tensor | None:
-        """The whole output through :func:`~wander.fused.bottleneck_fusion`, where it applies.
+        """The whole output through the one node (:meth:`_through_one_node`), where it applies.
 
-        ``one_node``, fused output without a gate, inputs of one length and dtype, no padding
-        or missing samples, autocast off; ``None`` otherwise (:meth:`_core` then computes the
-        same, through the one node where only the output mode or the gate kept it from here).
+        Fused output without a gate, no missing samples; ``None`` otherwise (:meth:`_core` then
+        computes the same, through the node for each parameter set where only the output mode
+        or the gate kept it from here).
         """
         if (
             not self.one_node
             or self.residual
             or self.gate is not None
-            or any(v is not None for v in (*masks.values(), *presence.values()))
+            or any(v is not None for v in presence.values())
         ):
             return None
         first = params["feature_factors"]
-        inputs = [self._checked(m, xs[m], first.device) for m in self.modalities]
-        t = inputs[0].shape[1]
-        if any(x.shape[1] != t or x.dtype != first.dtype for x in inputs) or _autocast_on(
-            first.device.type
-        ):
-            return None
-        x = torch.stack(inputs)  # [M, B, T, D]
-        if self.config.normalize_inputs:
-            x = F.layer_norm(x, (x.shape[-1],))
-        tensors = [
-            _first_tokens(params[k], t) if k == "token_factors" else params[k] for k in _FUSED
-        ]
-        anchors = None
-        if self.config.init == "centered":
-            anchors = [
-                _first_tokens(a, t) if k == "token_factors" else a
-                for k, a in zip(_FUSED, self._anchors(_FUSED).values(), strict=True)
-            ]
-        return bottleneck_fusion(
-            x,
-            tensors,
-            anchors,
-            bias_augment=self.config.bias_augment,
+        inputs = [self._checked(m, xs[m], first.device).to(first.dtype) for m in self.modalities]
+        centred = self.config.init == "centered"
+        return self._through_one_node(
+            inputs,
+            masks,
+            None,
+            [params, self._anchors(_FUSED)] if centred else [params],
+            difference=True,
             scale=self.config.output_scale,
         )
 
@@ -635,11 +626,6 @@ def _autocast_on(device_type: str) -> bool:
     if device_type == "cpu":
         return torch.is_autocast_cpu_enabled()
     return torch.is_autocast_enabled()
-
-
-def _stack(tensors: list[Tensor], dim: int = 0) -> Tensor:
-    """``torch.stack``, or a free view for a single tensor."""
-    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim)
 
 
 def _first_tokens(factor: Tensor, length: int) -> Tensor:

@@ -414,6 +414,48 @@ def test_each_stacked_transformer_equals_a_standalone_multihead_attention_module
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_last_only_readout_equals_the_last_step_of_the_whole_output(layers):
+    """``last_only`` computes the last block for the readout step alone: the same values and
+    gradients as the last unpadded step of every step's output, batched and one by one."""
+    from mm_prompts.backbone import _last_step
+
+    torch.manual_seed(0)
+    names = ("text", "audio", "vision")
+    config = MulTConfig(dict.fromkeys(names, 3), d=8, num_heads=2, memory_layers=layers)
+    backbone = MulTBackbone(config).eval()  # dropout draws would differ in number
+    perturb(backbone)
+    stack = backbone.memory
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 5, 6, 16, generator=g, requires_grad=True)
+    pad = torch.zeros(3, 5, 6, dtype=torch.bool)
+    pad[0, 1, 4:] = True  # readout at step 3
+    pad[2, 3, 1:] = True  # readout at step 0
+    leaves = [h, *stack.parameters()]
+    for padding in (pad, None):
+        full = _last_step(stack.run_all(h, None, padding), padding)
+        last = stack.run_all(h, None, padding, last_only=True)
+        assert last.shape == (3, 5, 16)
+        torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
+        weights = torch.randn(last.shape, generator=g)
+        for a, b in zip(
+            torch.autograd.grad((last * weights).sum(), leaves),
+            torch.autograd.grad((full * weights).sum(), leaves),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for i, name in enumerate(names):
+            one_pad = None if padding is None else padding[i]
+            torch.testing.assert_close(
+                stack.run_one(name, h[i], None, one_pad, last_only=True),
+                _last_step(stack.member(name)(h[i], x_padding=one_pad), one_pad),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    with pytest.raises(ValueError, match="last_only reads out a self-attention"):
+        backbone.cross.run_all(h[:, :, :, :8], h[:, :, :, :8], None, last_only=True)
+
+
 def test_stacked_parameters_keep_one_state_dict_entry_per_transformer():
     model, data = build()
     backbone = model.backbone

@@ -630,6 +630,7 @@ def run_throughput(ctx: RunContext) -> list[dict]:
         ),
     }
     records = _training_step_records(ctx) + _training_memory_records(ctx)
+    records += _readout_records(model, batch, rounds=5 if ctx.profile == "quick" else 15)
     for what, (vectorised, loop) in timings.items():
         records.append(
             {
@@ -661,10 +662,14 @@ def run_throughput(ctx: RunContext) -> list[dict]:
 
 
 TRAINING_STEP = "training step (mplmm-mosi-missing's sizes, dropout 0.1)"
-#: the training-step variants: as shipped, torch's dropout, torch's 1x1 convolutions
+#: the training-step variants: as shipped, torch's dropout, torch's 1x1 convolutions, every
+#: step of the memory transformers' last layer computed (``backbone.readout_only = False``)
 SHIPPED = "fast CPU dropout"
 TORCH_DROPOUT = "torch dropout"
 CONV1D_PROJECTIONS = "fast CPU dropout, nn.Conv1d projections"
+EVERY_MEMORY_STEP = "fast CPU dropout, every memory step computed"
+#: the eval forward as shipped against every memory step computed, interleaved
+READOUT_FORWARD = "whole forward: readout step only vs every memory step"
 
 
 def _training_problem(ctx: RunContext) -> tuple[ModalityBatch, MulTConfig]:
@@ -698,10 +703,11 @@ def _training_step_records(ctx: RunContext) -> list[dict]:
     s, dims, length = MOSI_SETTINGS, MOSI_DIMS, MOSI_SETTINGS["seq_len"]
     batch, config = _training_problem(ctx)
     steps = {}
-    for name in (SHIPPED, TORCH_DROPOUT, CONV1D_PROJECTIONS):
+    for name in (SHIPPED, TORCH_DROPOUT, CONV1D_PROJECTIONS, EVERY_MEMORY_STEP):
         torch.manual_seed(ctx.seed)
         backbone = MulTBackbone(config)
         backbone.fast_dropout = name != TORCH_DROPOUT
+        backbone.readout_only = name != EVERY_MEMORY_STEP
         if name == CONV1D_PROJECTIONS:
             for m, proj in backbone.proj.items():
                 proj = cast(torch.nn.Conv1d, proj)
@@ -723,6 +729,38 @@ def _training_step_records(ctx: RunContext) -> list[dict]:
                 "step_time_vs_torch_dropout": t / seconds[TORCH_DROPOUT],
             },
             "config": {"batch": 64, "threads": torch.get_num_threads()},
+        }
+        for name, t in seconds.items()
+    ]
+
+
+def _readout_records(model: MPLMM, batch: ModalityBatch, rounds: int) -> list[dict]:
+    """The eval forward: readout step only (as shipped) against every memory step computed.
+
+    The memory transformers' last layer on the readout step alone, or on every step
+    (``backbone.readout_only = False``); interleaved rounds of one call each.
+    """
+    backbone = model.backbone
+
+    def forward(readout_only: bool) -> None:
+        backbone.readout_only = readout_only
+        model(batch)
+
+    seconds = median_times(
+        {"readout step only": lambda: forward(True), "every step": lambda: forward(False)},
+        rounds=rounds,
+        calls=1,
+    )
+    backbone.readout_only = True
+    return [
+        {
+            "method": f"MPLMM (vectorised, {name})",
+            "dataset": READOUT_FORWARD,
+            "metrics": {
+                "samples_per_s": batch.batch_size / t,
+                "time_vs_every_step": t / seconds["every step"],
+            },
+            "config": {"batch": batch.batch_size, "threads": torch.get_num_threads()},
         }
         for name, t in seconds.items()
     ]
@@ -867,8 +905,10 @@ register_task(
             "the released backbone size (d=30, 5+5 layers): whole forward and missing-case stage, "
             "vectorised vs. a per-sample loop, same run (the released code: ~83 samples/s here); "
             "and a training step as shipped (fast CPU dropout masks, 1x1 projections as matrix "
-            "products) against torch's dropout and against nn.Conv1d projections; the memory a "
-            "training step holds for MPLMM, missing-aware prompts and modality dropout."
+            "products) against torch's dropout, against nn.Conv1d projections and against every "
+            "step of the memory transformers' last layer computed (the readout needs one), and "
+            "the eval forward both ways; the memory a training step holds for MPLMM, "
+            "missing-aware prompts and modality dropout."
         ),
         run=run_throughput,
         primary_metric="samples_per_s",
@@ -879,6 +919,7 @@ register_task(
             "ms_per_step",
             "step_time_vs_shipped",
             "step_time_vs_torch_dropout",
+            "time_vs_every_step",
             "memory_vs_modality_dropout",
             "total_mib",
             "grad_and_optimiser_mib",

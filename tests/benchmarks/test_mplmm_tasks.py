@@ -35,9 +35,20 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     steps = {
         r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == mt.TRAINING_STEP
     }
-    assert list(steps) == [mt.SHIPPED, mt.TORCH_DROPOUT, mt.CONV1D_PROJECTIONS]
+    assert list(steps) == [
+        mt.SHIPPED,
+        mt.TORCH_DROPOUT,
+        mt.CONV1D_PROJECTIONS,
+        mt.EVERY_MEMORY_STEP,
+    ]
     assert steps[mt.SHIPPED]["step_time_vs_shipped"] == 1.0
     assert all(m["ms_per_step"] > 0 for m in steps.values())
+    readout = {
+        r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == mt.READOUT_FORWARD
+    }
+    assert len(readout) == 2
+    assert readout["MPLMM (vectorised, every step)"]["time_vs_every_step"] == 1.0
+    assert all(m["samples_per_s"] > 0 for m in readout.values())
     memory = {
         r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == mt.TRAINING_MEMORY
     }

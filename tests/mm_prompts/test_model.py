@@ -456,6 +456,30 @@ def test_last_only_readout_equals_the_last_step_of_the_whole_output(layers):
         backbone.cross.run_all(h[:, :, :, :8], h[:, :, :, :8], None, last_only=True)
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_backbone_readout_only_equals_every_step_computed(batched):
+    """``backbone.readout_only = False`` computes every step of the memory transformers and
+    reads the readout from the whole output: the same outputs and gradients, padded or not."""
+    model, data = build(same_length=batched)  # the batched path needs one length
+    perturb(model)
+    model.eval()  # dropout draws would differ in number
+    model.backbone.batched = batched
+    pad = torch.zeros(data["audio"].shape[:2], dtype=torch.bool)
+    pad[::2, -1] = True
+    padded = data.replace(padding_masks={"audio": pad})
+    params = [p for p in model.parameters() if p.requires_grad]
+    for batch in (data, padded):
+        results = []
+        for readout_only in (True, False):
+            model.backbone.readout_only = readout_only
+            out = model(batch)
+            results.append((out, torch.autograd.grad(out.square().sum(), params)))
+        (fast, fast_grads), (whole, whole_grads) = results
+        torch.testing.assert_close(fast, whole, rtol=1e-5, atol=1e-5)
+        for a, b in zip(fast_grads, whole_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_stacked_parameters_keep_one_state_dict_entry_per_transformer():
     model, data = build()
     backbone = model.backbone

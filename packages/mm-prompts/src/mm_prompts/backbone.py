@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -454,6 +454,9 @@ class MulTBackbone(nn.Module):
         self.batched: bool | str = "auto"
         # dropout masks drawn four per 64-bit draw on CPU (dropout_fast); False: torch's own
         self.fast_dropout = True
+        # the memory transformers' last layer computes the readout step only; False: every
+        # step, then the readout taken from the whole output (the same values)
+        self.readout_only = True
 
     def project(self, batch: ModalityBatch) -> dict[str, Tensor]:
         """Input projections: modality → ``[B, T_m, d]``."""
@@ -514,9 +517,7 @@ class MulTBackbone(nn.Module):
             h, pad = _append_tokens(
                 h, padding.get(b), None if extra_tokens is None else extra_tokens[b]
             )
-            readouts.append(
-                self.memory.run_one(b, h, None, pad, fast_dropout=self.fast_dropout, last_only=True)
-            )
+            readouts.append(self._readout(self.memory.run_one, b, h, pad))
         return self._head(torch.cat(readouts, dim=-1))
 
     def _forward_batched(
@@ -542,10 +543,17 @@ class MulTBackbone(nn.Module):
         h = out.view(m, m - 1, batch, length, out.shape[-1]).permute(0, 2, 3, 1, 4).flatten(3)
         extra = None if extra_tokens is None else torch.stack([extra_tokens[k] for k in mods])
         h, pad = _append_tokens(h, torch.stack(pads) if padded else None, extra)  # [M, B, T', ·]
-        readouts = self.memory.run_all(  # [M, B, (M-1) d]
-            h, None, pad, fast_dropout=self.fast_dropout, last_only=True
-        )
+        readouts = self._readout(self.memory.run_all, None, h, pad)  # [M, B, (M-1) d]
         return self._head(readouts.transpose(0, 1).flatten(1))  # branches in order
+
+    def _readout(
+        self, run: Callable[..., Tensor], name: str | None, h: Tensor, pad: Tensor | None
+    ) -> Tensor:
+        """The memory transformer(s)' last unpadded step: ``run_one`` (``name``) or ``run_all``."""
+        args = (h, None, pad) if name is None else (name, h, None, pad)
+        if self.readout_only:
+            return run(*args, fast_dropout=self.fast_dropout, last_only=True)
+        return _last_step(run(*args, fast_dropout=self.fast_dropout), pad)
 
     def _head(self, x: Tensor) -> Tensor:
         """MulT's residual MLP head on the concatenated readouts ``[B, M (M − 1) d]``."""

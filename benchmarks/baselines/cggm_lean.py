@@ -107,7 +107,8 @@ class LeanCGGM:
         heads = w2.reshape(len(b), -1)
         self._direction = (b / heads.norm(dim=1).clamp_min(1e-8)) @ heads
         encoder_grads, factors = [], []
-        for m, factor in zip(self.modalities, (self.rho * b).tolist(), strict=True):
+        # 0-dim tensors: CPU _foreach_mul_ wraps Python scalars in new tensors one by one
+        for m, factor in zip(self.modalities, (self.rho * b).unbind(), strict=True):
             for p in self._encoder_params[m]:
                 if p.grad is not None:
                     encoder_grads.append(p.grad)

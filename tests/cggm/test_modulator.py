@@ -46,6 +46,27 @@ def test_encoder_gradients_scaled_by_exactly_rho_b(m):
             torch.testing.assert_close(after[name], g)  # fusion and head are not scaled
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_scaling_is_bit_exact(dtype):
+    """Each encoder gradient becomes exactly ``grad.mul_(float(rho * B_m))``. CPU gradients
+    take their factor as a 0-dim tensor: with a list of Python scalars, ``_foreach_mul_``
+    rounded a bfloat16 gradient's factor to bfloat16 first."""
+    batch = vector_batch(4)
+    batch = batch.replace(inputs={m: x.to(dtype) for m, x in batch.inputs.items()})
+    model = make_model(batch).to(dtype)
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.0)
+    model.zero_grad()
+    F.cross_entropy(model(batch).float(), batch.target).backward()
+    before = grads(model)
+    cggm.step(batch.target)
+    factors = (1.3 * cggm.coefficients).tolist()
+    assert len(set(factors)) > 1  # the modalities' factors differ, so a mix-up shows
+    for name, g in before.items():
+        if name.startswith("encoders."):
+            i = list(batch.modalities).index(name.split(".")[1])
+            assert torch.equal(grads(model)[name], g.mul_(factors[i])), name
+
+
 @pytest.mark.parametrize(
     ("model_dtype", "classifier_dtype"),
     [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)],

@@ -912,16 +912,13 @@ class CGGM:
                     dense_cpu = dense_cpu and p.grad.is_cpu and p.grad.layout == torch.strided
         if not grads:
             return
-        if dense_cpu:
-            # on the CPU, _foreach_mul_ with Python scalars wraps each one in a new tensor of
-            # the gradient's dtype (three kernel calls per gradient, and a bfloat16 gradient got
-            # its factor rounded to bfloat16); 0-dim factors take one call each, a third of the
-            # time for 36 gradients, and multiply as grad.mul_(float(factor)) does
-            per_modality = factors.unbind()
-            torch._foreach_mul_(grads, [per_modality[i] for i in owners])
-        else:  # one fused kernel on CUDA
-            values = factors.tolist()
-            torch._foreach_mul_(grads, [values[i] for i in owners])
+        # on the CPU, _foreach_mul_ with Python scalars wraps each one in a new tensor of the
+        # gradient's dtype (three kernel calls per gradient, and a bfloat16 gradient got its
+        # factor rounded to bfloat16); 0-dim factors take one call each, a third of the time
+        # for 36 gradients, and multiply as grad.mul_(float(factor)) does. Scalars on CUDA: one
+        # fused kernel
+        per_modality = factors.unbind() if dense_cpu else factors.tolist()
+        torch._foreach_mul_(grads, [per_modality[i] for i in owners])
 
     def _no_encoder_gradients(self) -> bool:
         """Trainable encoder parameters exist and none holds a gradient (a missed backward)."""

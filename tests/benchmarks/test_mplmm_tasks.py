@@ -49,6 +49,12 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     assert len(readout) == 2
     assert readout["MPLMM (vectorised, every step)"]["time_vs_every_step"] == 1.0
     assert all(m["samples_per_s"] > 0 for m in readout.values())
+    whole = {
+        r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == "whole forward"
+    }
+    assert list(whole) == ["MPLMM (vectorised)", "per-sample loop", mt.RELEASED_STRUCTURE]
+    assert whole[mt.RELEASED_STRUCTURE]["speedup_vs_released_structure"] == 1.0
+    assert whole["MPLMM (vectorised)"]["speedup_vs_released_structure"] > 0
     memory = {
         r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == mt.TRAINING_MEMORY
     }
@@ -62,7 +68,7 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     report = write_report(tmp_path).read_text()
     assert "rate-sweep.png" in report
     # every target names a table and methods the task records
-    assert sum(report.count(f"| {t} |") for t in tasks) == 7 and "not measured" not in report
+    assert sum(report.count(f"| {t} |") for t in tasks) == 8 and "not measured" not in report
     assert (tmp_path / "plots" / "mplmm-mosi-missing--rate-sweep.png").is_file()
     assert (tmp_path / "plots" / "mplmm-mosi-missing--cases.png").is_file()
 

@@ -107,20 +107,24 @@ def _plot(
     rows = sum(label.count("\n") + 1 for label in labels)
     fig, ax = plt.subplots(figsize=(6.5, 0.3 * rows + 0.15 * len(names) + 1.4))
     y = np.arange(len(names))
-    ax.barh(y, [s[0] for s in stats], xerr=[s[1] for s in stats], color="#4C72B0", capsize=3)
+    means, stds = [s[0] for s in stats], [s[1] for s in stats]
+    # positive figures close together (accuracies) are zoomed in on; the axis then does not
+    # start at 0, so they are drawn as points, not bars whose lengths would mislead
+    finite = [s[0] - s[1] for s in stats if s[2]]
+    left = 0.0
+    if finite and min(finite) > 0:
+        left = max(0.0, min(finite) - 0.1 * (max(s[0] + s[1] for s in stats) - min(finite) + 1e-9))
+    if left > 0:
+        ax.errorbar(means, y, xerr=stds, fmt="o", color="#4C72B0", capsize=3)
+        ax.set_xlim(left=left)
+    else:
+        ax.barh(y, means, xerr=stds, color="#4C72B0", capsize=3)
     ax.set_yticks(y, labels)
-    ax.invert_yaxis()
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first method on top, as in the tables
     ax.set_xlabel(f"{metric} (mean ± std over seeds)")
     # over the whole figure, not the axes (which long labels push right); long dataset names
     # (sizes, shapes) wrap instead of running off it
     fig.suptitle(textwrap.fill(f"{task_name} — {dataset}", width=70), fontsize=10)
-    finite = [s[0] - s[1] for s in stats if s[2]]
-    if finite and min(finite) > 0:
-        ax.set_xlim(
-            left=max(
-                0.0, min(finite) - 0.1 * (max(s[0] + s[1] for s in stats) - min(finite) + 1e-9)
-            )
-        )
     ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)
 

@@ -511,7 +511,7 @@ def plot_probes(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
         return []
     modalities = [k.removeprefix("probe_") for k in rows[0]["metrics"] if k.startswith("probe_")]
     methods = [m for m in PROBE_PLOT_METHODS if any(r["method"] == m for r in rows)]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     width = 0.8 / len(methods)
     x = np.arange(len(modalities))
     for i, method in enumerate(methods):
@@ -528,11 +528,11 @@ def plot_probes(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
             label=method,
         )
     ax.set_xticks(x, modalities)
-    ax.set_ylim(50, 100)
+    ax.set_ylim(0, 100)
     ax.set_ylabel("linear-probe accuracy, % (mean ± std over seeds)")
     ax.set_title("cggm-uci-balance: what each modality's encoder learned")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     path = plot_dir / "cggm-uci-balance--probes.png"
     save_figure(fig, path)
     return [("Linear-probe accuracy of each modality's encoder", path)]

@@ -630,7 +630,7 @@ def run_throughput(ctx: RunContext) -> list[dict]:
             "loop": lambda: model.forward_per_sample(batch),
             "released": lambda: released(batch),
         },
-        rounds=repeats,
+        rounds=5 if ctx.profile == "quick" else 15,  # one call each is noisy on a shared machine
         calls=1,
     )
     timings = {

@@ -938,7 +938,7 @@ register_task(
             "the released backbone size (d=30, 5+5 layers): whole forward and missing-case stage, "
             "vectorised vs. a per-sample loop and vs. the released code's structure "
             "re-implemented (per-sample prompt loop, one temporal mixer per target and subset, "
-            "causal nn.MultiheadAttention transformers), same run (the released code: ~83 "
+            "causal attention by explicit matrix products), same run (the released code: ~83 "
             "samples/s here); "
             "and a training step as shipped (fast CPU dropout masks, 1x1 projections as matrix "
             "products) against torch's dropout, against nn.Conv1d projections and against every "

@@ -88,13 +88,12 @@ class _Layer(nn.Module):
         q = self.ln_attn(x)
         t_q, t_k = x.shape[0], x.shape[0] if key is None else key.shape[0]
         # -inf above the diagonal, shifted by the length difference
-        mask = torch.triu(
-            torch.full((t_q, t_k), float("-inf"), device=x.device), 1 + abs(t_k - t_q)
-        )
+        mask = torch.full((t_q, t_k), float("-inf"), device=x.device, dtype=x.dtype)
+        mask = torch.triu(mask, 1 + abs(t_k - t_q))
         if key is None or value is None:
-            out, _ = self.attn(q, q, q, mask.to(x.dtype))
+            out, _ = self.attn(q, q, q, mask)
         else:
-            out, _ = self.attn(q, self.ln_attn(key), self.ln_attn(value), mask.to(x.dtype))
+            out, _ = self.attn(q, self.ln_attn(key), self.ln_attn(value), mask)
         x = x + out
         return x + self.fc2(F.relu(self.fc1(self.ln_ff(x))))
 

@@ -1157,7 +1157,8 @@ def test_segmentation_needs_feature_maps_from_every_encoder():
 @pytest.mark.parametrize("bad", [5, -100])
 def test_out_of_range_class_targets_are_a_clear_error(task, bad):
     """Both classifier paths (the hand-written backward for vectors, autograd for per-pixel
-    classifiers) refuse labels outside the classes, ignore labels included."""
+    classifiers) refuse labels outside the classes, ignore labels included where no
+    ignore_index is set."""
     if task == "classification":
         batch = vector_batch(2)
         model = make_model(batch)

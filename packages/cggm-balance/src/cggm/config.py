@@ -64,6 +64,13 @@ class CGGMConfig:
             gradient of the task loss w.r.t. the head's final weight (pass the loss:
             ``cggm.direction_loss(loss)``; differentiated, so the term reaches the encoders)
             with each classifier's final-weight gradient of its last step.
+        ignore_index: classification and segmentation: the target value of samples (or pixels)
+            that carry no label (``-100`` as ``F.cross_entropy``'s default, ``255`` in many
+            segmentation data sets). They neither train nor score any classifier: each
+            classifier's loss is ``F.cross_entropy(..., ignore_index=)``'s, the mean over the
+            labelled samples (pixels), accuracy and Dice count labelled samples (pixels) only,
+            and a sample with no labelled pixel is left out of the scores. ``None``: every
+            target must be a class.
     """
 
     task: Task = "classification"
@@ -78,6 +85,7 @@ class CGGMConfig:
     eps: float = 1e-3
     classifier_hidden: int | None = None
     direction: Direction = "weights"
+    ignore_index: int | None = None
 
     @property
     def binary(self) -> bool:
@@ -117,6 +125,16 @@ class CGGMConfig:
                 f"classifier_hidden must be a positive integer or None, got "
                 f"{self.classifier_hidden!r}."
             )
+        if self.ignore_index is not None:
+            if not _is_int(self.ignore_index):
+                raise ValueError(
+                    f"ignore_index must be an integer or None, got {self.ignore_index!r}."
+                )
+            if not self.class_indices:
+                raise ValueError(
+                    f"ignore_index marks unlabelled class targets; task='{self.task}' has no "
+                    "class targets (leave it None)."
+                )
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}.")
 

@@ -25,6 +25,7 @@ def batch_score_counts(
     *,
     stacked: bool = False,
     weights: Tensor | None = None,
+    labelled: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(total, count)`` of a classifier's score on one batch, so ranks can all-reduce them.
 
@@ -38,13 +39,22 @@ def batch_score_counts(
     ``[M, B, K]`` (regression, multilabel) or ``[M, B, C, *spatial]`` (segmentation), and
     returns ``[M]`` totals and counts. ``weights`` (``[B]``, or ``[M, B]`` stacked; 1 = counted,
     0 = not, e.g. a sample that lacks the modality): only the weighted samples are scored and
-    counted.
+    counted. ``labelled`` (classification and segmentation; the target's shape, bool): the
+    targets that carry a label. Samples without one are not scored; pixels without one count
+    in no class's Dice, and a sample with none is not scored.
     """
     with torch.no_grad():
         if not stacked:  # one classifier: a stack of one
             pred = pred.unsqueeze(0)
             weights = None if weights is None else weights.unsqueeze(0)
-        per_sample = _per_sample_scores(task, pred, target, regression_score)  # [M, B]
+        if labelled is not None:
+            if task not in ("classification", "segmentation"):
+                raise ValueError(f"labelled takes class targets; task {task!r} has none.")
+            target = target.masked_fill(~labelled, 0)
+            has_label = labelled.reshape(labelled.shape[0], -1).any(dim=1)  # [B]
+            weights = has_label.float() if weights is None else weights * has_label
+            weights = weights.expand(pred.shape[0], -1)
+        per_sample = _per_sample_scores(task, pred, target, regression_score, labelled)
         if weights is None:
             total = per_sample.sum(dim=1)
             count = torch.full_like(total, float(target.shape[0]))
@@ -54,8 +64,18 @@ def batch_score_counts(
         return (total, count) if stacked else (total[0], count[0])
 
 
-def _per_sample_scores(task: str, pred: Tensor, target: Tensor, regression_score: str) -> Tensor:
-    """Each classifier's score on each sample, ``[M, B]``, from stacked predictions."""
+def _per_sample_scores(
+    task: str,
+    pred: Tensor,
+    target: Tensor,
+    regression_score: str,
+    labelled: Tensor | None = None,
+) -> Tensor:
+    """Each classifier's score on each sample, ``[M, B]``, from stacked predictions.
+
+    ``labelled`` (segmentation): predictions at unlabelled pixels are read as background,
+    where the caller has set their targets, so that they count in no foreground class.
+    """
     m, n = pred.shape[0], target.shape[0]
     if task == "classification":
         if pred.shape[-1] == 1:  # one binary logit: class 1 where it is positive
@@ -84,6 +104,8 @@ def _per_sample_scores(task: str, pred: Tensor, target: Tensor, regression_score
         else:
             labels, classes = logits.max(dim=1).indices, logits.shape[1]
         repeated = target.repeat(m, *([1] * (target.ndim - 1)))
+        if labelled is not None:
+            labels = labels.masked_fill(~labelled.repeat(m, *([1] * (target.ndim - 1))), 0)
         return segmentation_dice(labels, repeated, classes).view(m, -1)
     raise ValueError(f"unknown task {task!r}")
 

@@ -30,8 +30,10 @@ from cggm.functional import (
 from cggm.targets import (
     check_target,
     class_targets,
+    label_weights,
     per_sample_loss,
     resize_to_target,
+    split_ignored,
     target_tensor,
     task_loss,
 )
@@ -693,9 +695,10 @@ class CGGM:
         feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)
+        labelled = None  # [B] or [B, *spatial]: where a target carries a label (ignore_index)
         if cfg.class_indices:
             maps = next(iter(feats.values())).ndim - 2 if cfg.task == "segmentation" else 0
-            target = class_targets(target, cfg, maps)
+            target, labelled = split_ignored(class_targets(target, cfg, maps), cfg)
         check_target(target, next(iter(feats.values())).shape[0], cfg)
         if sync and cfg.rho is not None and self._no_encoder_gradients():
             without_grad = [m for m in self.modalities if m in self._ran_without_grad]
@@ -726,11 +729,11 @@ class CGGM:
             }
         if isinstance(classifiers, StackedClassifiers):
             loss, total, count, finite = self._stacked_pass(
-                classifiers, optimizer, feats, target, weights
+                classifiers, optimizer, feats, target, weights, labelled
             )
         else:
             loss, total, count, finite = self._per_modality_pass(
-                classifiers, optimizer, feats, target, weights, not_run
+                classifiers, optimizer, feats, target, weights, labelled, not_run
             )
         # one copy to the host for the scores and the finiteness check
         host = torch.stack([total.float(), count.float(), finite.all(1).float()]).cpu()
@@ -781,20 +784,24 @@ class CGGM:
         feats: dict[str, Tensor],
         target: Tensor,
         weights: Tensor | None,
+        labelled: Tensor | None,
     ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
         """The stacked classifiers on this batch: ``(loss, totals, counts, finite [M, B])``.
 
+        ``weights``: presence ``[M, B]``; ``labelled``: the labelled targets (ignore_index).
         ``loss`` is ``None`` when the backward was taken by hand (the gradients are set).
         """
         cfg = self.config
         loss = None
         maps = len(classifiers.feature_shape) > 2
+        n_mod = len(self.modalities)
+        loss_weights = label_weights(weights, labelled, n_mod)
         if self.hand_backward and not maps:  # vectors, pooled sequences
             # the sum over modalities of each classifier's mean loss, its backward by hand
             # (it replaces the gradients: no zero_grad needed)
             logits = classifiers.forward_backward(
                 self._stacked_inputs(feats),
-                functools.partial(self._logit_grads, target, weights=weights),
+                functools.partial(self._logit_grads, target, weights=loss_weights),
             )
         else:  # autograd (feature maps: through the per-pixel MLP and the resize)
             optimizer.zero_grad(set_to_none=True)
@@ -802,20 +809,30 @@ class CGGM:
                 logits = self._stacked_logits(classifiers, feats)  # [M, B, C, *spatial]
             else:
                 logits = classifiers(self._stacked_inputs(feats))  # [M, B, C]
-            n_mod = len(self.modalities)
             if maps and logits.shape[3:] != target.shape[1:]:
                 logits = resize_to_target(logits.flatten(0, 1), target).unflatten(
                     0, logits.shape[:2]
                 )
-            repeated = target.repeat(n_mod, *([1] * (target.ndim - 1)))
-            if weights is None:
-                loss = n_mod * task_loss(logits.flatten(0, 1), repeated, self.config)
+            repeat = (n_mod, *([1] * (target.ndim - 1)))
+            if loss_weights is None:
+                loss = n_mod * task_loss(logits.flatten(0, 1), target.repeat(repeat), self.config)
             else:
-                per_sample = per_sample_loss(logits.flatten(0, 1), repeated, self.config)
-                loss = _weighted_means(per_sample.view(n_mod, -1), weights).sum()
+                per_sample = per_sample_loss(
+                    logits.flatten(0, 1),
+                    target.repeat(repeat),
+                    self.config,
+                    None if labelled is None else labelled.repeat(repeat),
+                )
+                loss = _weighted_means(per_sample.view(n_mod, -1), loss_weights).sum()
             logits = logits.detach()
         total, count = batch_score_counts(
-            cfg.task, logits, target, cfg.regression_score, stacked=True, weights=weights
+            cfg.task,
+            logits,
+            target,
+            cfg.regression_score,
+            stacked=True,
+            weights=weights,
+            labelled=labelled,
         )
         finite = torch.isfinite(logits).reshape(*logits.shape[:2], -1).all(2)  # [M, B]
         return loss, total, count, finite
@@ -827,10 +844,12 @@ class CGGM:
         feats: dict[str, Tensor],
         target: Tensor,
         weights: Tensor | None,
+        labelled: Tensor | None,
         not_run: list[str],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Each modality's own classifier on this batch: ``(loss, totals, counts, finite)``."""
         cfg = self.config
+        loss_weights = label_weights(weights, labelled, len(self.modalities))
         device = next(iter(feats.values())).device
         optimizer.zero_grad(set_to_none=True)
         losses, unit_totals, unit_counts, unit_finite = [], [], [], []
@@ -845,13 +864,13 @@ class CGGM:
             if cfg.task == "segmentation" and pred.shape[2:] != target.shape[1:]:
                 pred = resize_to_target(pred, target)
             w = None if weights is None else weights[i]
-            if w is None:
+            if loss_weights is None:
                 losses.append(task_loss(pred, target, self.config))
             else:
-                per_sample = per_sample_loss(pred, target, self.config)
-                losses.append(_weighted_means(per_sample.unsqueeze(0), w.unsqueeze(0))[0])
+                per_sample = per_sample_loss(pred, target, self.config, labelled)
+                losses.append(_weighted_means(per_sample.unsqueeze(0), loss_weights[i, None])[0])
             t, c = batch_score_counts(
-                cfg.task, pred.detach(), target, cfg.regression_score, weights=w
+                cfg.task, pred.detach(), target, cfg.regression_score, weights=w, labelled=labelled
             )
             unit_totals.append(t)
             unit_counts.append(c)

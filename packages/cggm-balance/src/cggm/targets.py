@@ -15,6 +15,7 @@ __all__ = [
     "check_target",
     "class_targets",
     "is_one_hot",
+    "label_weights",
     "per_sample_loss",
     "resize_to_target",
     "target_tensor",
@@ -115,9 +116,39 @@ def check_target(target: Tensor, batch_size: int, config: CGGMConfig) -> None:
     if not config.binary and (low < 0 or high >= k):
         raise ValueError(
             f"CGGM.step: class targets must lie in [0, {k}); got values from {low} to {high}. "
-            "Labels to ignore (-100, 255) are not supported: the classifiers' scores would "
-            "count them; map them to a class, or crop them out."
+            "Samples or pixels without a label (-100, 255) need CGGM(..., ignore_index=<that "
+            "value>), so that the classifiers neither train on them nor score them."
         )
+
+
+def split_ignored(target: Tensor, config: CGGMConfig) -> tuple[Tensor, Tensor | None]:
+    """Class targets without ``config.ignore_index``, and where they carry a label.
+
+    ``(target, labelled)``: the ignored entries set to class 0, and the bool mask of the
+    labelled ones (``None`` when every entry is labelled, or no ``ignore_index`` is set).
+    """
+    if config.ignore_index is None:
+        return target, None
+    ignored = target == config.ignore_index
+    if not bool(ignored.any()):
+        return target, None
+    return target.masked_fill(ignored, 0), ~ignored
+
+
+def label_weights(weights: Tensor | None, labelled: Tensor | None, n_mod: int) -> Tensor | None:
+    """Each sample's weight ``[M, B]`` in the classifiers' losses.
+
+    ``weights`` (presence, ``[M, B]`` or ``None``) times the sample's count of labelled entries
+    (1 or 0 for a class target, its labelled pixels for a label map), so that the weighted mean
+    of per-sample means over the labelled pixels is the mean over every labelled pixel, as
+    ``F.cross_entropy(..., ignore_index=)`` takes it.
+    """
+    if labelled is None:
+        return weights
+    counts = labelled.reshape(labelled.shape[0], -1).sum(dim=1)  # [B]
+    if weights is None:
+        return counts.float().expand(n_mod, -1)
+    return weights * counts.to(weights.dtype)
 
 
 def is_one_hot(target: Tensor) -> bool:
@@ -137,8 +168,14 @@ def task_loss(pred: Tensor, target: Tensor, config: CGGMConfig) -> Tensor:
     return F.cross_entropy(pred, target)
 
 
-def per_sample_loss(pred: Tensor, target: Tensor, config: CGGMConfig) -> Tensor:
-    """The task loss of each sample ``[N]`` (averaged over its outputs or pixels)."""
+def per_sample_loss(
+    pred: Tensor, target: Tensor, config: CGGMConfig, labelled: Tensor | None = None
+) -> Tensor:
+    """The task loss of each sample ``[N]`` (averaged over its outputs or pixels).
+
+    ``labelled`` (the target's shape, bool): the mean over the labelled pixels only (0 for a
+    sample that has none).
+    """
     n = target.shape[0]
     if config.task == "regression":
         diff = F.l1_loss(
@@ -155,7 +192,11 @@ def per_sample_loss(pred: Tensor, target: Tensor, config: CGGMConfig) -> Tensor:
         )
     else:
         loss = F.cross_entropy(pred, target, reduction="none")
-    return loss.reshape(n, -1).mean(dim=1)
+    loss = loss.reshape(n, -1)
+    if labelled is None:
+        return loss.mean(dim=1)
+    keep = labelled.reshape(n, -1).to(loss.dtype)
+    return (loss * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
 
 
 def resize_to_target(pred: Tensor, target: Tensor) -> Tensor:

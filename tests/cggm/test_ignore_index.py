@@ -1,4 +1,4 @@
-"""``ignore_index``: samples and pixels without a label neither train nor score a classifier."""
+"""``ignore_index``: samples, pixels and labels without one neither train nor score a classifier."""
 
 import copy
 
@@ -14,6 +14,7 @@ from tests.cggm.test_modulator import (
     SegModel,
     _assert_same_runs,
     _missing_first,
+    _multilabel_batch,
     _per_modality_loop,
     _segmentation_batch,
     make_model,
@@ -192,8 +193,7 @@ def test_ignore_labels_without_ignore_index_name_the_option():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"task": "regression", "num_outputs": 1, "ignore_index": -100}, "no class targets"),
-        ({"task": "multilabel", "num_outputs": 3, "ignore_index": -1}, "no class targets"),
+        ({"task": "regression", "num_outputs": 1, "ignore_index": -100}, "has neither"),
         ({"ignore_index": True}, "must be an integer or None"),
         ({"ignore_index": 255.0}, "must be an integer or None"),
     ],
@@ -217,5 +217,66 @@ def test_score_counts_of_labelled_targets_only():
     seg_labelled = torch.tensor([[[True, False, True, True]]])
     total, count = batch_score_counts("segmentation", seg, seg_target, labelled=seg_labelled)
     assert (float(total), float(count)) == (1.0, 1.0)  # the wrong pixel is unlabelled
-    with pytest.raises(ValueError, match="class targets"):
+    with pytest.raises(ValueError, match="regression has none"):
         batch_score_counts("regression", logits[:, :1], target.float(), labelled=labelled)
+
+
+def _partly_labelled_multilabel_batch():
+    """16 samples, 3 yes/no labels each; some labels unannotated (-1), one sample none."""
+    batch = _multilabel_batch(4)
+    target = batch.target.clone()
+    g = torch.Generator().manual_seed(2)
+    target[torch.rand(target.shape, generator=g) < 0.3] = -1.0
+    target[5] = -1.0
+    return batch.replace(target=target)
+
+
+def _masked_bce(pred, target):
+    keep = target != -1
+    return F.binary_cross_entropy_with_logits(pred[keep], target[keep])
+
+
+def _multilabel_run(configure, batch, steps=3, lr=0.1):
+    model = make_model(batch, 3)
+    cggm = CGGM(model, task="multilabel", num_outputs=3, rho=1.3, lam=0.1, ignore_index=-1)
+    configure(cggm)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    history, before = [], None
+    for step in range(steps):
+        opt.zero_grad()
+        (_masked_bce(model(batch), batch.target) + cggm.direction_loss()).backward()
+        if step == steps - 1:  # the classifiers before the last step's update
+            before = {m: copy.deepcopy(cggm.classifier(m)) for m in cggm.modalities}
+        history.append(cggm.step(batch.target))
+        opt.step()
+    per_modality = {
+        f"{m}.{k}": v for m in cggm.modalities for k, v in cggm.classifier(m).state_dict().items()
+    }
+    return (cggm, history, per_modality, model.state_dict()), before
+
+
+def test_unannotated_labels_of_multilabel_targets_neither_train_nor_score():
+    """Multilabel targets with ``ignore_index`` labels: each classifier's gradient is that of
+    the BCE over the labelled labels, its score the label accuracy over them (a sample with
+    none is not scored), and the three classifier paths train alike."""
+    batch = _partly_labelled_multilabel_batch()
+    target = batch.target
+    labelled = target != -1
+    run, before = _multilabel_run(_per_modality_loop, batch, lr=0.0)
+    cggm = run[0]
+    model = make_model(batch, 3)
+    for i, m in enumerate(cggm.modalities):
+        logits = before[m](model.encoders[m](batch[m]).detach())
+        loss = _masked_bce(logits, target)
+        expected = torch.autograd.grad(loss, list(before[m].parameters()))
+        for got, want in zip(cggm.classifier(m).parameters(), expected, strict=True):
+            torch.testing.assert_close(got.grad, want)
+        right = ((logits > 0) == (target > 0.5)) & labelled
+        keep = labelled.any(dim=1)
+        accuracy = (right.sum(1) / labelled.sum(1).clamp_min(1))[keep].mean()
+        assert float(cggm.last_scores[i]) == pytest.approx(float(accuracy), abs=1e-6)
+    loop = _multilabel_run(_per_modality_loop, batch)[0]
+    by_hand = _multilabel_run(PATHS["by hand"], batch)[0]
+    assert by_hand[0]._stacked and by_hand[0].hand_backward
+    _assert_same_runs(by_hand, loop)
+    _assert_same_runs(_multilabel_run(PATHS["autograd"], batch)[0], loop)

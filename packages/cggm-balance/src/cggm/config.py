@@ -64,13 +64,13 @@ class CGGMConfig:
             gradient of the task loss w.r.t. the head's final weight (pass the loss:
             ``cggm.direction_loss(loss)``; differentiated, so the term reaches the encoders)
             with each classifier's final-weight gradient of its last step.
-        ignore_index: classification and segmentation: the target value of samples (or pixels)
-            that carry no label (``-100`` as ``F.cross_entropy``'s default, ``255`` in many
-            segmentation data sets). They neither train nor score any classifier: each
-            classifier's loss is ``F.cross_entropy(..., ignore_index=)``'s, the mean over the
-            labelled samples (pixels), accuracy and Dice count labelled samples (pixels) only,
-            and a sample with no labelled pixel is left out of the scores. ``None``: every
-            target must be a class.
+        ignore_index: classification, segmentation and multilabel: the target value of samples,
+            pixels or labels that carry no label (``-100`` as ``F.cross_entropy``'s default,
+            ``255`` in many segmentation data sets, say ``-1`` for an unannotated label). They
+            neither train nor score any classifier: each classifier's loss is
+            ``F.cross_entropy(..., ignore_index=)``'s, the mean over the labelled samples
+            (pixels, labels); accuracy, Dice and label accuracy count those only, and a sample
+            with none is left out of the scores. ``None``: every target must be a label.
     """
 
     task: Task = "classification"
@@ -130,10 +130,10 @@ class CGGMConfig:
                 raise ValueError(
                     f"ignore_index must be an integer or None, got {self.ignore_index!r}."
                 )
-            if not self.class_indices:
+            if self.task == "regression":
                 raise ValueError(
-                    f"ignore_index marks unlabelled class targets; task='{self.task}' has no "
-                    "class targets (leave it None)."
+                    "ignore_index marks unlabelled class targets or labels; task='regression' "
+                    "has neither (leave it None)."
                 )
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}.")

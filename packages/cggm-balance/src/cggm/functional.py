@@ -39,17 +39,18 @@ def batch_score_counts(
     ``[M, B, K]`` (regression, multilabel) or ``[M, B, C, *spatial]`` (segmentation), and
     returns ``[M]`` totals and counts. ``weights`` (``[B]``, or ``[M, B]`` stacked; 1 = counted,
     0 = not, e.g. a sample that lacks the modality): only the weighted samples are scored and
-    counted. ``labelled`` (classification and segmentation; the target's shape, bool): the
-    targets that carry a label. Samples without one are not scored; pixels without one count
-    in no class's Dice, and a sample with none is not scored.
+    counted. ``labelled`` (classification, segmentation, multilabel; the target's shape, bool):
+    the targets that carry a label. Samples without one are not scored; pixels without one
+    count in no class's Dice, labels without one in no label accuracy, and a sample with none
+    is not scored.
     """
     with torch.no_grad():
         if not stacked:  # one classifier: a stack of one
             pred = pred.unsqueeze(0)
             weights = None if weights is None else weights.unsqueeze(0)
         if labelled is not None:
-            if task not in ("classification", "segmentation"):
-                raise ValueError(f"labelled takes class targets; task {task!r} has none.")
+            if task == "regression":
+                raise ValueError("labelled takes class targets or labels; regression has none.")
             target = target.masked_fill(~labelled, 0)
             has_label = labelled.reshape(labelled.shape[0], -1).any(dim=1)  # [B]
             weights = has_label.float() if weights is None else weights * has_label
@@ -73,8 +74,9 @@ def _per_sample_scores(
 ) -> Tensor:
     """Each classifier's score on each sample, ``[M, B]``, from stacked predictions.
 
-    ``labelled`` (segmentation): predictions at unlabelled pixels are read as background,
-    where the caller has set their targets, so that they count in no foreground class.
+    ``labelled``: segmentation predictions at unlabelled pixels are read as background, where
+    the caller has set their targets, so that they count in no foreground class; multilabel
+    accuracy is over a sample's labelled labels.
     """
     m, n = pred.shape[0], target.shape[0]
     if task == "classification":
@@ -94,7 +96,11 @@ def _per_sample_scores(
         return -(p - t).abs().mean(dim=-1)
     if task == "multilabel":  # each label's logit sign right or wrong, averaged over the labels
         p = pred.reshape(m, n, -1) > 0
-        return (p == (target.reshape(1, n, -1) > 0.5)).float().mean(dim=-1)
+        right = (p == (target.reshape(1, n, -1) > 0.5)).float()
+        if labelled is None:
+            return right.mean(dim=-1)
+        keep = labelled.reshape(1, n, -1).to(right.dtype)
+        return (right * keep).sum(dim=-1) / keep.sum(dim=-1).clamp_min(1)
     if task == "segmentation":
         # max().indices, not argmax(): the same first-maximum index, but argmax over a
         # non-last axis is ~20x slower on CPU (it dominated the segmentation step)

@@ -349,18 +349,28 @@ class CGGM:
             xs.append(f)
         return torch.stack(xs)
 
-    def _logit_grads(self, target: Tensor, logits: Tensor, weights: Tensor | None = None) -> Tensor:
+    def _logit_grads(
+        self,
+        target: Tensor,
+        logits: Tensor,
+        weights: Tensor | None = None,
+        labelled: Tensor | None = None,
+    ) -> Tensor:
         """Gradient of ``Σ_m`` (classifier ``m``'s mean task loss) w.r.t. logits ``[M, B, C]``.
 
         ``weights`` ``[M, B]``: each classifier's loss is the mean over its weighted samples.
+        ``labelled`` (multilabel ``[B, K]``): each sample's loss is the mean over its labelled
+        labels (the weights then count them).
         """
-        grad = self._per_sample_logit_grads(target, logits)
+        grad = self._per_sample_logit_grads(target, logits, labelled)
         if weights is None:
             return grad.div_(logits.shape[1])
         scale = weights / weights.sum(dim=1, keepdim=True).clamp_min(1)
         return grad.mul_(scale.unsqueeze(-1).to(grad.dtype))
 
-    def _per_sample_logit_grads(self, target: Tensor, logits: Tensor) -> Tensor:
+    def _per_sample_logit_grads(
+        self, target: Tensor, logits: Tensor, labelled: Tensor | None = None
+    ) -> Tensor:
         """Gradient of each sample's task loss w.r.t. its logits ``[M, B, C]`` (a new tensor)."""
         if self.config.task == "regression":  # L1: sign(prediction − target)
             t = target.reshape(1, logits.shape[1], -1).to(logits.dtype)
@@ -373,7 +383,10 @@ class CGGM:
             return torch.sign(logits - t).div_(logits.shape[2])
         if self.config.task == "multilabel":  # BCE averaged over the labels: (sigmoid − t) / K
             t = target.reshape(1, logits.shape[1], -1).to(logits.dtype)
-            return (logits.sigmoid() - t).div_(logits.shape[2])
+            if labelled is None:
+                return (logits.sigmoid() - t).div_(logits.shape[2])
+            keep = labelled.reshape(t.shape).to(logits.dtype)
+            return (logits.sigmoid() - t).mul_(keep / keep.sum(dim=2, keepdim=True).clamp_min(1))
         if self.config.binary:  # binary cross-entropy with logits: sigmoid − target
             return logits.sigmoid() - target.to(logits.dtype).view(1, -1, 1)
         # cross-entropy: softmax − one-hot (check_target has checked the class range)
@@ -695,10 +708,11 @@ class CGGM:
         feats = {m: f.to(dtype) if f.is_floating_point() else f for m, f in feats.items()}
         cfg = self.config
         target = target.to(self.head_weight.device)
-        labelled = None  # [B] or [B, *spatial]: where a target carries a label (ignore_index)
         if cfg.class_indices:
             maps = next(iter(feats.values())).ndim - 2 if cfg.task == "segmentation" else 0
-            target, labelled = split_ignored(class_targets(target, cfg, maps), cfg)
+            target = class_targets(target, cfg, maps)
+        # where a target carries a label (ignore_index): [B], [B, K] or [B, *spatial]
+        target, labelled = split_ignored(target, cfg)
         check_target(target, next(iter(feats.values())).shape[0], cfg)
         if sync and cfg.rho is not None and self._no_encoder_gradients():
             without_grad = [m for m in self.modalities if m in self._ran_without_grad]
@@ -801,7 +815,9 @@ class CGGM:
             # (it replaces the gradients: no zero_grad needed)
             logits = classifiers.forward_backward(
                 self._stacked_inputs(feats),
-                functools.partial(self._logit_grads, target, weights=loss_weights),
+                functools.partial(
+                    self._logit_grads, target, weights=loss_weights, labelled=labelled
+                ),
             )
         else:  # autograd (feature maps: through the per-pixel MLP and the resize)
             optimizer.zero_grad(set_to_none=True)

@@ -122,10 +122,11 @@ def check_target(target: Tensor, batch_size: int, config: CGGMConfig) -> None:
 
 
 def split_ignored(target: Tensor, config: CGGMConfig) -> tuple[Tensor, Tensor | None]:
-    """Class targets without ``config.ignore_index``, and where they carry a label.
+    """Targets without ``config.ignore_index``, and where they carry a label.
 
-    ``(target, labelled)``: the ignored entries set to class 0, and the bool mask of the
-    labelled ones (``None`` when every entry is labelled, or no ``ignore_index`` is set).
+    ``(target, labelled)``: the ignored entries set to 0 (a class, or a label that is off),
+    and the bool mask of the labelled ones (``None`` when every entry is labelled, or no
+    ``ignore_index`` is set).
     """
     if config.ignore_index is None:
         return target, None
@@ -139,9 +140,10 @@ def label_weights(weights: Tensor | None, labelled: Tensor | None, n_mod: int) -
     """Each sample's weight ``[M, B]`` in the classifiers' losses.
 
     ``weights`` (presence, ``[M, B]`` or ``None``) times the sample's count of labelled entries
-    (1 or 0 for a class target, its labelled pixels for a label map), so that the weighted mean
-    of per-sample means over the labelled pixels is the mean over every labelled pixel, as
-    ``F.cross_entropy(..., ignore_index=)`` takes it.
+    (1 or 0 for a class target, its labelled pixels for a label map, its labelled labels for
+    multilabel targets), so that the weighted mean of per-sample means over the labelled
+    entries is the mean over every labelled entry, as ``F.cross_entropy(..., ignore_index=)``
+    takes it.
     """
     if labelled is None:
         return weights

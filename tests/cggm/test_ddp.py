@@ -147,3 +147,29 @@ def test_gradient_directions_keep_the_ranks_identical():
     assert h0 == h1
     for k in w0:
         torch.testing.assert_close(w1[k], w0[k], msg=k)
+
+
+def _train_with_ignored_labels_on_rank_1(rank, world):
+    """Rank 1's batches have unlabelled samples (ignore_index), rank 0's none."""
+    model = make_model(vector_batch(3))
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.2, ignore_index=-100)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    history = []
+    for step in range(3):
+        batch = vector_batch(3, seed=100 * rank + step)
+        if rank == 1:
+            batch = batch.replace(target=batch.target.masked_fill(torch.arange(16) % 3 == 0, -100))
+        opt.zero_grad()
+        (F.cross_entropy(ddp(batch), batch.target) + cggm.direction_loss()).backward()
+        history.append(cggm.step(batch.target))
+        opt.step()
+    return history, model.state_dict(), cggm.classifiers.state_dict()
+
+
+def test_ranks_with_different_numbers_of_unlabelled_samples_stay_identical():
+    (h0, w0, c0), (h1, w1, c1) = run_ranks(_train_with_ignored_labels_on_rank_1)
+    assert h0 == h1  # B from the all-reduced counts of labelled samples
+    for first, second in ((w0, w1), (c0, c1)):
+        for k in first:
+            torch.testing.assert_close(second[k], first[k], msg=k)

@@ -280,3 +280,27 @@ def test_unannotated_labels_of_multilabel_targets_neither_train_nor_score():
     assert by_hand[0]._stacked and by_hand[0].hand_backward
     _assert_same_runs(by_hand, loop)
     _assert_same_runs(_multilabel_run(PATHS["autograd"], batch)[0], loop)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_regression_targets_that_are_not_finite_are_a_clear_error(bad):
+    """Without the check, NaN targets turned the neg_mae scores NaN and left B uniform."""
+    batch = vector_batch(3)
+    model = make_model(batch, 1)
+    cggm = CGGM(model, task="regression", num_outputs=1, regression_score="neg_mae")
+    target = torch.randn(16)
+    F.l1_loss(model(batch).squeeze(-1), target).backward()
+    target[[2, 7]] = bad
+    with pytest.raises(ValueError, match="2 of the 16 regression targets are NaN or infinite"):
+        cggm.step(target)
+
+
+def test_multilabel_targets_holding_nan_name_ignore_index():
+    batch = _multilabel_batch(3)
+    model = make_model(batch, 3)
+    cggm = CGGM(model, task="multilabel", num_outputs=3)
+    F.binary_cross_entropy_with_logits(model(batch), batch.target).backward()
+    target = batch.target.clone()
+    target[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"targets hold NaN.*ignore_index=-1"):
+        cggm.step(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -96,11 +97,27 @@ def check_target(target: Tensor, batch_size: int, config: CGGMConfig) -> None:
             f"CGGM.step: task='{config.task}' with num_outputs={k} needs {k} {what}(s) "
             f"per sample ([B] or [B, {k}]); got shape {tuple(target.shape)}."
         )
-    if config.task == "regression" or not target.numel():
+    if not target.numel():
         return
-    # one device-to-host copy for both bounds
+    if config.task == "regression":
+        if not bool(torch.isfinite(target).all()):
+            bad = int((~torch.isfinite(target)).sum())
+            raise ValueError(
+                f"CGGM.step: {bad} of the {target.numel()} regression targets are NaN or "
+                "infinite: the classifiers' scores would count them (under "
+                "regression_score='neg_mae' they turn NaN, and B no longer tells the modalities "
+                "apart). Leave the samples without a label out of the batch given to the model "
+                "and to step."
+            )
+        return
+    # one device-to-host copy for both bounds (NaN in either when the targets hold one)
     low, high = torch.stack(torch.aminmax(target)).tolist()
     if config.task == "multilabel":
+        if math.isnan(low) or math.isnan(high):
+            raise ValueError(
+                "CGGM.step: task='multilabel' targets hold NaN. Mark labels without an "
+                "annotation with a number (say -1) and pass CGGM(..., ignore_index=-1)."
+            )
         if low < 0 or high > 1:
             raise ValueError(
                 "CGGM.step: task='multilabel' takes each label as 0 or 1 (or a probability in "

@@ -161,7 +161,7 @@ def test_default_direction_term_is_fresh_each_step():
 def test_b_is_finite_when_scores_stall():
     batch = vector_batch(3)
     model = make_model(batch)
-    cggm = CGGM(model, task="classification", num_outputs=3, cls_lr=1e-12)
+    cggm = CGGM(model, task="classification", num_outputs=3, cls_lr=1e-12, lam=0.0)
     for _ in range(4):  # classifiers frozen in effect: the scores stop changing, Δ = 0
         model.zero_grad()
         F.cross_entropy(model(batch), batch.target).backward()
@@ -940,7 +940,7 @@ def test_presence_masks_marking_every_sample_present_change_nothing(task):
 def test_a_modality_missing_from_every_sample_keeps_its_score():
     batch = vector_batch()
     model = make_model(batch)
-    cggm = CGGM(model, task="classification", num_outputs=3, smoothing=0.5)
+    cggm = CGGM(model, task="classification", num_outputs=3, smoothing=0.5, lam=0.0)
     for step in range(2):
         b = batch if step == 0 else batch.with_missing("m0", True)
         model.zero_grad()
@@ -1068,7 +1068,7 @@ def test_an_encoder_skipped_where_it_cannot_count_as_absent_is_a_clear_error():
         RuntimeError, match=r"\['m0'\] did not run in the forward pass of the first"
     ):
         cggm.step(lacking.target)
-    model, cggm = modulated(mode="reference")
+    model, cggm = modulated(mode="reference", lam=0.0)
     for batch in (full, lacking):
         model.zero_grad()
         F.cross_entropy(model(batch), batch.target).backward()
@@ -1853,3 +1853,30 @@ def test_gradient_directions_need_the_task_loss_and_resume_exactly():
     assert got[0] == expected[0]
     for a, b in zip(got[1], expected[1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_direction_term_left_out_of_the_loss_warns_once():
+    """With λ > 0, a step reached without ``direction_loss()`` since the last one warns, once;
+    the first step (where the term is 0) and λ = 0 do not."""
+    batch = vector_batch()
+
+    def steps(lam, add_term, n=3):
+        model = make_model(batch)
+        cggm = CGGM(model, task="classification", num_outputs=3, lam=lam)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                model.zero_grad()
+                loss = F.cross_entropy(model(batch), batch.target)
+                (loss + cggm.direction_loss() if add_term else loss).backward()
+                cggm.step(batch.target)
+        return [str(w.message) for w in caught]
+
+    left_out = steps(0.2, add_term=False)
+    assert (
+        len(left_out) == 1
+        and "direction_loss() was not called since the last step" in (left_out[0])
+    )
+    assert steps(0.2, add_term=False, n=1) == []
+    assert steps(0.2, add_term=True) == []
+    assert steps(0.0, add_term=False) == []

@@ -199,6 +199,9 @@ class CGGM:
         self._counts = torch.zeros(m)
         self._pending: Tensor | None = None  # reference mode: last step's L_gm, graph kept
         self._direction: Tensor | None = None  # default mode: Σ_m B_m W_m/‖W_m‖ of this step
+        #: direction_loss() was called since the last step (else, with λ > 0, warn once)
+        self._direction_asked = False
+        self._direction_warned = False
         #: direction="gradients": the classifiers' final-weight gradients of their last step,
         #: [M, *W^Ω.shape] (W_m's gradient where the weights mode uses W_m)
         self._classifier_head_grads: Tensor | None = None
@@ -624,6 +627,7 @@ class CGGM:
         """
         zero = self.head_weight.new_zeros(())
         cfg = self.config
+        self._direction_asked = True
         if cfg.lam == 0:
             return zero
         if cfg.direction == "gradients" and task_loss is None:  # from the first call on
@@ -730,6 +734,7 @@ class CGGM:
                 "CGGM.step: no encoder parameter has a gradient to scale; call loss.backward() "
                 "(and scaler.unscale_ under AMP) before cggm.step()."
             )
+        self._check_direction_asked()  # once the step is known to go ahead
         weights = self._presence_weights(target.shape[0], target.device, not_run)  # [M, B]
         if not_run and isinstance(classifiers, StackedClassifiers):
             # stacked classifiers share one feature shape; zeros that no loss or score counts
@@ -779,6 +784,7 @@ class CGGM:
         self._captured, self._call_masks = {}, {}  # used: the next step needs the next forward's
         self._ran_without_grad = set()
         self._direction = None  # the classifiers moved (and B may change below)
+        self._direction_asked = False
         self._totals += total
         self._counts += count
         if not sync:
@@ -790,6 +796,26 @@ class CGGM:
         if cfg.rho is not None:
             self._scale_encoder_gradients(cfg.rho * b)
         return dict(zip(self.modalities, b.tolist(), strict=True))
+
+    def _check_direction_asked(self) -> None:
+        """Warn once when ``λ > 0`` but no ``direction_loss()`` was taken since the last step.
+
+        Before the first step the term is 0, so the first step has nothing to miss.
+        """
+        if (
+            self.config.lam > 0
+            and self.coefficients is not None
+            and not self._direction_asked
+            and not self._direction_warned
+        ):
+            self._direction_warned = True
+            warnings.warn(
+                f"CGGM: lam={self.config.lam} but direction_loss() was not called since the "
+                "last step, so the direction term λ·L_gm is in no loss: add it, loss = "
+                "task_loss + cggm.direction_loss(), or pass lam=0 to turn it off. (Warned "
+                "once.)",
+                stacklevel=stacklevel_outside(cggm),
+            )
 
     def _stacked_pass(
         self,

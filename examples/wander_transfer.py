@@ -32,6 +32,11 @@ def classes(batch: ModalityBatch, digits: range, shots: int | None = None) -> Mo
     return subset.replace(target=subset.require_target() - digits.start)
 
 
+def trainable(model: torch.nn.Module) -> int:
+    """The number of parameters that train."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def main() -> None:
     """Run the example (``--quick``: a smoke test)."""
     args = parse_args(__doc__)
@@ -39,19 +44,19 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     data = load_mfeat(args.seed)
-    source, old, new = range(0, 5), range(0, 5), range(5, 10)
+    old, new = range(0, 5), range(5, 10)
     base = LateFusion(dims_of(data["train"]), classes=5)
-    fit(base, classes(data["train"], source), epochs[0])
+    fit(base, classes(data["train"], old), epochs[0])
     print(f"base model, digits 0-4: {accuracy(base, classes(data['test'], old)):.1f}% test")
 
     few = classes(data["train"], new, shots=5)  # 25 labelled samples
     test = classes(data["test"], new)
-    results = {}
+    results: dict[str, tuple[float, int]] = {}  # accuracy, trainable parameters
     head_only = copy.deepcopy(base)
     head_only.head.reset_parameters()
     head_only.requires_grad_(False).head.requires_grad_(True)
     fit(head_only, few, epochs[1], lr=1e-2)
-    results["head only"] = accuracy(head_only, test), head_only.head.weight.numel() + 5
+    results["head only"] = accuracy(head_only, test), trainable(head_only)
 
     model = copy.deepcopy(base)
     model.head.reset_parameters()
@@ -67,8 +72,7 @@ def main() -> None:
         interaction_init=0.1,
     )
     fit(wander, few, epochs[1], lr=3e-3)
-    trainable = sum(p.numel() for p in wander.parameters() if p.requires_grad)
-    results["Wander + head"] = accuracy(wander, test), trainable
+    results["Wander + head"] = accuracy(wander, test), trainable(wander)
 
     print(
         f"digits 5-9 from {few.batch_size} labels ({sum(p.numel() for p in base.parameters())} "

@@ -2,7 +2,9 @@
 
 Trains the same late-fusion model on 20% of UCI mfeat's training split twice from the same
 initial weights: plainly, and with CGGM modulating each encoder's gradients. Prints each
-modality's gradient factor ``rho * B_m`` over training and the test accuracies. The
+modality's gradient factor ``rho * B_m`` over training and the test accuracies. With six
+modalities the factors stay within about 15% of one another (the package README says why), and
+on these data CGGM ends level with plain training or a little below it. The
 ``cggm-uci-balance`` benchmark task compares the two (and OGM-GE) over seeds, with each
 modality's linear-probe accuracy.
 
@@ -23,7 +25,9 @@ def train(data: ModalityBatch, epochs: int, seed: int, modulate: bool) -> LateFu
     """A model trained on ``data``, with CGGM if ``modulate``; prints its factors as it goes."""
     torch.manual_seed(seed)
     model = LateFusion(dims_of(data), classes=10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # SGD: Adam divides each gradient by its running size, so it largely undoes a scaling
+    # of whole encoders' gradients (see the package README)
+    optimizer = torch.optim.SGD(model.parameters(), lr=3e-2, momentum=0.9)
     cggm = (
         CGGM(model, task="classification", num_outputs=10, rho=1.3, lam=0.2) if modulate else None
     )
@@ -55,7 +59,9 @@ def main() -> None:
     epochs = 2 if args.quick else 40
 
     data = load_mfeat(args.seed)
-    train_set = data["train"].select(torch.randperm(data["train"].batch_size)[:240])
+    generator = torch.Generator().manual_seed(args.seed)
+    n = data["train"].batch_size
+    train_set = data["train"].select(torch.randperm(n, generator=generator)[:240])
     print(f"training on {train_set.batch_size} samples, {epochs} epochs")
     joint = train(train_set, epochs, args.seed, modulate=False)
     print("CGGM:")

@@ -14,6 +14,7 @@ from tests.cggm.test_modulator import (
     SegModel,
     _assert_same_runs,
     _missing_first,
+    _modulated_sgd,
     _multilabel_batch,
     _per_modality_loop,
     _segmentation_batch,
@@ -40,13 +41,11 @@ def _classification_run(batch, binary, configure, steps=3):
     )
     configure(cggm)
     loss_fn = _masked_binary_loss if binary else F.cross_entropy  # ignore_index=-100
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    history = []
-    for _ in range(steps):
-        opt.zero_grad()
-        (loss_fn(model(batch), batch.target) + cggm.direction_loss()).backward()
-        history.append(cggm.step(batch.target))
-        opt.step()
+    return _run(cggm, _modulated_sgd(model, cggm, batch, loss_fn, lr=0.0, steps=steps), model)
+
+
+def _run(cggm, history, model):
+    """``(cggm, B history, classifiers' state per modality, model state)``."""
     per_modality = {
         f"{m}.{k}": v for m in cggm.modalities for k, v in cggm.classifier(m).state_dict().items()
     }
@@ -141,25 +140,13 @@ def test_stacked_segmentation_classifiers_with_ignored_pixels_equal_the_loop(bin
         model = SegModel(stride=2, classes=out)  # logits resized to the label map
         cggm = CGGM(model, task="segmentation", num_outputs=out, lam=0.1, ignore_index=255)
         configure(cggm)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        history = []
-        for _ in range(3):
-            opt.zero_grad()
-            logits = model(batch)
-            keep = target != 255
-            if binary:
-                loss = F.binary_cross_entropy_with_logits(logits[:, 0][keep], target[keep].float())
-            else:
-                loss = F.cross_entropy(logits, target, ignore_index=255)
-            (loss + cggm.direction_loss()).backward()
-            history.append(cggm.step(target))
-            opt.step()
-        per_modality = {
-            f"{m}.{k}": v
-            for m in cggm.modalities
-            for k, v in cggm.classifier(m).state_dict().items()
-        }
-        return cggm, history, per_modality, model.state_dict()
+        return _run(cggm, _modulated_sgd(model, cggm, batch, loss_fn, lr=0.1), model)
+
+    def loss_fn(logits, target):
+        keep = target != 255
+        if binary:
+            return F.binary_cross_entropy_with_logits(logits[:, 0][keep], target[keep].float())
+        return F.cross_entropy(logits, target, ignore_index=255)
 
     stacked = run(lambda cggm: None)
     assert stacked[0]._stacked
@@ -249,10 +236,7 @@ def _multilabel_run(configure, batch, steps=3, lr=0.1):
             before = {m: copy.deepcopy(cggm.classifier(m)) for m in cggm.modalities}
         history.append(cggm.step(batch.target))
         opt.step()
-    per_modality = {
-        f"{m}.{k}": v for m in cggm.modalities for k, v in cggm.classifier(m).state_dict().items()
-    }
-    return (cggm, history, per_modality, model.state_dict()), before
+    return _run(cggm, history, model), before
 
 
 def test_unannotated_labels_of_multilabel_targets_neither_train_nor_score():

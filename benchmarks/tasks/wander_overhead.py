@@ -10,30 +10,47 @@ ratio changes as the backbone's own work grows. At the first size, head-only, Ho
 Wander are timed again with every model through ``torch.compile`` (inductor), which fuses
 most of those small calls: the same ratio when the fixed cost is compiled away. Then once more
 with only Wander's adapter compiled (``wander.adapter.compile()``) beside eager head-only: what
-a user gets by compiling the adapter alone, leaving their own model as it is.
+a user gets by compiling the adapter alone, leaving their own model as it is. And at the first
+size, eager, the sub-5 % Wander beside the same forward written by hand for this backbone
+(:class:`benchmarks.baselines.wander_lean.LeanWander`: no hooks, checks or general paths), with
+and without the frozen copy that the centred init subtracts: how much of the ratio is the
+library's and how much the method's own arithmetic.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks.backbones import LateFusionModel
+from benchmarks.baselines.wander_lean import LeanWander
 from benchmarks.memory import memory_records
 from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import uci_splits
 from benchmarks.tasks.wander_transfer import (
+    SUB_5_PERCENT,
     UCI_SETTINGS,
+    build_method,
     select_classes,
     step_memories,
     step_times,
 )
-from benchmarks.training import step_time_records, steps_per_round
+from benchmarks.training import (
+    make_optimizer,
+    median_times,
+    step_time_records,
+    steps_per_round,
+    train_step,
+)
+from mmcore import ModalityBatch
+from wander import Wander
 
 #: (encoder width, encoder hidden size, batch size); the first is ``wander-uci-transfer``'s.
 SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
@@ -41,6 +58,11 @@ SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
 COMPILED = ("head-only", "Houlsby adapter", "Wander", "Wander (r=4, tiled)")
 #: timed again at the first size with only Wander's adapter compiled, beside eager head-only
 ADAPTER_COMPILED = ("head-only", "Wander", "Wander (r=4, tiled)")
+#: the hand-written forwards timed beside the library's at the first size: name → centred
+BY_HAND = {
+    f"{SUB_5_PERCENT}, written by hand": True,
+    f"{SUB_5_PERCENT}, written by hand, no frozen copy (not the base model at init)": False,
+}
 
 
 def sized_settings(width: int, hidden: int, batch_size: int) -> dict:
@@ -78,6 +100,15 @@ def run(ctx: RunContext) -> list[dict]:
         records += memory_records(
             memories, "full fine-tuning", dataset=f"uci-mfeat 5-9, {name}, memory", config=config
         )
+        if (width, hidden, batch_size) == SIZES[0]:
+            ctx.progress(f"{name}, written by hand")
+            seconds = by_hand_step_times(base, train, settings, ctx.seed, calls)
+            records += step_time_records(
+                seconds,
+                "head-only",
+                dataset=f"uci-mfeat 5-9, {name}, Wander's forward written by hand",
+                config={**config, "by_hand": True},
+            )
         if (width, hidden, batch_size) == SIZES[0] and COMPILED:
             ctx.progress(f"{name}, torch.compile")
             try:
@@ -110,6 +141,30 @@ def run(ctx: RunContext) -> list[dict]:
                 config={**config, "adapter_compiled": True},
             )
     return records
+
+
+def by_hand_step_times(
+    base: LateFusionModel, train: ModalityBatch, settings: dict, seed: int, calls: int
+) -> dict[str, float]:
+    """Seconds per step of head-only, the sub-5 % Wander and its :data:`BY_HAND` forwards.
+
+    Fresh copies of ``base``, one batch, interleaved rounds (as :func:`step_times`); every
+    Wander variant trains the same tensors at the same learning rate.
+    """
+    batch = next(iter(train.split(settings["batch_size"])))
+    models: dict[str, torch.nn.Module] = {
+        "head-only": build_method("head-only", base, train, settings, seed),
+        SUB_5_PERCENT: build_method(SUB_5_PERCENT, base, train, settings, seed),
+    }
+    for name, centred in BY_HAND.items():
+        wander = build_method(SUB_5_PERCENT, base, train, settings, seed)
+        models[name] = LeanWander(cast(Wander, wander), centred=centred)
+    steps = {}
+    for name, model in models.items():
+        lr = settings["lr"]["head-only" if name == "head-only" else SUB_5_PERCENT]
+        optimiser = make_optimizer(model.train(), lr=lr)
+        steps[name] = functools.partial(train_step, model, optimiser, batch, F.cross_entropy)
+    return median_times(steps, rounds=7, calls=calls)
 
 
 def plot_memory(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
@@ -174,7 +229,9 @@ register_task(
             "(the first size is wander-uci-transfer's): ratio to head-only and overhead in ms, "
             "median over interleaved rounds; at the first size also head-only, Houlsby and "
             "Wander all through torch.compile (ratio to compiled head-only), and Wander with only "
-            "its adapter compiled (ratio to eager head-only)."
+            "its adapter compiled (ratio to eager head-only), and the sub-5% Wander beside its "
+            "forward written by hand for this backbone (no hooks, checks or general paths), "
+            "with and without the frozen copy the centred init subtracts."
         ),
         run=run,
         plots=plot_memory,

@@ -162,9 +162,12 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
     records = results["records"]
     compiled = [r for r in records if r["config"].get("compiled")]
     adapter_compiled = [r for r in records if r["config"].get("adapter_compiled")]
+    by_hand = [r for r in records if r["config"].get("by_hand")]
     memory = [r for r in records if r["dataset"].endswith(", memory")]
     records = [
-        r for r in records if r not in compiled and r not in adapter_compiled and r not in memory
+        r
+        for r in records
+        if r not in compiled and r not in adapter_compiled and r not in memory + by_hand
     ]
     assert len({r["dataset"] for r in records}) == len({r["dataset"] for r in memory}) == 2
     # memory per step at each size: full fine-tuning holds the most, head-only the least
@@ -188,7 +191,14 @@ def test_step_overhead_task_times_every_method_at_every_size(tmp_path, monkeypat
     assert [r["method"] for r in adapter_compiled] == ["head-only", "Wander"]
     assert compiled_modules == ["WanderFusion"]  # the adapter alone, once
     assert all("only Wander's adapter" in r["dataset"] for r in adapter_compiled)
-    records += compiled + adapter_compiled
+    # and at the first size, the sub-5 % Wander beside its forward written by hand
+    assert [r["method"] for r in by_hand] == [
+        "head-only",
+        wt.SUB_5_PERCENT,
+        *wander_overhead.BY_HAND,
+    ]
+    assert all("width 8," in r["dataset"] and "by hand" in r["dataset"] for r in by_hand)
+    records += compiled + adapter_compiled + by_hand
     for r in records:
         assert r["metrics"]["ms_per_step"] > 0
         if r["method"] == "head-only":

@@ -312,6 +312,19 @@ def test_a_diverged_pseudo_label_stage_is_rolled_back_to_stage_one():
     assert all(torch.isfinite(p).all() for p in norm_parameters(casp.model))
 
 
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_samples_the_source_model_predicts_nan_for_are_refused(task):
+    """Their pseudo-labels would be NaN, and the stages would stop as if they had diverged."""
+    target = data(classes=3 if task == "classification" else None)
+    bad = target["a"].index_fill(0, torch.tensor([3, 7]), float("nan"))
+    casp = CASP(model(3 if task == "classification" else 1), task=task, **FAST)
+    before = copy.deepcopy(casp.model.state_dict())
+    with pytest.raises(ValueError, match=r"2 of the 24 samples \(the first at index 3\)"):
+        casp.adapt(target.replace(inputs={**target.inputs, "a": bad}))
+    assert all(torch.equal(before[k], v) for k, v in casp.model.state_dict().items())
+    casp.adapt(target)  # the same data without them adapts
+
+
 def test_online_adaptation_skips_a_non_finite_update():
     casp = CASP(model(), **FAST)
     before = [p.clone() for p in norm_parameters(casp.model)]

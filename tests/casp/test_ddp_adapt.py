@@ -75,6 +75,28 @@ def test_shards_of_different_sizes_are_refused_on_every_rank():
     assert all(e is not None and "hold [16, 12] samples" in e for e in errors)
 
 
+def _nan_on_rank_one(rank, world):
+    torch.manual_seed(0)
+    casp = CASP(_Net().eval(), distributed=True, **FAST)
+    shard = _shard(rank)
+    if rank == 1:
+        shard = shard.replace(
+            inputs={**shard.inputs, "a": shard["a"].index_fill(0, torch.tensor([2]), float("nan"))}
+        )
+    try:
+        casp.adapt(shard)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_non_finite_source_predictions_on_one_rank_stop_every_rank():
+    """Each rank checks its own shard; the decision is shared, so no rank waits on the other."""
+    errors = run_ranks(_nan_on_rank_one)
+    assert errors[1] is not None and "1 of the 16 samples (the first at index 2)" in errors[1]
+    assert errors[0] is not None and "another rank's shard" in errors[0]
+
+
 def _rank_zero_alone(rank, world):
     if rank != 0:
         return None  # the other rank does no TTA at all, as in `if rank == 0: casp.adapt(...)`

@@ -308,6 +308,28 @@ class CASP:
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return bool(found.item())
 
+    def _check_source_predictions(self, predictions: Tensor) -> None:
+        """Refuse data on which the model predicts NaN or inf before it has been changed.
+
+        Their pseudo-labels and stability scores would be NaN (a NaN sample could even rank
+        as the most stable), and the stages would then stop as if adaptation had diverged.
+        """
+        bad = ~torch.isfinite(predictions.reshape(len(predictions), -1)).all(dim=1)
+        if not self._any_rank(bool(bad.any())):
+            return
+        where = (
+            f"{int(bad.sum())} of the {len(bad)} samples (the first at index "
+            f"{int(bad.nonzero()[0])})"
+            if bad.any()
+            else "samples of another rank's shard"
+        )
+        raise ValueError(
+            f"CASP.adapt: the model's predictions for {where} are NaN or infinite before any "
+            "adaptation, so they can give no pseudo-label. Check those inputs (NaN or "
+            "infinite features, such as padding that holds -inf without a padding mask), or "
+            "leave those samples out."
+        )
+
     def _mean_variance(self, rep: Tensor) -> float:
         """Mean per-feature variance of the normalised representation (over the ranks too)."""
         variance = F.normalize(rep.detach(), dim=1).var(dim=0).mean()
@@ -407,6 +429,7 @@ class CASP:
         rng = random.Random(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         snapshots = [self.predict(data)]
+        self._check_source_predictions(snapshots[0])
         report.snapshot_epochs.append(0)
         optimizer = self._optimizer()
         best = _Best(self, validation, score_fn) if cfg.select_by == "target_validation" else None

@@ -78,7 +78,13 @@ class SequenceEncoder(nn.Module):
         self.scale = math.sqrt(d_model)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Encode ``x`` ``[B, T, in_dim]``; ``padding_mask`` ``[B, T]`` is True on padding."""
+        """Encode ``x`` ``[B, T, in_dim]``; ``padding_mask`` ``[B, T]`` is True on padding.
+
+        Padded steps may hold anything (MOSI's audio holds ``-inf``): they are zeroed first, since
+        a masked key's weight is 0 but ``0 · inf`` in the attention's weighted sum is NaN.
+        """
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         h = self.proj(x.transpose(1, 2)).transpose(1, 2)  # [B, T, d_model]
         h = h * self.scale + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
         h = self.transformer(h, src_key_padding_mask=padding_mask)

@@ -28,14 +28,19 @@ def test_from_batch_sizes_come_from_the_data():
     assert sub(batch).shape == (3, 1)
 
 
-def test_padded_positions_change_nothing():
+@pytest.mark.parametrize("garbage", [1e3, float("-inf"), float("nan")])
+def test_padded_positions_change_nothing(garbage):
+    """Not even -inf (MOSI's audio padding) or NaN: 0 · inf in the attention would be NaN."""
     torch.manual_seed(0)
     batch = seq_batch()
     model = LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2).eval()
     text = batch["text"].clone()
-    text[0, 5:] = 1e3  # garbage in the padding
+    text[0, 5:] = garbage
     altered = batch.replace(inputs={**batch.inputs, "text": text})
     torch.testing.assert_close(model(batch), model(altered))
+    text.requires_grad_()
+    model(batch.replace(inputs={**batch.inputs, "text": text})).sum().backward()
+    assert torch.isfinite(text.grad).all() and (text.grad[0, 5:] == 0).all()
     unmasked = altered.replace(padding_masks={})
     assert not torch.allclose(model(batch)[0], model(unmasked)[0])
 

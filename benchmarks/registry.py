@@ -31,6 +31,30 @@ class RunContext:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A figure measured in the same run beside a target: what bounds it, or what it compares to.
+
+    Read as a :class:`Target`'s value is: per seed, ``metric`` of ``method`` in the table
+    ``dataset`` (the first of several names present), minus ``versus``'s when given; from the
+    records of ``task``, or of the target's own task when ``None``. A ceiling that no method
+    could pass on the data (a reference row, the same computation written by hand) shows a
+    reader of the report, with a figure the run computed, why a target is out of reach.
+
+    Attributes:
+        label: what the figure is, in words.
+        dataset, method, metric, versus: as :class:`Target`'s.
+        task: the task whose records hold it (``None``: the target's).
+    """
+
+    label: str
+    dataset: str | tuple[str, ...]
+    method: str
+    metric: str
+    versus: str | None = None
+    task: str | None = None
+
+
+@dataclass(frozen=True)
 class Target:
     """A figure a task is expected to reach (an acceptance criterion), checked in the report.
 
@@ -47,6 +71,7 @@ class Target:
         op: ``">="``, ``">"`` or ``"<="``.
         threshold: the bound the mean is compared with.
         versus: optional method whose metric is subtracted, seed by seed.
+        references: figures of the same run shown beside the verdict (:class:`Reference`).
     """
 
     claim: str
@@ -56,6 +81,7 @@ class Target:
     op: Literal[">=", ">", "<="]
     threshold: float
     versus: str | None = None
+    references: tuple[Reference, ...] = ()
 
     def __post_init__(self) -> None:
         if self.op not in (">=", ">", "<="):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.registry import TASKS, Target
+from benchmarks.registry import TASKS, Reference, Target
 from benchmarks.runner import load_results
 from mmcore import atomic_write
 
@@ -151,12 +151,21 @@ def save_figure(fig: Any, path: Path) -> None:
         f.write(buffer.getvalue())
 
 
-def target_values(target: Target, methods: dict[str, list[dict]]) -> list[float | None]:
-    """Per-seed values of ``target`` from one table's records (``method → records``)."""
+def target_values(target: Target | Reference, methods: dict[str, list[dict]]) -> list[float | None]:
+    """Per-seed values of ``target`` (or a reference) from one table (``method → records``)."""
     records = methods.get(target.method, [])
     if target.versus is None:
         return [r["metrics"].get(target.metric) for r in records]
     return paired_deltas(records, methods.get(target.versus, []), target.metric)
+
+
+def _measure(
+    item: Target | Reference, datasets: dict[str, dict[str, list[dict]]]
+) -> tuple[float, float, int]:
+    """Mean, std and count over seeds of ``item`` in a task's tables (``dataset → table``)."""
+    names = (item.dataset,) if isinstance(item.dataset, str) else item.dataset
+    table = next((datasets[d] for d in names if d in datasets), {})
+    return summarise(target_values(item, table))
 
 
 def _target_lines(grouped: dict[str, dict[str, dict[str, list[dict]]]]) -> list[str]:
@@ -165,16 +174,20 @@ def _target_lines(grouped: dict[str, dict[str, dict[str, list[dict]]]]) -> list[
     for task_name, datasets in grouped.items():
         task = TASKS.get(task_name)
         for target in task.targets if task is not None else ():
-            names = (target.dataset,) if isinstance(target.dataset, str) else target.dataset
-            table = next((datasets[d] for d in names if d in datasets), {})
-            mean, std, n = summarise(target_values(target, table))
+            mean, std, n = _measure(target, datasets)
             measured = target.method + (f" − {target.versus}" if target.versus else "")
             verdict = "not measured" if n == 0 else ("met" if target.met(mean) else "**not met**")
             if n > 1 and abs(mean - target.threshold) < std:
                 verdict += " (the bound is within one std)"
+            beside = []
+            for ref in target.references:
+                ref_mean, ref_std, ref_n = _measure(ref, grouped.get(ref.task or task_name, {}))
+                figure = _fmt(ref_mean, ref_std, ref_n) if ref_n else "not in this run"
+                beside.append(f"{ref.label}: {figure}")
             rows.append(
                 f"| {task_name} | {target.claim} | {measured}: {target.metric} | "
-                f"{_fmt(mean, std, n)} | {target.op} {target.threshold:g} | {verdict} |"
+                f"{_fmt(mean, std, n)} | {target.op} {target.threshold:g} | {verdict} | "
+                f"{'; '.join(beside) or '—'} |"
             )
     if not rows:
         return []
@@ -184,10 +197,12 @@ def _target_lines(grouped: dict[str, dict[str, dict[str, list[dict]]]]) -> list[
         "The figures each task is expected to reach, checked on this run: the mean over seeds of"
         " the metric (a per-seed paired difference where a second method is named) against the"
         " bound. Where the bound lies within one standard deviation of the mean, the verdict"
-        " could change with other seeds, and says so.",
+        " could change with other seeds, and says so. The last column gives figures of the same"
+        " run that bound the target or compare with it (a reference row, the same computation"
+        " written by hand), read the same way.",
         "",
-        "| task | target | measured | value | needs | verdict |",
-        "|---|---|---|---|---|---|",
+        "| task | target | measured | value | needs | verdict | beside it in this run |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

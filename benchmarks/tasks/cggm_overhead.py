@@ -36,9 +36,11 @@ from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.tasks.cggm_balance import (
     AUTOGRAD_CGGM,
     LEAN_CGGM,
+    STEP_SIZE,
     UCI_SETTINGS,
     method_step_times,
     modulation,
+    step_table,
 )
 from benchmarks.tasks.common import uci_splits
 from benchmarks.training import (
@@ -53,7 +55,7 @@ from mmcore import ModalityBatch
 MEMORY_METHODS = ("joint", "OGM-GE", "CGGM", "CGGM (λ=0, 64-unit classifiers)")
 
 #: (encoder width, encoder hidden size, batch size); the first is ``cggm-uci-balance``'s.
-SIZES = ((16, 64, 32), (64, 256, 128), (256, 1024, 256))
+SIZES = (STEP_SIZE, (64, 256, 128), (256, 1024, 256))
 
 
 def step_memories(
@@ -121,10 +123,15 @@ def run(ctx: RunContext) -> list[dict]:
             calls=steps_per_round(batch_size, SIZES[0][2]),
         )
         config = {"width": width, "hidden": hidden, "batch_size": batch_size}
-        records += step_time_records(seconds, "joint", dataset=f"uci-mfeat, {name}", config=config)
+        records += step_time_records(
+            seconds, "joint", dataset=step_table(width, hidden, batch_size), config=config
+        )
         memories = step_memories(make_model, batch, settings)
         records += memory_records(
-            memories, "joint", dataset=f"uci-mfeat, {name}, memory", config=config
+            memories,
+            "joint",
+            dataset=f"{step_table(width, hidden, batch_size)}, memory",
+            config=config,
         )
     return records
 

@@ -35,11 +35,15 @@ from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import uci_splits
 from benchmarks.tasks.wander_transfer import (
+    BY_HAND,
+    BY_HAND_WHAT,
+    STEP_SIZE,
     SUB_5_PERCENT,
     UCI_SETTINGS,
     build_method,
     select_classes,
     step_memories,
+    step_table,
     step_times,
 )
 from benchmarks.training import (
@@ -53,16 +57,11 @@ from mmcore import ModalityBatch
 from wander import Wander
 
 #: (encoder width, encoder hidden size, batch size); the first is ``wander-uci-transfer``'s.
-SIZES = ((32, 256, 25), (128, 1024, 128), (256, 2048, 256))
+SIZES = (STEP_SIZE, (128, 1024, 128), (256, 2048, 256))
 #: timed again through ``torch.compile`` at the first size, where the step is fixed cost
 COMPILED = ("head-only", "Houlsby adapter", "Wander", "Wander (r=4, tiled)")
 #: timed again at the first size with only Wander's adapter compiled, beside eager head-only
 ADAPTER_COMPILED = ("head-only", "Wander", "Wander (r=4, tiled)")
-#: the hand-written forwards timed beside the library's at the first size: name → centred
-BY_HAND = {
-    f"{SUB_5_PERCENT}, written by hand": True,
-    f"{SUB_5_PERCENT}, written by hand, no frozen copy (not the base model at init)": False,
-}
 
 
 def sized_settings(width: int, hidden: int, batch_size: int) -> dict:
@@ -86,6 +85,7 @@ def run(ctx: RunContext) -> list[dict]:
     records = []
     for width, hidden, batch_size in SIZES:
         name = f"width {width}, hidden {hidden}, batch {batch_size}"
+        size = (width, hidden, batch_size)
         ctx.progress(name)
         settings = sized_settings(width, hidden, batch_size)
         torch.manual_seed(ctx.seed)
@@ -93,12 +93,10 @@ def run(ctx: RunContext) -> list[dict]:
         calls = steps_per_round(batch_size, SIZES[0][2])
         seconds = step_times(base, train, settings, F.cross_entropy, ctx.seed, calls=calls)
         config = {"width": width, "hidden": hidden, "batch_size": batch_size}
-        records += step_time_records(
-            seconds, "head-only", dataset=f"uci-mfeat 5-9, {name}", config=config
-        )
+        records += step_time_records(seconds, "head-only", dataset=step_table(*size), config=config)
         memories = step_memories(base, train, settings, F.cross_entropy, ctx.seed)
         records += memory_records(
-            memories, "full fine-tuning", dataset=f"uci-mfeat 5-9, {name}, memory", config=config
+            memories, "full fine-tuning", dataset=step_table(*size, "memory"), config=config
         )
         if (width, hidden, batch_size) == SIZES[0]:
             ctx.progress(f"{name}, written by hand")
@@ -106,7 +104,7 @@ def run(ctx: RunContext) -> list[dict]:
             records += step_time_records(
                 seconds,
                 "head-only",
-                dataset=f"uci-mfeat 5-9, {name}, Wander's forward written by hand",
+                dataset=step_table(*size, BY_HAND_WHAT),
                 config={**config, "by_hand": True},
             )
         if (width, hidden, batch_size) == SIZES[0] and COMPILED:
@@ -121,7 +119,7 @@ def run(ctx: RunContext) -> list[dict]:
             records += step_time_records(
                 seconds,
                 "head-only",
-                dataset=f"uci-mfeat 5-9, {name}, every method through torch.compile",
+                dataset=step_table(*size, "every method through torch.compile"),
                 config={**config, "compiled": True},
             )
             ctx.progress(f"{name}, Wander's adapter through torch.compile")
@@ -137,7 +135,7 @@ def run(ctx: RunContext) -> list[dict]:
             records += step_time_records(
                 seconds,
                 "head-only",
-                dataset=f"uci-mfeat 5-9, {name}, only Wander's adapter through torch.compile",
+                dataset=step_table(*size, "only Wander's adapter through torch.compile"),
                 config={**config, "adapter_compiled": True},
             )
     return records

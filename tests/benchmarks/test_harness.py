@@ -5,7 +5,7 @@ import pytest
 import benchmarks.tasks  # noqa: F401
 from benchmarks import cli
 from benchmarks.compare import compare_runs, format_comparison, is_timing
-from benchmarks.registry import TASKS, Target, Task, register_task
+from benchmarks.registry import TASKS, Reference, Target, Task, register_task
 from benchmarks.report import summarise, write_report
 from benchmarks.runner import run_tasks
 from mmcore import atomic_write
@@ -90,6 +90,37 @@ def test_report_checks_each_tasks_targets(tmp_path, monkeypatch):
     assert "| c exists | c: acc | — | > 0 | not measured |" in report
     with pytest.raises(ValueError, match="op must be"):
         Target("bad", "toy", "a", "acc", "==", 0.0)
+
+
+def test_targets_show_the_references_measured_in_the_same_run(tmp_path, monkeypatch):
+    """A target's references are read like it, from its own task or another task of the run;
+    one the run does not hold says so."""
+
+    def run_a(ctx):
+        return [
+            {"method": "a", "dataset": "toy", "metrics": {"acc": 0.5 + 0.1 * ctx.seed}},
+            {"method": "ceiling", "dataset": "toy", "metrics": {"acc": 0.6}},
+        ]
+
+    def run_b(ctx):
+        return [{"method": "by hand", "dataset": "timing", "metrics": {"ratio": 1.2 + ctx.seed}}]
+
+    references = (
+        Reference("ceiling − a", "toy", "ceiling", "acc", versus="a"),
+        Reference("by hand", ("other", "timing"), "by hand", "ratio", task="toy-b"),
+        Reference("not run", "toy", "nobody", "acc"),
+    )
+    target = Target("a clears 0.7", "toy", "a", "acc", ">=", 0.7, references=references)
+    plain = Target("a clears 0.1", "toy", "a", "acc", ">=", 0.1)
+    monkeypatch.setitem(TASKS, "toy-a", Task("toy-a", "d", run_a, "acc", targets=(target, plain)))
+    monkeypatch.setitem(TASKS, "toy-b", Task("toy-b", "d", run_b, "ratio"))
+    run_tasks(["toy-a", "toy-b"], profile="quick", seeds=[0, 1], out_dir=tmp_path)
+    report = write_report(tmp_path).read_text()
+    assert "| verdict | beside it in this run |" in report
+    # ceiling − a per seed: 0.1, 0.0; by hand: 1.2, 2.2
+    beside = "ceiling − a: 0.0500 ± 0.0707; by hand: 1.7000 ± 0.7071; not run: not in this run"
+    assert f"| **not met** | {beside} |" in report
+    assert "| a clears 0.1 | a: acc | 0.5500 ± 0.0707 | >= 0.1 | met | — |" in report
 
 
 def test_cli_list_run_report(tmp_path, fake_tasks, capsys):
@@ -316,3 +347,15 @@ def test_the_cli_says_which_real_data_a_data_root_holds(tmp_path, fake_tasks, ca
     assert "BraTS2021: used by cggm-brats-seg" in err
     assert "mosi_data.pkl: used by" in err
     assert "UPMC-Food101: not found; generated or embedded data for wander-food101-path" in err
+
+
+def test_every_reference_of_the_registered_targets_names_a_registered_task():
+
+    references = [
+        (task.name, ref)
+        for task in TASKS.values()
+        for target in task.targets
+        for ref in target.references
+    ]
+    assert len(references) >= 6
+    assert all((ref.task or name) in TASKS for name, ref in references)

@@ -52,9 +52,15 @@ def test_mplmm_tasks_record_every_method(tmp_path, tiny):
     whole = {
         r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == "whole forward"
     }
-    assert list(whole) == ["MPLMM (vectorised)", "per-sample loop", mt.RELEASED_STRUCTURE]
+    assert list(whole) == [
+        "MPLMM (vectorised)",
+        "per-sample loop",
+        mt.TRANSFORMERS_ALONE,
+        mt.RELEASED_STRUCTURE,
+    ]
     assert whole[mt.RELEASED_STRUCTURE]["speedup_vs_released_structure"] == 1.0
     assert whole["MPLMM (vectorised)"]["speedup_vs_released_structure"] > 0
+    assert whole[mt.TRANSFORMERS_ALONE]["speedup_vs_released_structure"] > 0
     memory = {
         r["method"]: r["metrics"] for r in results["records"] if r["dataset"] == mt.TRAINING_MEMORY
     }

@@ -100,6 +100,28 @@ def test_generated_features_depend_on_the_available_modalities():
         torch.testing.assert_close(model(one), model(garbage))  # missing raw audio is ignored
 
 
+def test_backbone_inputs_are_what_the_forward_hands_the_transformers():
+    """Present modalities: their projection plus the present-signal prompt; missing ones: the
+    generated sequence plus the missing-signal prompt; then each branch's type tokens."""
+    model, data = build()
+    perturb(model)
+    sequences, padding, tokens = model.backbone_inputs(data)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.backbone.forward_projected(sequences, padding, tokens), model(data)
+        )
+    presence = model.presence(data)
+    projected = model.backbone.project(data)
+    generated = model.generate(data, presence)
+    for i, m in enumerate(model.modalities):
+        here = presence[:, i]
+        torch.testing.assert_close(sequences[m][here], (projected[m] + model.signal_avail[m])[here])
+        torch.testing.assert_close(
+            sequences[m][~here], (generated[m] + model.signal_miss[m])[~here]
+        )
+    assert set(tokens) == set(model.modalities)
+
+
 def test_frozen_backbone_and_parameter_budget():
     model, data = build()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -240,6 +240,19 @@ class MPLMM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, batch: ModalityBatch) -> Tensor:
         """``[B, out_dim]`` for a batch that may mix every missing case."""
+        return self.backbone.forward_projected(*self.backbone_inputs(batch))
+
+    def backbone_inputs(
+        self, batch: ModalityBatch
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor | None], dict[str, Tensor]]:
+        """What :meth:`forward` hands the frozen backbone's transformers for ``batch``.
+
+        ``(sequences, padding, type_tokens)`` for ``backbone.forward_projected``: each
+        modality's projected (present) or generated (missing) sequence ``[B, T, d]`` with its
+        missing-signal prompt added, its padding mask (``None``: none), and each branch's
+        missing-type tokens. The missing-case stage, for a caller that inspects it or times
+        the backbone apart.
+        """
         batch = self._fit_lengths(batch)
         presence = self.presence(batch).to(batch.device)
         # a missing modality's values are never read: zeroed, not multiplied by 0 (NaN × 0 is
@@ -265,7 +278,7 @@ class MPLMM(nn.Module):
             )
             pad = batch.padding_mask(m)
             padding[m] = None if pad is None else pad & presence[:, i, None]
-        return self.backbone.forward_projected(z, padding, self.type_tokens(presence))
+        return z, padding, self.type_tokens(presence)
 
     def forward_per_sample(self, batch: ModalityBatch) -> Tensor:
         """The same model, one sample at a time, with explicit Python branching on its case.

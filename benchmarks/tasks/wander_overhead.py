@@ -35,8 +35,10 @@ from benchmarks.registry import RunContext, Task, register_task
 from benchmarks.report import pyplot, save_figure, summarise
 from benchmarks.tasks.common import uci_splits
 from benchmarks.tasks.wander_transfer import (
+    ADAPTER_COMPILED_WHAT,
     BY_HAND,
     BY_HAND_WHAT,
+    COMPILED_WHAT,
     STEP_SIZE,
     SUB_5_PERCENT,
     UCI_SETTINGS,
@@ -119,7 +121,7 @@ def run(ctx: RunContext) -> list[dict]:
             records += step_time_records(
                 seconds,
                 "head-only",
-                dataset=step_table(*size, "every method through torch.compile"),
+                dataset=step_table(*size, COMPILED_WHAT),
                 config={**config, "compiled": True},
             )
             ctx.progress(f"{name}, Wander's adapter through torch.compile")
@@ -135,7 +137,7 @@ def run(ctx: RunContext) -> list[dict]:
             records += step_time_records(
                 seconds,
                 "head-only",
-                dataset=step_table(*size, "only Wander's adapter through torch.compile"),
+                dataset=step_table(*size, ADAPTER_COMPILED_WHAT),
                 config={**config, "adapter_compiled": True},
             )
     return records

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from benchmarks.backbones import LateFusionModel
 from benchmarks.baselines.wander_lean import LeanWander
 from benchmarks.training import make_optimizer, train_step
-from mmcore import ModalityBatch
+from tests.benchmarks.test_cggm_lean import _batches
 from wander import Wander
 
 OPTIONS = {
@@ -18,18 +18,6 @@ OPTIONS = {
     "fused_dim": 6,
     "interaction_init": 0.1,
 }
-
-
-def _batches(n=3):
-    g = torch.Generator().manual_seed(0)
-    dims = {"a": 12, "b": 7, "c": 5}
-    return [
-        ModalityBatch(
-            {m: torch.randn(10, d, generator=g) for m, d in dims.items()},
-            target=torch.randint(0, 4, (10,), generator=g),
-        )
-        for _ in range(n)
-    ]
 
 
 def _wander(batch, feature_rank=1, **options):
@@ -64,7 +52,7 @@ def test_lean_forward_and_gradients_equal_the_library(feature_rank):
 
 
 def test_lean_step_trains_as_the_library_does():
-    batches = _batches()
+    batches = _batches(3)
     wander = _wander(batches[0])
     lean = LeanWander(copy.deepcopy(wander))
     runs = {}

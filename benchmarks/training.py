@@ -195,11 +195,14 @@ def add_ratio_column(
 ) -> list[dict]:
     """Add ``column = metric / (metric of reference_method)`` to every record.
 
-    Both sides come from the same run, so the machine's noise cancels as far as it can;
-    ``None`` where either side is missing.
+    Both sides come from the same run, so the machine's noise cancels as far as it can. A
+    record without ``metric`` (a method it does not apply to), or every record when the
+    reference lacks it, gets no ``column``: the report prints "—" there, and keeps "not
+    finite" for a figure that was measured and came out NaN or infinite.
     """
     base = next(r["metrics"].get(metric) for r in records if r["method"] == reference_method)
     for r in records:
         value = r["metrics"].get(metric)
-        r["metrics"][column] = value / base if value is not None and base else None
+        if value is not None and base:
+            r["metrics"][column] = value / base
     return records

@@ -127,15 +127,15 @@ def _compare(
         ctx.progress(f"{dataset}: {method}")
         torch.manual_seed(ctx.seed)
         predict, seconds, report = _adapt(method, source, adapt_on, task, s, ctx.seed)
+        # source-only adapts nothing: no throughput (the report prints "—" for it)
+        speed = {} if method == "source-only" else {"adapt_samples_per_s": len(adapt_on) / seconds}
         records.append(
             {
                 "method": method,
                 "dataset": dataset,
                 "metrics": {
                     **metrics_fn(predict(test), test.require_target()),
-                    "adapt_samples_per_s": None
-                    if method == "source-only"
-                    else len(adapt_on) / seconds,
+                    **speed,
                     **pseudo_label_quality(report, adapt_on, task),
                 },
                 "config": {k: v for k, v in s.items() if not isinstance(v, dict)},

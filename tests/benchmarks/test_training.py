@@ -1,5 +1,6 @@
 """The harness's training loop: optimisers, best-epoch restore, step timing."""
 
+import math
 import time
 
 import pytest
@@ -7,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.backbones import LateFusionModel
-from benchmarks.training import accuracy, fit, median_times, predict, step_time_records
+from benchmarks.training import (
+    accuracy,
+    add_ratio_column,
+    fit,
+    median_times,
+    predict,
+    step_time_records,
+)
 from mmcore import ModalityBatch
 
 
@@ -86,3 +94,18 @@ def test_step_time_records_give_overhead_and_ratio_to_the_reference():
     )
     assert by_method["head-only"]["step_time_vs_head_only"] == 1.0
     assert all(r["dataset"] == "d" and r["config"] == {"width": 8} for r in records)
+
+
+def test_ratio_column_is_left_out_where_the_figure_does_not_apply():
+    records = [
+        {"method": "source-only", "metrics": {"acc": 0.9}},  # adapts nothing: no speed
+        {"method": "Tent", "metrics": {"acc": 0.9, "speed": 200.0}},
+        {"method": "CASP", "metrics": {"acc": 0.9, "speed": 50.0}},
+        {"method": "diverged", "metrics": {"acc": 0.9, "speed": float("nan")}},
+    ]
+    by_method = {r["method"]: r["metrics"] for r in add_ratio_column(records, "Tent", "speed", "r")}
+    assert "r" not in by_method["source-only"]  # the report prints "—", not "not finite"
+    assert by_method["Tent"]["r"] == 1.0 and by_method["CASP"]["r"] == 0.25
+    assert math.isnan(by_method["diverged"]["r"])  # measured and not finite: it stays so
+    without = [{"method": "Tent", "metrics": {}}, {"method": "CASP", "metrics": {"speed": 1.0}}]
+    assert all("r" not in r["metrics"] for r in add_ratio_column(without, "Tent", "speed", "r"))

@@ -68,7 +68,7 @@ class Target:
             first in the run is read (e.g. the generated data's table, or the real data's).
         method: the method measured.
         metric: the metric read.
-        op: ``">="``, ``">"`` or ``"<="``.
+        op: ``">="``, ``">"``, ``"<="`` or ``"<"``.
         threshold: the bound the mean is compared with.
         versus: optional method whose metric is subtracted, seed by seed.
         references: figures of the same run shown beside the verdict (:class:`Reference`).
@@ -78,14 +78,14 @@ class Target:
     dataset: str | tuple[str, ...]
     method: str
     metric: str
-    op: Literal[">=", ">", "<="]
+    op: Literal[">=", ">", "<=", "<"]
     threshold: float
     versus: str | None = None
     references: tuple[Reference, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.op not in (">=", ">", "<="):
-            raise ValueError(f"Target op must be '>=', '>' or '<=', got {self.op!r}.")
+        if self.op not in (">=", ">", "<=", "<"):
+            raise ValueError(f"Target op must be '>=', '>', '<=' or '<', got {self.op!r}.")
 
     def met(self, value: float) -> bool:
         """Whether ``value`` satisfies the bound."""
@@ -93,7 +93,9 @@ class Target:
             return value >= self.threshold
         if self.op == ">":
             return value > self.threshold
-        return value <= self.threshold
+        if self.op == "<=":
+            return value <= self.threshold
+        return value < self.threshold
 
 
 @dataclass(frozen=True)

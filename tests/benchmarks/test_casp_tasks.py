@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from benchmarks.data.uci import load_uci_mfeat
+from benchmarks.registry import TASKS
 from benchmarks.runner import run_tasks
 from benchmarks.tasks import casp_tta as ct
+
+AVERAGES = (ct.MOSI_AVERAGE, ct.UCI_AVERAGE)
 
 
 @pytest.fixture
@@ -30,7 +33,14 @@ def test_casp_tasks_record_every_method(tmp_path, tiny):
     for r in results["records"]:
         datasets.setdefault((r["task"], r["dataset"]), []).append(r)
     memory = {k: datasets.pop(k) for k in list(datasets) if k[1].endswith("step memory")}
-    assert len(datasets) == 4 and len(memory) == 2
+    averages = {k: datasets.pop(k) for k in list(datasets) if k[1] in AVERAGES}
+    assert len(datasets) == 4 and len(memory) == 2 and len(averages) == 2
+    for (task, _), records in averages.items():  # one shifted setting: its own figures
+        shifted = ct.mosi_table(1.0) if task == "casp-mosi-shift" else ct.uci_table(3)
+        assert [r["method"] for r in records] == list(ct.METHODS)
+        for average, setting in zip(records, datasets[(task, shifted)], strict=True):
+            metrics = ct.MOSI_METRICS if task == "casp-mosi-shift" else ct.UCI_METRICS
+            assert average["metrics"] == {m: setting["metrics"][m] for m in metrics}
     for (task, _), records in memory.items():
         assert [r["method"] for r in records] == list(ct.MEMORY_ROWS)
         tent, self_training, casp = (r["metrics"] for r in records)
@@ -69,3 +79,42 @@ def test_corruption_is_what_it_says():
     torch.testing.assert_close(bad["pix"], test["pix"] * 1.5 + 0.5)
     assert (bad["fou"] - test["fou"]).std() == pytest.approx(1.0, rel=0.05)
     torch.testing.assert_close(bad["mor"], test["mor"])
+
+
+def test_settings_are_averaged_per_method_and_must_all_be_there():
+    records = [
+        {"method": "a", "dataset": "s1", "metrics": {"acc": 0.5, "speed": 1.0}},
+        {"method": "b", "dataset": "s1", "metrics": {"acc": 0.25}},
+        {"method": "a", "dataset": "s2", "metrics": {"acc": 0.75, "speed": 3.0}},
+        {"method": "b", "dataset": "s2", "metrics": {"acc": 0.5}},
+        {"method": "a", "dataset": "control", "metrics": {"acc": 1.0}},
+    ]
+    averaged = ct.average_over_settings(records, ["s1", "s2"], "avg", ("acc",))
+    assert averaged == [
+        {"method": "a", "dataset": "avg", "metrics": {"acc": 0.625}},
+        {"method": "b", "dataset": "avg", "metrics": {"acc": 0.375}},
+    ]
+    with pytest.raises(ValueError, match="1 of the 2 settings"):
+        ct.average_over_settings(records[:3], ["s1", "s2"], "avg", ("acc",))
+
+
+@pytest.mark.parametrize(
+    ("task", "tables", "average"),
+    [
+        ("casp-mosi-shift", [ct.mosi_table(x) for x in (0.0, 0.5, 1.0, 2.0)], ct.MOSI_AVERAGE),
+        ("casp-uci-corruption", [ct.uci_table(x) for x in (0, 1, 2, 3)], ct.UCI_AVERAGE),
+    ],
+)
+def test_targets_are_the_issues_on_the_tables_the_task_writes(task, tables, average):
+    """Better than source-only on each shifted table, than both Tent-style baselines on the
+    average, and at most 0.5 point below source-only on the control."""
+    targets = TASKS[task].targets
+    read = [(t.dataset, t.versus, t.op, t.threshold) for t in targets]
+    better = "<" if task == "casp-mosi-shift" else ">"
+    assert read == [
+        *((table, "source-only", better, 0.0) for table in tables[1:]),
+        (average, "Tent", better, 0.0),
+        (average, "self-training", better, 0.0),
+        (tables[0], "source-only", ">=", -0.005),
+    ]
+    assert all(t.method == "CASP" for t in targets)

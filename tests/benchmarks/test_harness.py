@@ -92,6 +92,17 @@ def test_report_checks_each_tasks_targets(tmp_path, monkeypatch):
         Target("bad", "toy", "a", "acc", "==", 0.0)
 
 
+def test_target_bounds_strict_and_not():
+    for op, below, at, above in (
+        (">=", False, True, True),
+        (">", False, False, True),
+        ("<=", True, True, False),
+        ("<", True, False, False),
+    ):
+        target = Target("t", "toy", "a", "acc", op, 0.5)
+        assert [target.met(v) for v in (0.4, 0.5, 0.6)] == [below, at, above], op
+
+
 def test_targets_show_the_references_measured_in_the_same_run(tmp_path, monkeypatch):
     """A target's references are read like it, from its own task or another task of the run;
     one the run does not hold says so."""

@@ -399,7 +399,7 @@ def _casp_targets(
     ]
     targets += [
         Target(
-            f"better {what} than {baseline}, averaged over the shifted settings",
+            f"better {what} than {baseline}, averaged over {average.split(' over ', 1)[1]}",
             average,
             "CASP",
             metric,

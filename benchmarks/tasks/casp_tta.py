@@ -237,13 +237,24 @@ def _msa(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     return msa_regression_metrics(pred.reshape(-1), target)
 
 
+def _setting(value: float, control: str, name: str) -> str:
+    """A setting's label: ``control`` at 0, else ``"<name> <value>"``."""
+    return control if value == 0 else f"{name} {value}"
+
+
+def mosi_setting(shift: float) -> str:
+    """``casp-mosi-shift``'s label of one shift strength (0: the no-shift control)."""
+    return _setting(shift, "no shift (control)", "shift")
+
+
 def mosi_table(shift: float) -> str:
-    """``casp-mosi-shift``'s table at one shift strength (0: the no-shift control)."""
-    return f"MOSI-format, {'no shift (control)' if shift == 0 else f'shift {shift}'}"
+    """``casp-mosi-shift``'s table at one shift strength."""
+    return f"MOSI-format, {mosi_setting(shift)}"
 
 
 MOSI_METRICS = ("mae", "corr", "acc2_has0", "acc2_non0", "acc7")
-MOSI_AVERAGE = "MOSI-format, average over the shifted settings"
+MOSI_AVERAGED_OVER = "the shifted settings"
+MOSI_AVERAGE = f"MOSI-format, average over {MOSI_AVERAGED_OVER}"
 
 
 def run_mosi(ctx: RunContext) -> list[dict]:
@@ -311,13 +322,19 @@ UCI_SETTINGS: dict[str, Any] = {
 }
 
 
+def uci_setting(severity: int) -> str:
+    """``casp-uci-corruption``'s label of one severity (0: the clean control)."""
+    return _setting(severity, "clean (control)", "corruption severity")
+
+
 def uci_table(severity: int) -> str:
-    """``casp-uci-corruption``'s table at one severity (0: the clean control)."""
-    return f"uci-mfeat, {'clean (control)' if severity == 0 else f'corruption severity {severity}'}"
+    """``casp-uci-corruption``'s table at one severity."""
+    return f"uci-mfeat, {uci_setting(severity)}"
 
 
 UCI_METRICS = ("accuracy", "f1_macro")
-UCI_AVERAGE = "uci-mfeat, average over the corruption severities"
+UCI_AVERAGED_OVER = "the corruption severities"
+UCI_AVERAGE = f"uci-mfeat, average over {UCI_AVERAGED_OVER}"
 
 
 def corrupt(batch: ModalityBatch, severity: int, seed: int) -> ModalityBatch:
@@ -373,33 +390,35 @@ def _casp_targets(
     what: str,
     metric: str,
     control_metric: str,
-    tables: list[str],
-    average: str,
+    data: str,
+    settings: list[str],
+    averaged_over: str,
     *,
     lower_is_better: bool,
 ) -> tuple[Target, ...]:
-    """The targets of CASP's issue, on one task's ``tables`` (the control first).
+    """The targets of CASP's issue on one task's tables ``"<data>, <setting>"`` (control first).
 
     CASP better than source-only on every shifted setting (``metric``), better than the
-    Tent-style baselines averaged over those settings (the table ``average``), and within 0.5
-    point (``control_metric``, a fraction) of source-only on the control.
+    Tent-style baselines on the table ``"<data>, average over <averaged_over>"``, and within
+    0.5 point (``control_metric``, a fraction) of source-only on the control.
     """
     better: Literal["<", ">"] = "<" if lower_is_better else ">"
+    average = f"{data}, average over {averaged_over}"
     targets = [
         Target(
-            f"better {what} than source-only ({table.split(', ', 1)[1]})",
-            table,
+            f"better {what} than source-only ({setting})",
+            f"{data}, {setting}",
             "CASP",
             metric,
             better,
             0.0,
             versus="source-only",
         )
-        for table in tables[1:]
+        for setting in settings[1:]
     ]
     targets += [
         Target(
-            f"better {what} than {baseline}, averaged over {average.split(' over ', 1)[1]}",
+            f"better {what} than {baseline}, averaged over {averaged_over}",
             average,
             "CASP",
             metric,
@@ -412,7 +431,7 @@ def _casp_targets(
     targets.append(
         Target(
             "within 0.5 point of source-only on the control",
-            tables[0],
+            f"{data}, {settings[0]}",
             "CASP",
             control_metric,
             ">=",
@@ -455,8 +474,9 @@ register_task(
             "MAE",
             "mae",
             "acc2_non0",
-            [mosi_table(shift) for shift in MOSI_SETTINGS["shifts"]],
-            MOSI_AVERAGE,
+            "MOSI-format",
+            [mosi_setting(shift) for shift in MOSI_SETTINGS["shifts"]],
+            MOSI_AVERAGED_OVER,
             lower_is_better=True,
         ),
     )
@@ -476,8 +496,9 @@ register_task(
             "accuracy",
             "accuracy",
             "accuracy",
-            [uci_table(severity) for severity in UCI_SETTINGS["severities"]],
-            UCI_AVERAGE,
+            "uci-mfeat",
+            [uci_setting(severity) for severity in UCI_SETTINGS["severities"]],
+            UCI_AVERAGED_OVER,
             lower_is_better=False,
         ),
     )

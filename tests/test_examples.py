@@ -15,6 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
         ("wander_transfer.py", "same outputs = True"),
         ("cggm_balance.py", "test accuracy: joint"),
         ("mplmm_missing.py", "mor only"),
+        ("casp_shift.py", "pseudo-labels"),
     ],
 )
 def test_example_runs(script, printed):

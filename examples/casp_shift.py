@@ -23,7 +23,11 @@ from mmcore import ModalityBatch
 
 
 def corrupt(batch: ModalityBatch, severity: int, seed: int) -> ModalityBatch:
-    """Noise on fou/kar/zer (σ = 0.5·severity), a drift on pix, fac missing (zero-filled)."""
+    """Noise on fou/kar/zer (σ = 0.5·severity), a drift on pix, fac missing (zero-filled).
+
+    The ``casp-uci-corruption`` benchmark task's corruption, copied so that this script needs
+    only the installed packages.
+    """
     g = torch.Generator().manual_seed(1000 + seed)
     inputs = dict(batch.inputs)
     for m in ("fou", "kar", "zer"):

@@ -163,9 +163,11 @@ register_task(
     Task(
         name="wander-uci-init",
         description=(
-            "The sub-5% Wander of wander-uci-transfer at output scales 0.03 to 1 and interaction "
-            "inits 0.1 to 1 (2 draws per seed), beside LoRA r=2: validation and test accuracy. "
-            "In no profile: run it on seeds the report does not use."
+            "The sub-5% Wander of wander-uci-transfer at output scales "
+            f"{', '.join(f'{v:g}' for v in OUTPUT_SCALES)} and interaction inits "
+            f"{', '.join(f'{v:g}' for v in INTERACTION_INITS)} (2 draws per seed), beside LoRA "
+            "r=2: validation and test accuracy. In no profile: run it on seeds the report does "
+            "not use."
         ),
         run=run_init,
         primary_metric="valid_score",

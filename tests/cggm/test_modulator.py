@@ -404,6 +404,13 @@ def test_the_users_own_classifiers_are_checked():
         CGGM(model, num_outputs=3, classifiers={"m0": nn.Linear(6, 3)})
     with pytest.raises(ValueError, match="classifier 'm0' has no trainable parameter"):
         CGGM(model, num_outputs=3, lam=0.0, classifiers={"m0": nn.Identity(), "m1": nn.Identity()})
+    with pytest.raises(ValueError, match=r"classifier 'm0' ends in a weight of shape \(4, 6\)"):
+        CGGM(
+            model,
+            num_outputs=3,
+            lam=0.1,
+            classifiers={"m0": nn.Linear(6, 4), "m1": nn.Linear(6, 3)},
+        )
 
     class Raw(nn.Module):  # no Linear/Conv layer: any classifier is fine without the direction term
         def __init__(self):
@@ -619,6 +626,11 @@ def test_a_state_for_other_modalities_or_another_set_up_is_refused():
     four = make_model(batches[0], out_dim=4)
     with pytest.raises(ValueError, match="num_outputs: saved 3, here 4"):
         CGGM(four, task="classification", num_outputs=4).load_state_dict(state)
+    fresh = CGGM(make_model(batches[0]), task="classification", num_outputs=3)
+    with pytest.raises(ValueError, match=r"the state has scores for 2 modalities, this CGGM .* 3"):
+        fresh.load_state_dict({**state, "prev_scores": state["prev_scores"][:2]})
+    with pytest.raises(ValueError, match="classifier weights but no feature shapes"):
+        fresh.load_state_dict({**state, "feature_shapes": None})
     # settings that shape nothing saved may change on resume
     CGGM(make_model(batches[0]), task="classification", num_outputs=3, rho=2.0).load_state_dict(
         state
@@ -1812,6 +1824,28 @@ def test_gradient_directions_reach_the_encoders_where_the_weights_proxy_does_not
         else:  # through the head's gradient, which depends on the features
             assert "head.weight" in moved
             assert any(name.startswith("encoders.") for name in moved), moved
+
+
+def test_gradient_directions_refuse_a_frozen_head_or_a_loss_that_skips_it():
+    """``direction="gradients"`` differentiates the task loss w.r.t. the head's final weight:
+    a frozen head, or a loss that never reaches it, is a clear error, not a zero direction."""
+    batch = vector_batch(2)
+    for frozen_head in (True, False):
+        model = make_model(batch)
+        model.head.weight.requires_grad_(not frozen_head)
+        cggm = CGGM(model, num_outputs=3, direction="gradients", lam=0.5)
+        loss = F.cross_entropy(model(batch), batch.target)
+        (loss + cggm.direction_loss(loss)).backward()  # the first step has no direction yet
+        cggm.step(batch)
+        model.zero_grad()
+        if frozen_head:
+            loss, match = F.cross_entropy(model(batch), batch.target), "does not require gradients"
+        else:
+            model(batch)
+            loss = sum(p.sum() for p in model.encoders.parameters())
+            match = "does not depend on the head's final weight"
+        with pytest.raises(RuntimeError, match=match):
+            cggm.direction_loss(loss)
 
 
 def test_gradient_directions_need_the_task_loss_and_resume_exactly():

@@ -1063,7 +1063,8 @@ class CGGM:
             if self.classifiers is None:
                 if state.get("feature_shapes") is None:
                     raise ValueError(
-                        "state has classifier weights but no feature shapes to build them."
+                        "CGGM.load_state_dict: the state has classifier weights but no feature "
+                        "shapes to build them."
                     )
                 self._build_default_classifiers(state["feature_shapes"])
             classifiers, optimizer = self._installed()

@@ -263,6 +263,10 @@ def test_bad_input_raises():
         MulTConfig({"a.b": 2, "c": 3}, d=4, num_heads=2)
     with pytest.raises(ValueError, match="divisible"):
         MulTConfig({"a": 2, "b": 3}, d=7, num_heads=2)
+    with pytest.raises(ValueError, match=r"MulT needs >= 2 modalities, got \['a'\]"):
+        MulTConfig({"a": 2}, d=4, num_heads=2)
+    with pytest.raises(ValueError, match=r"batch lacks modalities \['vision'\]"):
+        model.backbone(ModalityBatch({m: data[m] for m in ("text", "audio")}))
     for options, message in (
         ({"input_dims": {"a": 2, "b": 3.5}}, r"input_dims must be positive integers.*'b': 3.5"),
         ({"input_dims": {"a": 0, "b": 3}}, r"input_dims must be positive integers.*'a': 0"),

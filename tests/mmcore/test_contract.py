@@ -47,6 +47,8 @@ def test_contract_check_accepts_and_rejects():
         isinstance(model, MultimodalModel)
     with pytest.raises(TypeError, match=r"`encoders` must be an nn.ModuleDict.*\(missing\)"):
         check_multimodal_model(bare)
+    with pytest.raises(TypeError, match=r"it is a dict, not a torch\.nn\.Module"):
+        check_multimodal_model({"encoders": {}})
 
 
 def test_resolve_module_suggests_close_names():
@@ -57,6 +59,8 @@ def test_resolve_module_suggests_close_names():
         resolve_module(model, "encoder.a")
     with pytest.raises(ValueError, match="Did you mean"):  # also a ValueError, as PEFT's errors
         resolve_module(model, "heads")
+    with pytest.raises(TypeError, match="module path must be a string, found int"):
+        resolve_module(model, 0)
 
 
 def test_encoder_features_unwraps_outputs():

@@ -76,3 +76,23 @@ def test_example_passes_keep_each_modules_own_mode(base_model, batch):
     assert {n: m.training for n, m in base_model.named_modules()} == modes
     Wander(base_model, (4, 2, 2), example_input=batch)
     assert {n: m.training for n, m in base_model.named_modules()} == modes
+
+
+def test_a_model_without_the_contract_and_without_target_modules_is_not_ok():
+    """With no ``target_modules`` and no ``encoders`` ModuleDict, Wander(model) has nothing to
+    wrap: the report says so (it used to list the fusion module alone and call that ok)."""
+
+    class NoContract(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_net, self.fusion = nn.Linear(4, 4), nn.Identity()
+
+        def forward(self, x):
+            return self.fusion(self.text_net(x))
+
+    report = inspect_targets(NoContract(), (torch.randn(2, 4),))
+    assert not report.ok
+    assert report.rows[0].path == "encoders" and report.rows[0].calls is None
+    assert "no `encoders` ModuleDict" in report.rows[0].problem
+    assert "target_modules=" in str(report)
+    assert report.rows[1].role == "fusion" and report.rows[1].problem is None

@@ -35,10 +35,13 @@ class TargetRow:
     suggestions: list[str] = field(default_factory=list)
     calls: int | None = None
     output_shape: tuple[int, ...] | None = None
+    error: str | None = None  # a problem found before any module was looked up
 
     @property
     def problem(self) -> str | None:
         """What would stop Wander from using this module, or ``None``."""
+        if self.error is not None:
+            return self.error
         if self.module is None:
             hint = f" (closest: {', '.join(self.suggestions)})" if self.suggestions else ""
             return f"no submodule '{self.path}'{hint}"
@@ -104,15 +107,19 @@ def inspect_targets(
         target_modules: modality → dotted path (default: the mmcore contract's encoders).
         fusion_module: dotted path of the module consuming the encoders (default ``"fusion"``).
     """
+    rows: list[TargetRow] = []
     if target_modules is None:
         try:
             target_modules = contract_encoder_paths(model, "target_modules={modality: path}")
-        except ModulePathError:
+        except ModulePathError as exc:  # the row says what Wander(model) would raise
+            rows.append(TargetRow("target", None, "encoders", error=str(exc)))
             target_modules = {}
-    rows = [TargetRow("target", m, path) for m, path in target_modules.items()]
+    rows += [TargetRow("target", m, path) for m, path in target_modules.items()]
     rows.append(TargetRow("fusion", None, fusion_module or "fusion"))
     modules: dict[int, nn.Module] = {}
     for i, row in enumerate(rows):
+        if row.error is not None:
+            continue
         try:
             module = model.get_submodule(row.path)
         except AttributeError:

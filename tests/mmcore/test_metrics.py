@@ -341,3 +341,53 @@ def test_cumulative_brats_dice():
     out = metric.aggregate()
     assert out["dice_wt"] == pytest.approx((0.8 + 1.0) / 2)
     assert out["dice_et"] == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: classification_metrics(torch.randn(4, 3, 2), torch.tensor([0, 1, 2, 0])),
+            r"must be logits/probabilities \[N, C\] or labels \[N\], found shape \(4, 3, 2\)",
+        ),
+        (
+            lambda: iemocap_metrics(torch.randn(4, 4, 2), torch.zeros(3, 4, 2)),
+            "iemocap_metrics: 4 predictions but 3 labels",
+        ),
+        (
+            lambda: IEMOCAPMetric()(torch.randn(4, 4, 2), torch.zeros(3, 4, 2)),
+            "IEMOCAPMetric: 4 predictions but 3 labels",
+        ),
+        (
+            lambda: multilabel_metrics(torch.randn(4), torch.zeros(4, 2)),
+            r"y_pred must be \[N, K\] scores, found shape \(4,\)",
+        ),
+        (
+            lambda: multilabel_metrics(torch.randn(4, 2), torch.zeros(4)),
+            r"y must be \[N, K\] labels \(0 or 1\), found shape \(4,\)",
+        ),
+        (
+            lambda: multilabel_metrics(torch.randn(0, 2), torch.zeros(0, 2)),
+            "needs at least 1 sample, found 0",
+        ),
+        (
+            lambda: MultiLabelMetric()(torch.randn(4, 2), torch.zeros(4, 3)),
+            r"both \[N, K\], found \(4, 2\) and \(4, 3\)",
+        ),
+        (
+            lambda: MSAMetric()(torch.randn(4), torch.zeros(5)),
+            r"y_pred shape \(4,\) and y shape \(5,\) hold different numbers of scores",
+        ),
+        (
+            lambda: brats_region_masks(torch.zeros(2, 2, 4, 4), "channels"),
+            r"expects \[B, 3, ...\] masks in \[TC, WT, ET\] order, found shape \(2, 2, 4, 4\)",
+        ),
+        (
+            lambda: brats_region_masks(torch.zeros(2, 4, 4), "weird"),
+            "label_format must be 'brats', 'remapped' or 'channels', found 'weird'",
+        ),
+    ],
+)
+def test_misshapen_inputs_are_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -453,3 +453,11 @@ def test_state_dict_of_stacked_parameters_round_trips_through_a_safetensors_file
         layer.load_state_dict(load_file(tmp_path / "adapter.safetensors"))
         for a, b in zip(layer(xs).values(), stacked(xs).values(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_print_shows_the_ranks_and_modes():
+    layer, _ = build(2, cp_mode="reference")
+    assert (
+        "modalities=['m0', 'm1'], r=4, R_d=2, R_t=3, T'=2, D=5, cp_mode=reference, "
+        "init=centered, output=fused"
+    ) in repr(layer)

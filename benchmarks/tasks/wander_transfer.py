@@ -618,7 +618,9 @@ register_task(
         description=(
             "Same five methods on generated MOSI-format data: a MulT-style transformer backbone "
             "pretrained on additive labels, adapted to labels with a planted cross-modal product "
-            "(200 labelled samples); MSA metrics (MAE lower is better). Twice: with MulT's "
+            f"({MOSI_SETTINGS['n_target']['quick'][0]} labelled samples, "
+            f"{MOSI_SETTINGS['n_target']['full'][0]} in the full profile); MSA metrics (MAE lower "
+            "is better). Twice: with MulT's "
             "residual MLP head (which can learn the product itself) and with a linear head, "
             "where the backbone is additive across modalities and only a cross-modal fusion "
             "adapter can represent the product."

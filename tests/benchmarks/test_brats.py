@@ -50,6 +50,14 @@ def test_label_traps_are_detected(tmp_path):
         find_brats_cases(tmp_path / "relabelled")
     with pytest.raises(FileNotFoundError):
         find_brats_cases(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataFormatError, match=r"no case folders \(expected BraTS2021_XXXXX/\)"):
+        find_brats_cases(tmp_path / "empty")
+    healthy = write_brats_case(tmp_path / "healthy", 0, shape=(16, 16, 6))
+    seg_path = healthy / f"{healthy.name}_seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 6), dtype=np.uint8), np.eye(4)), seg_path)
+    with pytest.raises(DataFormatError, match="no slice with tumour"):
+        load_brats_slices(find_brats_cases(tmp_path / "healthy"))
 
 
 def test_uncompressed_files_and_hidden_folders(tmp_path):

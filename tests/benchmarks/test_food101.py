@@ -54,6 +54,18 @@ def test_loader_errors(tmp_path):
     bad.write_text("x.jpg,no label column\n")
     with pytest.raises(DataFormatError, match=r"bad\.csv:1"):
         read_titles_csv(bad)
+    with pytest.raises(FileNotFoundError, match=r"titles file not found: .*nope\.csv"):
+        read_titles_csv(tmp_path / "nope.csv")
+    (tmp_path / "empty" / "images" / "train").mkdir(parents=True)
+    with pytest.raises(DataFormatError, match="no class folders in"):
+        load_food101(tmp_path / "empty", "train")
+
+
+def test_loader_skips_blank_lines(tmp_path):
+    root = write_food101(tmp_path, CLASSES, n_per_class=(2, 1))
+    csv = root / "texts" / "train_titles.csv"
+    csv.write_text(csv.read_text().replace("\n", "\n\n", 2) + "\n   \n")
+    assert len(load_food101(root, "train")) == 6
 
 
 def test_feature_extraction_from_local_transformers_models(tmp_path):

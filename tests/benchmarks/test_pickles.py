@@ -141,6 +141,21 @@ def test_loaders_raise_clear_errors(tmp_path):
         load_mmsa_pickle(dump(mmsa, "e.pkl"))
     with pytest.raises(DataFormatError, match="regression_labels"):
         load_mmsa_pickle(path)  # a MulT file is not an MMSA file
+    not_a_dict = {**data, "valid": [1, 2, 3]}
+    with pytest.raises(
+        DataFormatError, match=r"split 'valid': expected a dict, found <class 'list'>"
+    ):
+        load_mult_pickle(dump(not_a_dict, "f.pkl"))
+    mmsa = raw(write_mmsa_pickle(tmp_path / "t.pkl", "mosi", n=N, dims={"text": 8}))
+    labels = {**mmsa, "test": {**mmsa["test"], "regression_labels": np.zeros((4, 2))}}
+    with pytest.raises(
+        DataFormatError, match=r"'regression_labels': expected shape \(N,\), found \(4, 2\)"
+    ):
+        load_mmsa_pickle(dump(labels, "g.pkl"))
+    t = mmsa["train"]["text"].shape[1]
+    bert = {**mmsa, "train": {**mmsa["train"], "text_bert": np.zeros((12, 2, t))}}
+    with pytest.raises(DataFormatError, match=rf"'text_bert': expected shape \(12, 3, {t}\)"):
+        load_mmsa_pickle(dump(bert, "h.pkl"))
 
 
 class Evil:

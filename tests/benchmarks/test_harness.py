@@ -61,6 +61,51 @@ def test_run_records_everything_and_survives_a_failing_task(tmp_path, fake_tasks
     assert (tmp_path / "plots" / "toy-good--toy.png").stat().st_size > 1000
 
 
+def test_malformed_records_fail_their_seed_and_values_are_made_json_safe(tmp_path, monkeypatch):
+    """A task's records are checked before any is kept; tensors, numpy scalars and other
+    objects become JSON values, NaN and inf become null."""
+    import numpy as np
+    import torch
+
+    def records(ctx):
+        good = {"method": "a", "dataset": "toy", "metrics": {"acc": 0.5}}
+        if ctx.seed == 0:
+            return [good, "not a record"]
+        if ctx.seed == 1:
+            return [good, {"method": "b", "metrics": {"acc": 0.1}}]
+        if ctx.seed == 2:
+            return [{"method": "a", "dataset": "toy", "metrics": {}}]
+        metrics = {
+            "tensor": torch.tensor(0.25),
+            "numpy": np.float32(0.5),
+            "nan": float("nan"),
+            "inf": torch.tensor(float("inf")),
+            "list": (np.int64(3), 4),
+        }
+        return [{**good, "metrics": metrics, "config": {"path": tmp_path, 7: "int key"}}]
+
+    monkeypatch.setitem(TASKS, "toy-records", Task("toy-records", "", records, "tensor"))
+    results = run_tasks(["toy-records"], profile="quick", seeds=[0, 1, 2, 3], out_dir=tmp_path)
+    errors = [f["error"] for f in results["failures"]]
+    assert errors == [
+        "TypeError: task 'toy-records' returned a str, not a dict record.",
+        "ValueError: task 'toy-records': a record lacks ['dataset']: "
+        "{'method': 'b', 'metrics': {'acc': 0.1}}",
+        "ValueError: task 'toy-records': record 'metrics' must be a non-empty dict.",
+    ]
+    (record,) = results["records"]  # seeds 0 and 1 kept none of their records, good or not
+    assert record["seed"] == 3
+    assert record["metrics"] == {
+        "tensor": 0.25,
+        "numpy": 0.5,
+        "nan": None,
+        "inf": None,
+        "list": [3, 4],
+    }
+    assert record["config"] == {"path": str(tmp_path), "7": "int key"}
+    assert json.loads((tmp_path / "results.json").read_text())["records"] == [record]
+
+
 def test_report_checks_each_tasks_targets(tmp_path, monkeypatch):
     """Seed 0: a = 0.5, b = 0.25; seed 1: a = 0.6, b = 0.25 (a − b: 0.25 and 0.35)."""
 

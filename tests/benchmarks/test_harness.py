@@ -331,6 +331,13 @@ def test_resume_refuses_other_settings_and_folders_without_a_run(tmp_path, fake_
         cli.main(["run", "--resume", str(tmp_path), "--seeds", "0,1"])
     with pytest.raises(SystemExit, match=r"results\.json not found"):
         cli.main(["run", "--resume", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match=r"--data-root .*nowhere is not a folder"):
+        cli.main(["run", "--task", "toy-good", "--data-root", str(tmp_path / "nowhere")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    results["meta"]["tasks"] = ["toy-good", "toy-renamed"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match=r"the run's tasks \['toy-renamed'\] are no longer"):
+        cli.main(["run", "--resume", str(tmp_path)])
 
 
 def test_resume_reads_runs_written_before_completed_pairs_were_kept(tmp_path, fake_tasks):
@@ -375,6 +382,11 @@ def test_compare_runs_finds_changed_figures_and_ignores_timings():
     assert not is_timing("accuracy") and not is_timing("trainable_pct_of_backbone")
     with pytest.raises(ValueError, match="tolerance"):
         compare_runs(a, b, tolerance=-1.0)
+    many = _results([{"method": "m", "seed": k, "metrics": {"acc": 0.1 * k}} for k in range(5)])
+    shifted = _results([{"method": "m", "seed": k, "metrics": {"acc": 1 + k}} for k in range(5)])
+    listed = format_comparison(compare_runs(many, shifted), limit=2)
+    assert "seed 1: acc 0.1 -> 2" in listed and "seed 2" not in listed
+    assert "... and 3 more" in listed
 
 
 def test_cli_compare_exit_codes(tmp_path, fake_tasks, capsys):

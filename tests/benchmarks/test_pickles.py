@@ -178,3 +178,9 @@ def test_generator_rejects_bad_configuration(tmp_path):
         write_mmsa_pickle(tmp_path / "x.pkl", "sims")
     with pytest.raises(ValueError, match="one sequence length"):
         write_mult_pickle(tmp_path / "x.pkl", seq_lens={"audio": 10})
+    with pytest.raises(ValueError, match="unknown MMSA data set 'food'"):
+        write_mmsa_pickle(tmp_path / "x.pkl", "food")
+    with pytest.raises(ValueError, match=r"unknown modalities \['speech'\]"):
+        write_mult_pickle(tmp_path / "x.pkl", dims={"speech": 4})
+    with pytest.raises(ValueError, match=r"n must be >= 2 per split .* got \(10, 1, 4\)"):
+        write_mult_pickle(tmp_path / "x.pkl", n=(10, 1, 4))

@@ -143,3 +143,20 @@ def test_each_trained_method_draws_from_its_own_seed_not_the_backbones():
         assert seed not in others  # nor another run's
     with pytest.raises(ValueError):
         mt.method_seed(0, "lower bound")  # not trained: no seed of its own
+
+
+def test_a_real_mosi_pickle_under_data_root_is_used(tmp_path, tiny):
+    """``--data-root`` with a CMU-MOSI MulT pickle (the released sizes: 300-d text, 74-d
+    audio holding -inf, 35-d vision) replaces the generated data."""
+    from benchmarks.data.generators import write_mult_pickle
+
+    root = tmp_path / "data"
+    lens = dict.fromkeys(("text", "audio", "vision"), 5)
+    write_mult_pickle(root / "mosi_data.pkl", "mosi", n=(30, 10, 14), seq_lens=lens, seed=3)
+    results = run_tasks(
+        ["mplmm-mosi-missing"], profile="quick", seeds=[0], out_dir=tmp_path / "run", data_root=root
+    )
+    assert not results["failures"], results["failures"]
+    datasets = {r["dataset"] for r in results["records"]}
+    assert len(datasets) == 8 and all(d.startswith("CMU-MOSI, ") for d in datasets), datasets
+    assert not list((tmp_path / "run" / "work" / "mplmm-mosi-missing").glob("*.pkl"))

@@ -83,3 +83,22 @@ def test_bad_knobs_raise():
         sample_planted(10, SHAPES, PlantedStructure(dominant="x"))
     with pytest.raises(ValueError, match="domain"):
         sample_planted(10, SHAPES, PlantedStructure(), domain="other")
+
+
+def test_interaction_knob_reaches_iemocap_emotions():
+    """IEMOCAP files carry the product as well: with the knob on, samples whose latents'
+    product is large are labelled with the first emotion (neutral) far more often."""
+    from benchmarks.data.generators import _iemocap_labels
+
+    emotions, latents = {}, {}
+    for weight in (0.0, 2.0):
+        structure = PlantedStructure(interaction=weight)
+        s = sample_planted(3000, SHAPES, structure, seed=0)
+        onehot = _iemocap_labels(s, structure, np.random.default_rng(0))
+        assert onehot.shape == (3000, 4, 2) and (onehot.sum(axis=2) == 1).all()
+        assert (onehot[:, :, 1].sum(axis=1) == 1).all()  # exactly one emotion per sample
+        emotions[weight], latents[weight] = onehot[:, :, 1].argmax(axis=1), s.latents
+    np.testing.assert_array_equal(latents[0.0], latents[2.0])  # the same samples, relabelled
+    product = latents[0.0][:, 0] * latents[0.0][:, 1]
+    top = product > np.quantile(product, 0.9)
+    assert (emotions[2.0][top] == 0).mean() > (emotions[0.0][top] == 0).mean() + 0.3

@@ -941,3 +941,53 @@ def test_a_fusion_module_given_the_batch_supplies_its_masks(base_model, output):
             expected = model(kept)
             base = model.base_model if model is wander else model
             torch.testing.assert_close(base.head(base.fused(kept)), expected)
+
+
+class _BatchNormEncoders(torch.nn.Module):
+    """Two modalities whose frozen encoders hold BatchNorm running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = torch.nn.ModuleDict(
+            {
+                m: torch.nn.Sequential(
+                    torch.nn.Linear(d, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU()
+                )
+                for m, d in (("text", 6), ("audio", 3))
+            }
+        )
+        self.fusion = torch.nn.Identity()
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, batch):
+        feats = [self.encoders[m](batch[m]) for m in self.encoders]
+        return self.head(self.fusion(torch.cat(feats, dim=-1)))
+
+
+def test_the_frozen_bases_running_statistics_are_saved_and_loaded(tmp_path):
+    # a frozen BatchNorm still updates its running statistics in train mode (PEFT saves them
+    # too, huggingface/peft#1732): without them the loaded model is not the trained one
+    batch = ModalityBatch(
+        {"text": torch.randn(16, 6) + 2, "audio": torch.randn(16, 3) * 3}, target=torch.randn(16)
+    )
+    torch.manual_seed(0)
+    base = _BatchNormEncoders()
+    original = copy.deepcopy(base.state_dict())
+    wander = Wander(base, RANKS, example_input=batch)
+    wander.train()
+    train_steps(wander, batch)
+    wander.eval()
+    with torch.no_grad():
+        expected = wander(batch)
+    wander.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.encoders.text.1.running_mean" in keys
+    assert "base_model.encoders.audio.1.num_batches_tracked" in keys
+    assert not any(k.endswith(("0.weight", "1.weight")) for k in keys if "encoders" in k)
+
+    fresh = _BatchNormEncoders()
+    fresh.load_state_dict(original)  # the base as it was before training
+    loaded = Wander.from_pretrained(fresh, tmp_path).eval()
+    assert loaded.load_report == {"missing_keys": [], "unexpected_keys": []}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), expected)

@@ -627,6 +627,15 @@ class _Best:
         self.casp.restore(self.state)
 
 
+#: CASP drops modalities by name, so its data are ModalityBatches even for a model that is not
+#: called with one
+_OTHER_INPUTS = (
+    "For a model called with other inputs, put them in a ModalityBatch (one entry per "
+    "modality, padding masks beside them) and pass representation_fn(model, batch) -> "
+    "(prediction, representation), which calls the model on the batch's tensors."
+)
+
+
 def _in_memory(data: ModalityBatch | Iterable[ModalityBatch], caller: str) -> ModalityBatch:
     """``data``, or the batches an iterable of them (e.g. a ``DataLoader``) yields, concatenated.
 
@@ -639,10 +648,12 @@ def _in_memory(data: ModalityBatch | Iterable[ModalityBatch], caller: str) -> Mo
         if batches and all(isinstance(b, ModalityBatch) for b in batches):
             return ModalityBatch.concat(batches)
         found = "nothing" if not batches else f"items of type {type(batches[0]).__name__}"
-        raise TypeError(f"{caller}: the iterable yielded {found}; expected ModalityBatch items.")
+        raise TypeError(
+            f"{caller}: the iterable yielded {found}; expected ModalityBatch items. {_OTHER_INPUTS}"
+        )
     raise TypeError(
         f"{caller} takes a ModalityBatch or an iterable of them (e.g. a DataLoader with "
-        f"collate_fn=collate_modalities), got {type(data).__name__}."
+        f"collate_fn=collate_modalities), got {type(data).__name__}. {_OTHER_INPUTS}"
     )
 
 

@@ -626,8 +626,15 @@ class Wander(nn.Module):
         return self.base_model
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """The weights :meth:`save_pretrained` writes: the adapter and ``modules_to_save``."""
+        """The weights :meth:`save_pretrained` writes.
+
+        The adapter's, the ``modules_to_save``'s, and the running statistics of the frozen
+        base's BatchNorm-style layers (any module with ``track_running_stats``): train mode
+        updates those even in a frozen layer, so the trained model depends on them (PEFT saves
+        them too).
+        """
         state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
+        state.update({f"base_model.{k}": v for k, v in running_statistics(self.base_model).items()})
         for path in self.config.modules_to_save or []:
             module = resolve_module(self.base_model, path)
             prefix = f"base_model.{path}." if path else "base_model."
@@ -637,7 +644,8 @@ class Wander(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically).
 
-        Only the adapter and the ``modules_to_save`` weights are written, never the frozen base.
+        Only the adapter and the ``modules_to_save`` weights are written, never the frozen
+        base's weights; its norm layers' running statistics are (see :meth:`adapter_state_dict`).
         Weights tied to one another are written once, the other names kept as aliases.
         """
         directory = save_directory(directory, "Wander.save_pretrained")
@@ -727,6 +735,23 @@ def _unshared(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str,
         value = value.contiguous().cpu()
         tensors[key] = value.clone() if shared else value
     return tensors, aliases
+
+
+def running_statistics(model: nn.Module) -> dict[str, Tensor]:
+    """The persistent buffers of ``model``'s layers that track running statistics, by state key.
+
+    BatchNorm (any dimension, ``SyncBatchNorm``) and InstanceNorm with
+    ``track_running_stats=True``: ``running_mean``, ``running_var``, ``num_batches_tracked``.
+    """
+    state: dict[str, Tensor] = {}
+    for path, module in model.named_modules():
+        if getattr(module, "track_running_stats", False) is not True:
+            continue
+        prefix = f"{path}." if path else ""
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                state[prefix + name] = buffer
+    return state
 
 
 def adapters_on(model: nn.Module) -> list[Wander]:

@@ -55,10 +55,33 @@ def test_training_changes_output_and_disable_restores_base(base_model, batch):
     train_steps(wander, batch)
     with torch.no_grad():
         assert not torch.allclose(wander(batch), base)
-        base_model.head.load_state_dict(head_before)
-        assert not torch.allclose(wander(batch), base)  # the adapter itself moved
+        # as PEFT's: the trained head (modules_to_save) is off too, its wrapped weights used
         with wander.disable_adapter():
             torch.testing.assert_close(wander(batch), base)
+        with wander.disable_adapter(original_modules=False):  # the adapter alone off
+            trained_head = wander(batch)
+        assert not torch.allclose(trained_head, base)
+        base_model.head.load_state_dict(head_before)
+        assert not torch.allclose(wander(batch), base)  # the adapter itself moved
+        with wander.disable_adapter(original_modules=False):
+            torch.testing.assert_close(wander(batch), base)
+
+
+def test_disabled_the_wrapped_modules_get_no_gradient_and_follow_the_model(base_model, batch):
+    wander = Wander(base_model, RANKS, example_input=batch)
+    with torch.no_grad(), wander.disable_adapter():
+        base = wander(batch)
+    train_steps(wander, batch)
+    with wander.disable_adapter():
+        assert not wander(batch).requires_grad  # nothing trainable takes part
+    wander.to(torch.float64)  # the kept copy follows on the next disabled call
+    with torch.no_grad(), wander.disable_adapter():
+        out = wander(batch.to(dtype=torch.float64))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, base.double(), rtol=1e-5, atol=1e-6)
+    copied = copy.deepcopy(wander)
+    with torch.no_grad(), copied.disable_adapter():
+        torch.testing.assert_close(copied(batch.to(dtype=torch.float64)), out)
 
 
 def test_wrap_any_number_of_modalities_with_padding():
@@ -356,7 +379,7 @@ def test_the_batchs_presence_masks_reach_the_adapter(batch, output):
 
     def adapter_part(b):
         with torch.no_grad():
-            with wander.disable_adapter():
+            with wander.disable_adapter(original_modules=False):
                 base = wander(b)
             return wander(b) - base
 
@@ -462,11 +485,15 @@ def test_save_load_round_trip(tmp_path, base_model, batch, fused_dim):
     fresh = LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2, dropout=0.0)
     fresh.encoders.load_state_dict(base_model.encoders.state_dict())
     fresh.eval()
+    with torch.no_grad():
+        fresh_out = fresh(batch)
     assert wander.load_report is None  # built, not loaded
     loaded = Wander.from_pretrained(fresh, tmp_path)
     assert loaded.load_report == {"missing_keys": [], "unexpected_keys": []}
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), expected)
+        with loaded.disable_adapter():  # the base as given, before the saved head was loaded
+            torch.testing.assert_close(loaded(batch), fresh_out)
     # an adapter saved from a model with other modalities is a clear error, not a KeyError
     other = ModalityBatch({m: batch[m] for m in ("text", "audio")})
     two = LateFusionModel.from_batch(other, out_dim=1, width=8, num_heads=2, dropout=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -198,6 +199,7 @@ class Wander(nn.Module):
             resolve_module(model, path).requires_grad_(True)
 
         self._disabled = False
+        self._use_originals = True  # disable_adapter(original_modules=...)
         self.adapter_name: str | None = None  # set by inject_wander
         # what each running forward pass has shown the hooks, per thread: concurrent calls
         # (a threaded inference server) each pair their own features and masks
@@ -220,6 +222,18 @@ class Wander(nn.Module):
         else:
             self._handles.append(
                 self._consumer.register_forward_pre_hook(self._add_residuals, with_kwargs=True)
+            )
+        # a frozen copy of each of the modules_to_save as wrapped (PEFT keeps one too):
+        # disable_adapter() runs it in place of the trained module. A plain dict, outside the
+        # module tree: not in state_dict() or parameters(), moved where the module is on use
+        self._originals = {
+            path: _frozen_copy(resolve_module(model, path)) for path in cfg.modules_to_save
+        }
+        for path in cfg.modules_to_save:
+            self._handles.append(
+                resolve_module(model, path).register_forward_hook(
+                    functools.partial(self._original_output, path), with_kwargs=True
+                )
             )
 
     # ------------------------------------------------------------------ construction helpers
@@ -468,6 +482,24 @@ class Wander(nn.Module):
             )
         return torch.cat([_add_tiled(output[:, :t_out], fused), output[:, t_out:]], dim=1)
 
+    def _original_output(
+        self,
+        path: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        _output: Any,
+    ) -> Any:
+        """Under :meth:`disable_adapter`, the output of ``module`` as it was wrapped."""
+        if not (self._disabled and self._use_originals):
+            return None
+        original = self._originals[path]
+        placement = _placement(module)
+        if _placement(original) != placement:  # the model was moved or cast since
+            original.to(**placement)
+        original.train(module.training)
+        return original(*args, **kwargs)
+
     def _add_residuals(
         self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Any, ...] | None:
@@ -552,14 +584,22 @@ class Wander(nn.Module):
         return call
 
     @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Context manager: inside it the model behaves exactly as the base model."""
-        previous = self._disabled
-        self._disabled = True
+    def disable_adapter(self, original_modules: bool = True) -> Iterator[None]:
+        """Context manager: inside it the model behaves exactly as the base model did when wrapped.
+
+        The adapter is off, and the ``modules_to_save`` run with the weights they had when the
+        adapter was added (a copy kept for this, as PEFT does; no gradient reaches them), so a
+        trained head is not the one used. With ``original_modules=False`` only the adapter is
+        off and the ``modules_to_save`` keep their current weights: the difference of the
+        outputs is then the adapter's own contribution. The base's BatchNorm running statistics
+        are as they now are (train mode updates them; see :meth:`adapter_state_dict`).
+        """
+        previous = self._disabled, self._use_originals
+        self._disabled, self._use_originals = True, original_modules
         try:
             yield
         finally:
-            self._disabled = previous
+            self._disabled, self._use_originals = previous
 
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts of the base model plus the adapter."""
@@ -735,6 +775,22 @@ def _unshared(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str,
         value = value.contiguous().cpu()
         tensors[key] = value.clone() if shared else value
     return tensors, aliases
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` without gradients and without the hooks on it or its submodules."""
+    copied = copy.deepcopy(module)
+    for sub in copied.modules():
+        for hooks in (sub._forward_pre_hooks, sub._forward_hooks, sub._backward_hooks):
+            hooks.clear()
+    return copied.requires_grad_(False)
+
+
+def _placement(module: nn.Module) -> dict[str, Any]:
+    """The device and dtype of ``module``'s first floating-point tensor (none: ``{}``)."""
+    tensors = (*module.parameters(), *module.buffers())
+    first = next((t for t in tensors if t.is_floating_point()), None)
+    return {} if first is None else {"device": first.device, "dtype": first.dtype}
 
 
 def running_statistics(model: nn.Module) -> dict[str, Tensor]:

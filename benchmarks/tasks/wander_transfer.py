@@ -214,8 +214,14 @@ def step_memories(
     for method in methods(settings):
         model = build_method(method, base, train, settings, seed).train()
         optimiser = make_optimizer(model, lr=settings["lr"][method])
-        memories[method] = step_memory(model, optimiser, batch, loss_fn)
+        beside = functools.partial(_kept_copies, model) if isinstance(model, Wander) else None
+        memories[method] = step_memory(model, optimiser, batch, loss_fn, held_beside=beside)
     return memories
+
+
+def _kept_copies(wander: Wander) -> list[tuple[nn.Module, None]]:
+    """Wander's frozen copies of its ``modules_to_save``, held outside the model's modules."""
+    return [(module, None) for module in wander.original_modules.values()]
 
 
 UCI_DATASET = "uci-mfeat 0-4 → 5-9"

@@ -1,4 +1,5 @@
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -6,6 +7,7 @@ from torch import nn
 
 from benchmarks.backbones import LateFusionModel
 from benchmarks.memory import MIB, StepMemory, step_memory
+from benchmarks.tasks.wander_transfer import _kept_copies
 from mmcore import ModalityBatch
 from wander import Wander
 
@@ -83,3 +85,25 @@ def test_freezing_cuts_gradients_optimiser_state_and_activations():
     assert head.activations == FLOAT * (head_input + log_softmax) + nll
     assert head.activations < adapted.activations
     assert full.gradients > 3 * adapted.gradients
+
+
+def test_wanders_frozen_copy_of_its_head_is_counted():
+    """``disable_adapter`` runs a copy of the ``modules_to_save`` that Wander keeps outside the
+    model's modules; the transfer tasks count it beside the model."""
+    g = torch.Generator().manual_seed(0)
+    batch = ModalityBatch(
+        {"a": torch.randn(8, 6, generator=g), "b": torch.randn(8, 4, generator=g)},
+        target=torch.randint(0, 3, (8,), generator=g),
+    )
+    base = LateFusionModel.from_batch(batch, 3, width=16, hidden=64, head="linear", dropout=0.0)
+    wander = Wander(base, {"bottleneck": 4, "feature": 1, "token": 1}, example_input=batch)
+
+    def measure(**kwargs):
+        trainable = [p for p in wander.parameters() if p.requires_grad]
+        return step_memory(wander, torch.optim.Adam(trainable), batch, F.cross_entropy, **kwargs)
+
+    alone = measure()
+    beside = measure(held_beside=functools.partial(_kept_copies, wander))
+    head = sum(p.numel() for p in base.head.parameters())
+    assert beside.parameters - alone.parameters == FLOAT * head
+    assert beside.gradients == alone.gradients

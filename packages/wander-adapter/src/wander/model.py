@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, cast
 
 import torch
@@ -600,6 +601,11 @@ class Wander(nn.Module):
             yield
         finally:
             self._disabled, self._use_originals = previous
+
+    @property
+    def original_modules(self) -> Mapping[str, nn.Module]:
+        """The frozen copies of the ``modules_to_save`` that :meth:`disable_adapter` runs."""
+        return MappingProxyType(self._originals)
 
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts of the base model plus the adapter."""

@@ -113,12 +113,12 @@ def test_a_target_output_without_features_names_the_modality():
 
 
 def test_fused_output_needs_a_tensor_from_the_fusion_module():
-    class TupleMixer(nn.Module):
+    class DictMixer(nn.Module):
         def forward(self, x):
-            return x, x
+            return {0: x}  # indexable, but no features where Wander looks
 
     model = TwoTowers()
-    model.mixer = TupleMixer()
+    model.mixer = DictMixer()
     with pytest.raises(ValueError, match="adds the fused tokens to the fusion module's output"):
         Wander(model, RANKS, example_input=example(), target_modules=TARGETS, fusion_module="mixer")
 

@@ -2,6 +2,8 @@ import copy
 import json
 import threading
 import warnings
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from benchmarks.backbones import LateFusionModel
 from mmcore import ModalityBatch
 from tests.helpers import adapter_grads
+from tests.wander.test_errors import TARGETS, TwoTowers, example
 from wander import Wander, WanderConfig, WanderTargetError, inject_wander
 
 from .conftest import (
@@ -1018,3 +1021,63 @@ def test_the_frozen_bases_running_statistics_are_saved_and_loaded(tmp_path):
     assert loaded.load_report == {"missing_keys": [], "unexpected_keys": []}
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), expected)
+
+
+class _Aux(NamedTuple):
+    features: torch.Tensor
+    weights: torch.Tensor
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "namedtuple", "transformers", "object"])
+def test_a_fusion_module_that_returns_a_tuple_or_a_transformers_output(kind):
+    """Attention layers return ``(output, weights)``, a ``transformers`` encoder a
+    ``BaseModelOutput``: the fused tokens go into the features, as ``mmcore.encoder_features``
+    reads them, and the rest of the output is passed on as it was."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    pack = {
+        "tuple": lambda x: (x, x.sum(-1)),
+        "list": lambda x: [x, x.sum(-1)],
+        "namedtuple": lambda x: _Aux(x, x.sum(-1)),
+        "transformers": lambda x: BaseModelOutput(last_hidden_state=x, hidden_states=(x.sum(-1),)),
+        "object": lambda x: SimpleNamespace(last_hidden_state=x, weights=x.sum(-1)),
+    }[kind]
+    seen = []
+
+    class Mixer(torch.nn.Module):
+        def forward(self, x):
+            return pack(x)
+
+    class Reader(torch.nn.Module):  # what consumes the mixer's whole output
+        def forward(self, out):
+            seen.append(out)
+            return (out.last_hidden_state,) if isinstance(out, SimpleNamespace) else out
+
+    torch.manual_seed(0)
+    model = TwoTowers()
+    model.mixer = torch.nn.Sequential(Mixer(), Reader())
+    inputs = example()
+    with torch.no_grad():
+        base = model(*inputs)
+    wander = Wander(
+        model,
+        RANKS,
+        example_input=inputs,
+        target_modules=TARGETS,
+        fusion_module="mixer.0",
+        num_fused_tokens=1,
+    )
+    seen.clear()
+    out = wander(*inputs)
+    torch.testing.assert_close(out, base)  # identity at init
+    (passed,) = seen
+    assert type(passed) is type(pack(torch.zeros(1)))
+    if kind == "transformers":
+        other = passed.hidden_states[0]
+    elif kind == "object":
+        other = passed.weights
+    else:
+        other = passed[1]
+    assert not other.requires_grad  # the second item as the mixer made it (no adapter in it)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in wander.adapter.parameters())

@@ -303,10 +303,14 @@ class Wander(nn.Module):
             cfg.seq_lens[m] = int(x.shape[1]) if x.ndim == 3 else 1
         consumer_out = seen["__consumer__"]
         if cfg.output == "fused":
+            with contextlib.suppress(TypeError):  # a tuple or a transformers output: its features
+                consumer_out = encoder_features(consumer_out)
             if not isinstance(consumer_out, Tensor) or consumer_out.ndim not in (2, 3):
                 raise ValueError(
                     "Wander output='fused' adds the fused tokens to the fusion module's output, "
-                    f"which must be a [B, D] or [B, T, D] tensor; found {_describe(consumer_out)}."
+                    "which must be a [B, D] or [B, T, D] tensor (or a tuple whose first item, or "
+                    "a transformers output whose last_hidden_state, is one); found "
+                    f"{_describe(consumer_out)}."
                 )
             cfg.out_dim = int(consumer_out.shape[-1])
             if consumer_out.ndim == 3 and consumer_out.shape[1] < cfg.fused_tokens:
@@ -467,9 +471,21 @@ class Wander(nn.Module):
     ) -> Any:
         if self._disabled:
             return output
+        try:
+            features = encoder_features(output)
+        except TypeError:
+            raise TypeError(
+                f"Wander: fusion module output {_describe(output)} is not a tensor, nor a tuple "
+                "or a transformers output holding one."
+            ) from None
         fused = cast(Tensor, self._adapter_output(self._consumer_call(args, kwargs)))  # [B, T', D]
-        if not isinstance(output, Tensor):
-            raise TypeError(f"Wander: fusion module output {_describe(output)} is not a tensor.")
+        if features is not output:  # the same kind of output, with the fused features
+            return _with_features(output, self._fused_into(features, fused))
+        return self._fused_into(output, fused)
+
+    @staticmethod
+    def _fused_into(output: Tensor, fused: Tensor) -> Tensor:
+        """The fusion module's features ``output`` with the fused tokens ``[B, T', D]`` added."""
         fused = fused.to(output.dtype)  # the base model's output type, whatever the adapter's
         if output.ndim == 2:  # one vector: the fused tokens' mean (a free view for one token)
             return _add_tiled(output, fused[:, 0] if fused.shape[1] == 1 else fused.mean(dim=1))
@@ -879,6 +895,24 @@ def _adapter_placement(model: nn.Module) -> dict[str, Any]:
     if weight is None:
         return {}
     return {"device": weight.device, "dtype": trainable_dtype(weight.dtype)}
+
+
+def _with_features(output: Any, features: Tensor) -> Any:
+    """``output`` with ``features`` where :func:`mmcore.encoder_features` finds its tensor.
+
+    A transformers output (or mapping) gets a new ``last_hidden_state``, a tuple or list a new
+    first item; the rest is passed on as it was.
+    """
+    if isinstance(output, Mapping) and "last_hidden_state" in output:
+        updated = {**output, "last_hidden_state": features}
+        return updated if type(output) is dict else type(output)(**updated)
+    if hasattr(output, "last_hidden_state"):
+        output = copy.copy(output)
+        output.last_hidden_state = features
+        return output
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        return type(output)(features, *output[1:])
+    return type(output)([features, *output[1:]])
 
 
 def _add_tiled(output: Tensor, fused: Tensor) -> Tensor:

@@ -605,8 +605,13 @@ def test_torch_compile_gives_the_eager_outputs_and_gradients(base_model, batch, 
     if output == "residual" and torch.__version__ < "2.4":
         pytest.skip("dynamo before torch 2.4 fails on the residual hooks (internal error)")
     wander = Wander(base_model, RANKS, example_input=batch, output=output)
+    with torch.no_grad(), wander.disable_adapter():
+        base = wander(batch)
     train_steps(wander, batch)
     assert_compiled_matches_eager(wander, batch, backend="aot_eager")
+    compiled = torch.compile(wander, backend="aot_eager")
+    with torch.no_grad(), wander.disable_adapter():  # dynamo guards on the flag: traced again
+        torch.testing.assert_close(compiled(batch), base)
 
 
 @pytest.mark.parametrize("frozen", [False, True])

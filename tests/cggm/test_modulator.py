@@ -46,6 +46,34 @@ def test_encoder_gradients_scaled_by_exactly_rho_b(m):
             torch.testing.assert_close(after[name], g)  # fusion and head are not scaled
 
 
+@pytest.mark.parametrize("frozen", [["m1"], ["m0", "m1", "m2"]])
+def test_a_frozen_encoder_is_warned_of_once(frozen):
+    """Its gradients cannot be scaled; with all of them frozen (a frozen backbone under a
+    parameter-efficient adapter, say) CGGM balances nothing. The others are still scaled."""
+    batch = vector_batch(3)
+    model = make_model(batch)
+    for m in frozen:
+        model.encoders[m].requires_grad_(False)
+    cggm = CGGM(model, task="classification", num_outputs=3, rho=1.3, lam=0.0)
+    every = len(frozen) == 3
+    match = r"\['m0', 'm1', 'm2'\].*balances nothing" if every else r"\['m1'\].*onto nothing"
+    for step in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(batch), batch.target).backward()
+        before = grads(model)
+        if step == 0:
+            with pytest.warns(UserWarning, match=match):
+                b = cggm.step(batch.target)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                b = cggm.step(batch.target)
+        for name, g in grads(model).items():
+            if name.startswith("encoders."):
+                torch.testing.assert_close(g, 1.3 * b[name.split(".")[1]] * before[name])
+        assert every or any(n.startswith("encoders.m0") for n in before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradient_scaling_is_bit_exact(dtype):
     """Each encoder gradient becomes exactly ``grad.mul_(float(rho * B_m))``. CPU gradients

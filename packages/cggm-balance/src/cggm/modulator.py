@@ -202,6 +202,7 @@ class CGGM:
         #: direction_loss() was called since the last step (else, with λ > 0, warn once)
         self._direction_asked = False
         self._direction_warned = False
+        self._frozen_checked = False  # encoders without a trainable parameter (warn once)
         #: direction="gradients": the classifiers' final-weight gradients of their last step,
         #: [M, *W^Ω.shape] (W_m's gradient where the weights mode uses W_m)
         self._classifier_head_grads: Tensor | None = None
@@ -735,6 +736,8 @@ class CGGM:
                 "(and scaler.unscale_ under AMP) before cggm.step()."
             )
         self._check_direction_asked()  # once the step is known to go ahead
+        if sync and cfg.rho is not None and not self._frozen_checked:
+            self._warn_frozen_encoders()
         weights = self._presence_weights(target.shape[0], target.device, not_run)  # [M, B]
         if not_run and isinstance(classifiers, StackedClassifiers):
             # stacked classifiers share one feature shape; zeros that no loss or score counts
@@ -816,6 +819,31 @@ class CGGM:
                 "once.)",
                 stacklevel=stacklevel_outside(cggm),
             )
+
+    def _warn_frozen_encoders(self) -> None:
+        """Warn once about encoders without a trainable parameter: nothing of theirs is scaled."""
+        self._frozen_checked = True
+        frozen = [
+            m
+            for m, params in self._encoder_params.items()
+            if not any(p.requires_grad for p in params)
+        ]
+        if not frozen:
+            return
+        every = len(frozen) == len(self.modalities)
+        warnings.warn(
+            f"CGGM: the encoders of {frozen} have no trainable parameter, so no gradient of "
+            "theirs is scaled"
+            + (
+                ": with every encoder frozen (a frozen backbone, as under a parameter-efficient "
+                "adapter) CGGM balances nothing, and only its direction term acts (on the head)."
+                if every
+                else "; their classifiers still train, and their share of Σ B_m = M − 1 is "
+                "scaled onto nothing."
+            )
+            + " (Warned once.)",
+            stacklevel=stacklevel_outside(cggm),
+        )
 
     def _stacked_pass(
         self,

@@ -1,4 +1,5 @@
 import copy
+import gc
 import json
 import threading
 import warnings
@@ -1086,3 +1087,24 @@ def test_a_fusion_module_that_returns_a_tuple_or_a_transformers_output(kind):
     assert not other.requires_grad  # the second item as the mixer made it (no adapter in it)
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in wander.adapter.parameters())
+
+
+def test_a_saved_container_of_the_target_modules_is_restored_when_disabled(batch):
+    """``modules_to_save=["encoders"]``: a ``ModuleDict`` is never called itself, its members
+    are; they hold Wander's hooks, which the kept copy must neither run nor copy (a hook bound
+    to the wrapper would copy the wrapper, its base model with it)."""
+    torch.manual_seed(0)
+    base = LateFusionModel.from_batch(batch, out_dim=1, width=8, num_heads=2, dropout=0.0).eval()
+    gc.collect()
+    wrappers = sum(type(o) is Wander for o in gc.get_objects())
+    wander = Wander(base, RANKS, example_input=batch, modules_to_save=["encoders", "head"])
+    gc.collect()
+    assert sum(type(o) is Wander for o in gc.get_objects()) == wrappers + 1
+    copies = wander.original_modules["encoders"]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in copies.modules())
+    with torch.no_grad(), wander.disable_adapter():
+        before = wander(batch)
+    train_steps(wander, batch)
+    assert not torch.equal(base.encoders["text"].proj.weight, copies["text"].proj.weight)
+    with torch.no_grad(), wander.disable_adapter():
+        torch.testing.assert_close(wander(batch), before)

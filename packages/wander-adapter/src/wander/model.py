@@ -230,10 +230,17 @@ class Wander(nn.Module):
         self._originals = {
             path: _frozen_copy(resolve_module(model, path)) for path in cfg.modules_to_save
         }
-        for path in cfg.modules_to_save:
+        #: (live module, its copy) for each module called on its own: a container's (a
+        #: ModuleDict of encoders) are its members
+        self._original_parts = [
+            (live, resolve_module(self._originals[path], sub))
+            for path in cfg.modules_to_save
+            for sub, live in _called_parts(resolve_module(model, path))
+        ]
+        for i, (live, _) in enumerate(self._original_parts):
             self._handles.append(
-                resolve_module(model, path).register_forward_hook(
-                    functools.partial(self._original_output, path), with_kwargs=True
+                live.register_forward_hook(
+                    functools.partial(self._original_output, i), with_kwargs=True
                 )
             )
 
@@ -501,7 +508,7 @@ class Wander(nn.Module):
 
     def _original_output(
         self,
-        path: str,
+        part: int,
         module: nn.Module,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -510,7 +517,7 @@ class Wander(nn.Module):
         """Under :meth:`disable_adapter`, the output of ``module`` as it was wrapped."""
         if not (self._disabled and self._use_originals):
             return None
-        original = self._originals[path]
+        original = self._original_parts[part][1]
         placement = _placement(module)
         if _placement(original) != placement:  # the model was moved or cast since
             original.to(**placement)
@@ -801,11 +808,35 @@ def _unshared(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str,
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` without gradients and without the hooks on it or its submodules."""
-    copied = copy.deepcopy(module)
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks")
+    # the hooks are not copied (one bound to a wrapper would copy the wrapper, its whole
+    # model with it), and then dropped from the copy
+    memo = {
+        id(hook): hook
+        for sub in module.modules()
+        for kind in kinds
+        for hook in getattr(sub, kind).values()
+    }
+    copied = copy.deepcopy(module, memo)
     for sub in copied.modules():
-        for hooks in (sub._forward_pre_hooks, sub._forward_hooks, sub._backward_hooks):
-            hooks.clear()
+        for kind in kinds:
+            getattr(sub, kind).clear()
     return copied.requires_grad_(False)
+
+
+def _called_parts(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The parts of ``module`` that are called, by path within it: ``module`` itself.
+
+    Or, where it has no ``forward`` of its own (a ``ModuleDict``, a ``ModuleList``, a plain
+    container), those of its children.
+    """
+    if type(module).forward is not nn.Module.forward:
+        return [(prefix, module)]
+    return [
+        part
+        for name, child in module.named_children()
+        for part in _called_parts(child, f"{prefix}.{name}" if prefix else name)
+    ]
 
 
 def _placement(module: nn.Module) -> dict[str, Any]:

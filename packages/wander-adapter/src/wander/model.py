@@ -808,19 +808,20 @@ def _unshared(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str,
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` without gradients and without the hooks on it or its submodules."""
-    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks")
-    # the hooks are not copied (one bound to a wrapper would copy the wrapper, its whole
-    # model with it), and then dropped from the copy
-    memo = {
-        id(hook): hook
+    # the hooks (forward, backward, state dict) are not copied, one bound to a wrapper would
+    # copy the wrapper and its whole model with it, and the copy is left without any
+    hooks = [
+        value
         for sub in module.modules()
-        for kind in kinds
-        for hook in getattr(sub, kind).values()
-    }
+        for name, value in vars(sub).items()
+        if name.endswith("_hooks") and isinstance(value, dict)
+    ]
+    memo = {id(hook): hook for table in hooks for hook in table.values()}
     copied = copy.deepcopy(module, memo)
     for sub in copied.modules():
-        for kind in kinds:
-            getattr(sub, kind).clear()
+        for name, value in vars(sub).items():
+            if name.endswith("_hooks") and isinstance(value, dict):
+                value.clear()
     return copied.requires_grad_(False)
 
 

@@ -230,19 +230,16 @@ class Wander(nn.Module):
         self._originals = {
             path: _frozen_copy(resolve_module(model, path)) for path in cfg.modules_to_save
         }
-        #: (live module, its copy) for each module called on its own: a container's (a
-        #: ModuleDict of encoders) are its members
-        self._original_parts = [
-            (live, resolve_module(self._originals[path], sub))
-            for path in cfg.modules_to_save
-            for sub, live in _called_parts(resolve_module(model, path))
-        ]
-        for i, (live, _) in enumerate(self._original_parts):
-            self._handles.append(
-                live.register_forward_hook(
-                    functools.partial(self._original_output, i), with_kwargs=True
+        # each part called on its own (a container's, a ModuleDict of encoders, are its
+        # members) runs its copy's part while disabled
+        for path in cfg.modules_to_save:
+            for sub, live in _called_parts(resolve_module(model, path)):
+                original = resolve_module(self._originals[path], sub)
+                self._handles.append(
+                    live.register_forward_hook(
+                        functools.partial(self._original_output, original), with_kwargs=True
+                    )
                 )
-            )
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -508,7 +505,7 @@ class Wander(nn.Module):
 
     def _original_output(
         self,
-        part: int,
+        original: nn.Module,
         module: nn.Module,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -517,7 +514,6 @@ class Wander(nn.Module):
         """Under :meth:`disable_adapter`, the output of ``module`` as it was wrapped."""
         if not (self._disabled and self._use_originals):
             return None
-        original = self._original_parts[part][1]
         placement = _placement(module)
         if _placement(original) != placement:  # the model was moved or cast since
             original.to(**placement)
@@ -703,7 +699,9 @@ class Wander(nn.Module):
         them too).
         """
         state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
-        state.update({f"base_model.{k}": v for k, v in running_statistics(self.base_model).items()})
+        state.update(
+            {f"base_model.{k}": v for k, v in _running_statistics(self.base_model).items()}
+        )
         for path in self.config.modules_to_save or []:
             module = resolve_module(self.base_model, path)
             prefix = f"base_model.{path}." if path else "base_model."
@@ -808,21 +806,23 @@ def _unshared(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str,
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` without gradients and without the hooks on it or its submodules."""
-    # the hooks (forward, backward, state dict) are not copied, one bound to a wrapper would
-    # copy the wrapper and its whole model with it, and the copy is left without any
-    hooks = [
+    # the hooks are not copied (one bound to a wrapper would copy the wrapper and its whole
+    # model with it), and the copy is left without any
+    memo = {id(hook): hook for table in _hook_tables(module) for hook in table.values()}
+    copied = copy.deepcopy(module, memo)
+    for table in _hook_tables(copied):
+        table.clear()
+    return copied.requires_grad_(False)
+
+
+def _hook_tables(module: nn.Module) -> list[dict[Any, Any]]:
+    """Every hook dict (forward, backward, state dict) of ``module`` and its submodules."""
+    return [
         value
         for sub in module.modules()
         for name, value in vars(sub).items()
         if name.endswith("_hooks") and isinstance(value, dict)
     ]
-    memo = {id(hook): hook for table in hooks for hook in table.values()}
-    copied = copy.deepcopy(module, memo)
-    for sub in copied.modules():
-        for name, value in vars(sub).items():
-            if name.endswith("_hooks") and isinstance(value, dict):
-                value.clear()
-    return copied.requires_grad_(False)
 
 
 def _called_parts(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -847,7 +847,7 @@ def _placement(module: nn.Module) -> dict[str, Any]:
     return {} if first is None else {"device": first.device, "dtype": first.dtype}
 
 
-def running_statistics(model: nn.Module) -> dict[str, Tensor]:
+def _running_statistics(model: nn.Module) -> dict[str, Tensor]:
     """The persistent buffers of ``model``'s layers that track running statistics, by state key.
 
     BatchNorm (any dimension, ``SyncBatchNorm``) and InstanceNorm with
